@@ -1,0 +1,195 @@
+//! ABI stability check between the running definition and an app-supplied target one.
+//!
+//! Must be equal (the guest would notice): name, uuid, memory, vCPU count, arch, machine
+//! type, CPU mode and model, features, the ordered device list with each device's kind,
+//! bus, target and model, NIC MAC and model, and the graphics and serial counts.
+//! May differ (host-side only): disk source paths, interface backend, graphics listen
+//! address and port, serial/console output paths.
+
+use crate::domain::{Device, Domain};
+
+/// The target definition would change what the guest sees; one message per mismatch,
+/// each `target X 'a' does not match source 'b'`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("target definition changes the guest ABI: {}", .0.join("; "))]
+pub struct AbiError(pub Vec<String>);
+
+fn kind(d: &Device) -> &'static str {
+    match d {
+        Device::Disk(_) => "disk",
+        Device::Interface(_) => "interface",
+        Device::Graphics(_) => "graphics",
+        Device::Serial(_) => "serial",
+        Device::Console(_) => "console",
+    }
+}
+
+/// The guest-visible fields of a device, as (what, value) pairs.
+fn guest_visible(d: &Device) -> Vec<(&'static str, String)> {
+    match d {
+        Device::Disk(d) => vec![
+            ("disk bus", d.bus.clone()),
+            ("disk target", d.target_dev.clone()),
+        ],
+        Device::Interface(i) => vec![
+            ("interface MAC", i.mac.clone()),
+            ("interface model", i.model.clone()),
+        ],
+        Device::Graphics(_) => vec![("graphics type", "vnc".to_string())],
+        Device::Serial(c) => vec![("serial port", c.port.to_string())],
+        Device::Console(c) => vec![("console port", c.port.to_string())],
+    }
+}
+
+fn count(d: &Domain, k: &str) -> usize {
+    d.devices.iter().filter(|x| kind(x) == k).count()
+}
+
+/// Compares `source` (running) with `target` (app-supplied); `Ok` when only host-side
+/// details differ.
+pub fn check(source: &Domain, target: &Domain) -> Result<(), AbiError> {
+    let mut out = Vec::new();
+    let mut cmp = |what: &str, t: String, s: String| {
+        if t != s {
+            out.push(format!("target {what} '{t}' does not match source '{s}'"));
+        }
+    };
+    cmp("name", target.name.clone(), source.name.clone());
+    cmp("uuid", target.uuid.to_string(), source.uuid.to_string());
+    cmp(
+        "memory",
+        format!("{} KiB", target.memory_kib),
+        format!("{} KiB", source.memory_kib),
+    );
+    cmp(
+        "vCPU count",
+        target.vcpus.to_string(),
+        source.vcpus.to_string(),
+    );
+    cmp("arch", target.os.arch.clone(), source.os.arch.clone());
+    cmp(
+        "machine type",
+        target.os.machine.clone(),
+        source.os.machine.clone(),
+    );
+    cmp("CPU mode", target.cpu.mode.clone(), source.cpu.mode.clone());
+    cmp(
+        "CPU model",
+        target.cpu.model.clone().unwrap_or_default(),
+        source.cpu.model.clone().unwrap_or_default(),
+    );
+    cmp(
+        "features",
+        target.features.join(","),
+        source.features.join(","),
+    );
+    cmp(
+        "device count",
+        target.devices.len().to_string(),
+        source.devices.len().to_string(),
+    );
+    for (i, (t, s)) in target.devices.iter().zip(&source.devices).enumerate() {
+        if kind(t) != kind(s) {
+            cmp(&format!("device {i}"), kind(t).into(), kind(s).into());
+            continue;
+        }
+        for ((what, tv), (_, sv)) in guest_visible(t).into_iter().zip(guest_visible(s)) {
+            cmp(what, tv, sv);
+        }
+    }
+    for k in ["graphics", "serial"] {
+        cmp(
+            &format!("{k} count"),
+            count(target, k).to_string(),
+            count(source, k).to_string(),
+        );
+    }
+    if out.is_empty() {
+        Ok(())
+    } else {
+        Err(AbiError(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tests::{SAMPLE, sample};
+
+    fn target(xml: &str) -> Domain {
+        Domain::parse(xml).unwrap()
+    }
+
+    #[test]
+    fn host_side_changes_are_allowed() {
+        let x = SAMPLE
+            .replace("/var/lib/ferry/disks/guest-1.img", "/mnt/other/guest-1.img")
+            .replace(
+                "<model type='virtio'/>",
+                "<model type='virtio'/><backend type='passt'/>",
+            )
+            .replace(
+                "port='-1' autoport='yes' listen='127.0.0.1'",
+                "port='5905' listen='0.0.0.0'",
+            )
+            .replace(
+                "<serial type='file'>",
+                "<serial type='file'><source path='/tmp/s.log'/>",
+            );
+        assert_eq!(check(&sample(), &target(&x)), Ok(()));
+    }
+
+    #[test]
+    fn memory_mac_bus_and_added_device_are_refused() {
+        let cases = [
+            (
+                SAMPLE.replace("'MiB'>256", "'MiB'>512"),
+                "target memory '524288 KiB' does not match source '262144 KiB'",
+            ),
+            (
+                SAMPLE.replace("AA:BB:01", "AA:BB:02"),
+                "target interface MAC '52:54:00:aa:bb:02' does not match source '52:54:00:aa:bb:01'",
+            ),
+            (
+                SAMPLE.replace("bus='ide'", "bus='virtio'"),
+                "target disk bus 'virtio' does not match source 'ide'",
+            ),
+            (
+                SAMPLE.replace(
+                    "</devices>",
+                    "<serial type='file'><target port='1'/></serial></devices>",
+                ),
+                "target device count '5' does not match source '4'",
+            ),
+        ];
+        for (xml, msg) in cases {
+            let err = check(&sample(), &target(&xml)).unwrap_err();
+            assert!(err.0.contains(&msg.to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn reorder_and_counts() {
+        let x = SAMPLE.replace(
+            "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>\n    <serial type='file'><target port='0'/></serial>",
+            "<serial type='file'><target port='0'/></serial><graphics type='vnc' autoport='yes'/>",
+        );
+        let err = check(&sample(), &target(&x)).unwrap_err();
+        assert!(
+            err.0
+                .contains(&"target device 2 'serial' does not match source 'graphics'".to_string())
+        );
+        let x = SAMPLE.replace(
+            "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>",
+            "",
+        );
+        let err = check(&sample(), &target(&x)).unwrap_err();
+        assert!(
+            err.0
+                .contains(&"target graphics count '0' does not match source '1'".to_string())
+        );
+        let x = SAMPLE.replace("7c5f6d2a", "00000000");
+        let err = check(&sample(), &target(&x)).unwrap_err();
+        assert!(err.to_string().contains("target uuid '00000000-3a8e"));
+    }
+}
