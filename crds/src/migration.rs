@@ -1,0 +1,405 @@
+//! `VirtualMachineMigration`: one attempt to move one running guest to another node.
+
+// Each `printcolumn(...)` of the CustomResource derive repeats keys such as `type_`,
+// which clippy takes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::Condition;
+
+/// The largest cookie a phase may hand to the next, in bytes (libvirt's limit too).
+pub const MAX_COOKIE_BYTES: usize = 16384;
+
+/// One attempt to live-migrate one VirtualMachine to another node.
+///
+/// The operator drives the five phases of libvirt's v3 protocol by setting
+/// `status.phase`; the agents on the source and target nodes execute them and hand
+/// each other XML cookies through `status.cookies`. A failed or cancelled migration
+/// leaves the guest running where it was.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "ferry.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachineMigration",
+    namespaced,
+    status = "VirtualMachineMigrationStatus",
+    shortname = "vmm",
+    category = "ferry",
+    annotation("helm.sh/resource-policy", "keep"),
+    doc = "One attempt to live-migrate one VirtualMachine to another node.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "VM", type_ = "string", json_path = ".spec.vmName"),
+    printcolumn(name = "Source", type_ = "string", json_path = ".status.sourceNode"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".status.targetNode"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.percent",
+        description = "Percent of guest memory transferred"
+    ),
+    printcolumn(
+        name = "Downtime",
+        type_ = "integer",
+        json_path = ".status.downtimeMs",
+        description = "Guest downtime in milliseconds"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineMigrationSpec {
+    /// The VirtualMachine to migrate, in the migration's namespace. Immutable.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("vmName is immutable"))]
+    pub vm_name: String,
+
+    /// The node to migrate to. When empty the operator picks a node whose agent is
+    /// ready, other than the source. Immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub target_node: Option<String>,
+
+    /// A domain definition for the target (libvirt's `xmlin`). It may change host-side
+    /// details only (disk source paths, interface backends, graphics listen address and
+    /// port, serial output path); Begin checks it for guest ABI stability and refuses
+    /// the migration, before any downtime, when it changes what the guest sees.
+    #[serde(
+        rename = "targetDomainXML",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(min = 1, max = 65536))]
+    pub target_domain_xml: Option<String>,
+
+    /// How the transfer behaves: bandwidth, downtime, convergence.
+    #[serde(default)]
+    pub policy: MigrationPolicy,
+
+    /// How the migration stream travels between the nodes.
+    #[serde(default)]
+    pub transport: Transport,
+
+    /// Set to true to cancel the migration. A migration that has not yet handed the
+    /// guest to the target rolls back and the guest keeps running on the source.
+    /// Deleting the object cancels it too.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// How the transfer behaves. Absent fields take the cluster-wide defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPolicy {
+    /// Maximum bandwidth of the migration stream in MiB/s. 0 or absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub bandwidth_mi_bps: Option<i64>,
+
+    /// The longest the guest may be paused for the final switch-over, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_downtime_ms: Option<i64>,
+
+    /// Number of parallel connections (QEMU multifd channels). 1 is a single stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallel_connections: Option<i32>,
+
+    /// Compression of the stream; needs parallelConnections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+
+    /// Throttle the guest's vCPUs when memory is dirtied faster than it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<bool>,
+
+    /// Whether and when to switch to post-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<PostCopy>,
+
+    /// Abort when the transfer takes longer than this many seconds per GiB of guest
+    /// memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub completion_timeout_per_gi_b_seconds: Option<i64>,
+
+    /// Abort when the remaining data has not shrunk for this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub progress_timeout_seconds: Option<i64>,
+}
+
+/// Compression of the migration stream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// zstd (multifd).
+    Zstd,
+    /// zlib (multifd).
+    Zlib,
+}
+
+/// Whether and when to switch a migration to post-copy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.mode != 'AfterSeconds' || has(self.afterSeconds)").message("afterSeconds is required when mode is AfterSeconds"))]
+pub struct PostCopy {
+    /// Never: pre-copy only. Allowed: switch when pre-copy does not converge.
+    /// AfterSeconds: switch after `afterSeconds` of pre-copy.
+    pub mode: PostCopyMode,
+    /// Seconds of pre-copy before switching, with mode AfterSeconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub after_seconds: Option<i64>,
+}
+
+/// When a migration may switch to post-copy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PostCopyMode {
+    /// Pre-copy only.
+    Never,
+    /// Switch when pre-copy does not converge.
+    Allowed,
+    /// Switch after a fixed time of pre-copy.
+    AfterSeconds,
+}
+
+/// How the migration stream travels between the nodes.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Transport {
+    /// Direct: QEMU to QEMU. Tunnelled: through the agents.
+    #[serde(default = "default_transport_mode")]
+    pub mode: TransportMode,
+    /// Encrypt the stream with the cluster's migration CA. Turning it off must be
+    /// explicit.
+    #[serde(default = "default_true")]
+    pub tls: bool,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport {
+            mode: TransportMode::Direct,
+            tls: true,
+        }
+    }
+}
+
+fn default_transport_mode() -> TransportMode {
+    TransportMode::Direct
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How the migration stream travels.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TransportMode {
+    /// QEMU on the source connects to QEMU on the target.
+    Direct,
+    /// The agents relay the stream between the nodes.
+    Tunnelled,
+}
+
+/// What the operator and the agents have done so far. Only they write it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineMigrationStatus {
+    /// The phase the migration is in. The operator sets it; the agent named for the
+    /// phase executes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+
+    /// True once the migration is rolling back: Finish and Confirm then undo their
+    /// side instead of completing it, and the guest stays on the source.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
+
+    /// The node the guest runs on when the migration started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+
+    /// The node the guest moves to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+
+    /// Where the target listens for the migration stream (set by Prepare).
+    #[serde(
+        rename = "migrationURI",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub migration_uri: Option<String>,
+
+    /// The XML cookie each phase hands to the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookies: Option<Cookies>,
+
+    /// When and where each phase ran, and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Steps>,
+
+    /// Transfer progress while Perform runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+
+    /// How long the guest was paused for the switch-over, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<i64>,
+
+    /// How long the transfer took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_time_ms: Option<i64>,
+
+    /// Standard conditions: `Complete` (the guest runs on the target), `Failed`
+    /// (the migration ended without moving the guest; the reason and message say why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The phases of a migration: the five of libvirt's v3 protocol between Pending and
+/// the three terminal ones.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum MigrationPhase {
+    /// Accepted, waiting to start (validation, limits).
+    Pending,
+    /// Source: checks the guest can migrate, takes the migration lock.
+    Begin,
+    /// Target: starts a paused QEMU waiting for the stream.
+    Prepare,
+    /// Source: sends the guest's state to the target.
+    Perform,
+    /// Target: takes ownership and resumes the guest, or kills its QEMU on rollback.
+    Finish,
+    /// Source: removes the old QEMU, or resumes the guest on rollback.
+    Confirm,
+    /// The guest runs on the target.
+    Succeeded,
+    /// The migration ended without moving the guest; it runs on the source.
+    Failed,
+    /// The migration was cancelled; the guest runs on the source.
+    Cancelled,
+}
+
+impl MigrationPhase {
+    /// Whether the migration has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// The cookies each phase wrote, XML documents of at most 16384 bytes each.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Cookies {
+    /// Begin's cookie: guest and source host identity, lock state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub begin: Option<String>,
+    /// Prepare's cookie: target host identity, graphics of the new QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub prepare: Option<String>,
+    /// Perform's cookie: transfer statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub perform: Option<String>,
+    /// Finish's cookie: the outcome on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub finish: Option<String>,
+}
+
+/// Per-phase records.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Steps {
+    /// The Begin phase, on the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin: Option<Step>,
+    /// The Prepare phase, on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<Step>,
+    /// The Perform phase, on the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perform: Option<Step>,
+    /// The Finish phase, on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish: Option<Step>,
+    /// The Confirm phase, on the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<Step>,
+}
+
+/// One phase's execution.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    /// The node whose agent ran the phase.
+    pub node: String,
+    /// When the agent started the phase.
+    pub start: Time,
+    /// When the agent finished the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Time>,
+    /// How the phase ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<StepOutcome>,
+    /// A human-readable account of the outcome, e.g. the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// How a phase ended.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum StepOutcome {
+    /// The phase did its work.
+    Succeeded,
+    /// The phase failed; the message says why.
+    Failed,
+}
+
+/// Transfer progress, refreshed at most once a second while Perform runs.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Guest memory to transfer, in bytes.
+    #[serde(default)]
+    pub bytes_total: i64,
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub bytes_transferred: i64,
+    /// Bytes still to send.
+    #[serde(default)]
+    pub bytes_remaining: i64,
+    /// Rate at which the guest dirties memory, in bytes per second.
+    #[serde(default)]
+    pub dirty_rate_bytes_per_second: i64,
+    /// Rate at which the stream sends, in bytes per second.
+    #[serde(default)]
+    pub throughput_bytes_per_second: i64,
+    /// Pass over guest memory (1 is the first full copy).
+    #[serde(default)]
+    pub iteration: i64,
+    /// QEMU's estimate of the switch-over downtime, in milliseconds.
+    #[serde(default)]
+    pub expected_downtime_ms: i64,
+    /// Percent of the total transferred, as text for `kubectl get` (e.g. "42%").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<String>,
+}

@@ -1,0 +1,123 @@
+//! `VirtualMachine`: a QEMU guest that Ferry runs on one node.
+
+// Each `printcolumn(...)` of the CustomResource derive repeats keys such as `type_`,
+// which clippy takes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::Condition;
+
+/// A QEMU guest that Ferry runs. The agent on `status.nodeName` (or, before the first
+/// start, `spec.nodeName`) starts it from `spec.domainXML` and reports what it sees.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ferry.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VirtualMachineStatus",
+    shortname = "fvm",
+    category = "ferry",
+    annotation("helm.sh/resource-policy", "keep"),
+    doc = "A QEMU guest that Ferry runs on one node and can live-migrate to another.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "Migration", type_ = "string", json_path = ".status.migration"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// The guest's definition in libvirt's domain XML format, in the subset Ferry
+    /// supports: name, uuid, memory, vcpu, os type (arch, machine), features, cpu mode,
+    /// file disks, user-mode interfaces, a VNC graphics device and a serial console
+    /// written to a file. Any other element or attribute is refused with a message
+    /// naming it.
+    #[serde(rename = "domainXML")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub domain_xml: String,
+
+    /// The node to start the guest on. After the first start the node actually
+    /// running the guest is `status.nodeName`; a migration moves that, not this.
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+
+    /// Whether the guest should be running. Setting it to false stops the guest
+    /// gracefully (ACPI power-off, then a forced stop after a grace period).
+    #[serde(default = "default_true")]
+    pub running: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What the agent running the guest observes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// Where the guest is in its lifecycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VmPhase>,
+
+    /// The one node allowed to run the guest's vCPUs. A migration moves it to the
+    /// target in its Finish phase, guarded by resourceVersion, before the guest resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+
+    /// The name of the VirtualMachineMigration holding the guest, if one is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+
+    /// Where a console client connects to the guest now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphics: Option<Graphics>,
+
+    /// Standard conditions: `Ready` (the guest runs and answers QMP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A guest's lifecycle phase.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VmPhase {
+    /// Accepted, not yet started.
+    Pending,
+    /// QEMU is starting.
+    Starting,
+    /// The guest's vCPUs run.
+    Running,
+    /// The guest exists but its vCPUs are stopped.
+    Paused,
+    /// A migration holds the guest.
+    Migrating,
+    /// The guest is shut down.
+    Stopped,
+    /// The guest died or could not start; `conditions` say why.
+    Failed,
+}
+
+/// A graphical console endpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Graphics {
+    /// The protocol, e.g. `vnc`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The address the console listens on.
+    pub listen: String,
+    /// The TCP port the console listens on.
+    #[schemars(range(min = 0, max = 65535))]
+    pub port: i32,
+}

@@ -1,0 +1,348 @@
+//! A real etcd + kube-apiserver on loopback, for tests and `make up`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::process::ChildGuard;
+use crate::{pki, tool};
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{tool} not found at {path}: run `make tools` first")]
+    MissingTool { tool: String, path: PathBuf },
+    #[error("could not start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up ({status}); last lines of {log}:\n{tail}")]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{what} was not ready after {waited:?}; last lines of {log}:\n{tail}")]
+    NotReady {
+        what: String,
+        waited: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("test PKI: {0}")]
+    Pki(String),
+    #[error("I/O in the control plane directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+}
+
+/// A running etcd and kube-apiserver, stopped when dropped.
+///
+/// Authentication: a static admin token (group `system:masters`) and ServiceAccount
+/// tokens (TokenRequest). Authorization: RBAC only, so what a ServiceAccount may do is
+/// exactly what its roles grant.
+///
+/// Call [`ControlPlane::start`] from the test's own thread (e.g. in `#[tokio::test]`,
+/// not in `spawn_blocking`): the processes are tied to the thread that starts them
+/// and the kernel kills them if it dies.
+pub struct ControlPlane {
+    // Field order is drop order: the apiserver stops before etcd, the directory goes last.
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
+    /// `https://127.0.0.1:<port>`
+    pub url: String,
+    /// A kubeconfig with the admin token.
+    pub kubeconfig: PathBuf,
+    ca_pem: String,
+    admin_token: String,
+    dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver in a new temporary directory and waits until the
+    /// apiserver's /readyz answers ok.
+    pub async fn start() -> Result<Self, HarnessError> {
+        let dir = tempfile::Builder::new().prefix("ferry-cp-").tempdir()?;
+        Self::start_in(dir).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> Result<Self, HarnessError> {
+        let (etcd_bin, apiserver_bin) = (existing_tool("etcd")?, existing_tool("kube-apiserver")?);
+        let root = dir.path().to_path_buf();
+        let pki = pki::create(&root).map_err(|e| HarnessError::Pki(e.to_string()))?;
+
+        let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd_cmd = Command::new(etcd_bin);
+        etcd_cmd
+            .args(["--name", "ferry"])
+            .arg(format!("--data-dir={}", root.join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=ferry={peer_url}"))
+            .args(["--log-level=warn", "--unsafe-no-fsync=true"]);
+        let etcd_log = root.join("etcd.log");
+        let mut etcd = spawn_logged("etcd", etcd_cmd, &etcd_log)?;
+        wait_for_port(&mut etcd, "etcd", client_port, &etcd_log).await?;
+
+        let admin_token = format!("admin-{}", std::process::id());
+        std::fs::write(
+            root.join("tokens.csv"),
+            format!("{admin_token},ferry-admin,ferry-admin,system:masters\n"),
+        )?;
+        let url = format!("https://127.0.0.1:{api_port}");
+        let mut api_cmd = Command::new(apiserver_bin);
+        api_cmd
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={api_port}"))
+            .arg(format!("--cert-dir={}", root.join("certs").display()))
+            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                pki.serving_key.display()
+            ))
+            .arg(format!(
+                "--token-auth-file={}",
+                root.join("tokens.csv").display()
+            ))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!(
+                "--service-account-key-file={}",
+                pki.sa_pub.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_key.display()
+            ))
+            .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
+            .arg("--service-cluster-ip-range=10.96.0.0/24")
+            // No Service endpoints to reconcile on a loopback address.
+            .arg("--endpoint-reconciler-type=none")
+            // As on real clusters: the agent DaemonSet is privileged (see the chart).
+            .arg("--allow-privileged=true")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--profiling=false");
+        let api_log = root.join("kube-apiserver.log");
+        let mut apiserver = spawn_logged("kube-apiserver", api_cmd, &api_log)?;
+
+        let kubeconfig = root.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &url, &pki.ca_pem, "ferry-admin", &admin_token)?;
+        let client = client_from(&kubeconfig).await?;
+        wait_ready(&mut apiserver, &client, &api_log).await?;
+
+        Ok(ControlPlane {
+            apiserver,
+            etcd,
+            url,
+            kubeconfig,
+            ca_pem: pki.ca_pem,
+            admin_token,
+            dir,
+        })
+    }
+
+    /// The directory holding the control plane's files (logs, kubeconfig, PKI).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The admin token (group system:masters).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// A client with admin rights.
+    pub async fn admin_client(&self) -> Result<kube::Client, HarnessError> {
+        client_from(&self.kubeconfig).await
+    }
+
+    /// Writes a kubeconfig for `token` to `path` and returns a client using it.
+    pub async fn client_for_token(
+        &self,
+        user: &str,
+        token: &str,
+        path: &Path,
+    ) -> Result<kube::Client, HarnessError> {
+        write_kubeconfig(path, &self.url, &self.ca_pem, user, token)?;
+        client_from(path).await
+    }
+
+    /// Writes a kubeconfig for `token` to `path`.
+    pub fn write_kubeconfig(
+        &self,
+        path: &Path,
+        user: &str,
+        token: &str,
+    ) -> Result<(), HarnessError> {
+        write_kubeconfig(path, &self.url, &self.ca_pem, user, token)
+    }
+
+    /// `kubectl` with the admin kubeconfig.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(tool("kubectl"));
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        cmd
+    }
+
+    /// `helm` with the admin kubeconfig and its state kept in the control plane's
+    /// directory.
+    pub fn helm(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(tool("helm"));
+        let home = self.dir.path().join("helm");
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        cmd
+    }
+
+    /// Stops both processes now (dropping does the same).
+    pub fn stop(mut self) {
+        self.apiserver.stop(Duration::from_secs(5));
+        self.etcd.stop(Duration::from_secs(5));
+    }
+}
+
+fn existing_tool(name: &str) -> Result<PathBuf, HarnessError> {
+    let path = tool(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::MissingTool {
+            tool: name.to_string(),
+            path,
+        })
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_logged(what: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard, HarnessError> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    ChildGuard::spawn(what, cmd).map_err(|source| HarnessError::Spawn {
+        what: what.to_string(),
+        source,
+    })
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn check_alive(child: &mut ChildGuard, what: &str, log: &Path) -> Result<(), HarnessError> {
+    match child.try_wait() {
+        Some(status) => Err(HarnessError::Exited {
+            what: what.to_string(),
+            status,
+            log: log.to_path_buf(),
+            tail: tail(log),
+        }),
+        None => Ok(()),
+    }
+}
+
+async fn wait_for_port(
+    child: &mut ChildGuard,
+    what: &str,
+    port: u16,
+    log: &Path,
+) -> Result<(), HarnessError> {
+    let start = Instant::now();
+    let limit = Duration::from_secs(30);
+    while start.elapsed() < limit {
+        check_alive(child, what, log)?;
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(HarnessError::NotReady {
+        what: what.to_string(),
+        waited: limit,
+        log: log.to_path_buf(),
+        tail: tail(log),
+    })
+}
+
+async fn wait_ready(
+    child: &mut ChildGuard,
+    client: &kube::Client,
+    log: &Path,
+) -> Result<(), HarnessError> {
+    let start = Instant::now();
+    let limit = Duration::from_secs(120);
+    while start.elapsed() < limit {
+        check_alive(child, "kube-apiserver", log)?;
+        let req = http_get("/readyz");
+        if let Ok(body) = client.request_text(req).await
+            && body.trim() == "ok"
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(HarnessError::NotReady {
+        what: "kube-apiserver".to_string(),
+        waited: limit,
+        log: log.to_path_buf(),
+        tail: tail(log),
+    })
+}
+
+fn http_get(path: &str) -> http::Request<Vec<u8>> {
+    http::Request::get(path)
+        .body(Vec::new())
+        .expect("a GET request with a static path is valid")
+}
+
+fn write_kubeconfig(
+    path: &Path,
+    url: &str,
+    ca_pem: &str,
+    user: &str,
+    token: &str,
+) -> Result<(), HarnessError> {
+    // The CA sits next to the kubeconfig, so the file works for kubectl and helm too.
+    let ca = path.with_extension("ca.crt");
+    std::fs::write(&ca, ca_pem)?;
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ferry\n  cluster:\n    server: {url}\n    \
+         certificate-authority: {ca}\nusers:\n- name: {user}\n  user:\n    token: {token}\n\
+         contexts:\n- name: ferry\n  context:\n    cluster: ferry\n    user: {user}\n    \
+         namespace: default\ncurrent-context: ferry\n",
+        ca = ca.display()
+    );
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<kube::Client, HarnessError> {
+    let kc =
+        Kubeconfig::read_from(kubeconfig).map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| HarnessError::Kubeconfig(e.to_string()))
+}

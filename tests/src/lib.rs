@@ -1,0 +1,16 @@
+//! Ferry's test environment.
+//!
+//! [`ControlPlane`] runs a real etcd and kube-apiserver (built by `make tools` from the
+//! Go module proxy) on free loopback ports in a temporary directory, with RBAC
+//! authorization, ServiceAccount token signing and an admin token, and tears them down
+//! when dropped — also when a test panics, and (through `PR_SET_PDEATHSIG`) when the
+//! test process dies.
+
+mod control_plane;
+mod pki;
+mod process;
+mod tools;
+
+pub use control_plane::{ControlPlane, HarnessError};
+pub use process::ChildGuard;
+pub use tools::{repo_root, tool};

@@ -1,0 +1,57 @@
+//! The control plane's test PKI, written into its directory.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+
+/// Paths of the files the apiserver is started with.
+pub struct Pki {
+    /// CA that signed the serving certificate; clients trust it.
+    pub ca_cert: PathBuf,
+    pub serving_cert: PathBuf,
+    pub serving_key: PathBuf,
+    /// ServiceAccount token signing key pair.
+    pub sa_key: PathBuf,
+    pub sa_pub: PathBuf,
+    /// The CA in PEM, for kubeconfigs.
+    pub ca_pem: String,
+}
+
+/// Creates a CA, a serving certificate for 127.0.0.1 and localhost, and a ServiceAccount
+/// signing key pair (ECDSA P-256) in `dir`.
+pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync>> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ferry-test-ca");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+    let serving_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    let serving = params.signed_by(&serving_key, &ca)?;
+
+    let sa = KeyPair::generate()?;
+
+    let pki = Pki {
+        ca_cert: dir.join("ca.crt"),
+        serving_cert: dir.join("apiserver.crt"),
+        serving_key: dir.join("apiserver.key"),
+        sa_key: dir.join("sa.key"),
+        sa_pub: dir.join("sa.pub"),
+        ca_pem: ca.pem(),
+    };
+    std::fs::write(&pki.ca_cert, &pki.ca_pem)?;
+    std::fs::write(&pki.serving_cert, serving.pem())?;
+    std::fs::write(&pki.serving_key, serving_key.serialize_pem())?;
+    std::fs::write(&pki.sa_key, sa.serialize_pem())?;
+    std::fs::write(&pki.sa_pub, sa.public_key_pem())?;
+    Ok(pki)
+}

@@ -1,0 +1,365 @@
+//! The chart's ServiceAccounts, with tokens from the real TokenRequest API, can do what
+//! the design needs and are refused (403) the rest.
+
+use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_tests::{ControlPlane, repo_root};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const NS: &str = "ferry-system";
+const VMS: &str = "vms";
+
+async fn token_for(admin: &Client, sa: &str) -> String {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": ["https://kubernetes.default.svc.cluster.local"],
+            "expirationSeconds": 3600
+        }
+    }))
+    .unwrap();
+    sas.create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {sa}: {e}"))
+        .status
+        .and_then(|s| s.token)
+        .expect("a TokenRequest answer has a token")
+}
+
+#[track_caller]
+fn allowed<T>(what: &str, result: kube::Result<T>) {
+    if let Err(e) = result {
+        panic!("{what} should be allowed, got: {e}");
+    }
+}
+
+#[track_caller]
+fn forbidden<T: std::fmt::Debug>(what: &str, result: kube::Result<T>) {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => panic!("{what} should be forbidden (403), got: {other:?}"),
+    }
+}
+
+fn lease(name: &str) -> Lease {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 10}
+    }))
+    .unwrap()
+}
+
+fn event(name: &str, controller: &str) -> Event {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reportingController": controller,
+        "reportingInstance": "test",
+        "action": "Migrate",
+        "reason": "Test",
+        "type": "Normal",
+        "note": "rbac test",
+        "regarding": {"apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+                      "namespace": VMS, "name": "demo"}
+    }))
+    .unwrap()
+}
+
+struct Cluster {
+    cp: ControlPlane,
+    admin: Client,
+}
+
+async fn cluster() -> Cluster {
+    let cp = ControlPlane::start()
+        .await
+        .unwrap_or_else(|e| panic!("control plane: {e}"));
+    let out = cp
+        .helm()
+        .args(["install", "ferry"])
+        .arg(repo_root().join("charts/ferry"))
+        .args(["--namespace", NS, "--create-namespace", "--wait=false"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = cp.admin_client().await.unwrap();
+    let nss: Api<Namespace> = Api::all(admin.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": VMS}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        let out = cp
+            .kubectl()
+            .args(["apply", "-n", VMS, "-f"])
+            .arg(repo_root().join("examples"))
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        // The CRDs may not be established yet.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for ns in [NS, VMS] {
+        let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    Cluster { cp, admin }
+}
+
+async fn client_as(c: &Cluster, sa: &str) -> Client {
+    let token = token_for(&c.admin, sa).await;
+    let path = c.cp.dir().join(format!("{sa}.kubeconfig"));
+    c.cp.client_for_token(sa, &token, &path).await.unwrap()
+}
+
+#[tokio::test]
+async fn agent_reads_specs_writes_status_and_nothing_more() {
+    let c = cluster().await;
+    let agent = client_as(&c, "ferry-agent").await;
+    let vms: Api<VirtualMachine> = Api::namespaced(agent.clone(), VMS);
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(agent.clone(), VMS);
+    let pp = PatchParams::default();
+
+    // What the design needs.
+    allowed(
+        "list VMs in all namespaces",
+        Api::<VirtualMachine>::all(agent.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    allowed(
+        "watch-list migrations by node label",
+        Api::<VirtualMachineMigration>::all(agent.clone())
+            .list(&ListParams::default().labels("ferry.dev/source-node=node-a"))
+            .await,
+    );
+    allowed(
+        "write a step into migration status",
+        vmms.patch_status(
+            "demo-to-node-b",
+            &pp,
+            &Patch::Merge(json!({"status": {"cookies": {"begin": "<ferry-migration/>"}}})),
+        )
+        .await,
+    );
+    allowed(
+        "move VM status.nodeName",
+        vms.patch_status(
+            "demo",
+            &pp,
+            &Patch::Merge(json!({"status": {"nodeName": "node-b"}})),
+        )
+        .await,
+    );
+    let leases: Api<Lease> = Api::namespaced(agent.clone(), NS);
+    allowed(
+        "create its heartbeat Lease",
+        leases
+            .create(&PostParams::default(), &lease("node-node-a"))
+            .await,
+    );
+    allowed(
+        "renew its heartbeat Lease",
+        leases
+            .patch(
+                "node-node-a",
+                &pp,
+                &Patch::Merge(json!({"spec": {"holderIdentity": "node-a"}})),
+            )
+            .await,
+    );
+    allowed(
+        "record an Event",
+        Api::<Event>::namespaced(agent.clone(), VMS)
+            .create(
+                &PostParams::default(),
+                &event("agent-event", "ferry.dev/agent"),
+            )
+            .await,
+    );
+
+    // And no more.
+    forbidden(
+        "change a migration's spec",
+        vmms.patch(
+            "demo-to-node-b",
+            &pp,
+            &Patch::Merge(json!({"spec": {"targetNode": "node-c"}})),
+        )
+        .await,
+    );
+    forbidden(
+        "create a migration",
+        vmms.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"vmName": "demo"}}))
+                .unwrap(),
+        )
+        .await,
+    );
+    forbidden(
+        "delete a migration",
+        vmms.delete("demo-to-node-b", &DeleteParams::default())
+            .await,
+    );
+    forbidden(
+        "change a VM's spec",
+        vms.patch(
+            "demo",
+            &pp,
+            &Patch::Merge(json!({"spec": {"running": false}})),
+        )
+        .await,
+    );
+    forbidden(
+        "delete a VM",
+        vms.delete("demo", &DeleteParams::default()).await,
+    );
+    forbidden(
+        "read Secrets in its own namespace",
+        Api::<Secret>::namespaced(agent.clone(), NS).get("s").await,
+    );
+    forbidden(
+        "read Secrets elsewhere",
+        Api::<Secret>::namespaced(agent.clone(), VMS)
+            .list(&ListParams::default())
+            .await,
+    );
+    forbidden(
+        "write Leases outside its namespace",
+        Api::<Lease>::namespaced(agent.clone(), VMS)
+            .create(&PostParams::default(), &lease("x"))
+            .await,
+    );
+    forbidden(
+        "list Pods",
+        Api::<Pod>::all(agent.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
+    let c = cluster().await;
+    let op = client_as(&c, "ferry-operator").await;
+    let vms: Api<VirtualMachine> = Api::namespaced(op.clone(), VMS);
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(op.clone(), VMS);
+    let pp = PatchParams::default();
+
+    allowed(
+        "list migrations in all namespaces",
+        Api::<VirtualMachineMigration>::all(op.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    allowed(
+        "label a migration and add its finalizer",
+        vmms.patch(
+            "demo-to-node-b",
+            &pp,
+            &Patch::Merge(json!({"metadata": {
+            "labels": {"ferry.dev/source-node": "node-a", "ferry.dev/target-node": "node-b"},
+            "finalizers": ["ferry.dev/rollback"]}})),
+        )
+        .await,
+    );
+    allowed(
+        "set a migration's phase",
+        vmms.patch_status(
+            "demo-to-node-b",
+            &pp,
+            &Patch::Merge(json!({"status": {"phase": "Begin"}})),
+        )
+        .await,
+    );
+    allowed("read the VM", vms.get("demo").await);
+    allowed(
+        "mark the VM as held",
+        vms.patch_status(
+            "demo",
+            &pp,
+            &Patch::Merge(json!({"status": {"migration": "demo-to-node-b"}})),
+        )
+        .await,
+    );
+    let leases: Api<Lease> = Api::namespaced(op.clone(), NS);
+    allowed(
+        "take the leader Lease",
+        leases
+            .create(&PostParams::default(), &lease("ferry-operator-leader"))
+            .await,
+    );
+    allowed(
+        "read agent heartbeats",
+        leases.list(&ListParams::default()).await,
+    );
+    allowed(
+        "record an Event",
+        Api::<Event>::namespaced(op.clone(), VMS)
+            .create(
+                &PostParams::default(),
+                &event("operator-event", "ferry.dev/operator"),
+            )
+            .await,
+    );
+
+    forbidden(
+        "change a VM's spec",
+        vms.patch(
+            "demo",
+            &pp,
+            &Patch::Merge(json!({"spec": {"nodeName": "node-b"}})),
+        )
+        .await,
+    );
+    forbidden(
+        "delete a VM",
+        vms.delete("demo", &DeleteParams::default()).await,
+    );
+    forbidden(
+        "delete a migration",
+        vmms.delete("demo-to-node-b", &DeleteParams::default())
+            .await,
+    );
+    forbidden(
+        "read Secrets",
+        Api::<Secret>::namespaced(op.clone(), NS).get("s").await,
+    );
+    forbidden(
+        "list Pods",
+        Api::<Pod>::all(op.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    forbidden(
+        "write Leases outside its namespace",
+        Api::<Lease>::namespaced(op.clone(), VMS)
+            .create(&PostParams::default(), &lease("x"))
+            .await,
+    );
+}
