@@ -72,7 +72,7 @@ pub struct Disk {
     /// Absolute path of the image (host-side: may differ between source and target).
     pub source: String,
     pub target_dev: String,
-    /// `virtio`, `ide` or `sata`.
+    /// `virtio` or `ide`.
     pub bus: String,
 }
 
@@ -100,7 +100,7 @@ pub struct CharDevice {
     pub port: u32,
 }
 
-const DISK_BUSES: &[&str] = &["virtio", "ide", "sata"];
+const DISK_BUSES: &[&str] = &["virtio", "ide"];
 const NIC_MODELS: &[&str] = &["virtio", "e1000", "rtl8139"];
 const CPU_MODES: &[&str] = &["host-passthrough", "maximum", "custom"];
 const FEATURES: &[&str] = &["acpi", "apic", "pae"];

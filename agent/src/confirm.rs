@@ -1,0 +1,102 @@
+//! Confirm (source): if the target took over, stops the old QEMU and removes its state;
+//! if the migration was cancelled, makes sure no migration runs any more and resumes
+//! the source guest if Begin found it running.
+
+use crate::cookie::{Cookie, Expect};
+use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::phases::{
+    MigrationRecord, Outcome, Phase, check_vm_name, outcome, should_resume_source,
+};
+use crate::qmp::{MigrationInfo, StatusInfo};
+use crate::supervisor::{StopMode, Supervisor};
+use std::time::Duration;
+
+/// Runs Confirm. `finish_cookie` is required when not `cancelled`.
+#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
+pub async fn confirm(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+    finish_cookie: Option<&str>,
+    cancelled: bool,
+) -> Result<(), PhaseError> {
+    let cx = Ctx {
+        phase: Phase::Confirm,
+        vm,
+        migration,
+    };
+    check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    let dir = sup.vm_dir(vm);
+    if !cancelled {
+        if !dir.exists() {
+            tracing::info!(vm, migration, "Confirm already done");
+            return Ok(());
+        }
+        let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
+        let node = sup.node();
+        let cookie =
+            finish_cookie.ok_or_else(|| cx.err(ErrorKind::Refused("no Finish cookie".into())))?;
+        let target = Cookie::decode(
+            cookie,
+            &Expect {
+                vm_name: vm,
+                vm_uuid: domain.uuid,
+                writer: Phase::Finish,
+                own_host_uuid: node.host_uuid,
+            },
+        )
+        .map_err(|e| cx.err(e))?;
+        match target.lock {
+            Some(l) if l.holder != node.name => {}
+            _ => {
+                return Err(cx.err(ErrorKind::Refused(
+                    "Finish cookie does not show the target holding the VM".into(),
+                )));
+            }
+        }
+        sup.stop(vm, StopMode::Quit(Duration::from_secs(10)))
+            .await
+            .map_err(|e| cx.err(e))?;
+        sup.destroy(vm).await.map_err(|e| cx.err(e))?;
+        tracing::info!(vm, migration, "Confirm done: source QEMU removed");
+        return Ok(());
+    }
+    let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
+    let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
+    let qmp = &guest.qmp;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: MigrationInfo = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| cx.err(e))?;
+        if outcome(info.status.as_deref()) != Outcome::InProgress {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(cx.err(ErrorKind::Refused("outgoing migration did not stop".into())));
+        }
+        if info.status.as_deref() != Some("cancelling") {
+            qmp.run("migrate_cancel", None)
+                .await
+                .map_err(|e| cx.err(e))?;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status: StatusInfo = qmp
+        .execute("query-status", None)
+        .await
+        .map_err(|e| cx.err(e))?;
+    let was_running = record.as_ref().and_then(|r| r.source_was_running);
+    if should_resume_source(&status.status, was_running) {
+        tracing::info!(vm, migration, from = %status.status, "resuming source guest");
+        qmp.run("cont", None).await.map_err(|e| cx.err(e))?;
+    }
+    MigrationRecord::remove(&dir).map_err(|e| cx.err(e))?;
+    tracing::info!(
+        vm,
+        migration,
+        "Confirm(cancelled) done: guest runs on the source"
+    );
+    Ok(())
+}

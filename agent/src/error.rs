@@ -1,0 +1,90 @@
+//! The error a phase returns: which phase, VM and migration, and what failed.
+
+use crate::abi::AbiError;
+use crate::cookie::CookieError;
+use crate::domain::DomainError;
+use crate::phases::Phase;
+use crate::qmp::QmpError;
+use crate::supervisor::SupervisorError;
+
+/// An error from the caller's ownership hook.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong in a phase.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Abi(#[from] AbiError),
+    #[error(transparent)]
+    Cookie(#[from] CookieError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    /// The request is not allowed in the current state.
+    #[error("{0}")]
+    Refused(String),
+    /// QEMU reported the migration failed.
+    #[error("migration failed: {0}")]
+    MigrationFailed(String),
+    #[error("migration cancelled")]
+    Cancelled,
+    #[error("ownership hook failed: {0}")]
+    Ownership(BoxError),
+    #[error("guest did not arrive: {0}")]
+    NotArrived(String),
+    #[error("migration record: {0}")]
+    Record(#[from] std::io::Error),
+}
+
+impl ErrorKind {
+    /// A short, stable label per kind (for metrics and step outcomes).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ErrorKind::Domain(_) => "domain",
+            ErrorKind::Abi(_) => "abi",
+            ErrorKind::Cookie(_) => "cookie",
+            ErrorKind::Qmp(_) => "qmp",
+            ErrorKind::Supervisor(_) => "supervisor",
+            ErrorKind::Refused(_) => "refused",
+            ErrorKind::MigrationFailed(_) => "migration_failed",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Ownership(_) => "ownership",
+            ErrorKind::NotArrived(_) => "not_arrived",
+            ErrorKind::Record(_) => "record",
+        }
+    }
+}
+
+/// A phase failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{phase} of migration '{migration}' for VM '{vm}' failed: {kind}")]
+pub struct PhaseError {
+    pub phase: Phase,
+    pub vm: String,
+    pub migration: String,
+    pub kind: ErrorKind,
+}
+
+/// The phase, VM and migration an error is about.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub phase: Phase,
+    pub vm: &'a str,
+    pub migration: &'a str,
+}
+
+impl Ctx<'_> {
+    pub fn err(&self, kind: impl Into<ErrorKind>) -> PhaseError {
+        let e = PhaseError {
+            phase: self.phase,
+            vm: self.vm.to_string(),
+            migration: self.migration.to_string(),
+            kind: kind.into(),
+        };
+        tracing::warn!(vm = self.vm, migration = self.migration, phase = %self.phase, error = %e.kind, "phase failed");
+        e
+    }
+}

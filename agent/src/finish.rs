@@ -1,0 +1,128 @@
+//! Finish (target): if the guest arrived whole, lets the caller take ownership (move the
+//! VM's `status.nodeName` and the disk lock here) and only then resumes the vCPUs with
+//! `cont`. If cancelled, or anything fails, kills the new QEMU and removes its state.
+
+use crate::cookie::{Cookie, Expect, LockState};
+use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
+use crate::phases::{Arrival, MigrationRecord, Phase, arrival, check_vm_name};
+use crate::qmp::{MigrationInfo, StatusInfo};
+use crate::supervisor::Supervisor;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+
+/// What Finish hands to Confirm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishOutput {
+    /// The Finish cookie (target identity, lock state now held by the target, statistics);
+    /// `None` when Finish ran cancelled.
+    pub cookie: Option<String>,
+    /// Whether the guest now runs here.
+    pub resumed: bool,
+}
+
+/// Runs Finish. `take_ownership` is awaited only when the guest arrived, before `cont`;
+/// its error fails Finish (and the new QEMU is killed).
+#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
+pub async fn finish<F>(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+    perform_cookie: Option<&str>,
+    cancelled: bool,
+    take_ownership: F,
+) -> Result<FinishOutput, PhaseError>
+where
+    F: Future<Output = Result<(), BoxError>>,
+{
+    let cx = Ctx {
+        phase: Phase::Finish,
+        vm,
+        migration,
+    };
+    check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    let dir = sup.vm_dir(vm);
+    let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
+    if let Some(out) = record.as_ref().and_then(|r| r.finish.clone()) {
+        tracing::info!(vm, migration, "Finish already done");
+        return Ok(out);
+    }
+    if cancelled {
+        abort(sup, &cx).await?;
+        return Ok(FinishOutput {
+            cookie: None,
+            resumed: false,
+        });
+    }
+    match take_over(sup, &cx, perform_cookie, take_ownership).await {
+        Ok(cookie) => {
+            let out = FinishOutput {
+                cookie: Some(cookie),
+                resumed: true,
+            };
+            let mut rec = record.unwrap_or_else(|| MigrationRecord::new(migration));
+            rec.finish = Some(out.clone());
+            rec.save(&dir).map_err(|e| cx.err(e))?;
+            tracing::info!(vm, migration, "Finish done: guest runs here");
+            Ok(out)
+        }
+        Err(kind) => {
+            let err = cx.err(kind);
+            abort(sup, &cx).await?;
+            Err(err)
+        }
+    }
+}
+
+/// Kills the incoming QEMU (if any) and removes its state dir.
+async fn abort(sup: &Supervisor, cx: &Ctx<'_>) -> Result<(), PhaseError> {
+    tracing::info!(
+        vm = cx.vm,
+        migration = cx.migration,
+        "removing incoming QEMU"
+    );
+    sup.destroy(cx.vm).await.map_err(|e| cx.err(e))
+}
+
+async fn take_over<F>(
+    sup: &Supervisor,
+    cx: &Ctx<'_>,
+    perform_cookie: Option<&str>,
+    take_ownership: F,
+) -> Result<String, ErrorKind>
+where
+    F: Future<Output = Result<(), BoxError>>,
+{
+    let vm = cx.vm;
+    let domain = sup.definition(vm)?;
+    let node = sup.node();
+    let perform_cookie =
+        perform_cookie.ok_or_else(|| ErrorKind::Refused("no Perform cookie".into()))?;
+    let source = Cookie::decode(
+        perform_cookie,
+        &Expect {
+            vm_name: vm,
+            vm_uuid: domain.uuid,
+            writer: Phase::Perform,
+            own_host_uuid: node.host_uuid,
+        },
+    )?;
+    let guest = sup.require(vm).await?;
+    let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
+    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+    match arrival(&status.status, info.status.as_deref()) {
+        Arrival::Arrived => {
+            take_ownership.await.map_err(ErrorKind::Ownership)?;
+            tracing::info!(vm, migration = cx.migration, "ownership taken, resuming");
+            guest.qmp.run("cont", None).await?;
+        }
+        Arrival::AlreadyResumed => {}
+        Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
+    }
+    let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
+    cookie.lock = Some(LockState {
+        holder: node.name.clone(),
+        disks: domain.disks().map(|d| d.source.clone()).collect(),
+    });
+    cookie.statistics = source.statistics;
+    Ok(cookie.encode(Phase::Finish)?)
+}

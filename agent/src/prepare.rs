@@ -1,0 +1,146 @@
+//! Prepare (target): refuses a migration to its own host, starts QEMU paused with
+//! `-incoming defer` from the target definition, enables migration events and listens
+//! with `migrate-incoming` on this node's address. Any failure removes the new QEMU.
+
+use crate::cookie::{Cookie, Expect, GraphicsInfo};
+use crate::domain::Domain;
+use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::phases::{MigrationRecord, Phase};
+use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
+use crate::supervisor::Supervisor;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::net::IpAddr;
+
+/// What Prepare hands to Perform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareOutput {
+    /// Where the source sends the stream: `tcp:<target address>:<port>`.
+    pub uri: String,
+    /// The Prepare cookie (target identity, graphics of the new QEMU).
+    pub cookie: String,
+}
+
+/// Runs Prepare with Begin's definition and cookie. `port` picks the listening port
+/// (`None`: any free port).
+#[tracing::instrument(skip_all, fields(migration))]
+pub async fn prepare(
+    sup: &Supervisor,
+    migration: &str,
+    domain_xml: &str,
+    begin_cookie: &str,
+    port: Option<u16>,
+) -> Result<PrepareOutput, PhaseError> {
+    let unknown = Ctx {
+        phase: Phase::Prepare,
+        vm: "<unparsed>",
+        migration,
+    };
+    let domain = Domain::parse(domain_xml).map_err(|e| unknown.err(e))?;
+    let vm = domain.name.as_str();
+    let cx = Ctx { vm, ..unknown };
+    let node = sup.node();
+    Cookie::decode(
+        begin_cookie,
+        &Expect {
+            vm_name: vm,
+            vm_uuid: domain.uuid,
+            writer: Phase::Begin,
+            own_host_uuid: node.host_uuid,
+        },
+    )
+    .map_err(|e| cx.err(e))?;
+    let dir = sup.vm_dir(vm);
+    if let Some(pid) = sup.running_pid(vm) {
+        let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
+        if let Some(out) = record.and_then(|r| r.prepare) {
+            tracing::info!(vm, migration, "Prepare already done");
+            return Ok(out);
+        }
+        // Ours from an attempt that crashed before recording, if still waiting for the
+        // stream; anything else means the VM runs here and must not be touched.
+        let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
+        let status: StatusInfo = guest
+            .qmp
+            .execute("query-status", None)
+            .await
+            .map_err(|e| cx.err(e))?;
+        if status.status != "inmigrate" {
+            return Err(cx.err(ErrorKind::Refused(format!(
+                "VM already runs on this node (pid {pid}, state '{}')",
+                status.status
+            ))));
+        }
+        drop(guest);
+        sup.destroy(vm).await.map_err(|e| cx.err(e))?;
+    }
+    match start_incoming(sup, &domain, port).await {
+        Ok(out) => {
+            let mut rec = MigrationRecord::new(migration);
+            rec.prepare = Some(out.clone());
+            if let Err(e) = rec.save(&dir) {
+                let _ = sup.destroy(vm).await;
+                return Err(cx.err(e));
+            }
+            tracing::info!(vm, migration, uri = %out.uri, "Prepare done");
+            Ok(out)
+        }
+        Err(kind) => {
+            if let Err(e) = sup.destroy(vm).await {
+                tracing::error!(vm, migration, error = %e, "cleaning up after failed Prepare");
+            }
+            Err(cx.err(kind))
+        }
+    }
+}
+
+fn host_for_uri(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+async fn start_incoming(
+    sup: &Supervisor,
+    domain: &Domain,
+    port: Option<u16>,
+) -> Result<PrepareOutput, ErrorKind> {
+    let node = sup.node();
+    let guest = sup.start(domain, true).await?;
+    let caps = json!({ "capabilities": [ { "capability": "events", "state": true } ] });
+    guest
+        .qmp
+        .run("migrate-set-capabilities", Some(caps))
+        .await?;
+    let host = host_for_uri(node.address);
+    let listen = format!("tcp:{host}:{}", port.unwrap_or(0));
+    guest
+        .qmp
+        .run("migrate-incoming", Some(json!({ "uri": listen })))
+        .await?;
+    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+    let port = info
+        .socket_address
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|a| a.port)
+        .ok_or_else(|| ErrorKind::Refused("QEMU reports no listening address".into()))?;
+    let mut cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
+    if domain.graphics().is_some() {
+        let vnc: VncInfo = guest.qmp.execute("query-vnc", None).await?;
+        if let (true, Some(listen), Some(port)) = (vnc.enabled, vnc.host, vnc.service) {
+            cookie.graphics = Some(GraphicsInfo {
+                kind: "vnc".into(),
+                listen,
+                port: port
+                    .parse()
+                    .map_err(|_| ErrorKind::Refused(format!("bad VNC port '{port}'")))?,
+            });
+        }
+    }
+    Ok(PrepareOutput {
+        uri: format!("tcp:{host}:{port}"),
+        cookie: cookie.encode(Phase::Prepare)?,
+    })
+}
