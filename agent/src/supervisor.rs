@@ -13,10 +13,12 @@ use crate::qmp::{Qmp, QmpError};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const DOMAIN_FILE: &str = "domain.xml";
@@ -78,15 +80,29 @@ pub struct Guest {
     pub qmp: Qmp,
 }
 
-/// The supervisor of one node's QEMU processes.
-#[derive(Debug, Clone)]
+/// The supervisor of one node's QEMU processes. It keeps one QMP connection per guest
+/// (QEMU's monitor serves one client at a time) and hands out shared [`Guest`]s.
+/// Dropping the supervisor closes the connections; the guests keep running.
+#[derive(Clone)]
 pub struct Supervisor {
     node: Node,
+    guests: Arc<tokio::sync::Mutex<HashMap<String, Arc<Guest>>>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("node", &self.node)
+            .finish()
+    }
 }
 
 impl Supervisor {
     pub fn new(node: Node) -> Supervisor {
-        Supervisor { node }
+        Supervisor {
+            node,
+            guests: Arc::default(),
+        }
     }
 
     pub fn node(&self) -> &Node {
@@ -137,7 +153,11 @@ impl Supervisor {
 
     /// Starts QEMU for `domain`, detached, and connects to its monitor. With `incoming`
     /// it waits paused for `migrate-incoming`.
-    pub async fn start(&self, domain: &Domain, incoming: bool) -> Result<Guest, SupervisorError> {
+    pub async fn start(
+        &self,
+        domain: &Domain,
+        incoming: bool,
+    ) -> Result<Arc<Guest>, SupervisorError> {
         let vm = domain.name.as_str();
         if let Some(pid) = self.running_pid(vm) {
             return Err(SupervisorError::AlreadyRunning {
@@ -196,12 +216,17 @@ impl Supervisor {
                 && let Ok(qmp) = Qmp::connect(&socket).await
             {
                 tracing::info!(vm, pid, qemu = %qmp.version, "QEMU started");
-                return Ok(Guest {
+                let guest = Arc::new(Guest {
                     name: vm.to_string(),
                     pid,
                     dir,
                     qmp,
                 });
+                self.guests
+                    .lock()
+                    .await
+                    .insert(vm.to_string(), guest.clone());
+                return Ok(guest);
             }
             if Instant::now() > deadline {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -214,11 +239,21 @@ impl Supervisor {
         }
     }
 
-    /// Re-attaches to the VM's running QEMU over QMP; `None` if it does not run here.
-    pub async fn attach(&self, vm: &str) -> Result<Option<Guest>, SupervisorError> {
+    /// The VM's running QEMU, connected over QMP (re-attaching after an agent restart);
+    /// `None` if it does not run here.
+    pub async fn attach(&self, vm: &str) -> Result<Option<Arc<Guest>>, SupervisorError> {
+        let mut guests = self.guests.lock().await;
         let Some(pid) = self.running_pid(vm) else {
+            guests.remove(vm);
             return Ok(None);
         };
+        if let Some(g) = guests.get(vm)
+            && g.pid == pid
+            && !g.qmp.is_closed()
+        {
+            return Ok(Some(g.clone()));
+        }
+        guests.remove(vm);
         let dir = self.vm_dir(vm);
         let qmp = Qmp::connect(&dir.join(QMP_SOCKET))
             .await
@@ -227,23 +262,25 @@ impl Supervisor {
                 source,
             })?;
         tracing::info!(vm, pid, "attached to running QEMU");
-        Ok(Some(Guest {
+        let guest = Arc::new(Guest {
             name: vm.to_string(),
             pid,
             dir,
             qmp,
-        }))
+        });
+        guests.insert(vm.to_string(), guest.clone());
+        Ok(Some(guest))
     }
 
     /// Like [`attach`](Self::attach), but a guest that does not run is an error.
-    pub async fn require(&self, vm: &str) -> Result<Guest, SupervisorError> {
+    pub async fn require(&self, vm: &str) -> Result<Arc<Guest>, SupervisorError> {
         self.attach(vm)
             .await?
             .ok_or_else(|| SupervisorError::NotRunning { vm: vm.to_string() })
     }
 
     /// Re-attaches to every running guest on this node (agent start-up).
-    pub async fn attach_all(&self) -> Result<Vec<Guest>, SupervisorError> {
+    pub async fn attach_all(&self) -> Result<Vec<Arc<Guest>>, SupervisorError> {
         let mut out = Vec::new();
         for vm in self.list()? {
             if let Some(g) = self.attach(&vm).await? {
@@ -280,6 +317,7 @@ impl Supervisor {
             }
             tracing::info!(vm, pid, "QEMU stopped");
         }
+        self.guests.lock().await.remove(vm);
         let dir = self.vm_dir(vm);
         let _ = std::fs::remove_file(dir.join(PID_FILE));
         let _ = std::fs::remove_file(dir.join(QMP_SOCKET));

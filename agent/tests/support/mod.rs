@@ -1,0 +1,268 @@
+//! Test support: two simulated nodes on one machine, the test guest, serial log checks,
+//! and cleanup of every QEMU a test started (also when it panics).
+#![allow(dead_code)]
+
+use ferry_agent::node::Node;
+use ferry_agent::supervisor::{Guest, Supervisor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Tests that start QEMU run one at a time (the machine has two cores).
+static QEMU_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ferry_agent=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Assembles the test guest into `dir` and patches its parameters: the memory region it
+/// dirties (`[start_mib, end_mib)` MiB) and a delay loop between passes.
+pub fn build_guest(dir: &Path, start_mib: u32, end_mib: u32, delay: u32) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/guest.asm");
+    let out = dir.join("guest.img");
+    let status = std::process::Command::new("nasm")
+        .args(["-f", "bin", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("nasm must be installed (apt install nasm)");
+    assert!(status.success(), "nasm failed");
+    let mut img = std::fs::read(&out).unwrap();
+    assert_eq!(img.len(), 512);
+    img[0x1f0..0x1f4].copy_from_slice(&(start_mib << 20).to_le_bytes());
+    img[0x1f4..0x1f8].copy_from_slice(&(end_mib << 20).to_le_bytes());
+    img[0x1f8..0x1fc].copy_from_slice(&delay.to_le_bytes());
+    std::fs::write(&out, img).unwrap();
+    out
+}
+
+/// Two nodes (`node-a` on 127.0.0.2, `node-b` on 127.0.0.3) with separate state dirs and
+/// host uuids, and one test VM. Dropping it kills every QEMU started under its dir.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub a: Supervisor,
+    pub b: Supervisor,
+    pub vm: String,
+    pub uuid: Uuid,
+    pub memory_mib: u32,
+    pub disk: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    pub fn new(vm: &str, memory_mib: u32, region_end_mib: u32, delay: u32) -> Lab {
+        init_tracing();
+        let serial = QEMU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-agent-")
+            .tempdir()
+            .unwrap();
+        let a = Node::open(
+            dir.path().join("node-a"),
+            "node-a",
+            "127.0.0.2".parse().unwrap(),
+        )
+        .unwrap();
+        let b = Node::open(
+            dir.path().join("node-b"),
+            "node-b",
+            "127.0.0.3".parse().unwrap(),
+        )
+        .unwrap();
+        assert_ne!(a.host_uuid, b.host_uuid);
+        let disk = build_guest(dir.path(), 1, region_end_mib, delay);
+        Lab {
+            a: Supervisor::new(a),
+            b: Supervisor::new(b),
+            vm: vm.to_string(),
+            uuid: Uuid::new_v4(),
+            memory_mib,
+            disk,
+            dir,
+            _serial: serial,
+        }
+    }
+
+    /// The VM's definition with the given disk path, MAC suffix, disk bus and memory.
+    pub fn xml_with(
+        &self,
+        disk: &Path,
+        mac_last: u8,
+        bus: &str,
+        memory_mib: u32,
+        extra: &str,
+    ) -> String {
+        format!(
+            "<domain type='qemu'>
+  <name>{}</name>
+  <uuid>{}</uuid>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/></features>
+  <cpu mode='custom'><model>qemu64</model></cpu>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{}'/>
+      <target dev='{}' bus='{bus}'/>
+    </disk>
+    <interface type='user'>
+      <mac address='52:54:00:12:34:{mac_last:02x}'/>
+      <model type='e1000'/>
+    </interface>
+    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>
+    <serial type='file'><target port='0'/></serial>{extra}
+  </devices>
+</domain>",
+            self.vm,
+            self.uuid,
+            disk.display(),
+            if bus == "ide" { "hda" } else { "vda" },
+        )
+    }
+
+    pub fn xml(&self) -> String {
+        self.xml_with(&self.disk, 1, "ide", self.memory_mib, "")
+    }
+
+    /// Starts the VM on node-a and waits until the guest has made a few passes.
+    pub async fn start_source(&self) -> Arc<Guest> {
+        let domain = ferry_agent::domain::Domain::parse(&self.xml()).unwrap();
+        let guest = self.a.start(&domain, false).await.unwrap();
+        wait_for_pass(&self.serial_a(), 3, Duration::from_secs(120)).await;
+        guest
+    }
+
+    pub fn serial_a(&self) -> PathBuf {
+        self.a.vm_dir(&self.vm).join("serial0.log")
+    }
+
+    pub fn serial_b(&self) -> PathBuf {
+        self.b.vm_dir(&self.vm).join("serial0.log")
+    }
+
+    /// Live QEMU processes of this VM (any node), by the uuid on their command line.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        processes_mentioning(&self.uuid.to_string())
+    }
+
+    /// Asserts exactly one QEMU of the VM runs and that it is `sup`'s.
+    pub fn assert_one_guest_on(&self, sup: &Supervisor) {
+        let pids = self.qemu_pids();
+        assert_eq!(pids.len(), 1, "expected exactly one QEMU, found {pids:?}");
+        assert_eq!(
+            sup.running_pid(&self.vm),
+            Some(pids[0]),
+            "QEMU runs on the wrong node"
+        );
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let needle = self.dir.path().to_string_lossy().to_string();
+        for pid in processes_mentioning(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Live processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("qemu-system")
+            && cmd.contains(needle)
+            && ferry_agent::supervisor::alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The pass numbers in a serial log, asserting no pass reported BAD pages.
+pub fn passes(text: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("pass ") else {
+            continue;
+        };
+        assert!(!line.contains("BAD"), "guest memory corrupted: {line}");
+        let Some((n, status)) = rest.split_once(' ') else {
+            continue; // cut off mid-line
+        };
+        if status == "ok" {
+            out.push(n.parse().unwrap());
+        }
+    }
+    out
+}
+
+/// The last complete pass in a serial log.
+pub fn last_pass(path: &Path) -> Option<u64> {
+    passes(&std::fs::read_to_string(path).unwrap_or_default())
+        .last()
+        .copied()
+}
+
+/// Waits until the serial log shows pass `n` or later.
+pub async fn wait_for_pass(path: &Path, n: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(p) = last_pass(path)
+            && p >= n
+        {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest made no pass {n} in {timeout:?} ({})",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks that `before` followed by `after` is one unbroken run of passes 0, 1, 2, ...
+/// with no BAD page, and that `after` added at least `min_new` passes.
+pub fn assert_counter_continues(before: &str, after: &str, min_new: usize) {
+    let old = passes(before);
+    let all = passes(&format!("{before}{after}"));
+    assert!(!old.is_empty(), "no passes before");
+    for (i, p) in all.iter().enumerate() {
+        assert_eq!(*p, i as u64, "pass counter broken at line {i}: {all:?}");
+    }
+    assert!(
+        all.len() >= old.len() + min_new,
+        "counter did not go on: {} passes before, {} after",
+        old.len(),
+        all.len()
+    );
+}
