@@ -1,0 +1,159 @@
+//! Every failure path ends with exactly one running guest, on the source, and the
+//! guest's memory intact (DESIGN.md "Failure paths").
+
+mod support;
+
+use ferry_agent::begin::begin;
+use ferry_agent::confirm::confirm;
+use ferry_agent::error::ErrorKind;
+use ferry_agent::finish::finish;
+use ferry_agent::perform::{PerformParams, perform};
+use ferry_agent::prepare::{PrepareOutput, prepare};
+use ferry_agent::qmp::StatusInfo;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+/// Slow enough that a 128 MiB guest takes seconds to transfer.
+const SLOW: PerformParams = PerformParams {
+    max_bandwidth: Some(16 << 20),
+    max_downtime_ms: None,
+};
+
+fn lab(vm: &str) -> Lab {
+    Lab::new(vm, 128, 64, 5_000_000)
+}
+
+async fn begin_and_prepare(lab: &Lab, m: &str) -> PrepareOutput {
+    let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None)
+        .await
+        .unwrap()
+}
+
+/// The source guest runs, alone, and its counter moves on without BAD pages.
+async fn assert_source_runs_alone(lab: &Lab) {
+    lab.assert_one_guest_on(&lab.a);
+    assert!(!lab.b.vm_dir(&lab.vm).exists(), "target state dir removed");
+    let guest = lab.a.require(&lab.vm).await.unwrap();
+    let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
+    assert_eq!(status.status, "running");
+    let now = last_pass(&lab.serial_a()).unwrap();
+    wait_for_pass(&lab.serial_a(), now + 3, Duration::from_secs(120)).await;
+    let text = std::fs::read_to_string(lab.serial_a()).unwrap();
+    assert_counter_continues(&text, "", 0);
+}
+
+#[tokio::test]
+async fn prepare_fails_when_the_target_port_is_taken() {
+    let lab = lab("prep-fail");
+    lab.start_source().await;
+    let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = begin(&lab.a, &lab.vm, "m1", None).await.unwrap();
+    let err = prepare(&lab.b, "m1", &out.domain_xml, &out.cookie, Some(port))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::Qmp(_)), "{err}");
+    assert!(lab.b.running_pid(&lab.vm).is_none());
+    confirm(&lab.a, &lab.vm, "m1", None, true).await.unwrap();
+    assert_source_runs_alone(&lab).await;
+}
+
+/// Runs Perform while `interfere` acts once the transfer is under way.
+async fn perform_with<F, Fut>(lab: &Lab, m: &str, prep: &PrepareOutput, interfere: F) -> ErrorKind
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let cancel = CancellationToken::new();
+    let transferred = Arc::new(AtomicU64::new(0));
+    let seen = transferred.clone();
+    let run = perform(
+        &lab.a,
+        &lab.vm,
+        m,
+        &prep.uri,
+        &prep.cookie,
+        &SLOW,
+        &cancel,
+        move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
+    );
+    let act = async {
+        while transferred.load(Ordering::SeqCst) < (4 << 20) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        interfere(cancel.clone()).await;
+    };
+    let (res, ()) = tokio::join!(run, act);
+    res.unwrap_err().kind
+}
+
+#[tokio::test]
+async fn perform_fails_when_the_target_qemu_dies_mid_transfer() {
+    let lab = lab("perf-fail");
+    lab.start_source().await;
+    let prep = begin_and_prepare(&lab, "m2").await;
+    let target_pid = lab.b.running_pid(&lab.vm).unwrap();
+    let kind = perform_with(&lab, "m2", &prep, |_| async move {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(target_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    })
+    .await;
+    assert!(matches!(kind, ErrorKind::MigrationFailed(_)), "{kind}");
+    finish(&lab.b, &lab.vm, "m2", None, true, async { Ok(()) })
+        .await
+        .unwrap();
+    confirm(&lab.a, &lab.vm, "m2", None, true).await.unwrap();
+    assert_source_runs_alone(&lab).await;
+}
+
+#[tokio::test]
+async fn perform_cancelled_rolls_back_to_the_source() {
+    let lab = lab("perf-cancel");
+    lab.start_source().await;
+    let prep = begin_and_prepare(&lab, "m3").await;
+    let kind = perform_with(&lab, "m3", &prep, |cancel| async move { cancel.cancel() }).await;
+    assert!(matches!(kind, ErrorKind::Cancelled), "{kind}");
+    finish(&lab.b, &lab.vm, "m3", None, true, async { Ok(()) })
+        .await
+        .unwrap();
+    confirm(&lab.a, &lab.vm, "m3", None, true).await.unwrap();
+    assert_source_runs_alone(&lab).await;
+}
+
+#[tokio::test]
+async fn finish_fails_when_ownership_cannot_be_taken() {
+    let lab = lab("finish-fail");
+    lab.start_source().await;
+    let prep = begin_and_prepare(&lab, "m4").await;
+    let perf = perform(
+        &lab.a,
+        &lab.vm,
+        "m4",
+        &prep.uri,
+        &prep.cookie,
+        &PerformParams::default(),
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    // The source is paused (postmigrate) with its memory sent; the target waits for cont.
+    let stopped_at = last_pass(&lab.serial_a()).unwrap();
+    let err = finish(&lab.b, &lab.vm, "m4", Some(&perf.cookie), false, async {
+        Err("VM status.nodeName was changed by someone else".into())
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::Ownership(_)), "{err}");
+    assert!(lab.b.running_pid(&lab.vm).is_none(), "target QEMU killed");
+    confirm(&lab.a, &lab.vm, "m4", None, true).await.unwrap();
+    assert_source_runs_alone(&lab).await;
+    assert!(last_pass(&lab.serial_a()).unwrap() > stopped_at);
+}
