@@ -25,6 +25,19 @@ pub const VERSION: &str = "v1alpha1";
 /// Where the chart keeps the generated CRDs, relative to the repository root.
 pub const CRD_TEMPLATE_PATH: &str = "charts/ferry/templates/crds.yaml";
 
+/// Label naming a migration's source node; agents watch the migrations labelled with
+/// their node.
+pub const SOURCE_NODE_LABEL: &str = "ferry.dev/source-node";
+/// Label naming a migration's target node.
+pub const TARGET_NODE_LABEL: &str = "ferry.dev/target-node";
+/// Finalizer that holds a deleted migration until its rollback is done.
+pub const ROLLBACK_FINALIZER: &str = "ferry.dev/rollback";
+
+/// Name of the heartbeat Lease of the agent on `node`, in Ferry's namespace.
+pub fn node_lease_name(node: &str) -> String {
+    format!("ferry-node-{node}")
+}
+
 /// The chart template holding both CRDs, behind `crds.enabled`.
 ///
 /// The CRDs live in `templates/` rather than `crds/` because Helm never upgrades the

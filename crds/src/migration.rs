@@ -220,6 +220,11 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<MigrationPhase>,
 
+    /// When the operator moved the migration into its current phase; phase timeouts
+    /// count from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_transition_time: Option<Time>,
+
     /// True once the migration is rolling back: Finish and Confirm then undo their
     /// side instead of completing it, and the guest stays on the source.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -261,8 +266,10 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_time_ms: Option<i64>,
 
-    /// Standard conditions: `Complete` (the guest runs on the target), `Failed`
-    /// (the migration ended without moving the guest; the reason and message say why).
+    /// Standard conditions: `Admitted` (False while the migration waits in Pending, with
+    /// the reason), `RollingBack` (why a rollback started), `Complete` (the guest runs on
+    /// the target) and `Failed` (the migration ended without moving the guest; the
+    /// reason and message say why).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -297,6 +304,27 @@ pub enum MigrationPhase {
 }
 
 impl MigrationPhase {
+    /// The key of this phase in `status.steps` and `status.cookies`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Begin => "begin",
+            Self::Prepare => "prepare",
+            Self::Perform => "perform",
+            Self::Finish => "finish",
+            Self::Confirm => "confirm",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the source node runs this phase (Begin, Perform, Confirm); otherwise the
+    /// target does (Prepare, Finish). Meaningless for Pending and the terminal phases.
+    pub fn runs_on_source(self) -> bool {
+        matches!(self, Self::Begin | Self::Perform | Self::Confirm)
+    }
+
     /// Whether the migration has ended.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
@@ -344,6 +372,20 @@ pub struct Steps {
     /// The Confirm phase, on the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm: Option<Step>,
+}
+
+impl Steps {
+    /// The record of `phase`, if it is one of the five and has one.
+    pub fn get(&self, phase: MigrationPhase) -> Option<&Step> {
+        match phase {
+            MigrationPhase::Begin => self.begin.as_ref(),
+            MigrationPhase::Prepare => self.prepare.as_ref(),
+            MigrationPhase::Perform => self.perform.as_ref(),
+            MigrationPhase::Finish => self.finish.as_ref(),
+            MigrationPhase::Confirm => self.confirm.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// One phase's execution.

@@ -1,1 +1,17 @@
+//! Ferry's operator: validates `VirtualMachineMigration`s, drives them through the five
+//! phases by setting `status.phase`, times out phases whose agent is gone, rolls back on
+//! failure and cancellation, and reports conditions, Events and metrics.
+//!
+//! - [`admission`]: may a Pending migration start, and where does it go (pure).
+//! - [`transitions`]: what comes after each phase (pure).
+//! - [`reconcile`]: the I/O around them.
+//! - [`nodes`]: which agents are live (heartbeat Leases).
 
+pub mod admission;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod nodes;
+pub mod reconcile;
+pub mod transitions;

@@ -1,0 +1,146 @@
+//! `ferry-operator`: the controller binary.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use ferry_crds::VirtualMachineMigration;
+use ferry_operator::config::{Limits, Timeouts};
+use ferry_operator::metrics::Metrics;
+use ferry_operator::reconcile::{self, Context};
+use futures::StreamExt;
+use kube::runtime::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{error, info, warn};
+
+/// Ferry's operator: drives VirtualMachineMigrations through their five phases.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Ferry's own namespace: the leader Lease and the agents' heartbeat Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ferry-system")]
+    namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Migrations running at once in the cluster.
+    #[arg(long, default_value_t = 5)]
+    max_parallel: usize,
+    /// Migrations leaving one node at once.
+    #[arg(long, default_value_t = 2)]
+    max_outbound_per_node: usize,
+    /// Seconds Begin may take.
+    #[arg(long, default_value_t = 60)]
+    begin_timeout: u64,
+    /// Seconds Prepare may take.
+    #[arg(long, default_value_t = 120)]
+    prepare_timeout: u64,
+    /// Seconds Perform may take (the policy's own timeouts usually end it first).
+    #[arg(long, default_value_t = 1800)]
+    perform_timeout: u64,
+    /// Seconds Finish may take.
+    #[arg(long, default_value_t = 120)]
+    finish_timeout: u64,
+    /// Seconds the leader Lease lasts without renewal; a standby takes over after it.
+    #[arg(long, default_value_t = 15)]
+    leader_lease_seconds: u64,
+    /// This replica's identity in the leader Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_lease_manager=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        async move {
+            if let Err(e) = ferry_operator::http::serve(args.metrics_addr, metrics, ready).await {
+                error!("metrics server on {}: {e}", args.metrics_addr);
+                std::process::exit(1);
+            }
+        }
+    });
+
+    // Only the leader reconciles; it exits if it ever loses the Lease, and its
+    // successor carries on from the migrations' status.
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("ferry-operator-{}", std::process::id()));
+    let lease_seconds = args.leader_lease_seconds.max(2);
+    let manager = LeaseManagerBuilder::new(client.clone(), "ferry-operator-leader")
+        .with_namespace(&args.namespace)
+        .with_identity(&identity)
+        .with_duration(lease_seconds)
+        .with_grace((lease_seconds / 3).max(1))
+        .build()
+        .await?;
+    ready.store(true, Ordering::Relaxed);
+    let (mut leader, lease_task) = manager.watch().await;
+    info!(%identity, "waiting to become the leader");
+    while !*leader.borrow_and_update() {
+        leader.changed().await?;
+    }
+    info!(%identity, "leading");
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        namespace: args.namespace.clone(),
+        limits: Limits {
+            max_parallel: args.max_parallel,
+            max_outbound_per_node: args.max_outbound_per_node,
+        },
+        timeouts: Timeouts {
+            begin: Duration::from_secs(args.begin_timeout),
+            prepare: Duration::from_secs(args.prepare_timeout),
+            perform: Duration::from_secs(args.perform_timeout),
+            finish: Duration::from_secs(args.finish_timeout),
+        },
+        metrics,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "ferry-operator".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        admission: tokio::sync::Mutex::new(()),
+    });
+    let migrations: Api<VirtualMachineMigration> = Api::all(client);
+    let controller = Controller::new(migrations, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|_| async {});
+    tokio::select! {
+        _ = controller => info!("shut down"),
+        _ = leader.changed() => {
+            warn!("lost the leader Lease; exiting so a fresh process can stand again");
+            std::process::exit(1);
+        }
+    }
+    drop(leader);
+    let _ = lease_task.await;
+    Ok(())
+}

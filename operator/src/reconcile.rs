@@ -1,0 +1,533 @@
+//! The reconciler: gathers the facts about one migration, asks `admission` or
+//! `transitions` what to do, and writes the result. All Kubernetes I/O of the operator's
+//! state machine is here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_crds::{
+    MigrationPhase, ROLLBACK_FINALIZER, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
+    VirtualMachineMigration, set_condition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::admission::{self, Admission, Facts};
+use crate::config::{Limits, Timeouts};
+use crate::error::{Error, Result};
+use crate::metrics::{ErrorLabels, Metrics, OutcomeLabels, PhaseLabels};
+use crate::nodes;
+use crate::transitions::{self, Decision, Observation, Why};
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    /// Ferry's own namespace, where the agents' heartbeat Leases are.
+    pub namespace: String,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Admission is serialised so two reconciles never both take the last free slot.
+    pub admission: tokio::sync::Mutex<()>,
+}
+
+/// Reconciles one migration.
+pub async fn reconcile(m: Arc<VirtualMachineMigration>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = m
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(m.name_any()))?;
+    let span =
+        info_span!("reconcile", migration = %m.name_any(), namespace = %ns, vm = %m.spec.vm_name);
+    async move {
+        Reconciler {
+            m: &m,
+            ctx: &ctx,
+            ns: &ns,
+        }
+        .run()
+        .await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Counts the failure and retries soon.
+pub fn error_policy(m: Arc<VirtualMachineMigration>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(migration = %m.name_any(), vm = %m.spec.vm_name, %error, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            error: error.metric_label().into(),
+        })
+        .inc();
+    Action::requeue(Duration::from_secs(1))
+}
+
+struct Reconciler<'a> {
+    m: &'a VirtualMachineMigration,
+    ctx: &'a Context,
+    ns: &'a str,
+}
+
+impl Reconciler<'_> {
+    fn api(&self) -> Api<VirtualMachineMigration> {
+        Api::namespaced(self.ctx.client.clone(), self.ns)
+    }
+
+    fn vms(&self) -> Api<VirtualMachine> {
+        Api::namespaced(self.ctx.client.clone(), self.ns)
+    }
+
+    fn name(&self) -> String {
+        self.m.name_any()
+    }
+
+    fn phase(&self) -> Option<MigrationPhase> {
+        self.m.status.as_ref().and_then(|s| s.phase)
+    }
+
+    fn cancel_asked(&self) -> bool {
+        self.m.spec.cancel || self.m.metadata.deletion_timestamp.is_some()
+    }
+
+    async fn run(&self) -> Result<Action> {
+        let deleting = self.m.metadata.deletion_timestamp.is_some();
+        let phase = self.phase();
+        if phase.is_some_and(MigrationPhase::is_terminal) {
+            self.release_vm().await?;
+            if deleting {
+                self.remove_finalizer().await?;
+            }
+            return Ok(Action::await_change());
+        }
+        if !deleting && !self.m.finalizers().iter().any(|f| f == ROLLBACK_FINALIZER) {
+            self.add_finalizer().await?;
+        }
+        match phase {
+            None | Some(MigrationPhase::Pending) if self.cancel_asked() => {
+                self.end(
+                    MigrationPhase::Cancelled,
+                    &Why {
+                        reason: "Cancelled",
+                        message: "cancelled before it started".into(),
+                    },
+                )
+                .await?;
+                Ok(Action::requeue(Duration::from_millis(100)))
+            }
+            None | Some(MigrationPhase::Pending) => self.pending().await,
+            Some(_) => self.running().await,
+        }
+    }
+
+    async fn pending(&self) -> Result<Action> {
+        let _slot = self.ctx.admission.lock().await;
+        let vm = self.vms().get_opt(&self.m.spec.vm_name).await?;
+        let live = nodes::live_nodes(&self.ctx.client, &self.ctx.namespace).await?;
+        let all = Api::<VirtualMachineMigration>::all(self.ctx.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let me = self.m.uid();
+        let active: Vec<&VirtualMachineMigration> = all
+            .items
+            .iter()
+            .filter(|o| o.uid() != me)
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p != MigrationPhase::Pending && !p.is_terminal())
+            })
+            .collect();
+        let mut vms_per_node = BTreeMap::new();
+        if self.m.spec.target_node.is_none() {
+            for v in Api::<VirtualMachine>::all(self.ctx.client.clone())
+                .list(&ListParams::default())
+                .await?
+            {
+                if let Some(node) = v.status.and_then(|s| s.node_name) {
+                    *vms_per_node.entry(node).or_insert(0) += 1;
+                }
+            }
+        }
+        let decision = admission::admit(
+            self.m,
+            &Facts {
+                vm: vm.as_ref(),
+                live_nodes: &live,
+                vms_per_node: &vms_per_node,
+                active: &active,
+                limits: self.ctx.limits,
+            },
+        );
+        match decision {
+            Admission::Reject { reason, message } => {
+                self.end(MigrationPhase::Failed, &Why { reason, message })
+                    .await?;
+                Ok(Action::await_change())
+            }
+            Admission::Wait { reason, message } => {
+                let mut conditions = self.conditions();
+                set_condition(
+                    &mut conditions,
+                    "Admitted",
+                    false,
+                    reason,
+                    &message,
+                    self.m.metadata.generation,
+                    now(),
+                );
+                self.patch_status(json!({
+                    "phase": MigrationPhase::Pending,
+                    "conditions": conditions,
+                    "observedGeneration": self.m.metadata.generation,
+                }))
+                .await?;
+                Ok(Action::requeue(Duration::from_secs(2)))
+            }
+            Admission::Admit { source, target } => {
+                let vm = vm.expect("admission admits only an existing VM");
+                self.hold_vm(&vm).await?;
+                self.api()
+                    .patch(
+                        &self.name(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {
+                            SOURCE_NODE_LABEL: source, TARGET_NODE_LABEL: target}}})),
+                    )
+                    .await?;
+                let message = format!("moving {} from {source} to {target}", self.m.spec.vm_name);
+                let mut conditions = self.conditions();
+                set_condition(
+                    &mut conditions,
+                    "Admitted",
+                    true,
+                    "Admitted",
+                    &message,
+                    self.m.metadata.generation,
+                    now(),
+                );
+                self.patch_status(json!({
+                    "phase": MigrationPhase::Begin,
+                    "phaseTransitionTime": now(),
+                    "sourceNode": source,
+                    "targetNode": target,
+                    "conditions": conditions,
+                    "observedGeneration": self.m.metadata.generation,
+                }))
+                .await?;
+                info!(%source, %target, "admitted; Begin");
+                self.event(EventType::Normal, "Begin", &message).await;
+                Ok(Action::requeue(Duration::from_secs(2)))
+            }
+        }
+    }
+
+    async fn running(&self) -> Result<Action> {
+        let status = self.m.status.clone().unwrap_or_default();
+        let live = nodes::live_nodes(&self.ctx.client, &self.ctx.namespace).await?;
+        let is_live = |n: &Option<String>| n.as_ref().is_some_and(|n| live.contains(n));
+        let vm_node = self
+            .vms()
+            .get_opt(&self.m.spec.vm_name)
+            .await?
+            .and_then(|v| v.status)
+            .and_then(|s| s.node_name);
+        let obs = Observation {
+            now: Timestamp::now(),
+            source_live: is_live(&status.source_node),
+            target_live: is_live(&status.target_node),
+            vm_node,
+        };
+        match transitions::decide(self.m, &obs, &self.ctx.timeouts) {
+            Decision::Wait(after) => Ok(Action::requeue(after)),
+            Decision::RequestCancel => {
+                self.patch_status(json!({"cancelled": true})).await?;
+                info!("cancel requested during Perform");
+                self.event(
+                    EventType::Normal,
+                    "Cancelling",
+                    "asked the source to stop the transfer",
+                )
+                .await;
+                Ok(Action::requeue(Duration::from_secs(1)))
+            }
+            Decision::RetryConfirm(why) => {
+                warn!(reason = why.reason, message = %why.message, "Confirm failed; running it again");
+                self.event(EventType::Warning, why.reason, &why.message)
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.patch_status(
+                    json!({"steps": {"confirm": null}, "phaseTransitionTime": now()}),
+                )
+                .await?;
+                Ok(Action::requeue(Duration::from_secs(2)))
+            }
+            Decision::Enter {
+                phase,
+                cancelled,
+                rollback,
+            } => {
+                self.observe_step_duration();
+                let mut conditions = self.conditions();
+                if let Some(why) = &rollback {
+                    set_condition(
+                        &mut conditions,
+                        "RollingBack",
+                        true,
+                        why.reason,
+                        &why.message,
+                        self.m.metadata.generation,
+                        now(),
+                    );
+                }
+                self.patch_status(json!({
+                    "phase": phase,
+                    "cancelled": cancelled,
+                    "phaseTransitionTime": now(),
+                    "conditions": conditions,
+                    "observedGeneration": self.m.metadata.generation,
+                }))
+                .await?;
+                let note = match &rollback {
+                    Some(why) => format!("{phase:?} (rolling back: {})", why.message),
+                    None => format!("{phase:?}"),
+                };
+                info!(?phase, cancelled, "{note}");
+                let kind = if rollback.is_some() {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
+                self.event(kind, &format!("{phase:?}"), &note).await;
+                Ok(Action::requeue(Duration::from_secs(2)))
+            }
+            Decision::End { phase, why } => {
+                self.observe_step_duration();
+                self.end(phase, &why).await?;
+                Ok(Action::requeue(Duration::from_millis(100)))
+            }
+        }
+    }
+
+    /// Ends the migration in a terminal `phase`.
+    async fn end(&self, phase: MigrationPhase, why: &Why) -> Result<()> {
+        let mut conditions = self.conditions();
+        let generation = self.m.metadata.generation;
+        let succeeded = phase == MigrationPhase::Succeeded;
+        set_condition(
+            &mut conditions,
+            "Complete",
+            succeeded,
+            why.reason,
+            &why.message,
+            generation,
+            now(),
+        );
+        set_condition(
+            &mut conditions,
+            "Failed",
+            !succeeded,
+            why.reason,
+            &why.message,
+            generation,
+            now(),
+        );
+        if let Some(c) = conditions
+            .iter_mut()
+            .find(|c| c.type_ == "Admitted" && c.status == "False")
+        {
+            c.message = format!("never admitted: {}", c.message);
+        }
+        self.patch_status(json!({
+            "phase": phase,
+            "phaseTransitionTime": now(),
+            "conditions": conditions,
+            "observedGeneration": generation,
+        }))
+        .await?;
+        let status = self.m.status.clone().unwrap_or_default();
+        let metrics = &self.ctx.metrics;
+        metrics
+            .migrations
+            .get_or_create(&OutcomeLabels {
+                outcome: format!("{phase:?}"),
+            })
+            .inc();
+        if succeeded {
+            if let Some(ms) = status.downtime_ms {
+                metrics.downtime_seconds.observe(ms as f64 / 1000.0);
+            }
+            if let Some(p) = status.progress {
+                metrics
+                    .bytes_transferred
+                    .inc_by(p.bytes_transferred.max(0) as u64);
+            }
+        }
+        info!(?phase, reason = why.reason, message = %why.message, "migration ended");
+        let kind = if succeeded {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        self.event(kind, &format!("{phase:?}"), &why.message).await;
+        self.release_vm().await
+    }
+
+    fn conditions(&self) -> Vec<ferry_crds::Condition> {
+        self.m
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default()
+    }
+
+    fn observe_step_duration(&self) {
+        let Some(status) = &self.m.status else { return };
+        let Some(phase) = status.phase else { return };
+        let Some(step) = status.steps.as_ref().and_then(|s| s.get(phase)) else {
+            return;
+        };
+        if let Some(end) = &step.end {
+            let secs = end.0.duration_since(step.start.0).as_secs_f64().max(0.0);
+            self.ctx
+                .metrics
+                .phase_seconds
+                .get_or_create(&PhaseLabels {
+                    phase: phase.key().into(),
+                })
+                .observe(secs);
+        }
+    }
+
+    async fn patch_status(&self, status: Value) -> Result<()> {
+        self.api()
+            .patch_status(
+                &self.name(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the VM as held by this migration, unless another holds it. The
+    /// resourceVersion precondition makes two operators (or reconciles) agree.
+    async fn hold_vm(&self, vm: &VirtualMachine) -> Result<()> {
+        let patch = json!({
+            "metadata": {"resourceVersion": vm.resource_version()},
+            "status": {"migration": self.name()},
+        });
+        match self
+            .vms()
+            .patch_status(
+                &vm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::VmConflict {
+                vm: vm.name_any(),
+                migration: self.name(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Clears the VM's `status.migration` if it still names this migration.
+    async fn release_vm(&self) -> Result<()> {
+        let Some(vm) = self.vms().get_opt(&self.m.spec.vm_name).await? else {
+            return Ok(());
+        };
+        let holder = vm.status.as_ref().and_then(|s| s.migration.as_deref());
+        if holder != Some(self.name().as_str()) {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": vm.resource_version()},
+            "status": {"migration": null},
+        });
+        match self
+            .vms()
+            .patch_status(
+                &vm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::VmConflict {
+                vm: vm.name_any(),
+                migration: self.name(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn add_finalizer(&self) -> Result<()> {
+        let mut finalizers = self.m.finalizers().to_vec();
+        finalizers.push(ROLLBACK_FINALIZER.to_string());
+        self.set_finalizers(finalizers).await
+    }
+
+    async fn remove_finalizer(&self) -> Result<()> {
+        let finalizers: Vec<String> = self
+            .m
+            .finalizers()
+            .iter()
+            .filter(|f| *f != ROLLBACK_FINALIZER)
+            .cloned()
+            .collect();
+        if finalizers.len() == self.m.finalizers().len() {
+            return Ok(());
+        }
+        self.set_finalizers(finalizers).await
+    }
+
+    async fn set_finalizers(&self, finalizers: Vec<String>) -> Result<()> {
+        // resourceVersion guards against dropping a finalizer someone else just added.
+        let patch = json!({"metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": self.m.resource_version(),
+        }});
+        match self
+            .api()
+            .patch(&self.name(), &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Gone already: nothing holds it any more.
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Migrate".into(),
+            secondary: None,
+        };
+        let reference = self.m.object_ref(&());
+        if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "could not record an Event");
+        }
+    }
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}

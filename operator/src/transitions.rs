@@ -1,0 +1,244 @@
+//! The migration state machine: given what the status says and what the operator
+//! observes, what happens next. Pure; `reconcile` applies the decision.
+//!
+//! The table is in docs/protocol.md; the failure paths are the design's:
+//! Begin fails → Failed; Prepare fails → Confirm(cancelled); Perform fails →
+//! Finish(cancelled) → Confirm(cancelled); Finish fails → Confirm(cancelled); Confirm
+//! fails → run again. A phase whose agent stopped heart-beating or that ran past its
+//! timeout counts as failed.
+
+use std::time::Duration;
+
+use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::config::Timeouts;
+
+/// What the operator sees besides the migration itself.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub now: Timestamp,
+    pub source_live: bool,
+    pub target_live: bool,
+    /// The VM's `status.nodeName` now: who owns the guest.
+    pub vm_node: Option<String>,
+}
+
+/// Why a migration is rolling back or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Why {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn why(reason: &'static str, message: impl Into<String>) -> Why {
+    Why {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The next step for a migration past Pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to do until something changes; look again after this long.
+    Wait(Duration),
+    /// Move to `phase`. `rollback` starts (or explains) a rollback: `cancelled` is then
+    /// set.
+    Enter {
+        phase: P,
+        cancelled: bool,
+        rollback: Option<Why>,
+    },
+    /// Perform is running and a cancel was asked for: tell the source to stop.
+    RequestCancel,
+    /// Confirm failed: clear its step so the source runs it again.
+    RetryConfirm(Why),
+    /// The migration is over.
+    End { phase: P, why: Why },
+}
+
+const POLL: Duration = Duration::from_secs(2);
+
+/// Decides what comes after the current phase of `m`.
+pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeouts) -> Decision {
+    let status = m.status.clone().unwrap_or_default();
+    let Some(phase) = status.phase else {
+        return Decision::Wait(POLL);
+    };
+    if phase.is_terminal() || phase == P::Pending {
+        return Decision::Wait(POLL);
+    }
+    let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
+    let cancelled = status.cancelled;
+    let step = status.steps.as_ref().and_then(|s| s.get(phase));
+    let outcome = step.and_then(|s| s.outcome);
+    let step_message = step
+        .and_then(|s| s.message.clone())
+        .unwrap_or_else(|| "no message".into());
+    let source = status.source_node.clone().unwrap_or_default();
+    let target = status.target_node.clone().unwrap_or_default();
+    let enter = |phase, cancelled, rollback| Decision::Enter {
+        phase,
+        cancelled,
+        rollback,
+    };
+    let cancel_why = || why("Cancelled", "the migration was cancelled");
+
+    if let Some(outcome) = outcome {
+        let failed = outcome == StepOutcome::Failed;
+        return match (phase, failed) {
+            (P::Begin, false) if cancel_asked => Decision::End {
+                phase: P::Cancelled,
+                why: why("Cancelled", "cancelled before the transfer started"),
+            },
+            (P::Begin, false) => enter(P::Prepare, false, None),
+            (P::Begin, true) => Decision::End {
+                phase: P::Failed,
+                why: why("BeginFailed", step_message),
+            },
+            (P::Prepare, false) if cancel_asked || cancelled => {
+                enter(P::Finish, true, Some(cancel_why()))
+            }
+            (P::Prepare, false) => enter(P::Perform, false, None),
+            (P::Prepare, true) => enter(P::Confirm, true, Some(why("PrepareFailed", step_message))),
+            (P::Perform, false) if cancel_asked || cancelled => {
+                enter(P::Finish, true, Some(cancel_why()))
+            }
+            (P::Perform, false) => enter(P::Finish, false, None),
+            (P::Perform, true) if cancel_asked => enter(P::Finish, true, Some(cancel_why())),
+            (P::Perform, true) => enter(P::Finish, true, Some(why("PerformFailed", step_message))),
+            (P::Finish, false) => enter(P::Confirm, cancelled, None),
+            (P::Finish, true) => enter(P::Confirm, true, Some(why("FinishFailed", step_message))),
+            (P::Confirm, false) => end_after_confirm(m, obs, cancel_asked),
+            (P::Confirm, true) => Decision::RetryConfirm(why("ConfirmFailed", step_message)),
+            _ => Decision::Wait(POLL),
+        };
+    }
+
+    // The phase has not ended. Is its agent still there, and is there time left?
+    let (node, live) = if phase.runs_on_source() {
+        (&source, obs.source_live)
+    } else {
+        (&target, obs.target_live)
+    };
+    let elapsed = status
+        .phase_transition_time
+        .map(|t| obs.now.duration_since(t.0).unsigned_abs())
+        .unwrap_or_default();
+    let limit = match phase {
+        P::Begin => Some(timeouts.begin),
+        P::Prepare => Some(timeouts.prepare),
+        P::Perform => Some(timeouts.perform),
+        P::Finish => Some(timeouts.finish),
+        _ => None,
+    };
+    let stuck = if !live {
+        Some(why(
+            "AgentLost",
+            format!(
+                "the agent on node {node} stopped heart-beating during {phase:?} (Lease {})",
+                ferry_crds::node_lease_name(node)
+            ),
+        ))
+    } else {
+        limit.filter(|l| elapsed > *l).map(|limit| {
+            why(
+                "Timeout",
+                format!(
+                    "{phase:?} on node {node} did not end within {}s",
+                    limit.as_secs()
+                ),
+            )
+        })
+    };
+    let Some(stuck) = stuck else {
+        if phase == P::Perform && cancel_asked && !cancelled {
+            return Decision::RequestCancel;
+        }
+        let left = limit.map(|l| l.saturating_sub(elapsed)).unwrap_or(POLL);
+        return Decision::Wait(left.min(POLL).max(Duration::from_millis(200)));
+    };
+    match phase {
+        P::Begin => Decision::End {
+            phase: P::Failed,
+            why: stuck,
+        },
+        // The target may have started a QEMU; its agent removes it when it comes back
+        // and finds the migration moved on.
+        P::Prepare => enter(P::Confirm, true, Some(stuck)),
+        P::Perform => enter(P::Finish, true, Some(stuck)),
+        // Ownership is the commit point: once the VM names the target, the guest is
+        // the target's and only going forward keeps one guest running.
+        P::Finish if obs.vm_node.as_deref() == Some(target.as_str()) => {
+            enter(P::Confirm, false, None)
+        }
+        P::Finish => enter(P::Confirm, true, Some(stuck)),
+        // Confirm has no timeout: the guest is safe where it is; wait for the source.
+        _ => Decision::Wait(POLL),
+    }
+}
+
+fn end_after_confirm(
+    m: &VirtualMachineMigration,
+    obs: &Observation,
+    cancel_asked: bool,
+) -> Decision {
+    let status = m.status.clone().unwrap_or_default();
+    let target = status.target_node.unwrap_or_default();
+    if !status.cancelled || obs.vm_node.as_deref() == Some(target.as_str()) {
+        let message = if cancel_asked {
+            format!("the guest runs on {target}; the cancel came after the hand-over")
+        } else {
+            format!("the guest runs on {target}")
+        };
+        return Decision::End {
+            phase: P::Succeeded,
+            why: why("Migrated", message),
+        };
+    }
+    let rollback = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "RollingBack")
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    let (reason, message) =
+        rollback.unwrap_or_else(|| ("RolledBack".into(), "the migration rolled back".into()));
+    let source = status.source_node.unwrap_or_default();
+    let message = format!("{message}; the guest runs on {source}");
+    if cancel_asked {
+        Decision::End {
+            phase: P::Cancelled,
+            why: why("Cancelled", message),
+        }
+    } else {
+        Decision::End {
+            phase: P::Failed,
+            why: Why {
+                reason: static_reason(&reason),
+                message,
+            },
+        }
+    }
+}
+
+/// The `&'static` form of a reason this module wrote earlier into a condition.
+fn static_reason(reason: &str) -> &'static str {
+    const KNOWN: [&str; 8] = [
+        "PrepareFailed",
+        "PerformFailed",
+        "FinishFailed",
+        "AgentLost",
+        "Timeout",
+        "Cancelled",
+        "ConfirmFailed",
+        "BeginFailed",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|k| *k == reason)
+        .unwrap_or("RolledBack")
+}
+
+#[cfg(test)]
+mod tests;

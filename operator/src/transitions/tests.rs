@@ -1,0 +1,258 @@
+use super::*;
+use ferry_crds::{
+    Condition, Step, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+fn at(secs: i64) -> Time {
+    Time(Timestamp::from_second(1_800_000_000 + secs).unwrap())
+}
+
+fn obs(secs: i64) -> Observation {
+    Observation {
+        now: at(secs).0,
+        source_live: true,
+        target_live: true,
+        vm_node: Some("node-a".into()),
+    }
+}
+
+fn migration(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> VirtualMachineMigration {
+    let spec: VirtualMachineMigrationSpec =
+        serde_json::from_value(serde_json::json!({"vmName": "demo"})).unwrap();
+    let mut m = VirtualMachineMigration::new("m", spec);
+    let step = Step {
+        node: "x".into(),
+        start: at(0),
+        end: outcome.map(|_| at(1)),
+        outcome,
+        message: Some("it broke".into()),
+    };
+    let mut steps = Steps::default();
+    match phase {
+        P::Begin => steps.begin = Some(step),
+        P::Prepare => steps.prepare = Some(step),
+        P::Perform => steps.perform = Some(step),
+        P::Finish => steps.finish = Some(step),
+        P::Confirm => steps.confirm = Some(step),
+        _ => {}
+    }
+    m.status = Some(VirtualMachineMigrationStatus {
+        phase: Some(phase),
+        phase_transition_time: Some(at(0)),
+        cancelled,
+        source_node: Some("node-a".into()),
+        target_node: Some("node-b".into()),
+        steps: Some(steps),
+        ..Default::default()
+    });
+    m
+}
+
+fn rolling_back(mut m: VirtualMachineMigration, reason: &str) -> VirtualMachineMigration {
+    let status = m.status.as_mut().unwrap();
+    status.conditions.push(Condition {
+        type_: "RollingBack".into(),
+        status: "True".into(),
+        reason: reason.into(),
+        message: "target QEMU died".into(),
+        observed_generation: None,
+        last_transition_time: at(0),
+    });
+    m
+}
+
+const T: Timeouts = Timeouts {
+    begin: Duration::from_secs(60),
+    prepare: Duration::from_secs(60),
+    perform: Duration::from_secs(600),
+    finish: Duration::from_secs(60),
+};
+
+fn enter(phase: P, cancelled: bool) -> (P, bool) {
+    (phase, cancelled)
+}
+
+fn entered(d: Decision) -> (P, bool) {
+    match d {
+        Decision::Enter {
+            phase, cancelled, ..
+        } => (phase, cancelled),
+        other => panic!("expected a phase change, got {other:?}"),
+    }
+}
+
+fn ended(d: Decision) -> (P, &'static str, String) {
+    match d {
+        Decision::End { phase, why } => (phase, why.reason, why.message),
+        other => panic!("expected the end, got {other:?}"),
+    }
+}
+
+use StepOutcome::{Failed as F, Succeeded as S};
+
+#[test]
+fn the_happy_path_walks_the_five_phases() {
+    let o = obs(1);
+    assert_eq!(
+        entered(decide(&migration(P::Begin, false, Some(S)), &o, &T)),
+        enter(P::Prepare, false)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Prepare, false, Some(S)), &o, &T)),
+        enter(P::Perform, false)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Perform, false, Some(S)), &o, &T)),
+        enter(P::Finish, false)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Finish, false, Some(S)), &o, &T)),
+        enter(P::Confirm, false)
+    );
+    let (phase, reason, _) = ended(decide(&migration(P::Confirm, false, Some(S)), &o, &T));
+    assert_eq!((phase, reason), (P::Succeeded, "Migrated"));
+}
+
+#[test]
+fn a_running_phase_waits() {
+    assert!(matches!(
+        decide(&migration(P::Perform, false, None), &obs(5), &T),
+        Decision::Wait(_)
+    ));
+    assert!(matches!(
+        decide(&migration(P::Pending, false, None), &obs(5), &T),
+        Decision::Wait(_)
+    ));
+    assert!(matches!(
+        decide(&migration(P::Succeeded, false, None), &obs(5), &T),
+        Decision::Wait(_)
+    ));
+}
+
+#[test]
+fn failure_paths_follow_the_design() {
+    let o = obs(1);
+    let (phase, reason, message) = ended(decide(&migration(P::Begin, false, Some(F)), &o, &T));
+    assert_eq!((phase, reason), (P::Failed, "BeginFailed"));
+    assert_eq!(message, "it broke");
+    assert_eq!(
+        entered(decide(&migration(P::Prepare, false, Some(F)), &o, &T)),
+        enter(P::Confirm, true)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Perform, false, Some(F)), &o, &T)),
+        enter(P::Finish, true)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Finish, true, Some(S)), &o, &T)),
+        enter(P::Confirm, true)
+    );
+    assert_eq!(
+        entered(decide(&migration(P::Finish, false, Some(F)), &o, &T)),
+        enter(P::Confirm, true)
+    );
+    assert!(matches!(
+        decide(&migration(P::Confirm, false, Some(F)), &o, &T),
+        Decision::RetryConfirm(_)
+    ));
+    let done = rolling_back(migration(P::Confirm, true, Some(S)), "PerformFailed");
+    let (phase, reason, message) = ended(decide(&done, &o, &T));
+    assert_eq!((phase, reason), (P::Failed, "PerformFailed"));
+    assert_eq!(message, "target QEMU died; the guest runs on node-a");
+}
+
+#[test]
+fn a_lost_agent_or_a_timeout_fails_the_phase() {
+    let mut o = obs(1);
+    o.target_live = false;
+    match decide(&migration(P::Prepare, false, None), &o, &T) {
+        Decision::Enter {
+            phase: P::Confirm,
+            cancelled: true,
+            rollback: Some(w),
+        } => {
+            assert_eq!(w.reason, "AgentLost");
+            assert!(
+                w.message
+                    .contains("node node-b stopped heart-beating during Prepare"),
+                "{}",
+                w.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (phase, reason, _) = ended(decide(&migration(P::Begin, false, None), &obs(61), &T));
+    assert_eq!((phase, reason), (P::Failed, "Timeout"));
+    assert_eq!(
+        entered(decide(&migration(P::Perform, false, None), &obs(601), &T)),
+        enter(P::Finish, true)
+    );
+    // Confirm never times out: the guest is safe, the source comes back to it.
+    let mut o = obs(100_000);
+    o.source_live = false;
+    assert!(matches!(
+        decide(&migration(P::Confirm, true, None), &o, &T),
+        Decision::Wait(_)
+    ));
+}
+
+#[test]
+fn a_finish_that_took_ownership_goes_forward_even_if_the_target_is_lost() {
+    let mut o = obs(1);
+    o.target_live = false;
+    assert_eq!(
+        entered(decide(&migration(P::Finish, false, None), &o, &T)),
+        enter(P::Confirm, true)
+    );
+    o.vm_node = Some("node-b".into());
+    assert_eq!(
+        entered(decide(&migration(P::Finish, false, None), &o, &T)),
+        enter(P::Confirm, false)
+    );
+    // And a cancelled Confirm after the hand-over is still a success.
+    let (phase, _, _) = ended(decide(&migration(P::Confirm, true, Some(S)), &o, &T));
+    assert_eq!(phase, P::Succeeded);
+}
+
+#[test]
+fn cancelling_rolls_back_until_the_hand_over() {
+    let cancel = |phase, cancelled, outcome| {
+        let mut m = migration(phase, cancelled, outcome);
+        m.spec.cancel = true;
+        m
+    };
+    let o = obs(1);
+    let (phase, ..) = ended(decide(&cancel(P::Begin, false, Some(S)), &o, &T));
+    assert_eq!(phase, P::Cancelled);
+    assert_eq!(
+        entered(decide(&cancel(P::Prepare, false, Some(S)), &o, &T)),
+        enter(P::Finish, true)
+    );
+    assert_eq!(
+        decide(&cancel(P::Perform, false, None), &o, &T),
+        Decision::RequestCancel
+    );
+    assert!(matches!(
+        decide(&cancel(P::Perform, true, None), &o, &T),
+        Decision::Wait(_)
+    ));
+    assert_eq!(
+        entered(decide(&cancel(P::Perform, true, Some(F)), &o, &T)),
+        enter(P::Finish, true)
+    );
+    let (phase, reason, _) = ended(decide(
+        &rolling_back(cancel(P::Confirm, true, Some(S)), "Cancelled"),
+        &o,
+        &T,
+    ));
+    assert_eq!((phase, reason), (P::Cancelled, "Cancelled"));
+    // Past the hand-over the migration completes.
+    assert_eq!(
+        entered(decide(&cancel(P::Finish, false, Some(S)), &o, &T)),
+        enter(P::Confirm, false)
+    );
+    let (phase, _, message) = ended(decide(&cancel(P::Confirm, false, Some(S)), &o, &T));
+    assert_eq!(phase, P::Succeeded);
+    assert!(message.contains("after the hand-over"));
+}
