@@ -1,4 +1,65 @@
-//! Ferry's node agent data plane (crate docs are completed below).
+//! Ferry's node agent data plane: everything an agent does on its node, without
+//! Kubernetes. The agent binary wires it to the `VirtualMachineMigration` status: it
+//! calls the phase function the operator asks for, with the cookies it reads from the
+//! status, and writes the result back (see `DESIGN.md`, "The five phases").
+//!
+//! # Pieces
+//! - [`node::Node`]: this node's name, stable host uuid (kept in the state dir), the
+//!   address incoming migration streams use, and the state dir.
+//! - [`supervisor::Supervisor`]: the node's QEMU processes, one state dir per VM
+//!   (`<state>/vms/<name>/`: `domain.xml`, `qmp.sock`, `qemu.pid`, `qemu.log`, serial logs,
+//!   `migration.json`). [`start`](supervisor::Supervisor::start) runs QEMU in its own
+//!   session, so agent restarts never kill guests;
+//!   [`attach_all`](supervisor::Supervisor::attach_all) re-attaches on start-up;
+//!   [`stop`](supervisor::Supervisor::stop) and
+//!   [`destroy`](supervisor::Supervisor::destroy) stop guests cleanly or by force.
+//! - [`qmp::Qmp`]: the QMP client (typed replies, events, timeouts, [`qmp::QmpError::Gone`]).
+//! - [`domain::Domain`]: the supported libvirt domain XML subset
+//!   ([`Domain::parse`](domain::Domain::parse), [`to_xml`](domain::Domain::to_xml));
+//!   [`cmdline::qemu_args`] builds QEMU's argument vector from it.
+//! - [`abi::check`]: ABI stability of a target definition against the running one.
+//! - [`cookie::Cookie`]: the `<ferry-migration>` cookie, at most [`cookie::MAX_COOKIE`]
+//!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
+//!   [`cookie::parts_written_by`] says which phase writes which part.
+//!
+//! # The phases
+//! Each takes the previous phase's output, returns the next, and is idempotent: a re-run
+//! for the same migration name returns the recorded result (`migration.json` in the VM's
+//! state dir). Errors are [`error::PhaseError`] (phase, VM, migration, and an
+//! [`error::ErrorKind`] with a stable [`label`](error::ErrorKind::label)).
+//!
+//! | phase | node | call | status fields to write |
+//! | --- | --- | --- | --- |
+//! | Begin | source | [`begin::begin`]`(sup, vm, migration, target_xml)` | [`begin::BeginOutput`]: `domain_xml`, `cookies.begin` |
+//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
+//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &params, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics; `progress` from the callback |
+//! | Finish | target | [`finish::finish`]`(sup, vm, migration, perform_cookie, cancelled, take_ownership)` | [`finish::FinishOutput`]: `cookies.finish` |
+//! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | — |
+//!
+//! `take_ownership` is a future the Kubernetes layer supplies: it moves the VM's
+//! `status.nodeName` (and so the disk lock) to the target, guarded by resourceVersion.
+//! Finish awaits it only when the guest arrived whole, and resumes the vCPUs only after
+//! it succeeded. Failure paths (each ends with one running guest, on the source):
+//! Prepare fails → `confirm(cancelled=true)`; Perform fails or is cancelled (through the
+//! [`CancellationToken`](tokio_util::sync::CancellationToken)) →
+//! `finish(cancelled=true)` then `confirm(cancelled=true)`; Finish fails →
+//! `confirm(cancelled=true)`. Pure decisions (may a migration begin, did the guest arrive,
+//! should the source resume, is a URI acceptable) are in [`phases`].
+//!
+//! ```no_run
+//! # async fn demo(src: &ferry_agent::supervisor::Supervisor, dst: &ferry_agent::supervisor::Supervisor)
+//! # -> Result<(), ferry_agent::error::PhaseError> {
+//! use ferry_agent::{begin, confirm, finish, perform, prepare};
+//! let m = "default/move-guest-1";
+//! let b = begin::begin(src, "guest-1", m, None).await?;
+//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None).await?;
+//! let params = perform::PerformParams::default();
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &params, &cancel, |_| {}).await?;
+//! let f = finish::finish(dst, "guest-1", m, Some(&r.cookie), false, async { Ok(()) }).await?;
+//! confirm::confirm(src, "guest-1", m, f.cookie.as_deref(), false).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod abi;
 pub mod begin;

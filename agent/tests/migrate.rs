@@ -68,6 +68,26 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: PerformP
     .unwrap();
     assert!(owned.load(Ordering::SeqCst));
     assert!(fin.resumed);
+    // Re-runs after a crash return the recorded results and do no harm.
+    let again = perform(
+        &lab.a,
+        vm,
+        m,
+        &prep.uri,
+        &prep.cookie,
+        &params,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, perf);
+    let again = finish(&lab.b, vm, m, Some(&perf.cookie), false, async {
+        Err("the hook must not run again".into())
+    })
+    .await
+    .unwrap();
+    assert_eq!(again, fin);
     let status: StatusInfo = target_guest
         .qmp
         .execute("query-status", None)
