@@ -130,12 +130,20 @@ pub async fn perform(
         .execute("query-migrate", None)
         .await
         .map_err(|e| cx.err(e))?;
-    if matches!(
-        outcome(info.status.as_deref()),
-        Outcome::NotStarted | Outcome::Failed | Outcome::Cancelled
-    ) {
-        start(qmp, uri, params).await.map_err(|e| cx.err(e))?;
-        tracing::info!(vm, migration, uri, "migration started");
+    match outcome(info.status.as_deref()) {
+        Outcome::NotStarted | Outcome::Failed | Outcome::Cancelled => {
+            start(qmp, uri, params).await.map_err(|e| cx.err(e))?;
+            tracing::info!(vm, migration, uri, "migration started");
+        }
+        Outcome::InProgress => {
+            // A re-run (e.g. after an agent restart) follows the running migration, with
+            // the parameters of this call.
+            qmp.run("migrate-set-parameters", Some(parameters(params)))
+                .await
+                .map_err(|e| cx.err(e))?;
+            tracing::info!(vm, migration, "following the running migration");
+        }
+        Outcome::Completed => {}
     }
     let mut cancel_sent = false;
     let mut tick = tokio::time::interval(POLL);
@@ -203,15 +211,21 @@ pub async fn perform(
     Ok(out)
 }
 
-async fn start(qmp: &crate::qmp::Qmp, uri: &str, params: &PerformParams) -> Result<(), QmpError> {
-    let caps = json!({ "capabilities": [ { "capability": "events", "state": true } ] });
-    qmp.run("migrate-set-capabilities", Some(caps)).await?;
+/// The migration parameters for `params` (also applied to a running migration).
+fn parameters(params: &PerformParams) -> serde_json::Value {
     let mut p = json!({
         "max-bandwidth": params.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH),
     });
     if let Some(d) = params.max_downtime_ms {
         p["downtime-limit"] = json!(d);
     }
-    qmp.run("migrate-set-parameters", Some(p)).await?;
+    p
+}
+
+async fn start(qmp: &crate::qmp::Qmp, uri: &str, params: &PerformParams) -> Result<(), QmpError> {
+    let caps = json!({ "capabilities": [ { "capability": "events", "state": true } ] });
+    qmp.run("migrate-set-capabilities", Some(caps)).await?;
+    qmp.run("migrate-set-parameters", Some(parameters(params)))
+        .await?;
     qmp.run("migrate", Some(json!({ "uri": uri }))).await
 }

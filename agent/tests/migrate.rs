@@ -10,6 +10,7 @@ use ferry_agent::perform::{PerformParams, perform};
 use ferry_agent::phases::Phase;
 use ferry_agent::prepare::prepare;
 use ferry_agent::qmp::StatusInfo;
+use ferry_agent::supervisor::Supervisor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -111,8 +112,9 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: PerformP
 
 #[tokio::test]
 async fn guest_dirtying_memory_migrates_through_five_phases() {
-    // 256 MiB guest rewriting 1..192 MiB on every pass.
-    let lab = Lab::new("busy", 256, 192, 20_000_000);
+    // 256 MiB guest rewriting 1..192 MiB on every pass, as fast as it can. The generous
+    // downtime limit only keeps a loaded machine from never converging.
+    let lab = Lab::new("busy", 256, 192, 0);
     lab.start_source().await;
     let params = PerformParams {
         max_bandwidth: None,
@@ -232,4 +234,73 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
     lab.assert_one_guest_on(&lab.a);
     confirm(&lab.a, vm, "m-c", None, true).await.unwrap();
     lab.assert_one_guest_on(&lab.a);
+}
+
+#[tokio::test]
+async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
+    let mut lab = Lab::new("rerun", 64, 2, 50_000_000);
+    lab.start_source().await;
+    let vm = lab.vm.clone();
+    let out = begin(&lab.a, &vm, "m-r", None).await.unwrap();
+    let prep = prepare(&lab.b, "m-r", &out.domain_xml, &out.cookie, None)
+        .await
+        .unwrap();
+    let slow = PerformParams {
+        max_bandwidth: Some(1 << 20),
+        max_downtime_ms: None,
+    };
+    let transferred = Arc::new(AtomicU64::new(0));
+    let seen = transferred.clone();
+    let token = CancellationToken::new();
+    let first = perform(
+        &lab.a,
+        &vm,
+        "m-r",
+        &prep.uri,
+        &prep.cookie,
+        &slow,
+        &token,
+        move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
+    );
+    // The agent dies while the stream flows: its Perform call is dropped mid-way...
+    tokio::select! {
+        r = first => panic!("Perform ended before the restart: {r:?}"),
+        _ = async {
+            while transferred.load(Ordering::SeqCst) < (256 << 10) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } => {}
+    }
+    // ...and a new agent (new supervisor, new QMP connection) runs Perform again.
+    lab.a = Supervisor::new(lab.a.node().clone());
+    let fast = PerformParams {
+        max_bandwidth: None,
+        max_downtime_ms: Some(2000),
+    };
+    let perf = perform(
+        &lab.a,
+        &vm,
+        "m-r",
+        &prep.uri,
+        &prep.cookie,
+        &fast,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
+    let fin = finish(&lab.b, &vm, "m-r", Some(&perf.cookie), false, async {
+        Ok(())
+    })
+    .await
+    .unwrap();
+    confirm(&lab.a, &vm, "m-r", fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
+    lab.assert_one_guest_on(&lab.b);
+    let last_before = passes(&before).last().copied().unwrap();
+    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
+    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
+    assert_counter_continues(&before, &after, 3);
 }
