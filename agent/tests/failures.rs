@@ -87,7 +87,7 @@ where
         }
         interfere(cancel.clone()).await;
     };
-    let (res, ()) = tokio::join!(run, act);
+    let (res, ()) = within(async { tokio::join!(run, act) }).await;
     res.unwrap_err().kind
 }
 
@@ -132,16 +132,19 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
     let lab = lab("finish-fail");
     lab.start_source().await;
     let prep = begin_and_prepare(&lab, "m4").await;
-    let perf = perform(
+    let perf = within(perform(
         &lab.a,
         &lab.vm,
         "m4",
         &prep.uri,
         &prep.cookie,
-        &PerformParams::default(),
+        &PerformParams {
+            max_bandwidth: None,
+            max_downtime_ms: Some(2000),
+        },
         &CancellationToken::new(),
         |_| {},
-    )
+    ))
     .await
     .unwrap();
     // The source is paused (postmigrate) with its memory sent; the target waits for cont.

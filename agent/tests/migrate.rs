@@ -36,7 +36,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: PerformP
     );
     let max_pass = Arc::new(AtomicU64::new(0));
     let seen = max_pass.clone();
-    let perf = perform(
+    let perf = within(perform(
         &lab.a,
         vm,
         m,
@@ -47,9 +47,13 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: PerformP
         move |p| {
             seen.fetch_max(p.pass, Ordering::SeqCst);
         },
-    )
+    ))
     .await
     .unwrap();
+    assert!(
+        max_pass.load(Ordering::SeqCst) >= 1,
+        "progress was reported"
+    );
     assert!(perf.transferred_bytes > 0);
     assert!(
         perf.graphics.is_some(),
@@ -130,7 +134,11 @@ async fn target_xml_that_moves_the_disk_migrates() {
     let moved = lab.dir.path().join("moved.img");
     std::fs::copy(&lab.disk, &moved).unwrap();
     let target = lab.xml_with(&moved, 1, "ide", 64, "");
-    migrate_and_check(&lab, Some(&target), PerformParams::default()).await;
+    let params = PerformParams {
+        max_bandwidth: None,
+        max_downtime_ms: Some(2000),
+    };
+    migrate_and_check(&lab, Some(&target), params).await;
     let def = lab.b.definition(&lab.vm).unwrap();
     assert_eq!(def.disks().next().unwrap().source, moved.to_str().unwrap());
 }
@@ -277,7 +285,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         max_bandwidth: None,
         max_downtime_ms: Some(2000),
     };
-    let perf = perform(
+    let perf = within(perform(
         &lab.a,
         &vm,
         "m-r",
@@ -286,7 +294,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         &fast,
         &CancellationToken::new(),
         |_| {},
-    )
+    ))
     .await
     .unwrap();
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();

@@ -266,3 +266,10 @@ pub fn assert_counter_continues(before: &str, after: &str, min_new: usize) {
         all.len()
     );
 }
+
+/// Awaits `fut`, failing the test instead of hanging if it takes more than five minutes.
+pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(300), fut)
+        .await
+        .expect("gave up after 5 minutes")
+}
