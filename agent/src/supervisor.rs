@@ -11,7 +11,7 @@ use crate::domain::{Domain, DomainError};
 use crate::node::{Node, write_atomic};
 use crate::qmp::{Qmp, QmpError};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::io;
@@ -336,9 +336,18 @@ impl Supervisor {
     }
 }
 
-/// Whether `pid` is a live (not zombie) process; reaps it if it is our exited child.
+/// Whether process `pid` still exists in any way that matters: a QEMU whose main thread
+/// has exited may still have threads holding its files (and disk image locks), so a
+/// zombie counts as gone only once its whole thread group is. Reaps `pid` if it is our
+/// exited child.
 pub fn alive(pid: i32) -> bool {
-    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => return true,
+        // Reaped: the kernel reports a child only once all its threads have exited.
+        Ok(_) => return false,
+        // Not our child: look at /proc.
+        Err(_) => {}
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -346,7 +355,13 @@ pub fn alive(pid: i32) -> bool {
     let state = stat
         .rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
+    match state {
+        None | Some('X') => false,
+        Some('Z') => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count() > 1)
+            .unwrap_or(false),
+        Some(_) => true,
+    }
 }
 
 fn cmdline_mentions(pid: i32, needle: &Path) -> bool {

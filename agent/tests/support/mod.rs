@@ -169,14 +169,16 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let needle = self.dir.path().to_string_lossy().to_string();
-        for pid in processes_mentioning(&needle) {
+        let pids = processes_mentioning(&needle);
+        for &pid in &pids {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // `alive` also reaps our own exited children.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        while pids.iter().any(|&p| ferry_agent::supervisor::alive(p)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
