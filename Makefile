@@ -6,7 +6,7 @@ export FERRY_TOOLS ?= $(HOME)/.cache/ferry/tools
 TOOLS_BIN := $(FERRY_TOOLS)/bin
 HELM := $(TOOLS_BIN)/helm
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent build clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e build bins up down demo clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy 
 
 crds: ## Regenerate the chart's CRDs from crds/src.
 	$(CARGO) run -q -p ferry-crds --bin crdgen
+
+bins:
+	$(CARGO) build --workspace --bins
 
 build: ## Build every crate.
 	$(CARGO) build --workspace --all-targets
@@ -32,13 +35,35 @@ test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 	$(CARGO) test --workspace --lib --bins
 
 test-k8s: tools ## The chart, CRDs and RBAC against a real etcd + kube-apiserver.
-	$(CARGO) test -p ferry-tests -- --test-threads=2
+	$(CARGO) test -p ferry-tests --test foundation --test rbac -- --test-threads=2
+
+test-e2e: tools bins ## Migrations end to end: control plane, operator, two agents, real QEMU.
+	$(CARGO) test -p ferry-tests --test e2e
 
 test-agent: ## The agent data plane against real QEMU.
 	$(CARGO) test -p ferry-agent
 
-test: lint ## Everything: lint, unit tests, the agent against QEMU, the chart against kube-apiserver.
+test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver.
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+
+NODES ?= 2
+up: tools bins ## A local Ferry left running (control plane, chart, operator, $(NODES) agents); `make down` stops it.
+	@mkdir -p .ferry
+	@if [ -f .ferry/up.pid ] && kill -0 $$(cat .ferry/up.pid) 2>/dev/null; then echo "already up (make down first)"; exit 1; fi
+	@nohup target/debug/ferry-up --nodes $(NODES) --dir $(CURDIR)/.ferry/cluster > .ferry/up.log 2>&1 & echo $$! > .ferry/up.pid
+	@for i in $$(seq 1 600); do \
+	  grep -q '^ready' .ferry/up.log 2>/dev/null && break; \
+	  kill -0 $$(cat .ferry/up.pid) 2>/dev/null || { cat .ferry/up.log; rm -f .ferry/up.pid; exit 1; }; \
+	  sleep 0.2; done
+	@grep -v '^ready' .ferry/up.log
+
+down: ## Stop what `make up` started.
+	@if [ -f .ferry/up.pid ]; then pid=$$(cat .ferry/up.pid); kill $$pid 2>/dev/null || true; \
+	  while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; rm -f .ferry/up.pid; echo "down"; \
+	else echo "not up"; fi
+
+demo: tools bins ## From nothing: a local Ferry, a VM, a live migration with progress, a summary, then down.
+	target/debug/ferry-demo
 
 clean: ## Remove build output (not the tools cache).
 	$(CARGO) clean

@@ -75,6 +75,7 @@ pub mod phases;
 pub mod prepare;
 pub mod qmp;
 pub mod supervisor;
+pub mod testguest;
 mod xml;
 
 pub use xml::XmlError;

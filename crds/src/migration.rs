@@ -238,6 +238,16 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node: Option<String>,
 
+    /// The domain definition Begin chose for the target: the running one, or the
+    /// ABI-checked `spec.targetDomainXML`. Prepare starts the target QEMU from it.
+    #[serde(
+        rename = "targetDomainXML",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 65536))]
+    pub target_domain_xml: Option<String>,
+
     /// Where the target listens for the migration stream (set by Prepare).
     #[serde(
         rename = "migrationURI",

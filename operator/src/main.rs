@@ -56,7 +56,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube_lease_manager=warn".into()),

@@ -34,6 +34,8 @@ pub enum HarnessError {
         log: PathBuf,
         tail: String,
     },
+    #[error("setting up the cluster: {0}")]
+    Setup(String),
     #[error("test PKI: {0}")]
     Pki(String),
     #[error("I/O in the control plane directory: {0}")]
@@ -61,7 +63,23 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     ca_pem: String,
     admin_token: String,
-    dir: tempfile::TempDir,
+    dir: Dir,
+}
+
+/// Where the control plane keeps its files: a temporary directory removed on drop, or a
+/// directory that stays (for `make up`, so the kubeconfig path is stable).
+enum Dir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Temp(t) => t.path(),
+            Dir::Kept(p) => p,
+        }
+    }
 }
 
 impl ControlPlane {
@@ -69,10 +87,19 @@ impl ControlPlane {
     /// apiserver's /readyz answers ok.
     pub async fn start() -> Result<Self, HarnessError> {
         let dir = tempfile::Builder::new().prefix("ferry-cp-").tempdir()?;
-        Self::start_in(dir).await
+        Self::start_in(Dir::Temp(dir)).await
     }
 
-    async fn start_in(dir: tempfile::TempDir) -> Result<Self, HarnessError> {
+    /// Like [`ControlPlane::start`], in `dir` (emptied first), which is kept afterwards.
+    pub async fn start_in_dir(dir: &Path) -> Result<Self, HarnessError> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::create_dir_all(dir)?;
+        Self::start_in(Dir::Kept(dir.to_path_buf())).await
+    }
+
+    async fn start_in(dir: Dir) -> Result<Self, HarnessError> {
         let (etcd_bin, apiserver_bin) = (existing_tool("etcd")?, existing_tool("kube-apiserver")?);
         let root = dir.path().to_path_buf();
         let pki = pki::create(&root).map_err(|e| HarnessError::Pki(e.to_string()))?;

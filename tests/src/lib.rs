@@ -6,11 +6,13 @@
 //! when dropped — also when a test panics, and (through `PR_SET_PDEATHSIG`) when the
 //! test process dies.
 
+pub mod cluster;
 mod control_plane;
 mod pki;
 mod process;
 mod tools;
 
+pub use cluster::Cluster;
 pub use control_plane::{ControlPlane, HarnessError};
 pub use process::ChildGuard;
 pub use tools::{repo_root, tool};

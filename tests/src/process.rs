@@ -42,6 +42,12 @@ impl ChildGuard {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the process: SIGTERM, and SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if self.try_wait().is_some() {

@@ -22,23 +22,16 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Assembles the test guest into `dir` and patches its parameters: the memory region it
-/// dirties (`[start_mib, end_mib)` MiB) and a delay loop between passes.
+/// Writes the test guest into `dir`, dirtying `[start_mib, end_mib)` MiB with `delay`
+/// between passes.
 pub fn build_guest(dir: &Path, start_mib: u32, end_mib: u32, delay: u32) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/guest.asm");
+    let img = ferry_agent::testguest::image(ferry_agent::testguest::Params {
+        region_start_mib: start_mib,
+        region_end_mib: end_mib,
+        delay,
+    })
+    .expect("the test guest assembles (nasm must be installed)");
     let out = dir.join("guest.img");
-    let status = std::process::Command::new("nasm")
-        .args(["-f", "bin", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("nasm must be installed (apt install nasm)");
-    assert!(status.success(), "nasm failed");
-    let mut img = std::fs::read(&out).unwrap();
-    assert_eq!(img.len(), 512);
-    img[0x1f0..0x1f4].copy_from_slice(&(start_mib << 20).to_le_bytes());
-    img[0x1f4..0x1f8].copy_from_slice(&(end_mib << 20).to_le_bytes());
-    img[0x1f8..0x1fc].copy_from_slice(&delay.to_le_bytes());
     std::fs::write(&out, img).unwrap();
     out
 }

@@ -1,0 +1,153 @@
+//! Watches the migrations labelled with this node and runs the phase each one asks of
+//! it, once at a time per migration and phase.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_crds::{MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration};
+use futures::StreamExt;
+use kube::api::ListParams;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::{Agent, runner};
+
+/// Runs until the process ends.
+pub async fn run(agent: Arc<Agent>) {
+    let api: Api<VirtualMachineMigration> = Api::all(agent.client.clone());
+    let selector = |label: &str| format!("{label}={}", agent.node);
+    let watch = |label: &str| {
+        watcher(
+            api.clone(),
+            watcher::Config::default().labels(&selector(label)),
+        )
+        .default_backoff()
+        .applied_objects()
+        .boxed()
+    };
+    let mut events = futures::stream::select(watch(SOURCE_NODE_LABEL), watch(TARGET_NODE_LABEL));
+    // A rescan now and then covers a phase whose result never reached the status.
+    let mut rescan = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(m)) => dispatch(&agent, m),
+                Some(Err(e)) => warn!(error = %e, "migration watch"),
+                None => return,
+            },
+            _ = rescan.tick() => {
+                for label in [SOURCE_NODE_LABEL, TARGET_NODE_LABEL] {
+                    match api.list(&ListParams::default().labels(&selector(label))).await {
+                        Ok(list) => list.items.into_iter().for_each(|m| dispatch(&agent, m)),
+                        Err(e) => warn!(error = %e, "migration rescan"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What this node should do about `m` now: run `phase`, or nothing.
+pub fn phase_to_run(m: &VirtualMachineMigration, node: &str) -> Option<MigrationPhase> {
+    let status = m.status.as_ref()?;
+    let phase = status.phase?;
+    if matches!(phase, MigrationPhase::Pending) || phase.is_terminal() {
+        return None;
+    }
+    let runner = if phase.runs_on_source() {
+        status.source_node.as_deref()
+    } else {
+        status.target_node.as_deref()
+    };
+    if runner != Some(node) {
+        return None;
+    }
+    let done = status
+        .steps
+        .as_ref()
+        .and_then(|s| s.get(phase))
+        .is_some_and(|s| s.outcome.is_some());
+    (!done).then_some(phase)
+}
+
+fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
+    let uid = m.uid().unwrap_or_default();
+    let status = m.status.clone().unwrap_or_default();
+    let mut tasks = agent
+        .tasks
+        .lock()
+        .expect("the task table is never poisoned");
+    // A running Perform stops when the operator asks for a cancel or has moved on.
+    if let Some(token) = tasks.get(&(uid.clone(), MigrationPhase::Perform))
+        && (status.cancelled || status.phase != Some(MigrationPhase::Perform))
+    {
+        token.cancel();
+    }
+    let Some(phase) = phase_to_run(&m, &agent.node) else {
+        return;
+    };
+    let key = (uid, phase);
+    if tasks.contains_key(&key) {
+        return;
+    }
+    let token = CancellationToken::new();
+    tasks.insert(key.clone(), token.clone());
+    drop(tasks);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        runner::run(agent.clone(), m, phase, token).await;
+        agent
+            .tasks
+            .lock()
+            .expect("the task table is never poisoned")
+            .remove(&key);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(phase: MigrationPhase, outcome: Option<&str>) -> VirtualMachineMigration {
+        let mut status = serde_json::json!({
+            "phase": phase, "sourceNode": "node-a", "targetNode": "node-b"
+        });
+        if let Some(outcome) = outcome {
+            status["steps"] = serde_json::json!({phase.key(): {
+                "node": "x", "start": "2026-01-01T00:00:00Z", "outcome": outcome}});
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": "m", "namespace": "default"},
+            "spec": {"vmName": "demo"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_phase_runs_on_its_node_until_it_has_an_outcome() {
+        use MigrationPhase::*;
+        for (phase, node) in [
+            (Begin, "node-a"),
+            (Prepare, "node-b"),
+            (Perform, "node-a"),
+            (Finish, "node-b"),
+            (Confirm, "node-a"),
+        ] {
+            let m = migration(phase, None);
+            assert_eq!(phase_to_run(&m, node), Some(phase));
+            let other = if node == "node-a" { "node-b" } else { "node-a" };
+            assert_eq!(phase_to_run(&m, other), None);
+            assert_eq!(
+                phase_to_run(&migration(phase, Some("Succeeded")), node),
+                None
+            );
+        }
+        for phase in [Pending, Succeeded, Failed, Cancelled] {
+            assert_eq!(phase_to_run(&migration(phase, None), "node-a"), None);
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The node heartbeat: a Lease `ferry-node-<node>` in Ferry's namespace, renewed every
+//! few seconds. The operator counts a node as a migration target only while it is fresh.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use tracing::warn;
+
+/// The label the operator finds heartbeat Leases by; its value is the node name.
+pub const NODE_LABEL: &str = "ferry.dev/node";
+
+/// Renews the heartbeat forever; `ready` turns true after the first renewal.
+pub async fn run(
+    client: kube::Client,
+    namespace: String,
+    node: String,
+    every: Duration,
+    lasts: Duration,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let leases: Api<Lease> = Api::namespaced(client, &namespace);
+    let name = ferry_crds::node_lease_name(&node);
+    let params = PatchParams::apply(&format!("ferry-agent-{node}")).force();
+    loop {
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "labels": {NODE_LABEL: node}},
+            "spec": {
+                "holderIdentity": node,
+                "leaseDurationSeconds": lasts.as_secs(),
+                "renewTime": MicroTime(Timestamp::now()),
+            }
+        });
+        match leases.patch(&name, &params, &Patch::Apply(&lease)).await {
+            Ok(_) => ready.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => warn!(%node, error = %e, "could not renew the heartbeat Lease"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,145 @@
+//! Disk locks: each disk of a running VM is held by a Lease naming the node whose QEMU
+//! may write it. Finish hands them from the source to the target before the guest
+//! resumes; a rollback leaves them with the source.
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Label on every disk Lease: the VM's namespace and name, `<ns>.<name>`.
+const VM_LABEL: &str = "ferry.dev/vm";
+
+/// Why a disk could not be locked or handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("disk {disk} of VirtualMachine {vm} is locked by node {holder}")]
+    HeldElsewhere {
+        vm: String,
+        disk: String,
+        holder: String,
+    },
+    #[error("disk lock Lease {lease}: {source}")]
+    Kube {
+        lease: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The disk locks of one VM.
+pub struct DiskLocks {
+    leases: Api<Lease>,
+    vm: String,
+}
+
+impl DiskLocks {
+    /// The locks of VirtualMachine `name` in `vm_namespace`, kept in Ferry's `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, vm_namespace: &str, name: &str) -> Self {
+        DiskLocks {
+            leases: Api::namespaced(client, namespace),
+            vm: format!("{vm_namespace}.{name}"),
+        }
+    }
+
+    fn lease_name(&self, disk: &str) -> String {
+        format!("ferry-disk-{}.{disk}", self.vm)
+    }
+
+    fn err(&self, disk: &str) -> impl Fn(kube::Error) -> LockError {
+        let lease = self.lease_name(disk);
+        move |source| LockError::Kube {
+            lease: lease.clone(),
+            source,
+        }
+    }
+
+    /// Takes the lock of each disk (target dev) for `node`, or confirms it holds them.
+    pub async fn acquire(&self, disks: &[String], node: &str) -> Result<(), LockError> {
+        for disk in disks {
+            let name = self.lease_name(disk);
+            match self.leases.get_opt(&name).await.map_err(self.err(disk))? {
+                Some(lease) => {
+                    let holder = holder(&lease);
+                    if holder != node {
+                        return Err(LockError::HeldElsewhere {
+                            vm: self.vm.clone(),
+                            disk: disk.clone(),
+                            holder,
+                        });
+                    }
+                }
+                None => {
+                    let lease: Lease = serde_json::from_value(json!({
+                        "metadata": {"name": name, "labels": {VM_LABEL: self.vm}},
+                        "spec": {"holderIdentity": node}
+                    }))
+                    .expect("a valid Lease");
+                    self.leases
+                        .create(&PostParams::default(), &lease)
+                        .await
+                        .map_err(self.err(disk))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves each disk's lock from `from` to `to`; a lock already with `to` is fine.
+    /// The resourceVersion precondition refuses a lock someone else moved meanwhile.
+    pub async fn hand_over(&self, disks: &[String], from: &str, to: &str) -> Result<(), LockError> {
+        for disk in disks {
+            let name = self.lease_name(disk);
+            let Some(lease) = self.leases.get_opt(&name).await.map_err(self.err(disk))? else {
+                self.acquire(std::slice::from_ref(disk), to).await?;
+                continue;
+            };
+            let holder = holder(&lease);
+            if holder == to {
+                continue;
+            }
+            if holder != from {
+                return Err(LockError::HeldElsewhere {
+                    vm: self.vm.clone(),
+                    disk: disk.clone(),
+                    holder,
+                });
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": lease.metadata.resource_version},
+                "spec": {"holderIdentity": to}
+            });
+            self.leases
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(self.err(disk))?;
+        }
+        Ok(())
+    }
+
+    /// Drops every lock of the VM held by `node` (the guest stopped there).
+    pub async fn release(&self, node: &str) -> Result<(), LockError> {
+        let list = self
+            .leases
+            .list(&ListParams::default().labels(&format!("{VM_LABEL}={}", self.vm)))
+            .await
+            .map_err(self.err("*"))?;
+        for lease in list.items.iter().filter(|l| holder(l) == node) {
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            match self.leases.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(self.err(&name)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn holder(lease: &Lease) -> String {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default()
+}

@@ -1,0 +1,143 @@
+//! Who owns a migrating guest. The VM's `status.nodeName` is the commit point of a
+//! migration: the target takes it in Finish before resuming the guest; the source, before
+//! resuming its guest on a rollback, fences the target out by releasing the VM from the
+//! migration. Both writes carry a resourceVersion precondition, so exactly one of them
+//! wins and at most one guest ever runs.
+
+use ferry_crds::VirtualMachine;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+/// Why ownership could not be taken or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("VirtualMachine {vm} is gone")]
+    VmGone { vm: String },
+    #[error("VirtualMachine {vm} now runs on {node:?}, not on the source {source_node}")]
+    Moved {
+        vm: String,
+        node: Option<String>,
+        source_node: String,
+    },
+    #[error("migration {migration} no longer holds VirtualMachine {vm} (it rolled back)")]
+    Released { vm: String, migration: String },
+    #[error("VirtualMachine {vm} kept changing; giving up after {tries} tries")]
+    Contended { vm: String, tries: usize },
+    #[error("VirtualMachine {vm}: {source}")]
+    Kube {
+        vm: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Who may run the guest after a rollback was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The source: the target never took over and now never will.
+    Source,
+    /// The target took over before the source could fence it.
+    Target,
+}
+
+const TRIES: usize = 10;
+
+/// The VM and its migration, as both agents see them.
+pub struct Claim<'a> {
+    pub vms: &'a Api<VirtualMachine>,
+    pub vm: &'a str,
+    pub migration: &'a str,
+    pub source: &'a str,
+    pub target: &'a str,
+}
+
+impl Claim<'_> {
+    fn kube(&self) -> impl Fn(kube::Error) -> OwnershipError + '_ {
+        |source| OwnershipError::Kube {
+            vm: self.vm.to_string(),
+            source,
+        }
+    }
+
+    /// Target, in Finish: moves `status.nodeName` to the target if it still names the
+    /// source and the VM is still held by this migration. Idempotent.
+    pub async fn take(&self) -> Result<(), OwnershipError> {
+        for _ in 0..TRIES {
+            let vm = self.get().await?;
+            let status = vm.status.clone().unwrap_or_default();
+            if status.node_name.as_deref() == Some(self.target) {
+                return Ok(());
+            }
+            if status.node_name.as_deref() != Some(self.source) {
+                return Err(OwnershipError::Moved {
+                    vm: self.vm.into(),
+                    node: status.node_name,
+                    source_node: self.source.into(),
+                });
+            }
+            if status.migration.as_deref() != Some(self.migration) {
+                return Err(OwnershipError::Released {
+                    vm: self.vm.into(),
+                    migration: self.migration.into(),
+                });
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": vm.resource_version()},
+                "status": {"nodeName": self.target},
+            });
+            match self.patch(patch).await {
+                Ok(()) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(self.kube()(e)),
+            }
+        }
+        Err(OwnershipError::Contended {
+            vm: self.vm.into(),
+            tries: TRIES,
+        })
+    }
+
+    /// Source, in a cancelled Confirm: releases the VM from the migration so the target
+    /// can no longer take it, unless the target already has. Idempotent.
+    pub async fn fence(&self) -> Result<Owner, OwnershipError> {
+        for _ in 0..TRIES {
+            let vm = self.get().await?;
+            let status = vm.status.clone().unwrap_or_default();
+            if status.node_name.as_deref() == Some(self.target) {
+                return Ok(Owner::Target);
+            }
+            if status.migration.as_deref() != Some(self.migration) {
+                return Ok(Owner::Source);
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": vm.resource_version()},
+                "status": {"migration": null},
+            });
+            match self.patch(patch).await {
+                Ok(()) => return Ok(Owner::Source),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(self.kube()(e)),
+            }
+        }
+        Err(OwnershipError::Contended {
+            vm: self.vm.into(),
+            tries: TRIES,
+        })
+    }
+
+    async fn get(&self) -> Result<VirtualMachine, OwnershipError> {
+        self.vms
+            .get_opt(self.vm)
+            .await
+            .map_err(self.kube())?
+            .ok_or_else(|| OwnershipError::VmGone { vm: self.vm.into() })
+    }
+
+    async fn patch(&self, patch: serde_json::Value) -> Result<(), kube::Error> {
+        self.vms
+            .patch_status(self.vm, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+    }
+}

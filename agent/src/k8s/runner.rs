@@ -1,0 +1,435 @@
+//! Runs one phase of one migration on this node: records the step's start, calls the
+//! phase function of the data plane with the cookies from the status, and writes the
+//! outcome, cookie and outputs back in one status patch (docs/protocol.md).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_agent::domain::{Device, Domain};
+use ferry_agent::error::BoxError;
+use ferry_agent::perform::{PerformParams, Progress};
+use ferry_agent::{begin, confirm, finish, perform, prepare};
+use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Agent;
+use super::locks::DiskLocks;
+use super::ownership::{Claim, Owner};
+
+/// Runs `phase` of `m` and records it. Never panics on I/O: a failed status write is
+/// retried, and if it never lands the watcher dispatches the phase again (phases are
+/// idempotent).
+pub async fn run(
+    agent: Arc<Agent>,
+    m: VirtualMachineMigration,
+    phase: MigrationPhase,
+    cancel: CancellationToken,
+) {
+    let span =
+        info_span!("phase", migration = %m.name_any(), vm = %m.spec.vm_name, phase = phase.key());
+    async move {
+        let run = Run::new(&agent, &m, phase);
+        let start = run.record_start().await;
+        info!("running");
+        let result = run.execute(&cancel).await;
+        let (outcome, message, outputs) = match result {
+            Ok((message, outputs)) => (StepOutcome::Succeeded, message, outputs),
+            Err(message) => {
+                warn!(%message, "failed");
+                (StepOutcome::Failed, message, json!({}))
+            }
+        };
+        agent.metrics.phase_done(phase, outcome);
+        run.record_end(start, outcome, &message, outputs).await;
+        info!(?outcome, "done");
+    }
+    .instrument(span)
+    .await
+}
+
+struct Run<'a> {
+    agent: &'a Agent,
+    m: &'a VirtualMachineMigration,
+    phase: MigrationPhase,
+    api: Api<VirtualMachineMigration>,
+    vms: Api<VirtualMachine>,
+    /// The data plane's name for this migration: unique even if a migration of the
+    /// same name is created again.
+    id: String,
+}
+
+type Outcome = Result<(String, Value), String>;
+
+impl<'a> Run<'a> {
+    fn new(agent: &'a Agent, m: &'a VirtualMachineMigration, phase: MigrationPhase) -> Self {
+        let ns = m.namespace().unwrap_or_default();
+        Run {
+            agent,
+            m,
+            phase,
+            api: Api::namespaced(agent.client.clone(), &ns),
+            vms: Api::namespaced(agent.client.clone(), &ns),
+            id: format!("{ns}/{}@{}", m.name_any(), m.uid().unwrap_or_default()),
+        }
+    }
+
+    fn status(&self) -> ferry_crds::VirtualMachineMigrationStatus {
+        self.m.status.clone().unwrap_or_default()
+    }
+
+    fn cookie(&self, phase: MigrationPhase) -> Option<String> {
+        let c = self.status().cookies.unwrap_or_default();
+        match phase {
+            MigrationPhase::Begin => c.begin,
+            MigrationPhase::Prepare => c.prepare,
+            MigrationPhase::Perform => c.perform,
+            MigrationPhase::Finish => c.finish,
+            _ => None,
+        }
+    }
+
+    async fn record_start(&self) -> Time {
+        let existing = self
+            .status()
+            .steps
+            .and_then(|s| s.get(self.phase).cloned())
+            .filter(|s| s.node == self.agent.node);
+        if let Some(step) = existing {
+            return step.start;
+        }
+        let start = Time(Timestamp::now());
+        let step = json!({"node": self.agent.node, "start": start});
+        self.patch(json!({"steps": {self.phase.key(): step}})).await;
+        start
+    }
+
+    async fn record_end(&self, start: Time, outcome: StepOutcome, message: &str, outputs: Value) {
+        let step = json!({
+            "node": self.agent.node,
+            "start": start,
+            "end": Time(Timestamp::now()),
+            "outcome": outcome,
+            "message": message,
+        });
+        let mut status = json!({"steps": {self.phase.key(): step}});
+        merge(&mut status, outputs);
+        self.patch(status).await;
+    }
+
+    /// A merge patch of the status, retried for a while: the step result must land.
+    async fn patch(&self, status: Value) {
+        let body = Patch::Merge(json!({ "status": status }));
+        for attempt in 1..=20 {
+            match self
+                .api
+                .patch_status(&self.m.name_any(), &PatchParams::default(), &body)
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                Err(e) => {
+                    warn!(attempt, error = %e, "status write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// The VM object and its domain.
+    async fn vm(&self) -> Result<(VirtualMachine, Domain), String> {
+        let vm = self
+            .vms
+            .get_opt(&self.m.spec.vm_name)
+            .await
+            .map_err(|e| format!("reading VirtualMachine {}: {e}", self.m.spec.vm_name))?
+            .ok_or_else(|| format!("VirtualMachine {} does not exist", self.m.spec.vm_name))?;
+        let domain = Domain::parse(&vm.spec.domain_xml)
+            .map_err(|e| format!("VirtualMachine {}: {e}", self.m.spec.vm_name))?;
+        Ok((vm, domain))
+    }
+
+    fn claim(&self) -> (String, String) {
+        let s = self.status();
+        (
+            s.source_node.unwrap_or_default(),
+            s.target_node.unwrap_or_default(),
+        )
+    }
+
+    async fn execute(&self, cancel: &CancellationToken) -> Outcome {
+        let sup = &self.agent.sup;
+        let id = self.id.as_str();
+        let status = self.status();
+        match self.phase {
+            MigrationPhase::Begin => {
+                let (_, domain) = self.vm().await?;
+                let out = begin::begin(
+                    sup,
+                    &domain.name,
+                    id,
+                    self.m.spec.target_domain_xml.as_deref(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok((
+                    "the guest can migrate; migration lock taken".into(),
+                    json!({"cookies": {"begin": out.cookie}, "targetDomainXML": out.domain_xml}),
+                ))
+            }
+            MigrationPhase::Prepare => {
+                let xml = status
+                    .target_domain_xml
+                    .ok_or("Begin left no domain XML for the target")?;
+                let cookie = self
+                    .cookie(MigrationPhase::Begin)
+                    .ok_or("Begin left no cookie")?;
+                let port = self
+                    .agent
+                    .free_port()
+                    .ok_or("no free migration port in the configured range")?;
+                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((
+                    format!("target QEMU waiting on {}", out.uri),
+                    json!({"cookies": {"prepare": out.cookie}, "migrationURI": out.uri}),
+                ))
+            }
+            MigrationPhase::Perform => self.perform(cancel).await,
+            MigrationPhase::Finish => {
+                let (_, domain) = self.vm().await?;
+                let (source, target) = self.claim();
+                let disks = disks(&domain);
+                let ns = self.m.namespace().unwrap_or_default();
+                let name = self.m.name_any();
+                let take = async {
+                    Claim {
+                        vms: &self.vms,
+                        vm: &self.m.spec.vm_name,
+                        migration: &name,
+                        source: &source,
+                        target: &target,
+                    }
+                    .take()
+                    .await?;
+                    DiskLocks::new(
+                        self.agent.client.clone(),
+                        &self.agent.namespace,
+                        &ns,
+                        &self.m.spec.vm_name,
+                    )
+                    .hand_over(&disks, &source, &target)
+                    .await?;
+                    Ok::<(), BoxError>(())
+                };
+                let perform_cookie = self.cookie(MigrationPhase::Perform);
+                let out = finish::finish(
+                    sup,
+                    &domain.name,
+                    id,
+                    perform_cookie.as_deref(),
+                    status.cancelled,
+                    take,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let message = if out.resumed {
+                    format!("the guest runs on {target}")
+                } else {
+                    "the incoming QEMU was removed".to_string()
+                };
+                Ok((message, json!({"cookies": {"finish": out.cookie}})))
+            }
+            MigrationPhase::Confirm => self.confirm().await,
+            other => Err(format!("{other:?} is not a phase an agent runs")),
+        }
+    }
+
+    async fn perform(&self, cancel: &CancellationToken) -> Outcome {
+        if self.status().cancelled {
+            return Err("migration cancelled before the transfer started".into());
+        }
+        let (_, domain) = self.vm().await?;
+        let uri = self
+            .status()
+            .migration_uri
+            .ok_or("Prepare left no migration URI")?;
+        let cookie = self
+            .cookie(MigrationPhase::Prepare)
+            .ok_or("Prepare left no cookie")?;
+        let policy = &self.m.spec.policy;
+        let params = PerformParams {
+            max_bandwidth: policy
+                .bandwidth_mi_bps
+                .filter(|b| *b > 0)
+                .map(|b| b as u64 * 1024 * 1024),
+            max_downtime_ms: policy.max_downtime_ms.map(|d| d as u64),
+        };
+        // Progress goes to the status at most once a second, from its own task.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
+        let api = self.api.clone();
+        let name = self.m.name_any();
+        let writer = tokio::spawn(async move {
+            while let Some(progress) = rx.recv().await {
+                let patch = Patch::Merge(json!({"status": {"progress": progress}}));
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::default(), &patch)
+                    .await
+                {
+                    warn!(error = %e, "could not write progress");
+                }
+            }
+        });
+        let mut last = Instant::now() - Duration::from_secs(1);
+        let on_progress = |p: &Progress| {
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                let _ = tx.try_send(progress_json(p));
+            }
+        };
+        let result = perform::perform(
+            &self.agent.sup,
+            &domain.name,
+            &self.id,
+            &uri,
+            &cookie,
+            &params,
+            cancel,
+            on_progress,
+        )
+        .await;
+        drop(tx);
+        let _ = writer.await;
+        let out = result.map_err(|e| e.to_string())?;
+        // Console clients follow the guest through the VM's status.graphics, which the
+        // target's agent reports once it owns the guest.
+        let outputs = json!({
+            "cookies": {"perform": out.cookie},
+            "downtimeMs": out.downtime_ms,
+            "totalTimeMs": out.total_time_ms,
+            "progress": {
+                "bytesTotal": out.transferred_bytes,
+                "bytesTransferred": out.transferred_bytes,
+                "bytesRemaining": 0,
+                "percent": "100%",
+            },
+        });
+        Ok((
+            format!(
+                "sent {} MiB in {} ms; guest downtime {} ms",
+                out.transferred_bytes >> 20,
+                out.total_time_ms,
+                out.downtime_ms
+            ),
+            outputs,
+        ))
+    }
+
+    async fn confirm(&self) -> Outcome {
+        let (_, domain) = self.vm().await?;
+        let (source, target) = self.claim();
+        let mut cancelled = self.status().cancelled;
+        let name = self.m.name_any();
+        let ns = self.m.namespace().unwrap_or_default();
+        if cancelled {
+            // Fence the target out before resuming here; if it already took the guest,
+            // going forward is the only way to keep one guest.
+            let owner = Claim {
+                vms: &self.vms,
+                vm: &self.m.spec.vm_name,
+                migration: &name,
+                source: &source,
+                target: &target,
+            }
+            .fence()
+            .await
+            .map_err(|e| e.to_string())?;
+            if owner == Owner::Target {
+                info!("the target took over before the rollback; removing the source guest");
+                cancelled = false;
+            }
+        }
+        let finish_cookie = self.cookie(MigrationPhase::Finish);
+        if !cancelled && finish_cookie.is_none() {
+            // The target took over but its Finish never reported: nothing to check
+            // against, but the old guest must go all the same.
+            self.agent
+                .sup
+                .destroy(&domain.name)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            confirm::confirm(
+                &self.agent.sup,
+                &domain.name,
+                &self.id,
+                finish_cookie.as_deref(),
+                cancelled,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        if cancelled {
+            Ok((
+                "rolled back: the guest runs on the source".into(),
+                json!({}),
+            ))
+        } else {
+            let _ = DiskLocks::new(
+                self.agent.client.clone(),
+                &self.agent.namespace,
+                &ns,
+                &self.m.spec.vm_name,
+            )
+            .release(&source)
+            .await;
+            Ok(("the old guest on the source is gone".into(), json!({})))
+        }
+    }
+}
+
+/// The target devs of a domain's disks: what the disk locks are named by.
+pub fn disks(domain: &Domain) -> Vec<String> {
+    domain
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            Device::Disk(disk) => Some(disk.target_dev.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn progress_json(p: &Progress) -> Value {
+    let percent = (p.transferred_bytes.min(p.total_bytes) * 100)
+        .checked_div(p.total_bytes)
+        .unwrap_or(0);
+    json!({
+        "bytesTotal": p.total_bytes,
+        "bytesTransferred": p.transferred_bytes,
+        "bytesRemaining": p.remaining_bytes,
+        "dirtyRateBytesPerSecond": p.dirty_rate_bytes_per_sec,
+        "throughputBytesPerSecond": (p.throughput_mbps * 1_000_000.0 / 8.0) as u64,
+        "iteration": p.pass,
+        "expectedDowntimeMs": p.expected_downtime_ms,
+        "percent": format!("{percent}%"),
+    })
+}
+
+/// Merges JSON object `b` into `a`, recursively.
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}

@@ -1,0 +1,358 @@
+//! The guests of this node: starts the VirtualMachines that name it, reports their phase
+//! and console, stops them when asked, marks a guest that died as Failed (never a silent
+//! restart), and removes stray QEMUs that no VM or migration accounts for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_agent::domain::Domain;
+use ferry_agent::qmp::VncInfo;
+use ferry_agent::supervisor::StopMode;
+use ferry_crds::{
+    Condition, Graphics, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
+    VirtualMachineMigration, VmPhase, set_condition,
+};
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Agent;
+use super::locks::DiskLocks;
+use super::runner::disks;
+
+/// Why a VM reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("VirtualMachine {0}: status.nodeName changed meanwhile; retrying")]
+    Conflict(String),
+}
+
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// Reconciles every VirtualMachine (those of other nodes are skipped at once).
+pub async fn run(agent: Arc<Agent>) {
+    let vms: Api<VirtualMachine> = Api::all(agent.client.clone());
+    Controller::new(vms, watcher::Config::default())
+        .run(reconcile, |_, _, _| Action::requeue(RESYNC), agent)
+        .for_each(|_| async {})
+        .await;
+}
+
+/// Whether `vm` runs (or is to start) on `node`.
+pub fn belongs_to(vm: &VirtualMachine, node: &str) -> bool {
+    match vm.status.as_ref().and_then(|s| s.node_name.as_deref()) {
+        Some(owner) => owner == node,
+        None => vm.spec.node_name == node,
+    }
+}
+
+async fn reconcile(vm: Arc<VirtualMachine>, agent: Arc<Agent>) -> Result<Action, VmError> {
+    if !belongs_to(&vm, &agent.node) {
+        return Ok(Action::await_change());
+    }
+    let span =
+        info_span!("vm", vm = %vm.name_any(), namespace = %vm.namespace().unwrap_or_default());
+    Reconcile {
+        vm: &vm,
+        agent: &agent,
+    }
+    .run()
+    .instrument(span)
+    .await
+}
+
+struct Reconcile<'a> {
+    vm: &'a VirtualMachine,
+    agent: &'a Agent,
+}
+
+impl Reconcile<'_> {
+    fn api(&self) -> Api<VirtualMachine> {
+        Api::namespaced(
+            self.agent.client.clone(),
+            &self.vm.namespace().unwrap_or_default(),
+        )
+    }
+
+    fn status(&self) -> ferry_crds::VirtualMachineStatus {
+        self.vm.status.clone().unwrap_or_default()
+    }
+
+    fn locks(&self) -> DiskLocks {
+        DiskLocks::new(
+            self.agent.client.clone(),
+            &self.agent.namespace,
+            &self.vm.namespace().unwrap_or_default(),
+            &self.vm.name_any(),
+        )
+    }
+
+    async fn run(&self) -> Result<Action, VmError> {
+        let status = self.status();
+        let domain = match Domain::parse(&self.vm.spec.domain_xml) {
+            Ok(d) => d,
+            Err(e) => {
+                self.report(
+                    VmPhase::Failed,
+                    false,
+                    "InvalidDomain",
+                    &e.to_string(),
+                    None,
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+        };
+        // The domain name keys the guest on this node; another VM may not take it.
+        if let Ok(running) = self.agent.sup.definition(&domain.name)
+            && running.uuid != domain.uuid
+            && self.agent.sup.running_pid(&domain.name).is_some()
+        {
+            let message = format!(
+                "domain name {} is already used on node {} by a guest with uuid {}",
+                domain.name, self.agent.node, running.uuid
+            );
+            self.report(VmPhase::Failed, false, "NameInUse", &message, None)
+                .await?;
+            return Ok(Action::await_change());
+        }
+        let running = self.agent.sup.running_pid(&domain.name).is_some();
+        if status.migration.is_some() {
+            // A migration holds the guest; its phases act, this only reports.
+            if running && status.phase != Some(VmPhase::Migrating) {
+                let message = format!("held by migration {}", status.migration.unwrap_or_default());
+                self.report(VmPhase::Migrating, true, "Migrating", &message, None)
+                    .await?;
+            }
+            return Ok(Action::requeue(RESYNC));
+        }
+        match (self.vm.spec.running, running) {
+            (true, true) => {
+                let graphics = self.graphics(&domain.name).await;
+                let message = format!("running on {}", self.agent.node);
+                if status.phase != Some(VmPhase::Running)
+                    || status.graphics != graphics
+                    || status.node_name.is_none()
+                {
+                    self.report(VmPhase::Running, true, "Running", &message, graphics)
+                        .await?;
+                }
+            }
+            (true, false) => match status.phase {
+                None | Some(VmPhase::Pending | VmPhase::Starting | VmPhase::Stopped) => {
+                    self.start(&domain).await?
+                }
+                Some(VmPhase::Failed) => return Ok(Action::await_change()),
+                Some(phase) => {
+                    let message = format!(
+                        "the guest's QEMU exited unexpectedly on {} while {phase:?}; Ferry does not restart it (set spec.running to false and back to true to start it again)",
+                        self.agent.node
+                    );
+                    warn!(%message);
+                    let _ = self.locks().release(&self.agent.node).await;
+                    self.report(VmPhase::Failed, false, "GuestDied", &message, None)
+                        .await?;
+                    return Ok(Action::await_change());
+                }
+            },
+            (false, true) => {
+                info!("stopping the guest");
+                if let Err(e) = self
+                    .agent
+                    .sup
+                    .stop(&domain.name, StopMode::Powerdown(Duration::from_secs(30)))
+                    .await
+                {
+                    warn!(error = %e, "graceful stop failed; forcing it");
+                    let _ = self.agent.sup.destroy(&domain.name).await;
+                }
+                let _ = self.locks().release(&self.agent.node).await;
+                self.report(
+                    VmPhase::Stopped,
+                    false,
+                    "Stopped",
+                    "stopped as spec.running asks",
+                    None,
+                )
+                .await?;
+            }
+            (false, false) => {
+                if status.phase != Some(VmPhase::Stopped) {
+                    self.report(
+                        VmPhase::Stopped,
+                        false,
+                        "Stopped",
+                        "spec.running is false",
+                        None,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(Action::requeue(RESYNC))
+    }
+
+    async fn start(&self, domain: &Domain) -> Result<(), VmError> {
+        info!(node = %self.agent.node, "starting the guest");
+        self.report(VmPhase::Starting, false, "Starting", "starting QEMU", None)
+            .await?;
+        if let Err(e) = self.locks().acquire(&disks(domain), &self.agent.node).await {
+            self.report(VmPhase::Failed, false, "DiskLocked", &e.to_string(), None)
+                .await?;
+            return Ok(());
+        }
+        if let Err(e) = self.agent.sup.start(domain, false).await {
+            let _ = self.locks().release(&self.agent.node).await;
+            self.report(VmPhase::Failed, false, "StartFailed", &e.to_string(), None)
+                .await?;
+            return Ok(());
+        }
+        let graphics = self.graphics(&domain.name).await;
+        let message = format!("running on {}", self.agent.node);
+        self.report(VmPhase::Running, true, "Running", &message, graphics)
+            .await
+    }
+
+    /// Where the guest's VNC console listens, from QEMU itself.
+    async fn graphics(&self, name: &str) -> Option<Graphics> {
+        let guest = self.agent.sup.attach(name).await.ok()??;
+        let vnc: VncInfo = guest.qmp.execute("query-vnc", None).await.ok()?;
+        let port = vnc.service.as_deref()?.parse().ok()?;
+        vnc.enabled.then(|| Graphics {
+            type_: "vnc".into(),
+            listen: vnc.host.unwrap_or_default(),
+            port,
+        })
+    }
+
+    /// Writes phase, Ready condition and graphics. The first write claims
+    /// `status.nodeName` for this node, guarded by resourceVersion.
+    async fn report(
+        &self,
+        phase: VmPhase,
+        ready: bool,
+        reason: &str,
+        message: &str,
+        graphics: Option<Graphics>,
+    ) -> Result<(), VmError> {
+        let status = self.status();
+        let mut conditions: Vec<Condition> = status.conditions.clone();
+        set_condition(
+            &mut conditions,
+            "Ready",
+            ready,
+            reason,
+            message,
+            self.vm.metadata.generation,
+            Time(Timestamp::now()),
+        );
+        let mut patch = json!({"status": {
+            "phase": phase,
+            "conditions": conditions,
+            "graphics": graphics,
+            "observedGeneration": self.vm.metadata.generation,
+        }});
+        if status.node_name.is_none() {
+            patch["status"]["nodeName"] = Value::from(self.agent.node.clone());
+            patch["metadata"] = json!({"resourceVersion": self.vm.resource_version()});
+        }
+        match self
+            .api()
+            .patch_status(
+                &self.vm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(VmError::Conflict(self.vm.name_any())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Every few seconds: a QEMU on this node that no VM owned by this node and no running
+/// migration through this node accounts for, seen twice in a row, is removed. This is
+/// how a target cleans up after a rollback it missed while it was down.
+pub async fn sweep(agent: Arc<Agent>) {
+    let mut suspects: HashMap<String, u32> = HashMap::new();
+    loop {
+        tokio::time::sleep(RESYNC).await;
+        match strays(&agent).await {
+            Ok(found) => {
+                suspects.retain(|name, _| found.contains(name));
+                for name in found {
+                    let seen = suspects.entry(name.clone()).or_insert(0);
+                    *seen += 1;
+                    if *seen >= 2 {
+                        warn!(vm = %name, node = %agent.node, "removing a QEMU no VM or migration accounts for");
+                        if let Err(e) = agent.sup.destroy(&name).await {
+                            warn!(vm = %name, error = %e, "could not remove it");
+                        }
+                        suspects.remove(&name);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "sweep skipped"),
+        }
+    }
+}
+
+async fn strays(agent: &Agent) -> Result<Vec<String>, kube::Error> {
+    let local: Vec<String> = agent
+        .sup
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| agent.sup.running_pid(n).is_some())
+        .collect();
+    if local.is_empty() {
+        return Ok(Vec::new());
+    }
+    let vms = Api::<VirtualMachine>::all(agent.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let mut keep: Vec<String> = Vec::new();
+    let mut names_by_vm: HashMap<(String, String), String> = HashMap::new();
+    for vm in &vms.items {
+        let Ok(domain) = Domain::parse(&vm.spec.domain_xml) else {
+            continue;
+        };
+        names_by_vm.insert(
+            (vm.namespace().unwrap_or_default(), vm.name_any()),
+            domain.name.clone(),
+        );
+        if belongs_to(vm, &agent.node) {
+            keep.push(domain.name);
+        }
+    }
+    let migrations: Api<VirtualMachineMigration> = Api::all(agent.client.clone());
+    for label in [SOURCE_NODE_LABEL, TARGET_NODE_LABEL] {
+        let list = migrations
+            .list(&ListParams::default().labels(&format!("{label}={}", agent.node)))
+            .await?;
+        for m in list.items {
+            let phase = m.status.as_ref().and_then(|s| s.phase);
+            let active = phase.is_some_and(|p| p != MigrationPhase::Pending && !p.is_terminal());
+            if !active {
+                continue;
+            }
+            if let Some(name) =
+                names_by_vm.get(&(m.namespace().unwrap_or_default(), m.spec.vm_name.clone()))
+            {
+                keep.push(name.clone());
+            }
+        }
+    }
+    Ok(local.into_iter().filter(|n| !keep.contains(n)).collect())
+}

@@ -1,0 +1,115 @@
+//! `ferry-agent`: the node agent. Runs this node's guests and the migration phases the
+//! operator asks of this node. See the `k8s` module and docs/protocol.md.
+
+mod k8s;
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use clap::Parser;
+use ferry_agent::node::Node;
+use ferry_agent::supervisor::Supervisor;
+use tracing::{error, info};
+
+/// Ferry's node agent.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Ferry's namespace: the heartbeat and disk lock Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ferry-system")]
+    namespace: String,
+    /// Where guests' state lives; QEMU processes outlive the agent and are found here.
+    #[arg(long, default_value = "/var/lib/ferry")]
+    state_dir: PathBuf,
+    /// The address incoming migration streams are accepted on (the node's IP).
+    #[arg(long, env = "HOST_IP")]
+    migration_address: IpAddr,
+    /// TCP ports incoming migration streams may use, FIRST-LAST.
+    #[arg(long, default_value = "49152-49215", value_parser = parse_ports)]
+    migration_ports: RangeInclusive<u16>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    metrics_addr: SocketAddr,
+    /// Seconds between heartbeat renewals.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_seconds: u64,
+    /// Seconds a heartbeat stays valid; after that the operator treats the node as lost.
+    #[arg(long, default_value_t = 10)]
+    lease_seconds: u64,
+}
+
+fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (first, last) = s
+        .split_once('-')
+        .ok_or("expected FIRST-LAST, e.g. 49152-49215")?;
+    let first: u16 = first.parse().map_err(|e| format!("first port: {e}"))?;
+    let last: u16 = last.parse().map_err(|e| format!("last port: {e}"))?;
+    if first > last {
+        return Err(format!("the range {first}-{last} is empty"));
+    }
+    Ok(first..=last)
+}
+
+#[tokio::main]
+async fn main() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let node = Node::open(&args.state_dir, &args.node_name, args.migration_address)
+        .map_err(|e| format!("state dir {}: {e}", args.state_dir.display()))?;
+    let sup = Supervisor::new(node);
+    let guests = sup.attach_all().await?;
+    info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");
+    let client = kube::Client::try_default().await?;
+    let agent = Arc::new(k8s::Agent {
+        client: client.clone(),
+        namespace: args.namespace.clone(),
+        node: args.node_name.clone(),
+        address: args.migration_address,
+        ports: args.migration_ports.clone(),
+        sup,
+        metrics: k8s::metrics::Metrics::default(),
+        tasks: Default::default(),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(k8s::heartbeat::run(
+        client,
+        args.namespace.clone(),
+        args.node_name.clone(),
+        Duration::from_secs(args.heartbeat_seconds.max(1)),
+        Duration::from_secs(args.lease_seconds.max(2)),
+        ready.clone(),
+    ));
+    let http = tokio::spawn(k8s::metrics::serve(args.metrics_addr, agent.clone(), ready));
+    tokio::spawn(k8s::vms::sweep(agent.clone()));
+    let vms = tokio::spawn(k8s::vms::run(agent.clone()));
+    let executor = tokio::spawn(k8s::executor::run(agent.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; guests keep running"),
+        _ = term.recv() => info!("terminated; guests keep running"),
+        r = http => return Err(format!("metrics server on {}: {r:?}", args.metrics_addr).into()),
+        _ = vms => return Err("the VM controller stopped".into()),
+        _ = executor => return Err("the migration executor stopped".into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! A whole local Ferry: the control plane, the chart installed, the operator and one
+//! agent per simulated node as host processes, each using a token of the chart's own
+//! ServiceAccount — so the chart's RBAC is what runs. Used by the end-to-end tests and by
+//! `make up`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::api::PostParams;
+
+use crate::process::ChildGuard;
+use crate::{ControlPlane, HarnessError, repo_root};
+
+/// Ferry's namespace in the local cluster.
+pub const NAMESPACE: &str = "ferry-system";
+/// Where the example VM's disk is: the test guest image, written by [`Cluster::up`].
+pub const EXAMPLE_DISK: &str = "/var/lib/ferry/images/test-guest.img";
+
+/// One simulated node: its agent process and where it keeps things.
+pub struct Node {
+    pub name: String,
+    /// The loopback address its migration streams use (127.0.0.2, 127.0.0.3, ...).
+    pub address: IpAddr,
+    pub state_dir: PathBuf,
+    pub metrics_port: u16,
+    agent: Option<ChildGuard>,
+}
+
+/// A running local Ferry. Dropping it stops the operator, the agents, every QEMU they
+/// started, and the control plane.
+pub struct Cluster {
+    nodes: BTreeMap<String, Node>,
+    operator: Option<ChildGuard>,
+    operator_kubeconfig: PathBuf,
+    agent_kubeconfig: PathBuf,
+    bin_dir: PathBuf,
+    pub operator_metrics_port: u16,
+    pub cp: ControlPlane,
+}
+
+impl Cluster {
+    /// Starts everything with agents on `nodes` (e.g. `["node-a", "node-b"]`). With
+    /// `keep_dir`, files go there and stay (for `make up`); otherwise to a temp dir.
+    pub async fn up(nodes: &[&str], keep_dir: Option<&Path>) -> Result<Cluster, HarnessError> {
+        let bin_dir = bin_dir();
+        for bin in ["ferry-operator", "ferry-agent"] {
+            if !bin_dir.join(bin).is_file() {
+                return Err(HarnessError::MissingTool {
+                    tool: format!("{bin} (run `cargo build --bins`)"),
+                    path: bin_dir.join(bin),
+                });
+            }
+        }
+        install_example_disk()?;
+        let cp = match keep_dir {
+            Some(dir) => ControlPlane::start_in_dir(dir).await?,
+            None => ControlPlane::start().await?,
+        };
+        let out = cp
+            .helm()
+            .args(["install", "ferry"])
+            .arg(repo_root().join("charts/ferry"))
+            .args(["--namespace", NAMESPACE, "--create-namespace"])
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(HarnessError::Setup(format!(
+                "helm install: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let admin = cp.admin_client().await?;
+        let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
+        let agent_kubeconfig = cp.dir().join("agent.kubeconfig");
+        for (sa, path) in [
+            ("ferry-operator", &operator_kubeconfig),
+            ("ferry-agent", &agent_kubeconfig),
+        ] {
+            let token = service_account_token(&admin, sa).await?;
+            cp.write_kubeconfig(path, sa, &token)?;
+        }
+        let mut cluster = Cluster {
+            nodes: BTreeMap::new(),
+            operator: None,
+            operator_kubeconfig,
+            agent_kubeconfig,
+            bin_dir,
+            operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
+            cp,
+        };
+        for (i, name) in nodes.iter().enumerate() {
+            let address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8));
+            let state_dir = cluster.cp.dir().join("nodes").join(name);
+            std::fs::create_dir_all(&state_dir)?;
+            let metrics_port = free_port(Ipv4Addr::new(127, 0, 0, 2 + i as u8))?;
+            cluster.nodes.insert(
+                name.to_string(),
+                Node {
+                    name: name.to_string(),
+                    address,
+                    state_dir,
+                    metrics_port,
+                    agent: None,
+                },
+            );
+            cluster.start_agent(name)?;
+        }
+        cluster.start_operator()?;
+        Ok(cluster)
+    }
+
+    /// The simulated nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// One simulated node.
+    pub fn node(&self, name: &str) -> &Node {
+        &self.nodes[name]
+    }
+
+    /// Starts (or restarts) the operator; its log is appended to `operator.log`.
+    pub fn start_operator(&mut self) -> Result<(), HarnessError> {
+        let mut cmd = Command::new(self.bin_dir.join("ferry-operator"));
+        cmd.arg(format!("--namespace={NAMESPACE}"))
+            .arg(format!(
+                "--metrics-addr=127.0.0.1:{}",
+                self.operator_metrics_port
+            ))
+            .arg("--leader-lease-seconds=4")
+            .env("KUBECONFIG", &self.operator_kubeconfig)
+            .env("RUST_LOG", log_filter());
+        let log = self.cp.dir().join("operator.log");
+        self.operator = Some(spawn_appending("ferry-operator", cmd, &log)?);
+        Ok(())
+    }
+
+    /// Kills the operator with SIGKILL, as a node failure would.
+    pub fn kill_operator(&mut self) {
+        if let Some(mut op) = self.operator.take() {
+            op.kill();
+        }
+    }
+
+    /// Starts (or restarts) the agent of `node`; its log is appended to
+    /// `agent-<node>.log`.
+    pub fn start_agent(&mut self, node: &str) -> Result<(), HarnessError> {
+        let n = self.nodes.get_mut(node).expect("a node of this cluster");
+        let mut cmd = Command::new(self.bin_dir.join("ferry-agent"));
+        cmd.arg(format!("--node-name={node}"))
+            .arg(format!("--namespace={NAMESPACE}"))
+            .arg(format!("--state-dir={}", n.state_dir.display()))
+            .arg(format!("--migration-address={}", n.address))
+            .arg("--migration-ports=49152-49215")
+            .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
+            .arg("--heartbeat-seconds=1")
+            .arg("--lease-seconds=5")
+            .env("KUBECONFIG", &self.agent_kubeconfig)
+            .env("RUST_LOG", log_filter());
+        let log = self.cp.dir().join(format!("agent-{node}.log"));
+        n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
+        Ok(())
+    }
+
+    /// Kills the agent of `node` with SIGKILL; its guests keep running.
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(mut agent) = self.nodes.get_mut(node).and_then(|n| n.agent.take()) {
+            agent.kill();
+        }
+    }
+
+    /// `kubectl` as the admin.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        self.cp.kubectl()
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Result<kube::Client, HarnessError> {
+        self.cp.admin_client().await
+    }
+
+    /// The pids of the QEMU processes running VM `vm`, per node.
+    pub fn qemu_pids(&self, vm: &str) -> BTreeMap<String, i32> {
+        self.nodes
+            .values()
+            .filter_map(|n| {
+                qemu_pid(&n.state_dir.join("vms").join(vm)).map(|p| (n.name.clone(), p))
+            })
+            .collect()
+    }
+
+    /// The serial log of VM `vm` on `node` (the test guest prints its passes there).
+    pub fn serial_log(&self, node: &str, vm: &str) -> PathBuf {
+        self.nodes[node]
+            .state_dir
+            .join("vms")
+            .join(vm)
+            .join("serial0.log")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_operator();
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for name in names {
+            if let Some(mut agent) = self.nodes.get_mut(&name).and_then(|n| n.agent.take()) {
+                agent.stop(Duration::from_secs(5));
+            }
+        }
+        // QEMU runs in its own session so that it outlives its agent; here nothing may.
+        for node in self.nodes.values() {
+            let Ok(vms) = std::fs::read_dir(node.state_dir.join("vms")) else {
+                continue;
+            };
+            for vm in vms.flatten() {
+                if let Some(pid) = qemu_pid(&vm.path()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The pid in `<vm_dir>/qemu.pid`, if that process is alive.
+fn qemu_pid(vm_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(vm_dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .is_ok()
+        .then_some(pid)
+}
+
+fn log_filter() -> String {
+    std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,kube_lease_manager=warn".into())
+}
+
+/// Where the workspace's binaries are: next to this executable (or its parent, for
+/// test executables in `deps/`), unless `FERRY_BIN_DIR` says otherwise.
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+fn free_port(ip: Ipv4Addr) -> std::io::Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn spawn_appending(what: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard, HarnessError> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    ChildGuard::spawn(what, cmd).map_err(|source| HarnessError::Spawn {
+        what: what.to_string(),
+        source,
+    })
+}
+
+async fn service_account_token(admin: &kube::Client, sa: &str) -> Result<String, HarnessError> {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let req: TokenRequest = serde_json::from_value(serde_json::json!({
+        "spec": {
+            "audiences": ["https://kubernetes.default.svc.cluster.local"],
+            "expirationSeconds": 86400
+        }
+    }))
+    .expect("a valid TokenRequest");
+    sas.create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .map_err(|e| HarnessError::Setup(format!("TokenRequest for {sa}: {e}")))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| HarnessError::Setup(format!("TokenRequest for {sa} returned no token")))
+}
+
+/// Writes the test guest image to [`EXAMPLE_DISK`], where examples/virtualmachine.yaml
+/// expects it, unless it is there already.
+fn install_example_disk() -> Result<(), HarnessError> {
+    let path = Path::new(EXAMPLE_DISK);
+    let image = ferry_agent::testguest::image(ferry_agent::testguest::Params::default())
+        .map_err(|e| HarnessError::Setup(format!("building the test guest: {e}")))?;
+    if std::fs::read(path).ok().as_deref() == Some(image.as_slice()) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path.parent().expect("an absolute path"))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &image)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

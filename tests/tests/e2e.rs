@@ -1,0 +1,464 @@
+//! End to end: `kubectl apply` of a migration moves a running guest between two
+//! simulated nodes, through the real control plane, the operator and two agents running
+//! real QEMU. One test at a time: each runs a cluster and TCG guests on two cores.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
+use ferry_tests::{Cluster, repo_root};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn up() -> (Cluster, Client) {
+    let cluster = Cluster::up(&["node-a", "node-b"], None)
+        .await
+        .unwrap_or_else(|e| panic!("cluster: {e}"));
+    let client = cluster.client().await.unwrap();
+    (cluster, client)
+}
+
+/// Polls `check` every 200 ms until it returns Some, or panics after `limit`.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The test guest's passes in a serial log: the pass numbers it printed and whether it
+/// ever reported a bad page.
+fn passes(log: &Path) -> (Vec<u64>, bool) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut passes = Vec::new();
+    let mut bad = false;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("pass")
+            && let Some(n) = words.next().and_then(|n| n.parse().ok())
+        {
+            match words.next() {
+                Some("ok") => passes.push(n),
+                Some("BAD") => bad = true,
+                _ => {}
+            }
+        }
+    }
+    (passes, bad)
+}
+
+fn last_pass(cluster: &Cluster, node: &str, vm: &str) -> Option<u64> {
+    passes(&cluster.serial_log(node, vm)).0.last().copied()
+}
+
+async fn apply(cluster: &Cluster, file: &Path) {
+    let out = cluster
+        .kubectl()
+        .arg("apply")
+        .arg("-f")
+        .arg(file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn apply_yaml(cluster: &Cluster, yaml: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = cluster
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
+         spec:\n  vmName: demo\n  targetNode: {target}\n  transport:\n    tls: false\n  policy:\n{policy}"
+    )
+}
+
+const UNLIMITED: &str = "    maxDowntimeMs: 300\n";
+/// Never converges: the guest dirties its 32 MiB faster than 2 MiB/s sends them.
+const NEVER_ENDING: &str = "    bandwidthMiBps: 2\n";
+/// Lasts several seconds, then converges whatever the guest does: the allowed downtime
+/// covers sending the whole dirtied region at this bandwidth.
+const LONG: &str = "    bandwidthMiBps: 8\n    maxDowntimeMs: 10000\n";
+
+/// Applies the example VM and waits until it runs on node-a with the guest counting.
+async fn example_vm_running(cluster: &Cluster, client: &Client) -> Api<VirtualMachine> {
+    apply(cluster, &repo_root().join("examples/virtualmachine.yaml")).await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "the VM to run on node-a",
+        Duration::from_secs(60),
+        || async {
+            let s = vms.get("demo").await.ok()?.status?;
+            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a"))
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("the guest to count", Duration::from_secs(60), || async {
+        (last_pass(cluster, "node-a", "demo")? >= 2).then_some(())
+    })
+    .await;
+    vms
+}
+
+async fn phase_of(vmms: &Api<VirtualMachineMigration>, name: &str) -> Option<MigrationPhase> {
+    vmms.get(name).await.ok()?.status?.phase
+}
+
+async fn wait_phase(
+    vmms: &Api<VirtualMachineMigration>,
+    name: &str,
+    want: MigrationPhase,
+    limit: Duration,
+) {
+    eventually(&format!("{name} to reach {want:?}"), limit, || async {
+        let p = phase_of(vmms, name).await?;
+        if p.is_terminal() && p != want {
+            let m = vmms.get(name).await.ok()?;
+            panic!("{name} ended {p:?}, not {want:?}: {:#?}", m.status);
+        }
+        (p == want).then_some(())
+    })
+    .await;
+}
+
+/// Exactly one QEMU runs the VM, on `node`, and the VM says so.
+async fn runs_once_on(cluster: &Cluster, vms: &Api<VirtualMachine>, node: &str) {
+    let pids = cluster.qemu_pids("demo");
+    assert_eq!(
+        pids.keys().collect::<Vec<_>>(),
+        vec![node],
+        "QEMUs per node: {pids:?}"
+    );
+    let vm = vms.get("demo").await.unwrap();
+    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some(node));
+}
+
+/// The guest goes on counting on `node` past `after`, and never saw a bad page.
+async fn guest_goes_on(cluster: &Cluster, node: &str, after: u64) {
+    eventually(
+        &format!("the guest to count past {after} on {node}"),
+        Duration::from_secs(60),
+        || async { (last_pass(cluster, node, "demo")? >= after + 2).then_some(()) },
+    )
+    .await;
+    for n in cluster.nodes() {
+        let (_, bad) = passes(&cluster.serial_log(&n.name, "demo"));
+        assert!(!bad, "the guest found a bad page on {}", n.name);
+    }
+}
+
+#[tokio::test]
+async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let before = last_pass(&cluster, "node-a", "demo").unwrap();
+
+    apply(&cluster, &repo_root().join("examples/migration.yaml")).await;
+    let out = cluster
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Complete",
+            "vmm/demo-to-node-b",
+            "--timeout=180s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    runs_once_on(&cluster, &vms, "node-b").await;
+    let first_on_b = eventually(
+        "the guest to print on node-b",
+        Duration::from_secs(30),
+        || async {
+            passes(&cluster.serial_log("node-b", "demo"))
+                .0
+                .first()
+                .copied()
+        },
+    )
+    .await;
+    assert!(
+        first_on_b > before,
+        "the counter restarted on node-b: {first_on_b} after {before}"
+    );
+    guest_goes_on(&cluster, "node-b", first_on_b).await;
+
+    let yaml = cluster
+        .kubectl()
+        .args(["get", "vmm", "demo-to-node-b", "-o", "yaml"])
+        .output()
+        .await
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    for part in [
+        "begin: <ferry-migration",
+        "prepare: <ferry-migration",
+        "perform: <ferry-migration",
+        "finish: <ferry-migration",
+        "steps:",
+        "confirm:",
+        "outcome: Succeeded",
+        "downtimeMs:",
+        "phase: Succeeded",
+        "migrationURI: tcp:127.0.0.3:",
+    ] {
+        assert!(
+            yaml.contains(part),
+            "`kubectl get vmm -o yaml` lacks {part:?}:\n{yaml}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn back_and_forth_ten_times() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let mut at = "node-a";
+    for i in 0..10 {
+        let to = if at == "node-a" { "node-b" } else { "node-a" };
+        let before = last_pass(&cluster, at, "demo").unwrap_or(0);
+        let name = format!("hop-{i}");
+        apply_yaml(&cluster, &migration_yaml(&name, to, UNLIMITED)).await;
+        wait_phase(
+            &vmms,
+            &name,
+            MigrationPhase::Succeeded,
+            Duration::from_secs(180),
+        )
+        .await;
+        runs_once_on(&cluster, &vms, to).await;
+        guest_goes_on(&cluster, to, before).await;
+        at = to;
+    }
+}
+
+#[tokio::test]
+async fn cancel_during_perform_leaves_the_guest_on_the_source() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("slow", "node-b", NEVER_ENDING)).await;
+    eventually("Perform to send bytes", Duration::from_secs(60), || async {
+        let s = vmms.get("slow").await.ok()?.status?;
+        (s.phase == Some(MigrationPhase::Perform) && s.progress?.bytes_transferred > 0)
+            .then_some(())
+    })
+    .await;
+    vmms.patch(
+        "slow",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"cancel": true}})),
+    )
+    .await
+    .unwrap();
+    wait_phase(
+        &vmms,
+        "slow",
+        MigrationPhase::Cancelled,
+        Duration::from_secs(60),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-a").await;
+    let now = last_pass(&cluster, "node-a", "demo").unwrap();
+    guest_goes_on(&cluster, "node-a", now).await;
+}
+
+#[tokio::test]
+async fn a_target_without_a_live_agent_fails_naming_the_node_and_never_pauses_the_guest() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    cluster.kill_agent("node-b");
+    // Its heartbeat Lease lasts 5 s.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(
+        &cluster,
+        &migration_yaml("to-dead-node", "node-b", UNLIMITED),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "to-dead-node",
+        MigrationPhase::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let status = vmms.get("to-dead-node").await.unwrap().status.unwrap();
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(failed.status, "True");
+    assert_eq!(failed.reason, "TargetNotReady");
+    assert!(failed.message.contains("node-b"), "{}", failed.message);
+    assert!(status.steps.and_then(|s| s.begin).is_none(), "Begin ran");
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(vm.phase, Some(VmPhase::Running));
+    assert_eq!(vm.migration, None);
+    runs_once_on(&cluster, &vms, "node-a").await;
+    let now = last_pass(&cluster, "node-a", "demo").unwrap();
+    guest_goes_on(&cluster, "node-a", now).await;
+}
+
+#[tokio::test]
+async fn an_operator_restart_mid_perform_still_completes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("through-restart", "node-b", LONG)).await;
+    wait_phase(
+        &vmms,
+        "through-restart",
+        MigrationPhase::Perform,
+        Duration::from_secs(60),
+    )
+    .await;
+    cluster.kill_operator();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_operator().unwrap();
+    wait_phase(
+        &vmms,
+        "through-restart",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-b").await;
+    guest_goes_on(&cluster, "node-b", 0).await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_mid_migration_completes_or_rolls_back_with_one_guest() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("agent-restart", "node-b", LONG)).await;
+    wait_phase(
+        &vmms,
+        "agent-restart",
+        MigrationPhase::Perform,
+        Duration::from_secs(60),
+    )
+    .await;
+    cluster.kill_agent("node-a");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.start_agent("node-a").unwrap();
+    let end = eventually("the migration to end", Duration::from_secs(180), || async {
+        phase_of(&vmms, "agent-restart")
+            .await
+            .filter(|p| p.is_terminal())
+    })
+    .await;
+    let node = if end == MigrationPhase::Succeeded {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    runs_once_on(&cluster, &vms, node).await;
+    guest_goes_on(&cluster, node, 0).await;
+}
+
+#[tokio::test]
+async fn a_second_migration_of_the_same_vm_waits_for_the_first() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("first", "node-b", LONG)).await;
+    wait_phase(
+        &vmms,
+        "first",
+        MigrationPhase::Perform,
+        Duration::from_secs(60),
+    )
+    .await;
+    apply_yaml(&cluster, &migration_yaml("second", "node-a", UNLIMITED)).await;
+    let why = eventually(
+        "the second to say why it waits",
+        Duration::from_secs(30),
+        || async {
+            let s = vmms.get("second").await.ok()?.status?;
+            let c = s.conditions.iter().find(|c| c.type_ == "Admitted")?.clone();
+            (s.phase == Some(MigrationPhase::Pending)).then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(
+        (why.status.as_str(), why.reason.as_str()),
+        ("False", "VMBusy")
+    );
+    assert!(
+        why.message.contains("held by migration first"),
+        "{}",
+        why.message
+    );
+    wait_phase(
+        &vmms,
+        "first",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "second",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-a").await;
+}
