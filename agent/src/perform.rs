@@ -130,8 +130,15 @@ pub async fn perform(
         .execute("query-migrate", None)
         .await
         .map_err(|e| cx.err(e))?;
-    match outcome(info.status.as_deref()) {
+    let status = match outcome(info.status.as_deref()) {
+        // The status of an earlier (e.g. incoming) migration, not of this one.
+        Outcome::Completed if !record.perform_started => Outcome::NotStarted,
+        other => other,
+    };
+    match status {
         Outcome::NotStarted | Outcome::Failed | Outcome::Cancelled => {
+            record.perform_started = true;
+            record.save(&dir).map_err(|e| cx.err(e))?;
             start(qmp, uri, params).await.map_err(|e| cx.err(e))?;
             tracing::info!(vm, migration, uri, "migration started");
         }

@@ -37,6 +37,11 @@ pub struct MigrationRecord {
     /// Whether the source vCPUs ran when Begin started (Confirm(cancelled) resumes only then).
     #[serde(default)]
     pub source_was_running: Option<bool>,
+    /// Whether this migration's Perform issued `migrate`. A guest that once arrived here
+    /// by migration reports that incoming migration as `completed`, which says nothing
+    /// about an outgoing one that was never started.
+    #[serde(default)]
+    pub perform_started: bool,
     pub begin: Option<crate::begin::BeginOutput>,
     pub prepare: Option<crate::prepare::PrepareOutput>,
     pub perform: Option<crate::perform::PerformOutput>,
@@ -113,8 +118,11 @@ pub fn may_begin(
     record: Option<&MigrationRecord>,
     migration: &str,
 ) -> Result<(), String> {
+    // A record of an earlier migration that brought the guest here and resumed it is
+    // history, not a hold.
     if let Some(r) = record
         && r.migration != migration
+        && !r.finish.as_ref().is_some_and(|f| f.resumed)
     {
         return Err(format!("VM is held by migration '{}'", r.migration));
     }
@@ -204,6 +212,15 @@ mod tests {
             may_begin("running", None, Some(&MigrationRecord::new("m1")), "m1"),
             Ok(())
         );
+        // The record of the migration that brought the guest here does not hold it.
+        let arrived = MigrationRecord {
+            finish: Some(crate::finish::FinishOutput {
+                cookie: None,
+                resumed: true,
+            }),
+            ..MigrationRecord::new("m0")
+        };
+        assert_eq!(may_begin("running", None, Some(&arrived), "m1"), Ok(()));
     }
 
     #[test]
