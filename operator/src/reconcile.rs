@@ -419,29 +419,9 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Marks the VM as held by this migration, unless another holds it. The
-    /// resourceVersion precondition makes two operators (or reconciles) agree.
+    /// Marks the VM as held by this migration, unless another holds it.
     async fn hold_vm(&self, vm: &VirtualMachine) -> Result<()> {
-        let patch = json!({
-            "metadata": {"resourceVersion": vm.resource_version()},
-            "status": {"migration": self.name()},
-        });
-        match self
-            .vms()
-            .patch_status(
-                &vm.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::VmConflict {
-                vm: vm.name_any(),
-                migration: self.name(),
-            }),
-            Err(e) => Err(e.into()),
-        }
+        self.set_vm_holder(vm, json!(self.name())).await
     }
 
     /// Clears the VM's `status.migration` if it still names this migration.
@@ -453,17 +433,20 @@ impl Reconciler<'_> {
         if holder != Some(self.name().as_str()) {
             return Ok(());
         }
+        self.set_vm_holder(&vm, Value::Null).await
+    }
+
+    /// Writes the VM's `status.migration`. The resourceVersion precondition makes two
+    /// operators (or reconciles, or an agent's fence) agree on who holds the VM.
+    async fn set_vm_holder(&self, vm: &VirtualMachine, holder: Value) -> Result<()> {
         let patch = json!({
             "metadata": {"resourceVersion": vm.resource_version()},
-            "status": {"migration": null},
+            "status": {"migration": holder},
         });
+        let params = PatchParams::default();
         match self
             .vms()
-            .patch_status(
-                &vm.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
+            .patch_status(&vm.name_any(), &params, &Patch::Merge(patch))
             .await
         {
             Ok(_) => Ok(()),

@@ -15,7 +15,7 @@ use kube::Api;
 use kube::api::PostParams;
 
 use crate::process::ChildGuard;
-use crate::{ControlPlane, HarnessError, repo_root};
+use crate::{ControlPlane, HarnessError};
 
 /// Ferry's namespace in the local cluster.
 pub const NAMESPACE: &str = "ferry-system";
@@ -62,19 +62,7 @@ impl Cluster {
             Some(dir) => ControlPlane::start_in_dir(dir).await?,
             None => ControlPlane::start().await?,
         };
-        let out = cp
-            .helm()
-            .args(["install", "ferry"])
-            .arg(repo_root().join("charts/ferry"))
-            .args(["--namespace", NAMESPACE, "--create-namespace"])
-            .output()
-            .await?;
-        if !out.status.success() {
-            return Err(HarnessError::Setup(format!(
-                "helm install: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        cp.install_chart("ferry", NAMESPACE).await?;
         let admin = cp.admin_client().await?;
         let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
         let agent_kubeconfig = cp.dir().join("agent.kubeconfig");

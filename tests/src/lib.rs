@@ -7,12 +7,14 @@
 //! test process dies.
 
 pub mod cluster;
+mod commands;
 mod control_plane;
 mod pki;
 mod process;
 mod tools;
 
 pub use cluster::Cluster;
+pub use commands::printed;
 pub use control_plane::{ControlPlane, HarnessError};
 pub use process::ChildGuard;
 pub use tools::{repo_root, tool};

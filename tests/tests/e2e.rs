@@ -82,27 +82,8 @@ async fn apply(cluster: &Cluster, file: &Path) {
 }
 
 async fn apply_yaml(cluster: &Cluster, yaml: &str) {
-    use tokio::io::AsyncWriteExt;
-    let mut child = cluster
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .await
-        .unwrap();
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, said) = cluster.cp.apply(yaml).await;
+    assert!(ok, "{said}");
 }
 
 fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
@@ -238,21 +219,55 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
         .unwrap();
     let yaml = String::from_utf8_lossy(&yaml.stdout);
     for part in [
-        "begin: <ferry-migration",
-        "prepare: <ferry-migration",
-        "perform: <ferry-migration",
-        "finish: <ferry-migration",
+        "cookies:",
         "steps:",
-        "confirm:",
-        "outcome: Succeeded",
+        "<ferry-migration",
         "downtimeMs:",
-        "phase: Succeeded",
         "migrationURI: tcp:127.0.0.3:",
     ] {
         assert!(
             yaml.contains(part),
             "`kubectl get vmm -o yaml` lacks {part:?}:\n{yaml}"
         );
+    }
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let status = vmms.get("demo-to-node-b").await.unwrap().status.unwrap();
+    let cookies = status.cookies.unwrap();
+    for (phase, cookie) in [
+        ("begin", cookies.begin),
+        ("prepare", cookies.prepare),
+        ("perform", cookies.perform),
+        ("finish", cookies.finish),
+    ] {
+        let cookie = cookie.unwrap_or_else(|| panic!("no {phase} cookie"));
+        assert!(
+            cookie.starts_with("<ferry-migration"),
+            "{phase} cookie: {cookie}"
+        );
+    }
+    let steps = status.steps.unwrap();
+    for phase in [
+        MigrationPhase::Begin,
+        MigrationPhase::Prepare,
+        MigrationPhase::Perform,
+        MigrationPhase::Finish,
+        MigrationPhase::Confirm,
+    ] {
+        let step = steps
+            .get(phase)
+            .unwrap_or_else(|| panic!("no {phase:?} step"));
+        assert_eq!(
+            step.outcome,
+            Some(ferry_crds::StepOutcome::Succeeded),
+            "{phase:?}: {step:?}"
+        );
+        assert!(step.end.is_some(), "{phase:?} has no end");
+        let node = if phase.runs_on_source() {
+            "node-a"
+        } else {
+            "node-b"
+        };
+        assert_eq!(step.node, node, "{phase:?} ran on the wrong node");
     }
 }
 

@@ -2,34 +2,17 @@
 //! cleanly, the CRDs accept the examples and refuse bad objects naming the field, and
 //! the chart's ServiceAccounts can do what the design needs and no more.
 
-use std::process::Output;
-
-use ferry_tests::{ControlPlane, repo_root};
+use ferry_tests::{ControlPlane, printed, repo_root};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 
 const RELEASE: &str = "ferry";
 const NAMESPACE: &str = "ferry-system";
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 async fn helm_install(cp: &ControlPlane) {
-    let chart = repo_root().join("charts/ferry");
-    let out = cp
-        .helm()
-        .args(["install", RELEASE])
-        .arg(&chart)
-        .args(["--namespace", NAMESPACE, "--create-namespace"])
-        .output()
+    cp.install_chart(RELEASE, NAMESPACE)
         .await
-        .expect("helm runs");
-    assert!(out.status.success(), "helm install failed:\n{}", text(&out));
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn established(cp: &ControlPlane, name: &str) -> bool {
@@ -74,7 +57,7 @@ async fn helm_install_establishes_crds_and_uninstall_leaves_nothing_but_them() {
         cmd
     };
     let before = list(kinds, true).output().await.unwrap();
-    let before_text = text(&before);
+    let before_text = printed(&before);
     for expected in [
         "deployment.apps/ferry-operator",
         "daemonset.apps/ferry-agent",
@@ -97,17 +80,17 @@ async fn helm_install_establishes_crds_and_uninstall_leaves_nothing_but_them() {
     assert!(
         out.status.success(),
         "helm uninstall failed:\n{}",
-        text(&out)
+        printed(&out)
     );
     // Helm reports the kept CRDs; everything else the chart owned is gone.
     assert!(
-        text(&out).contains("kept due to the resource policy"),
+        printed(&out).contains("kept due to the resource policy"),
         "helm should say it kept the CRDs:\n{}",
-        text(&out)
+        printed(&out)
     );
     for (kinds, namespaced) in [(kinds, true), (cluster_kinds, false)] {
         let after = list(kinds, namespaced).output().await.unwrap();
-        assert!(after.status.success(), "{}", text(&after));
+        assert!(after.status.success(), "{}", printed(&after));
         // `-o name` prints one line per object found.
         assert_eq!(
             String::from_utf8_lossy(&after.stdout).trim(),
@@ -126,28 +109,6 @@ async fn helm_install_establishes_crds_and_uninstall_leaves_nothing_but_them() {
     }
 }
 
-/// Applies `yaml` with kubectl; returns whether it was accepted and what kubectl said.
-async fn apply(cp: &ControlPlane, yaml: &str) -> (bool, String) {
-    use tokio::io::AsyncWriteExt;
-    let mut child = cp
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .await
-        .unwrap();
-    let out = child.wait_with_output().await.unwrap();
-    (out.status.success(), text(&out))
-}
-
 #[tokio::test]
 async fn examples_apply_and_bad_objects_are_refused_naming_the_field() {
     let cp = ControlPlane::start()
@@ -164,7 +125,7 @@ async fn examples_apply_and_bad_objects_are_refused_naming_the_field() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "examples refused:\n{}", text(&out));
+    assert!(out.status.success(), "examples refused:\n{}", printed(&out));
 
     let migration = |name: &str, spec: &str| {
         format!(
@@ -206,13 +167,15 @@ async fn examples_apply_and_bad_objects_are_refused_naming_the_field() {
         ),
     ];
     for (yaml, expected) in cases {
-        let (ok, said) = apply(&cp, &yaml).await;
+        let (ok, said) = cp.apply(&yaml).await;
         assert!(!ok, "accepted a bad object:\n{yaml}");
         assert!(said.contains(expected), "expected {expected:?} in:\n{said}");
     }
 
     // vmName is immutable.
-    let (ok, said) = apply(&cp, &migration("demo-to-node-b", "  vmName: other\n")).await;
+    let (ok, said) = cp
+        .apply(&migration("demo-to-node-b", "  vmName: other\n"))
+        .await;
     assert!(!ok, "vmName changed");
     assert!(said.contains("vmName is immutable"), "{said}");
 
@@ -223,7 +186,7 @@ async fn examples_apply_and_bad_objects_are_refused_naming_the_field() {
         .output()
         .await
         .unwrap();
-    let words = text(&out).split_whitespace().collect::<Vec<_>>().join(" ");
+    let words = printed(&out).split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         words.contains("checks it for guest ABI stability"),
         "{words}"

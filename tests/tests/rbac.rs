@@ -79,19 +79,9 @@ async fn cluster() -> Cluster {
     let cp = ControlPlane::start()
         .await
         .unwrap_or_else(|e| panic!("control plane: {e}"));
-    let out = cp
-        .helm()
-        .args(["install", "ferry"])
-        .arg(repo_root().join("charts/ferry"))
-        .args(["--namespace", NS, "--create-namespace", "--wait=false"])
-        .output()
+    cp.install_chart("ferry", NS)
         .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .unwrap_or_else(|e| panic!("{e}"));
     let admin = cp.admin_client().await.unwrap();
     let nss: Api<Namespace> = Api::all(admin.clone());
     nss.create(

@@ -105,7 +105,7 @@ async fn run() -> Result<(), Error> {
         let phase = s.phase.unwrap_or(MigrationPhase::Pending);
         let mut line = format!("{phase:?}");
         if phase == MigrationPhase::Perform
-            && let Some(p) = &s.progress
+            && let Some(p) = s.progress.as_ref().filter(|p| p.bytes_total > 0)
         {
             line = format!(
                 "{line:<8} {:>4}  {:>4}/{} MiB sent, {:>4} MiB remaining, {:>5} MiB/s, pass {}",

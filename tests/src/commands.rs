@@ -1,0 +1,57 @@
+//! kubectl and helm against a [`ControlPlane`], for tests and the harness.
+
+use std::process::{Output, Stdio};
+
+use tokio::io::AsyncWriteExt;
+
+use crate::{ControlPlane, HarnessError, repo_root};
+
+/// What a command printed, stdout then stderr.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl ControlPlane {
+    /// `kubectl apply -f -` of `yaml`; whether it was accepted and what kubectl said.
+    pub async fn apply(&self, yaml: &str) -> (bool, String) {
+        let mut child = self
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        stdin
+            .write_all(yaml.as_bytes())
+            .await
+            .expect("kubectl reads its input");
+        drop(stdin);
+        let out = child.wait_with_output().await.expect("kubectl ends");
+        (out.status.success(), printed(&out))
+    }
+
+    /// `helm install <release> charts/ferry` into `namespace` (created if missing).
+    pub async fn install_chart(&self, release: &str, namespace: &str) -> Result<(), HarnessError> {
+        let out = self
+            .helm()
+            .args(["install", release])
+            .arg(repo_root().join("charts/ferry"))
+            .args(["--namespace", namespace, "--create-namespace"])
+            .output()
+            .await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::Setup(format!(
+                "helm install: {}",
+                printed(&out)
+            )))
+        }
+    }
+}
