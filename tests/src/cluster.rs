@@ -37,6 +37,8 @@ pub struct Node {
 pub struct Cluster {
     nodes: BTreeMap<String, Node>,
     operator: Option<ChildGuard>,
+    /// A second operator replica, when a test wants one.
+    standby: Option<ChildGuard>,
     operator_kubeconfig: PathBuf,
     agent_kubeconfig: PathBuf,
     bin_dir: PathBuf,
@@ -76,6 +78,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
             operator: None,
+            standby: None,
             operator_kubeconfig,
             agent_kubeconfig,
             bin_dir,
@@ -115,18 +118,29 @@ impl Cluster {
 
     /// Starts (or restarts) the operator; its log is appended to `operator.log`.
     pub fn start_operator(&mut self) -> Result<(), HarnessError> {
+        self.operator = Some(self.spawn_operator("operator", self.operator_metrics_port)?);
+        Ok(())
+    }
+
+    /// Starts a second operator replica (log `operator-standby.log`); returns its pid,
+    /// which is in its leader-election identity.
+    pub fn start_second_operator(&mut self) -> Result<u32, HarnessError> {
+        let port = free_port(Ipv4Addr::LOCALHOST)?;
+        let standby = self.spawn_operator("operator-standby", port)?;
+        let pid = standby.pid();
+        self.standby = Some(standby);
+        Ok(pid)
+    }
+
+    fn spawn_operator(&self, name: &str, metrics_port: u16) -> Result<ChildGuard, HarnessError> {
         let mut cmd = Command::new(self.bin_dir.join("ferry-operator"));
         cmd.arg(format!("--namespace={NAMESPACE}"))
-            .arg(format!(
-                "--metrics-addr=127.0.0.1:{}",
-                self.operator_metrics_port
-            ))
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
             .arg("--leader-lease-seconds=4")
             .env("KUBECONFIG", &self.operator_kubeconfig)
             .env("RUST_LOG", log_filter());
-        let log = self.cp.dir().join("operator.log");
-        self.operator = Some(spawn_appending("ferry-operator", cmd, &log)?);
-        Ok(())
+        let log = self.cp.dir().join(format!("{name}.log"));
+        spawn_appending(&format!("ferry-{name}"), cmd, &log)
     }
 
     /// Kills the operator with SIGKILL, as a node failure would.
@@ -196,6 +210,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_operator();
+        if let Some(mut standby) = self.standby.take() {
+            standby.kill();
+        }
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
             if let Some(mut agent) = self.nodes.get_mut(&name).and_then(|n| n.agent.take()) {

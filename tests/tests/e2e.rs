@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
 use ferry_tests::{Cluster, repo_root};
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -79,6 +80,21 @@ async fn apply(cluster: &Cluster, file: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The body of a GET, with curl.
+async fn http_get(url: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", url])
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn apply_yaml(cluster: &Cluster, yaml: &str) {
@@ -210,6 +226,64 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
         "the counter restarted on node-b: {first_on_b} after {before}"
     );
     guest_goes_on(&cluster, "node-b", first_on_b).await;
+
+    // The console follows the guest, and the disk lock moved with it.
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    let graphics = vm.graphics.expect("the VM reports its console");
+    assert_eq!(graphics.type_, "vnc");
+    assert!(graphics.port > 5900, "{graphics:?}");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
+    let lock = leases.get("ferry-disk-default.demo.vda").await.unwrap();
+    assert_eq!(
+        lock.spec.unwrap().holder_identity.as_deref(),
+        Some("node-b")
+    );
+
+    // An Event for each phase change, and the outcome in the operator's metrics.
+    let out = cluster
+        .kubectl()
+        .args([
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=demo-to-node-b",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let reasons = String::from_utf8_lossy(&out.stdout).to_string();
+    for reason in [
+        "Begin",
+        "Prepare",
+        "Perform",
+        "Finish",
+        "Confirm",
+        "Succeeded",
+    ] {
+        assert!(
+            reasons.split_whitespace().any(|r| r == reason),
+            "no {reason} Event in {reasons:?}"
+        );
+    }
+    let metrics = http_get(&format!(
+        "http://127.0.0.1:{}/metrics",
+        cluster.operator_metrics_port
+    ))
+    .await;
+    assert!(
+        metrics.contains("ferry_migrations_total{outcome=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_migration_phase_duration_seconds_count{phase=\"perform\"} 1"),
+        "{metrics}"
+    );
+    for n in cluster.nodes() {
+        let url = format!("http://{}:{}/readyz", n.address, n.metrics_port);
+        assert_eq!(http_get(&url).await.trim(), "ok", "{url}");
+    }
 
     let yaml = cluster
         .kubectl()
@@ -476,4 +550,92 @@ async fn a_second_migration_of_the_same_vm_waits_for_the_first() {
     )
     .await;
     runs_once_on(&cluster, &vms, "node-a").await;
+}
+
+#[tokio::test]
+async fn deleting_a_running_migration_rolls_it_back_before_it_goes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("doomed", "node-b", NEVER_ENDING)).await;
+    wait_phase(
+        &vmms,
+        "doomed",
+        MigrationPhase::Perform,
+        Duration::from_secs(60),
+    )
+    .await;
+    vmms.delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The finalizer holds it while it rolls back; it ends Cancelled, then it is gone.
+    eventually("the rollback to end", Duration::from_secs(60), || async {
+        match vmms.get_opt("doomed").await.ok()? {
+            Some(m) => {
+                let phase = m.status.and_then(|s| s.phase)?;
+                assert!(
+                    phase != MigrationPhase::Succeeded,
+                    "the deleted migration completed"
+                );
+                None
+            }
+            None => Some(()),
+        }
+    })
+    .await;
+    runs_once_on(&cluster, &vms, "node-a").await;
+    assert_eq!(
+        vms.get("demo").await.unwrap().status.unwrap().migration,
+        None
+    );
+    let now = last_pass(&cluster, "node-a", "demo").unwrap();
+    guest_goes_on(&cluster, "node-a", now).await;
+}
+
+#[tokio::test]
+async fn a_standby_operator_takes_over_when_the_leader_dies() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
+    let holder = || async {
+        leases
+            .get("ferry-operator-leader")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity
+    };
+    let first = eventually("a leader", Duration::from_secs(30), &holder).await;
+    let standby = cluster.start_second_operator().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some(first.as_str()),
+        "the standby took the lease from a live leader"
+    );
+    cluster.kill_operator();
+    let second = eventually("the standby to lead", Duration::from_secs(30), || async {
+        holder().await.filter(|h| *h != first)
+    })
+    .await;
+    assert!(
+        second.contains(&standby.to_string()),
+        "{second} is not the standby (pid {standby})"
+    );
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(
+        &cluster,
+        &migration_yaml("after-failover", "node-b", UNLIMITED),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "after-failover",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-b").await;
 }

@@ -186,7 +186,10 @@ async fn examples_apply_and_bad_objects_are_refused_naming_the_field() {
         .output()
         .await
         .unwrap();
-    let words = printed(&out).split_whitespace().collect::<Vec<_>>().join(" ");
+    let words = printed(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(
         words.contains("checks it for guest ABI stability"),
         "{words}"
