@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Qmp(#[from] QmpError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    PolicyRefused(#[from] crate::policy::PolicyError),
     /// The request is not allowed in the current state.
     #[error("{0}")]
     Refused(String),
@@ -31,6 +33,12 @@ pub enum ErrorKind {
     MigrationFailed(String),
     #[error("migration cancelled")]
     Cancelled,
+    /// This QEMU cannot apply the policy (e.g. lacks a compression method).
+    #[error("this QEMU cannot apply the migration policy: {0}")]
+    Unsupported(String),
+    /// A limit of the policy was hit and the migration was aborted.
+    #[error("migration aborted by the policy: {0}")]
+    LimitExceeded(String),
     #[error("ownership hook failed: {0}")]
     Ownership(BoxError),
     #[error("guest did not arrive: {0}")]
@@ -48,9 +56,12 @@ impl ErrorKind {
             ErrorKind::Cookie(_) => "cookie",
             ErrorKind::Qmp(_) => "qmp",
             ErrorKind::Supervisor(_) => "supervisor",
+            ErrorKind::PolicyRefused(_) => "policy",
             ErrorKind::Refused(_) => "refused",
             ErrorKind::MigrationFailed(_) => "migration_failed",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unsupported(_) => "unsupported",
+            ErrorKind::LimitExceeded(_) => "limit_exceeded",
             ErrorKind::Ownership(_) => "ownership",
             ErrorKind::NotArrived(_) => "not_arrived",
             ErrorKind::Record(_) => "record",

@@ -18,6 +18,9 @@
 //!   ([`Domain::parse`](domain::Domain::parse), [`to_xml`](domain::Domain::to_xml));
 //!   [`cmdline::qemu_args`] builds QEMU's argument vector from it.
 //! - [`abi::check`]: ABI stability of a target definition against the running one.
+//! - [`policy`]: the migration policy without QEMU: presets and explicit fields into a
+//!   [`policy::Policy`], the capabilities and parameters per side, the convergence
+//!   judgement, the post-copy switch and the timeouts.
 //! - [`cookie::Cookie`]: the `<ferry-migration>` cookie, at most [`cookie::MAX_COOKIE`]
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
@@ -31,10 +34,14 @@
 //! | phase | node | call | status fields to write |
 //! | --- | --- | --- | --- |
 //! | Begin | source | [`begin::begin`]`(sup, vm, migration, target_xml)` | [`begin::BeginOutput`]: `domain_xml`, `cookies.begin` |
-//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
-//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &params, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics; `progress` from the callback |
+//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port, &policy)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
+//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &policy, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
 //! | Finish | target | [`finish::finish`]`(sup, vm, migration, perform_cookie, cancelled, take_ownership)` | [`finish::FinishOutput`]: `cookies.finish` |
 //! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | — |
+//!
+//! `policy` is the effective [`policy::Policy`] from [`policy::resolve`] of the spec's
+//! `policy` (preset plus explicit fields); Prepare and Perform must get the same one
+//! (multifd and post-copy are set on both sides).
 //!
 //! `take_ownership` is a future the Kubernetes layer supplies: it moves the VM's
 //! `status.nodeName` (and so the disk lock) to the target, guarded by resourceVersion.
@@ -52,10 +59,10 @@
 //! use ferry_agent::{begin, confirm, finish, perform, prepare};
 //! let m = "default/move-guest-1";
 //! let b = begin::begin(src, "guest-1", m, None).await?;
-//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None).await?;
-//! let params = perform::PerformParams::default();
+//! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
+//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None, &policy).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
-//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &params, &cancel, |_| {}).await?;
+//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &policy, &cancel, |_| {}).await?;
 //! let f = finish::finish(dst, "guest-1", m, Some(&r.cookie), false, async { Ok(()) }).await?;
 //! confirm::confirm(src, "guest-1", m, f.cookie.as_deref(), false).await?;
 //! # Ok(()) }
@@ -72,6 +79,7 @@ pub mod finish;
 pub mod node;
 pub mod perform;
 pub mod phases;
+pub mod policy;
 pub mod prepare;
 pub mod qmp;
 pub mod supervisor;

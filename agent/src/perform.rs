@@ -1,11 +1,15 @@
-//! Perform (source): sends the guest to the URI Prepare returned with `migrate`, reports
-//! progress while it runs, can be cancelled (`migrate_cancel`), and returns a cookie with
-//! the statistics. A re-run finds a running or finished migration and follows it.
+//! Perform (source): applies the migration [`Policy`] to the source QEMU, sends the guest
+//! to the URI Prepare returned with `migrate`, reports progress while it runs, applies
+//! the policy's decisions on the way ([`policy::decide`]: switch to post-copy, abort on a
+//! timeout), can be cancelled (`migrate_cancel`, only before post-copy), and returns a
+//! cookie with the statistics. A re-run finds a running or finished migration and
+//! follows it.
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Outcome, Phase, check_uri, check_vm_name, outcome};
-use crate::qmp::{MigrationInfo, QmpError};
+use crate::policy::{self, Action, Convergence, Judgement, Policy, Sample, Settings, Side};
+use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::supervisor::Supervisor;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -13,20 +17,9 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-/// Bandwidth meaning "unlimited" (QEMU's own default is 128 MiB/s).
-const UNLIMITED_BANDWIDTH: u64 = 1 << 50;
 const POLL: Duration = Duration::from_millis(250);
 
-/// Migration parameters; a policy layer can extend this.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PerformParams {
-    /// Bytes per second; `None` is unlimited.
-    pub max_bandwidth: Option<u64>,
-    /// Longest acceptable pause at switch-over; `None` keeps QEMU's default (300 ms).
-    pub max_downtime_ms: Option<u64>,
-}
-
-/// A progress report, from `query-migrate`.
+/// A progress report, from `query-migrate` and the policy's judgement.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     pub total_bytes: u64,
@@ -37,20 +30,54 @@ pub struct Progress {
     /// RAM pass (QEMU's dirty-sync-count).
     pub pass: u64,
     pub expected_downtime_ms: u64,
+    /// Whether the migration switched to post-copy.
+    pub post_copy: bool,
+    /// How much auto-converge throttles the vCPUs, in percent.
+    pub cpu_throttle_percent: u64,
+    /// Whether pre-copy converges (`None`: too few passes to judge).
+    pub converging: Option<bool>,
+    /// The judgement and what the policy does about it, in a sentence.
+    pub convergence: String,
+    /// Estimated time to completion (`None` when it does not converge).
+    pub eta: Option<Duration>,
 }
 
 impl Progress {
+    /// The report of `query-migrate` alone (no judgement).
     pub fn from_info(info: &MigrationInfo) -> Progress {
-        let ram = info.ram.clone().unwrap_or_default();
+        let s = sample(info);
         Progress {
-            total_bytes: ram.total,
-            transferred_bytes: ram.transferred,
-            remaining_bytes: ram.remaining,
-            dirty_rate_bytes_per_sec: ram.dirty_pages_rate * ram.page_size.max(1),
-            throughput_mbps: ram.mbps,
-            pass: ram.dirty_sync_count,
+            total_bytes: s.total_bytes,
+            transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
+            remaining_bytes: s.remaining_bytes,
+            dirty_rate_bytes_per_sec: s.dirty_rate,
+            throughput_mbps: info.ram.as_ref().map_or(0.0, |r| r.mbps),
+            pass: s.pass,
             expected_downtime_ms: info.expected_downtime.unwrap_or(0),
+            post_copy: s.post_copy,
+            cpu_throttle_percent: s.cpu_throttle_percent,
+            converging: None,
+            convergence: String::new(),
+            eta: None,
         }
+    }
+}
+
+/// The policy's view of a `query-migrate` reply.
+pub fn sample(info: &MigrationInfo) -> Sample {
+    let ram = info.ram.clone().unwrap_or_default();
+    Sample {
+        pass: ram.dirty_sync_count,
+        total_bytes: ram.total,
+        remaining_bytes: ram.remaining,
+        dirty_rate: ram.dirty_pages_rate * ram.page_size.max(1),
+        throughput: (ram.mbps * 1_000_000.0 / 8.0) as u64,
+        cpu_throttle_percent: info.cpu_throttle_percentage.unwrap_or(0),
+        post_copy: info
+            .status
+            .as_deref()
+            .is_some_and(|s| s.starts_with("postcopy")),
+        elapsed: Duration::from_millis(info.total_time.unwrap_or(0)),
     }
 }
 
@@ -64,6 +91,12 @@ pub struct PerformOutput {
     pub transferred_bytes: u64,
     /// Where console clients connect now (from Prepare's cookie).
     pub graphics: Option<(String, u16)>,
+    /// Whether the migration switched to post-copy.
+    #[serde(default)]
+    pub post_copy: bool,
+    /// The most auto-converge throttled the vCPUs, in percent.
+    #[serde(default)]
+    pub max_cpu_throttle_percent: u64,
 }
 
 fn statistics(info: &MigrationInfo) -> Statistics {
@@ -78,8 +111,11 @@ fn statistics(info: &MigrationInfo) -> Statistics {
     }
 }
 
-/// Runs Perform: migrates `vm` to `uri` (from Prepare) with `params`, calling
-/// `on_progress` about four times a second, until it completes, fails or `cancel` fires.
+/// Runs Perform: migrates `vm` to `uri` (from Prepare) under `policy` (the same policy
+/// Prepare applied to the target), calling `on_progress` about four times a second,
+/// until it completes, fails, a limit of the policy aborts it, or `cancel` fires (a
+/// cancel after the switch to post-copy is ignored: the guest's state is on the target
+/// and the migration must finish).
 #[allow(clippy::too_many_arguments)]
 #[tracing::instrument(skip_all, fields(vm, migration))]
 pub async fn perform(
@@ -88,7 +124,7 @@ pub async fn perform(
     migration: &str,
     uri: &str,
     prepare_cookie: &str,
-    params: &PerformParams,
+    policy: &Policy,
     cancel: &CancellationToken,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<PerformOutput, PhaseError> {
@@ -139,13 +175,19 @@ pub async fn perform(
         Outcome::NotStarted | Outcome::Failed | Outcome::Cancelled => {
             record.perform_started = true;
             record.save(&dir).map_err(|e| cx.err(e))?;
-            start(qmp, uri, params).await.map_err(|e| cx.err(e))?;
-            tracing::info!(vm, migration, uri, "migration started");
+            apply(qmp, &policy.settings(Side::Source))
+                .await
+                .map_err(|e| cx.err(e))?;
+            qmp.run("migrate", Some(json!({ "uri": uri })))
+                .await
+                .map_err(|e| cx.err(e))?;
+            tracing::info!(vm, migration, uri, ?policy, "migration started");
         }
         Outcome::InProgress => {
             // A re-run (e.g. after an agent restart) follows the running migration, with
             // the parameters of this call.
-            qmp.run("migrate-set-parameters", Some(parameters(params)))
+            let live = serde_json::Value::Object(policy.live_parameters());
+            qmp.run("migrate-set-parameters", Some(live))
                 .await
                 .map_err(|e| cx.err(e))?;
             tracing::info!(vm, migration, "following the running migration");
@@ -153,10 +195,21 @@ pub async fn perform(
         Outcome::Completed => {}
     }
     let mut cancel_sent = false;
+    let mut cancel_ignored = false;
+    let mut in_post_copy = false;
+    let mut post_copy_sent = false;
+    let mut aborted = None;
+    let mut max_throttle = 0;
+    let mut conv = Convergence::default();
     let mut tick = tokio::time::interval(POLL);
     let info = loop {
         tokio::select! {
-            _ = cancel.cancelled(), if !cancel_sent => {
+            _ = cancel.cancelled(), if !cancel_sent && !cancel_ignored => {
+                if in_post_copy {
+                    tracing::warn!(vm, migration, "cancel ignored: the migration is in post-copy and must finish");
+                    cancel_ignored = true;
+                    continue;
+                }
                 tracing::info!(vm, migration, "cancelling migration");
                 qmp.run("migrate_cancel", None).await.map_err(|e| cx.err(e))?;
                 cancel_sent = true;
@@ -180,14 +233,56 @@ pub async fn perform(
             .await
             .map_err(|e| cx.err(e))?;
         match outcome(info.status.as_deref()) {
-            Outcome::InProgress => on_progress(&Progress::from_info(&info)),
-            Outcome::NotStarted => {}
+            Outcome::InProgress => {}
+            Outcome::NotStarted => continue,
             _ => break info,
+        }
+        let s = sample(&info);
+        in_post_copy |= s.post_copy;
+        max_throttle = max_throttle.max(s.cpu_throttle_percent);
+        conv.observe(&s);
+        let judgement = if s.post_copy {
+            Judgement::Converging
+        } else {
+            conv.judge()
+        };
+        on_progress(&Progress {
+            converging: judgement.converging(),
+            convergence: policy::explain(policy, judgement, &s),
+            eta: policy::eta(&s, judgement),
+            ..Progress::from_info(&info)
+        });
+        if cancel_sent {
+            continue;
+        }
+        match policy::decide(policy, &conv, &s) {
+            Action::Continue => {}
+            Action::StartPostCopy(why) if !post_copy_sent => {
+                tracing::info!(vm, migration, reason = %why, pass = s.pass, "switching to post-copy");
+                qmp.run("migrate-start-postcopy", None)
+                    .await
+                    .map_err(|e| cx.err(e))?;
+                post_copy_sent = true;
+            }
+            Action::StartPostCopy(_) => {}
+            Action::Abort(limit) => {
+                tracing::warn!(vm, migration, %limit, pass = s.pass, "aborting the migration");
+                qmp.run("migrate_cancel", None)
+                    .await
+                    .map_err(|e| cx.err(e))?;
+                cancel_sent = true;
+                aborted = Some(limit);
+            }
         }
     };
     match outcome(info.status.as_deref()) {
         Outcome::Completed => {}
-        Outcome::Cancelled => return Err(cx.err(ErrorKind::Cancelled)),
+        Outcome::Cancelled => {
+            return Err(cx.err(match aborted {
+                Some(limit) => ErrorKind::LimitExceeded(limit.to_string()),
+                None => ErrorKind::Cancelled,
+            }));
+        }
         _ => {
             let why = info.error_desc.unwrap_or_else(|| "unknown error".into());
             return Err(cx.err(ErrorKind::MigrationFailed(why)));
@@ -205,6 +300,8 @@ pub async fn perform(
         graphics: target
             .graphics
             .map(|GraphicsInfo { listen, port, .. }| (listen, port)),
+        post_copy: post_copy_sent || in_post_copy,
+        max_cpu_throttle_percent: max_throttle,
     };
     record.perform = Some(out.clone());
     record.save(&dir).map_err(|e| cx.err(e))?;
@@ -213,26 +310,33 @@ pub async fn perform(
         migration,
         total_time_ms = out.total_time_ms,
         downtime_ms = out.downtime_ms,
+        post_copy = out.post_copy,
+        max_cpu_throttle_percent = out.max_cpu_throttle_percent,
         "Perform done"
     );
     Ok(out)
 }
 
-/// The migration parameters for `params` (also applied to a running migration).
-fn parameters(params: &PerformParams) -> serde_json::Value {
-    let mut p = json!({
-        "max-bandwidth": params.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH),
-    });
-    if let Some(d) = params.max_downtime_ms {
-        p["downtime-limit"] = json!(d);
-    }
-    p
+/// Applies one side's [`Settings`]: capabilities, then parameters. A parameter value this
+/// QEMU does not know (e.g. a compression it was built without) is refused by name.
+pub(crate) async fn apply(qmp: &Qmp, settings: &Settings) -> Result<(), ErrorKind> {
+    qmp.run(
+        "migrate-set-capabilities",
+        Some(settings.capabilities_args()),
+    )
+    .await
+    .map_err(|e| unsupported(qmp, "capabilities", &settings.capabilities_args(), e))?;
+    qmp.run("migrate-set-parameters", Some(settings.parameters_args()))
+        .await
+        .map_err(|e| unsupported(qmp, "parameters", &settings.parameters_args(), e))
 }
 
-async fn start(qmp: &crate::qmp::Qmp, uri: &str, params: &PerformParams) -> Result<(), QmpError> {
-    let caps = json!({ "capabilities": [ { "capability": "events", "state": true } ] });
-    qmp.run("migrate-set-capabilities", Some(caps)).await?;
-    qmp.run("migrate-set-parameters", Some(parameters(params)))
-        .await?;
-    qmp.run("migrate", Some(json!({ "uri": uri }))).await
+fn unsupported(qmp: &Qmp, what: &str, args: &serde_json::Value, e: QmpError) -> ErrorKind {
+    match e {
+        QmpError::Command { desc, .. } => ErrorKind::Unsupported(format!(
+            "QEMU {} refused the migration {what} {args}: {desc}",
+            qmp.version
+        )),
+        e => ErrorKind::Qmp(e),
+    }
 }

@@ -1,11 +1,13 @@
 //! Prepare (target): refuses a migration to its own host, starts QEMU paused with
-//! `-incoming defer` from the target definition, enables migration events and listens
-//! with `migrate-incoming` on this node's address. Any failure removes the new QEMU.
+//! `-incoming defer` from the target definition, applies the target side of the migration
+//! [`Policy`] (events, multifd channels and compression, post-copy) and listens with
+//! `migrate-incoming` on this node's address. Any failure removes the new QEMU.
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo};
 use crate::domain::Domain;
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase};
+use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
 use crate::supervisor::Supervisor;
 use serde::{Deserialize, Serialize};
@@ -21,8 +23,8 @@ pub struct PrepareOutput {
     pub cookie: String,
 }
 
-/// Runs Prepare with Begin's definition and cookie. `port` picks the listening port
-/// (`None`: any free port).
+/// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
+/// one Perform will use). `port` picks the listening port (`None`: any free port).
 #[tracing::instrument(skip_all, fields(migration))]
 pub async fn prepare(
     sup: &Supervisor,
@@ -30,6 +32,7 @@ pub async fn prepare(
     domain_xml: &str,
     begin_cookie: &str,
     port: Option<u16>,
+    policy: &Policy,
 ) -> Result<PrepareOutput, PhaseError> {
     let unknown = Ctx {
         phase: Phase::Prepare,
@@ -74,7 +77,7 @@ pub async fn prepare(
         drop(guest);
         sup.destroy(vm).await.map_err(|e| cx.err(e))?;
     }
-    match start_incoming(sup, &domain, port).await {
+    match start_incoming(sup, &domain, port, policy).await {
         Ok(out) => {
             let mut rec = MigrationRecord::new(migration);
             rec.prepare = Some(out.clone());
@@ -105,14 +108,11 @@ async fn start_incoming(
     sup: &Supervisor,
     domain: &Domain,
     port: Option<u16>,
+    policy: &Policy,
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
     let guest = sup.start(domain, true).await?;
-    let caps = json!({ "capabilities": [ { "capability": "events", "state": true } ] });
-    guest
-        .qmp
-        .run("migrate-set-capabilities", Some(caps))
-        .await?;
+    crate::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     let host = host_for_uri(node.address);
     let listen = format!("tcp:{host}:{}", port.unwrap_or(0));
     guest

@@ -298,6 +298,8 @@ pub struct MigrationInfo {
     pub expected_downtime: Option<u64>,
     pub setup_time: Option<u64>,
     pub error_desc: Option<String>,
+    /// How much auto-converge throttles the vCPUs (absent when it does not).
+    pub cpu_throttle_percentage: Option<u64>,
     pub socket_address: Option<Vec<SocketAddress>>,
 }
 

@@ -7,7 +7,8 @@ use ferry_agent::begin::begin;
 use ferry_agent::confirm::confirm;
 use ferry_agent::error::ErrorKind;
 use ferry_agent::finish::finish;
-use ferry_agent::perform::{PerformParams, perform};
+use ferry_agent::perform::perform;
+use ferry_agent::policy::Policy;
 use ferry_agent::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::StatusInfo;
 use std::sync::Arc;
@@ -17,10 +18,9 @@ use support::*;
 use tokio_util::sync::CancellationToken;
 
 /// Slow enough that a 128 MiB guest takes seconds to transfer.
-const SLOW: PerformParams = PerformParams {
-    max_bandwidth: Some(16 << 20),
-    max_downtime_ms: None,
-};
+fn slow() -> Policy {
+    policy(Some(16 << 20), 300)
+}
 
 fn lab(vm: &str) -> Lab {
     Lab::new(vm, 128, 64, 5_000_000)
@@ -28,7 +28,7 @@ fn lab(vm: &str) -> Lab {
 
 async fn begin_and_prepare(lab: &Lab, m: &str) -> PrepareOutput {
     let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None)
+    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &slow())
         .await
         .unwrap()
 }
@@ -53,9 +53,16 @@ async fn prepare_fails_when_the_target_port_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let out = begin(&lab.a, &lab.vm, "m1", None).await.unwrap();
-    let err = prepare(&lab.b, "m1", &out.domain_xml, &out.cookie, Some(port))
-        .await
-        .unwrap_err();
+    let err = prepare(
+        &lab.b,
+        "m1",
+        &out.domain_xml,
+        &out.cookie,
+        Some(port),
+        &slow(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Qmp(_)), "{err}");
     assert!(lab.b.running_pid(&lab.vm).is_none());
     confirm(&lab.a, &lab.vm, "m1", None, true).await.unwrap();
@@ -71,13 +78,14 @@ where
     let cancel = CancellationToken::new();
     let transferred = Arc::new(AtomicU64::new(0));
     let seen = transferred.clone();
+    let slow = slow();
     let run = perform(
         &lab.a,
         &lab.vm,
         m,
         &prep.uri,
         &prep.cookie,
-        &SLOW,
+        &slow,
         &cancel,
         move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
     );
@@ -138,10 +146,7 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
         "m4",
         &prep.uri,
         &prep.cookie,
-        &PerformParams {
-            max_bandwidth: None,
-            max_downtime_ms: Some(2000),
-        },
+        &policy(None, 2000),
         &CancellationToken::new(),
         |_| {},
     ))

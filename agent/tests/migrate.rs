@@ -6,8 +6,9 @@ use ferry_agent::begin::begin;
 use ferry_agent::confirm::confirm;
 use ferry_agent::cookie::{Cookie, LockState};
 use ferry_agent::finish::finish;
-use ferry_agent::perform::{PerformParams, perform};
+use ferry_agent::perform::perform;
 use ferry_agent::phases::Phase;
+use ferry_agent::policy::Policy;
 use ferry_agent::prepare::prepare;
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::supervisor::Supervisor;
@@ -18,18 +19,18 @@ use support::*;
 use tokio_util::sync::CancellationToken;
 
 /// Runs all five phases from node-a to node-b and checks the guest on the target.
-async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: PerformParams) {
+async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) {
     let vm = lab.vm.as_str();
     let m = "m-ok";
     let out = begin(&lab.a, vm, m, target_xml).await.unwrap();
     // Idempotent: a re-run returns the same result.
     assert_eq!(begin(&lab.a, vm, m, target_xml).await.unwrap(), out);
-    let prep = prepare(&lab.b, m, &out.domain_xml, &out.cookie, None)
+    let prep = prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params)
         .await
         .unwrap();
     assert!(prep.uri.starts_with("tcp:127.0.0.3:"), "{}", prep.uri);
     assert_eq!(
-        prepare(&lab.b, m, &out.domain_xml, &out.cookie, None)
+        prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params)
             .await
             .unwrap(),
         prep
@@ -120,10 +121,7 @@ async fn guest_dirtying_memory_migrates_through_five_phases() {
     // downtime limit only keeps a loaded machine from never converging.
     let lab = Lab::new("busy", 256, 192, 0);
     lab.start_source().await;
-    let params = PerformParams {
-        max_bandwidth: None,
-        max_downtime_ms: Some(2000),
-    };
+    let params = policy(None, 2000);
     migrate_and_check(&lab, None, params).await;
 }
 
@@ -134,10 +132,7 @@ async fn target_xml_that_moves_the_disk_migrates() {
     let moved = lab.dir.path().join("moved.img");
     std::fs::copy(&lab.disk, &moved).unwrap();
     let target = lab.xml_with(&moved, 1, "ide", 64, "");
-    let params = PerformParams {
-        max_bandwidth: None,
-        max_downtime_ms: Some(2000),
-    };
+    let params = policy(None, 2000);
     migrate_and_check(&lab, Some(&target), params).await;
     let def = lab.b.definition(&lab.vm).unwrap();
     assert_eq!(def.disks().next().unwrap().source, moved.to_str().unwrap());
@@ -196,9 +191,16 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
     let out = begin(&lab.a, vm, "m-c", None).await.unwrap();
 
     // Same host: the source node's own Prepare refuses its cookie.
-    let err = prepare(&lab.a, "m-c", &out.domain_xml, &out.cookie, None)
-        .await
-        .unwrap_err();
+    let err = prepare(
+        &lab.a,
+        "m-c",
+        &out.domain_xml,
+        &out.cookie,
+        None,
+        &Policy::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("attempt to migrate guest to the same host"),
@@ -231,9 +233,16 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
         (mandatory, "unknown mandatory part <nbd>"),
     ];
     for (cookie, msg) in cases {
-        let err = prepare(&lab.b, "m-c", &out.domain_xml, &cookie, None)
-            .await
-            .unwrap_err();
+        let err = prepare(
+            &lab.b,
+            "m-c",
+            &out.domain_xml,
+            &cookie,
+            None,
+            &Policy::default(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.phase, Phase::Prepare);
         assert!(err.to_string().contains(msg), "{err}");
     }
@@ -250,13 +259,17 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
     lab.start_source().await;
     let vm = lab.vm.clone();
     let out = begin(&lab.a, &vm, "m-r", None).await.unwrap();
-    let prep = prepare(&lab.b, "m-r", &out.domain_xml, &out.cookie, None)
-        .await
-        .unwrap();
-    let slow = PerformParams {
-        max_bandwidth: Some(1 << 20),
-        max_downtime_ms: None,
-    };
+    let prep = prepare(
+        &lab.b,
+        "m-r",
+        &out.domain_xml,
+        &out.cookie,
+        None,
+        &Policy::default(),
+    )
+    .await
+    .unwrap();
+    let slow = policy(Some(1 << 20), 300);
     let transferred = Arc::new(AtomicU64::new(0));
     let seen = transferred.clone();
     let token = CancellationToken::new();
@@ -281,10 +294,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
     }
     // ...and a new agent (new supervisor, new QMP connection) runs Perform again.
     lab.a = Supervisor::new(lab.a.node().clone());
-    let fast = PerformParams {
-        max_bandwidth: None,
-        max_downtime_ms: Some(2000),
-    };
+    let fast = policy(None, 2000);
     let perf = within(perform(
         &lab.a,
         &vm,

@@ -4,7 +4,7 @@
 // which clippy takes for a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -93,10 +93,16 @@ pub struct VirtualMachineMigrationSpec {
     pub cancel: bool,
 }
 
-/// How the transfer behaves. Absent fields take the cluster-wide defaults.
+/// How the transfer behaves: a named preset, and explicit fields that override what the
+/// preset sets. Absent fields take the preset's value.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationPolicy {
+    /// A named set of the fields below, for users who do not want to tune; absent means
+    /// Balanced. Every field set explicitly overrides the preset's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+
     /// Maximum bandwidth of the migration stream in MiB/s. 0 or absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
@@ -107,12 +113,16 @@ pub struct MigrationPolicy {
     #[schemars(range(min = 1))]
     pub max_downtime_ms: Option<i64>,
 
-    /// Number of parallel connections (QEMU multifd channels). 1 is a single stream.
+    /// Number of parallel connections (QEMU multifd channels, set on both sides). 1 is a
+    /// single stream. More than 1 is not compatible with post-copy (see `compression`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub parallel_connections: Option<i32>,
 
-    /// Compression of the stream; needs parallelConnections.
+    /// Compression of the stream (zstd or zlib, over multifd: it turns multifd on even
+    /// with one connection). Not compatible with post-copy: set explicitly, it turns off
+    /// the post-copy a preset allows; set explicitly together with post-copy, the
+    /// migration is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Compression>,
 
@@ -136,6 +146,28 @@ pub struct MigrationPolicy {
     pub progress_timeout_seconds: Option<i64>,
 }
 
+/// Named migration policies. None of them limits the bandwidth (QEMU's own default of
+/// 128 MiB/s is never used: the agent always sets the limit, unlimited unless
+/// `bandwidthMiBps` says otherwise) or compresses the stream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Preset {
+    /// Shortest total time: 4 parallel connections (multifd), auto-converge, max
+    /// downtime 1000 ms, post-copy Never (QEMU 7.2 cannot switch a multifd stream to
+    /// post-copy), completion timeout 150 s per GiB, progress timeout 60 s.
+    Fastest,
+    /// The guest's state is never split between two hosts: one connection,
+    /// auto-converge, max downtime 300 ms, post-copy Never, completion timeout 800 s
+    /// per GiB, progress timeout 300 s. A guest that does not converge even with its
+    /// vCPUs throttled is aborted by a timeout and keeps running on the source.
+    Safest,
+    /// The default: one connection, auto-converge, max downtime 500 ms, post-copy
+    /// Allowed as a last resort (only when pre-copy still does not converge with the
+    /// vCPUs throttled to the maximum, 99 %), completion timeout 300 s per GiB,
+    /// progress timeout 150 s. Post-copy needs userfaultfd on the target node.
+    #[default]
+    Balanced,
+}
+
 /// Compression of the migration stream.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Compression {
@@ -152,8 +184,11 @@ pub enum Compression {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.mode != 'AfterSeconds' || has(self.afterSeconds)").message("afterSeconds is required when mode is AfterSeconds"))]
 pub struct PostCopy {
-    /// Never: pre-copy only. Allowed: switch when pre-copy does not converge.
-    /// AfterSeconds: switch after `afterSeconds` of pre-copy.
+    /// Never: pre-copy only. Allowed: switch when pre-copy does not converge (the dirty
+    /// rate stayed at or above 90 % of the throughput over the last 3 passes and, with
+    /// auto-converge, the vCPUs are throttled to the maximum). AfterSeconds: switch
+    /// after `afterSeconds` of pre-copy. The completion and progress timeouts only
+    /// apply before the switch: a post-copy migration cannot be cancelled.
     pub mode: PostCopyMode,
     /// Seconds of pre-copy before switching, with mode AfterSeconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,11 +439,11 @@ impl Steps {
 pub struct Step {
     /// The node whose agent ran the phase.
     pub node: String,
-    /// When the agent started the phase.
-    pub start: Time,
-    /// When the agent finished the phase.
+    /// When the agent started the phase (microsecond precision).
+    pub start: MicroTime,
+    /// When the agent finished the phase (microsecond precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end: Option<Time>,
+    pub end: Option<MicroTime>,
     /// How the phase ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<StepOutcome>,
@@ -454,4 +489,30 @@ pub struct Progress {
     /// Percent of the total transferred, as text for `kubectl get` (e.g. "42%").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<String>,
+    /// PreCopy until the switch to post-copy, then PostCopy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MigrationMode>,
+    /// Whether pre-copy converges, judged from the dirty rate against the throughput
+    /// over the last passes; absent until there are enough passes to judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converging: Option<bool>,
+    /// Why the migration is or is not converging, and what the policy does about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<String>,
+    /// Estimated seconds until the transfer completes; absent when it does not
+    /// converge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<i64>,
+    /// How much auto-converge throttles the guest's vCPUs, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_percent: Option<i64>,
+}
+
+/// How a migration moves memory.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MigrationMode {
+    /// The guest runs on the source while its memory is copied, pass after pass.
+    PreCopy,
+    /// The guest's state moved to the target; the rest of its memory follows.
+    PostCopy,
 }

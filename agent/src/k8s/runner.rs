@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::domain::{Device, Domain};
 use ferry_agent::error::BoxError;
-use ferry_agent::perform::{PerformParams, Progress};
+use ferry_agent::perform::Progress;
+use ferry_agent::policy;
 use ferry_agent::{begin, confirm, finish, perform, prepare};
 use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -94,7 +95,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    async fn record_start(&self) -> Time {
+    async fn record_start(&self) -> MicroTime {
         let existing = self
             .status()
             .steps
@@ -103,17 +104,23 @@ impl<'a> Run<'a> {
         if let Some(step) = existing {
             return step.start;
         }
-        let start = Time(Timestamp::now());
+        let start = MicroTime(Timestamp::now());
         let step = json!({"node": self.agent.node, "start": start});
         self.patch(json!({"steps": {self.phase.key(): step}})).await;
         start
     }
 
-    async fn record_end(&self, start: Time, outcome: StepOutcome, message: &str, outputs: Value) {
+    async fn record_end(
+        &self,
+        start: MicroTime,
+        outcome: StepOutcome,
+        message: &str,
+        outputs: Value,
+    ) {
         let step = json!({
             "node": self.agent.node,
             "start": start,
-            "end": Time(Timestamp::now()),
+            "end": MicroTime(Timestamp::now()),
             "outcome": outcome,
             "message": message,
         });
@@ -193,7 +200,8 @@ impl<'a> Run<'a> {
                     .agent
                     .free_port()
                     .ok_or("no free migration port in the configured range")?;
-                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port))
+                let policy = policy::resolve(&self.m.spec.policy).map_err(|e| e.to_string())?;
+                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port), &policy)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok((
@@ -263,14 +271,7 @@ impl<'a> Run<'a> {
         let cookie = self
             .cookie(MigrationPhase::Prepare)
             .ok_or("Prepare left no cookie")?;
-        let policy = &self.m.spec.policy;
-        let params = PerformParams {
-            max_bandwidth: policy
-                .bandwidth_mi_bps
-                .filter(|b| *b > 0)
-                .map(|b| b as u64 * 1024 * 1024),
-            max_downtime_ms: policy.max_downtime_ms.map(|d| d as u64),
-        };
+        let params = policy::resolve(&self.m.spec.policy).map_err(|e| e.to_string())?;
         // Progress goes to the status at most once a second, from its own task.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
         let api = self.api.clone();
@@ -307,6 +308,7 @@ impl<'a> Run<'a> {
         drop(tx);
         let _ = writer.await;
         let out = result.map_err(|e| e.to_string())?;
+        let mode = if out.post_copy { "PostCopy" } else { "PreCopy" };
         // Console clients follow the guest through the VM's status.graphics, which the
         // target's agent reports once it owns the guest.
         let outputs = json!({
@@ -318,14 +320,23 @@ impl<'a> Run<'a> {
                 "bytesTransferred": out.transferred_bytes,
                 "bytesRemaining": 0,
                 "percent": "100%",
+                "mode": mode,
+                "etaSeconds": 0,
+                "cpuThrottlePercent": out.max_cpu_throttle_percent,
             },
         });
         Ok((
             format!(
-                "sent {} MiB in {} ms; guest downtime {} ms",
+                "sent {} MiB in {} ms; guest downtime {} ms; {}, vCPU throttle up to {} %",
                 out.transferred_bytes >> 20,
                 out.total_time_ms,
-                out.downtime_ms
+                out.downtime_ms,
+                if out.post_copy {
+                    "switched to post-copy"
+                } else {
+                    "pre-copy"
+                },
+                out.max_cpu_throttle_percent
             ),
             outputs,
         ))
@@ -419,6 +430,11 @@ fn progress_json(p: &Progress) -> Value {
         "iteration": p.pass,
         "expectedDowntimeMs": p.expected_downtime_ms,
         "percent": format!("{percent}%"),
+        "mode": if p.post_copy { "PostCopy" } else { "PreCopy" },
+        "converging": p.converging,
+        "convergence": p.convergence,
+        "etaSeconds": p.eta.map(|d| d.as_secs()),
+        "cpuThrottlePercent": p.cpu_throttle_percent,
     })
 }
 

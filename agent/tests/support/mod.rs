@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use ferry_agent::node::Node;
+use ferry_agent::policy::Policy;
 use ferry_agent::supervisor::{Guest, Supervisor};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -267,4 +268,14 @@ pub async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(300), fut)
         .await
         .expect("gave up after 5 minutes")
+}
+
+/// The default policy (Balanced) with a bandwidth limit in bytes per second (`None`:
+/// unlimited) and a downtime limit.
+pub fn policy(max_bandwidth: Option<u64>, max_downtime_ms: u64) -> Policy {
+    Policy {
+        max_bandwidth,
+        max_downtime_ms,
+        ..Policy::default()
+    }
 }
