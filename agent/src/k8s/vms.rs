@@ -42,9 +42,14 @@ const RESYNC: Duration = Duration::from_secs(5);
 pub async fn run(agent: Arc<Agent>) {
     let vms: Api<VirtualMachine> = Api::all(agent.client.clone());
     Controller::new(vms, watcher::Config::default())
-        .run(reconcile, |_, _, _| Action::requeue(RESYNC), agent)
+        .run(reconcile, error_policy, agent)
         .for_each(|_| async {})
         .await;
+}
+
+fn error_policy(vm: Arc<VirtualMachine>, error: &VmError, _: Arc<Agent>) -> Action {
+    warn!(vm = %vm.name_any(), %error, "VM reconcile failed; retrying");
+    Action::requeue(RESYNC)
 }
 
 /// Whether `vm` runs (or is to start) on `node`.

@@ -2,7 +2,7 @@ use super::*;
 use ferry_crds::{
     Condition, Step, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
 fn at(secs: i64) -> Time {
     Time(Timestamp::from_second(1_800_000_000 + secs).unwrap())
@@ -23,8 +23,8 @@ fn migration(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> Virtual
     let mut m = VirtualMachineMigration::new("m", spec);
     let step = Step {
         node: "x".into(),
-        start: at(0),
-        end: outcome.map(|_| at(1)),
+        start: MicroTime(at(0).0),
+        end: outcome.map(|_| MicroTime(at(1).0)),
         outcome,
         message: Some("it broke".into()),
     };
