@@ -198,6 +198,8 @@ pub async fn perform(
     let mut cancel_ignored = false;
     let mut in_post_copy = false;
     let mut post_copy_sent = false;
+    // QEMU time of the switch to post-copy.
+    let mut switched_at: Option<Duration> = None;
     let mut aborted = None;
     let mut max_throttle = 0;
     let mut conv = Convergence::default();
@@ -239,6 +241,9 @@ pub async fn perform(
         }
         let s = sample(&info);
         in_post_copy |= s.post_copy;
+        if s.post_copy && switched_at.is_none() {
+            switched_at = Some(s.elapsed);
+        }
         max_throttle = max_throttle.max(s.cpu_throttle_percent);
         conv.observe(&s);
         let judgement = if s.post_copy {
@@ -263,6 +268,7 @@ pub async fn perform(
                     .await
                     .map_err(|e| cx.err(e))?;
                 post_copy_sent = true;
+                switched_at = Some(s.elapsed);
             }
             Action::StartPostCopy(_) => {}
             Action::Abort(limit) => {
@@ -289,7 +295,13 @@ pub async fn perform(
         }
     }
     on_progress(&Progress::from_info(&info));
-    let stats = statistics(&info);
+    let mut stats = statistics(&info);
+    if let Some(at) = switched_at {
+        // The incoming QEMU starts with -S: after the switch the guest runs nowhere
+        // until Finish resumes it on the target, so its downtime counts from the switch.
+        let paused = stats.total_time_ms.saturating_sub(at.as_millis() as u64);
+        stats.downtime_ms = stats.downtime_ms.max(paused);
+    }
     let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
     cookie.statistics = Some(stats.clone());
     let out = PerformOutput {
