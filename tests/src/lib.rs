@@ -7,6 +7,7 @@
 //! test process dies.
 
 pub mod cluster;
+pub mod identity;
 mod commands;
 mod control_plane;
 mod pki;

@@ -2,6 +2,7 @@
 //! the design needs and are refused (403) the rest.
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_tests::identity::node_bound_token;
 use ferry_tests::{ControlPlane, repo_root};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -129,7 +130,25 @@ async fn client_as(c: &Cluster, sa: &str) -> Client {
 #[tokio::test]
 async fn agent_reads_specs_writes_status_and_nothing_more() {
     let c = cluster().await;
-    let agent = client_as(&c, "ferry-agent").await;
+    // The chart's admission policy only lets an agent whose token names its node write
+    // status, and only where that node takes part (tests/tests/identity.rs): the agent of
+    // node-a, source of the example migration as the operator admitted it.
+    Api::<VirtualMachineMigration>::namespaced(c.admin.clone(), VMS)
+        .patch_status(
+            "demo-to-node-b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"sourceNode": "node-a", "targetNode": "node-b"}})),
+        )
+        .await
+        .unwrap();
+    let token = node_bound_token(&c.admin, NS, "ferry-agent", "node-a", 3600)
+        .await
+        .unwrap();
+    let path = c.cp.dir().join("ferry-agent.kubeconfig");
+    let agent =
+        c.cp.client_for_token("ferry-agent", &token, &path)
+            .await
+            .unwrap();
     let vms: Api<VirtualMachine> = Api::namespaced(agent.clone(), VMS);
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(agent.clone(), VMS);
     let pp = PatchParams::default();
@@ -157,11 +176,11 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
         .await,
     );
     allowed(
-        "move VM status.nodeName",
+        "claim VM status.nodeName at the first start",
         vms.patch_status(
             "demo",
             &pp,
-            &Patch::Merge(json!({"status": {"nodeName": "node-b"}})),
+            &Patch::Merge(json!({"status": {"nodeName": "node-a"}})),
         )
         .await,
     );

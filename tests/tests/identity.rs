@@ -1,0 +1,587 @@
+//! Agent identity bound to its node (issue 7, item 2): against the real apiserver with the
+//! chart installed, tokens bound to Nodes carry the node's name, and the chart's admission
+//! policy lets an agent write only the status fields its node's phases own.
+
+use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_tests::identity::{NODE_NAME_EXTRA, ensure_node, node_bound_token, node_of, whoami};
+use ferry_tests::{ControlPlane, repo_root};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+const NS: &str = "ferry-system";
+const VMS: &str = "vms";
+const AGENT: &str = "ferry-agent";
+const MIGRATION: &str = "demo-to-node-b";
+
+struct Env {
+    cp: ControlPlane,
+    admin: Client,
+}
+
+/// The chart, the example VM and migration, and Nodes node-a, node-b, node-c.
+async fn env() -> Env {
+    let cp = ControlPlane::start()
+        .await
+        .unwrap_or_else(|e| panic!("control plane: {e}"));
+    cp.install_chart("ferry", NS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let admin = cp.admin_client().await.unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": VMS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut applied = String::new();
+    for _ in 0..100 {
+        let out = cp
+            .kubectl()
+            .args(["apply", "-n", VMS, "-f"])
+            .arg(repo_root().join("examples"))
+            .output()
+            .await
+            .unwrap();
+        applied = ferry_tests::printed(&out);
+        if out.status.success() {
+            break;
+        }
+        // The CRDs may not be established yet.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(applied.contains("created"), "examples: {applied}");
+    for node in ["node-a", "node-b", "node-c"] {
+        ensure_node(&admin, node).await.unwrap();
+    }
+    Env { cp, admin }
+}
+
+/// A client of the agent ServiceAccount whose token is bound to `node`.
+async fn agent_on(env: &Env, node: &str) -> Client {
+    let token = node_bound_token(&env.admin, NS, AGENT, node, 3600)
+        .await
+        .unwrap();
+    let path = env.cp.dir().join(format!("agent-{node}.kubeconfig"));
+    env.cp
+        .client_for_token(&format!("agent-{node}"), &token, &path)
+        .await
+        .unwrap()
+}
+
+/// A client of the agent ServiceAccount with a plain token (bound to nothing).
+async fn agent_unbound(env: &Env) -> Client {
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}
+    }))
+    .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
+        .create_token_request(AGENT, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .unwrap();
+    let path = env.cp.dir().join("agent-unbound.kubeconfig");
+    env.cp
+        .client_for_token("agent-unbound", &token, &path)
+        .await
+        .unwrap()
+}
+
+/// The migration as the operator has admitted it: Begin, node-a to node-b.
+async fn admit(env: &Env) {
+    Api::<VirtualMachineMigration>::namespaced(env.admin.clone(), VMS)
+        .patch_status(
+            MIGRATION,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Begin", "sourceNode": "node-a", "targetNode": "node-b",
+            }})),
+        )
+        .await
+        .unwrap();
+}
+
+fn migrations(client: &Client) -> Api<VirtualMachineMigration> {
+    Api::namespaced(client.clone(), VMS)
+}
+
+fn vms(client: &Client) -> Api<VirtualMachine> {
+    Api::namespaced(client.clone(), VMS)
+}
+
+async fn patch_migration(client: &Client, status: Value) -> kube::Result<VirtualMachineMigration> {
+    migrations(client)
+        .patch_status(
+            MIGRATION,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+}
+
+async fn patch_vm(client: &Client, status: Value) -> kube::Result<VirtualMachine> {
+    vms(client)
+        .patch_status(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+}
+
+#[track_caller]
+fn allowed<T>(what: &str, result: kube::Result<T>) {
+    if let Err(e) = result {
+        panic!("{what} should be allowed, got: {e}");
+    }
+}
+
+/// Refused with 403 by the admission policy, naming `rule`.
+#[track_caller]
+fn denied<T: std::fmt::Debug>(what: &str, rule: &str, result: kube::Result<T>) {
+    match result {
+        Err(kube::Error::Api(status))
+            if status.code == 403
+                && status.message.contains("ValidatingAdmissionPolicy")
+                && status.message.contains(&format!("rule {rule}:")) =>
+        {
+            println!("{what}: refused: {}", status.message);
+        }
+        other => panic!("{what} should be refused by rule {rule}, got: {other:?}"),
+    }
+}
+
+fn step(node: &str) -> Value {
+    json!({"node": node, "start": "2026-01-01T00:00:00.000000Z"})
+}
+
+#[tokio::test]
+async fn bound_tokens_carry_their_node() {
+    let env = env().await;
+
+    // A token bound to a Node names it.
+    let user = whoami(&agent_on(&env, "node-a").await).await.unwrap();
+    println!("node-bound token: {user:?}");
+    assert_eq!(
+        user.username.as_deref(),
+        Some("system:serviceaccount:ferry-system:ferry-agent")
+    );
+    assert_eq!(
+        node_of(&user),
+        Some("node-a"),
+        "{NODE_NAME_EXTRA} of {user:?}"
+    );
+
+    // A plain token names none.
+    let user = whoami(&agent_unbound(&env).await).await.unwrap();
+    assert_eq!(node_of(&user), None, "{user:?}");
+
+    // A token bound to a Pod (what the kubelet projects into the agent's DaemonSet Pod)
+    // names the Pod's node too.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "agent-x"},
+        "spec": {"nodeName": "node-c", "serviceAccountName": AGENT,
+                 "containers": [{"name": "agent", "image": "ferry-agent"}]}
+    }))
+    .unwrap();
+    let pod = Api::<Pod>::namespaced(env.admin.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {
+            "audiences": ["https://kubernetes.default.svc.cluster.local"],
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "agent-x",
+                               "uid": pod.metadata.uid}
+        }
+    }))
+    .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
+        .create_token_request(AGENT, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .unwrap();
+    let path = env.cp.dir().join("agent-pod.kubeconfig");
+    let client = env
+        .cp
+        .client_for_token("agent-pod", &token, &path)
+        .await
+        .unwrap();
+    let user = whoami(&client).await.unwrap();
+    println!("pod-bound token: {user:?}");
+    assert_eq!(node_of(&user), Some("node-c"), "{user:?}");
+}
+
+#[tokio::test]
+async fn only_the_migrations_own_agents_write_its_status() {
+    let env = env().await;
+    admit(&env).await;
+    let (a, b, c) = (
+        agent_on(&env, "node-a").await,
+        agent_on(&env, "node-b").await,
+        agent_on(&env, "node-c").await,
+    );
+
+    // A node that is neither source nor target writes nothing.
+    denied(
+        "node-c writes Begin's cookie",
+        "own-migration",
+        patch_migration(&c, json!({"cookies": {"begin": "<ferry-migration/>"}})).await,
+    );
+    denied(
+        "node-c writes Prepare's step",
+        "own-migration",
+        patch_migration(&c, json!({"steps": {"prepare": step("node-c")}})).await,
+    );
+    // An agent token bound to no node writes nothing.
+    denied(
+        "an unbound agent token writes Begin's cookie",
+        "node-bound",
+        patch_migration(
+            &agent_unbound(&env).await,
+            json!({"cookies": {"begin": "<ferry-migration/>"}}),
+        )
+        .await,
+    );
+
+    // The target cannot write the source's phases.
+    denied(
+        "the target writes Begin's step",
+        "source-fields",
+        patch_migration(&b, json!({"steps": {"begin": step("node-b")}})).await,
+    );
+    denied(
+        "the target writes Begin's cookie",
+        "source-fields",
+        patch_migration(&b, json!({"cookies": {"begin": "<ferry-migration/>"}})).await,
+    );
+    denied(
+        "the target writes the progress",
+        "source-fields",
+        patch_migration(
+            &b,
+            json!({"progress": {"bytesTotal": 1, "bytesTransferred": 1,
+            "bytesRemaining": 0, "dirtyRateBytesPerSecond": 0, "throughputBytesPerSecond": 0,
+            "iteration": 1, "expectedDowntimeMs": 0}}),
+        )
+        .await,
+    );
+
+    // The source writes its own step and cookie, as the runner does.
+    allowed(
+        "the source starts Begin",
+        patch_migration(&a, json!({"steps": {"begin": step("node-a")}})).await,
+    );
+    allowed(
+        "the source ends Begin with its cookie and the target's XML",
+        patch_migration(
+            &a,
+            json!({
+                "steps": {"begin": {"node": "node-a", "start": "2026-01-01T00:00:00.000000Z",
+                    "end": "2026-01-01T00:00:01.000000Z", "outcome": "Succeeded", "message": "ok"}},
+                "cookies": {"begin": "<ferry-migration/>"},
+                "targetDomainXML": "<domain/>",
+            }),
+        )
+        .await,
+    );
+    // ... but not the target's, nor the operator's fields, nor a step naming another node.
+    denied(
+        "the source writes Prepare's cookie",
+        "target-fields",
+        patch_migration(&a, json!({"cookies": {"prepare": "<ferry-migration/>"}})).await,
+    );
+    denied(
+        "the source writes the migration URI",
+        "target-fields",
+        patch_migration(&a, json!({"migrationURI": "tcp:127.0.0.9:1"})).await,
+    );
+    denied(
+        "the source moves the phase on",
+        "operator-fields",
+        patch_migration(&a, json!({"phase": "Prepare"})).await,
+    );
+    denied(
+        "the source makes node-c the target",
+        "operator-fields",
+        patch_migration(&a, json!({"targetNode": "node-c"})).await,
+    );
+    denied(
+        "the target sets cancelled",
+        "operator-fields",
+        patch_migration(&b, json!({"cancelled": true})).await,
+    );
+    denied(
+        "the source writes Perform's step in node-b's name",
+        "step-node",
+        patch_migration(&a, json!({"steps": {"perform": step("node-b")}})).await,
+    );
+
+    // The target writes Prepare's outputs and Finish's.
+    allowed(
+        "the target ends Prepare",
+        patch_migration(
+            &b,
+            json!({
+                "steps": {"prepare": step("node-b")},
+                "cookies": {"prepare": "<ferry-migration/>"},
+                "migrationURI": "tcp:127.0.0.3:49152",
+            }),
+        )
+        .await,
+    );
+    allowed(
+        "the target writes Finish's cookie",
+        patch_migration(&b, json!({"cookies": {"finish": "<ferry-migration/>"}})).await,
+    );
+
+    // The operator (here the admin) is not an agent and not bound by the policy.
+    allowed(
+        "the operator moves the phase on",
+        patch_migration(&env.admin, json!({"phase": "Prepare"})).await,
+    );
+    let m = migrations(&env.admin).get(MIGRATION).await.unwrap();
+    let status = m.status.unwrap();
+    let cookies = status.cookies.unwrap();
+    assert_eq!(cookies.begin.as_deref(), Some("<ferry-migration/>"));
+    assert_eq!(status.migration_uri.as_deref(), Some("tcp:127.0.0.3:49152"));
+    assert_eq!(status.target_node.as_deref(), Some("node-b"));
+}
+
+#[tokio::test]
+async fn only_the_vms_node_writes_its_status() {
+    let env = env().await;
+    let (a, b, c) = (
+        agent_on(&env, "node-a").await,
+        agent_on(&env, "node-b").await,
+        agent_on(&env, "node-c").await,
+    );
+
+    // First start: only the agent of spec.nodeName (node-a) claims status.nodeName.
+    denied(
+        "node-b claims a VM meant for node-a",
+        "nodename-first-start",
+        patch_vm(&b, json!({"nodeName": "node-b", "phase": "Running"})).await,
+    );
+    denied(
+        "node-a claims it for node-b",
+        "nodename-own",
+        patch_vm(&a, json!({"nodeName": "node-b"})).await,
+    );
+    denied(
+        "node-b reports a VM meant for node-a",
+        "own-vm",
+        patch_vm(&b, json!({"phase": "Starting"})).await,
+    );
+    allowed(
+        "node-a starts the guest",
+        patch_vm(&a, json!({"nodeName": "node-a", "phase": "Running"})).await,
+    );
+
+    // Outside a migration, nobody moves it, not even to itself.
+    denied(
+        "node-b takes the VM without a migration",
+        "own-vm",
+        patch_vm(&b, json!({"phase": "Running"})).await,
+    );
+    denied(
+        "node-b takes status.nodeName without a migration",
+        "nodename-migration",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    denied(
+        "node-a names a migration on its own",
+        "migration-fence",
+        patch_vm(&a, json!({"migration": MIGRATION})).await,
+    );
+
+    // The operator admits the migration and marks the VM as held.
+    admit(&env).await;
+    allowed(
+        "the operator marks the VM as held",
+        patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
+    );
+    denied(
+        "node-c takes status.nodeName to itself",
+        "nodename-migration",
+        patch_vm(&c, json!({"nodeName": "node-c", "migration": null})).await,
+    );
+    denied(
+        "the target clears status.migration (only the source fences)",
+        "own-vm",
+        patch_vm(&b, json!({"migration": null})).await,
+    );
+    denied(
+        "node-a hands the VM to node-b",
+        "nodename-own",
+        patch_vm(&a, json!({"nodeName": "node-b"})).await,
+    );
+
+    // Cancelled Confirm: the source fences the target out, then the operator retries.
+    allowed(
+        "the source clears status.migration",
+        patch_vm(&a, json!({"migration": null})).await,
+    );
+    denied(
+        "the target takes a VM no migration holds",
+        "nodename-migration",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    allowed(
+        "the operator marks the VM as held again",
+        patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
+    );
+
+    // Finish: the target takes status.nodeName (guarded by resourceVersion, as the agent
+    // does it); from then on the source no longer writes the VM's status.
+    let rv = vms(&env.admin)
+        .get("demo")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    allowed(
+        "the target takes status.nodeName in Finish",
+        vms(&b)
+            .patch_status(
+                "demo",
+                &PatchParams::default(),
+                &Patch::Merge(json!({
+                    "metadata": {"resourceVersion": rv},
+                    "status": {"nodeName": "node-b"},
+                })),
+            )
+            .await,
+    );
+    denied(
+        "the old source reports the VM",
+        "own-vm",
+        patch_vm(&a, json!({"phase": "Running"})).await,
+    );
+    allowed(
+        "the new node reports the VM",
+        patch_vm(&b, json!({"phase": "Running"})).await,
+    );
+    let vm = vms(&env.admin).get("demo").await.unwrap();
+    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-b"));
+}
+
+#[tokio::test]
+async fn a_spec_editor_cannot_forge_status() {
+    let env = env().await;
+    admit(&env).await;
+    // A user who may edit migrations (the main resource) but not their status.
+    Api::<ServiceAccount>::namespaced(env.admin.clone(), VMS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "editor"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "migration-editor"},
+        "rules": [{"apiGroups": ["ferry.dev"], "resources": ["virtualmachinemigrations"],
+                   "verbs": ["get", "list", "watch", "create", "update", "patch"]}]
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(env.admin.clone(), VMS)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "migration-editor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "migration-editor"},
+        "subjects": [{"kind": "ServiceAccount", "name": "editor", "namespace": VMS}]
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(env.admin.clone(), VMS)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let req: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}
+    }))
+    .unwrap();
+    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), VMS)
+        .create_token_request("editor", &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .unwrap();
+    let path = env.cp.dir().join("editor.kubeconfig");
+    let editor = env
+        .cp
+        .client_for_token("editor", &token, &path)
+        .await
+        .unwrap();
+    let forged = json!({"cookies": {"begin": "<ferry-migration>forged</ferry-migration>"},
+                        "steps": {"begin": {"node": "node-a", "start": "2026-01-01T00:00:00.000000Z",
+                                            "outcome": "Succeeded"}}});
+
+    // The status subresource: RBAC refuses.
+    match patch_migration(&editor, forged.clone()).await {
+        Err(kube::Error::Api(s)) if s.code == 403 => println!("status patch: {}", s.message),
+        other => panic!("a status write by a spec editor should be 403, got {other:?}"),
+    }
+
+    // The main resource: the apiserver accepts the request but drops every status change
+    // (the CRD has a status subresource), so the spec change lands and the cookie does not.
+    let after = migrations(&editor)
+        .patch(
+            MIGRATION,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cancel": true}, "status": forged})),
+        )
+        .await
+        .expect("a spec patch by a spec editor is accepted");
+    let status = after.status.unwrap_or_default();
+    assert!(after.spec.cancel, "the spec change lands");
+    assert_eq!(status.cookies, None, "no cookie was forged: {status:?}");
+    assert_eq!(status.steps, None, "no step was forged: {status:?}");
+
+    // A full update (PUT) with a status: the same.
+    let mut m = migrations(&editor).get(MIGRATION).await.unwrap();
+    let mut s = m.status.clone().unwrap_or_default();
+    s.cookies =
+        serde_json::from_value(json!({"begin": "<ferry-migration>forged</ferry-migration>"}))
+            .unwrap();
+    s.phase = None;
+    m.status = Some(s);
+    let after = migrations(&editor)
+        .replace(MIGRATION, &PostParams::default(), &m)
+        .await
+        .expect("a PUT by a spec editor is accepted");
+    let status = after.status.unwrap_or_default();
+    assert_eq!(
+        status.cookies, None,
+        "no cookie was forged by PUT: {status:?}"
+    );
+    assert!(status.phase.is_some(), "the phase was not cleared by PUT");
+
+    // Creating a migration with a status: the status is dropped.
+    let created = migrations(&editor)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+                "metadata": {"name": "forged"},
+                "spec": {"vmName": "demo", "transport": {"mode": "Direct", "tls": false}},
+                "status": {"phase": "Finish", "sourceNode": "node-a", "targetNode": "node-c",
+                           "cookies": {"perform": "<ferry-migration/>"}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("a spec editor creates a migration");
+    assert_eq!(created.status.and_then(|s| s.phase), None);
+}
