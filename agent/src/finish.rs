@@ -73,6 +73,9 @@ where
     }
 }
 
+/// How long Finish waits for a guest whose stream has arrived to finish loading.
+const ARRIVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Kills the incoming QEMU (if any) and removes its state dir.
 async fn abort(sup: &Supervisor, cx: &Ctx<'_>) -> Result<(), PhaseError> {
     tracing::info!(
@@ -107,16 +110,30 @@ where
         },
     )?;
     let guest = sup.require(vm).await?;
-    let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
-    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
-    match arrival(&status.status, info.status.as_deref()) {
-        Arrival::Arrived => {
-            take_ownership.await.map_err(ErrorKind::Ownership)?;
-            tracing::info!(vm, migration = cx.migration, "ownership taken, resuming");
-            guest.qmp.run("cont", None).await?;
+    // The source saw the stream complete a moment before this QEMU finishes loading it.
+    let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+    loop {
+        let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
+        let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+        match arrival(&status.status, info.status.as_deref()) {
+            Arrival::Arrived => {
+                take_ownership.await.map_err(ErrorKind::Ownership)?;
+                tracing::info!(vm, migration = cx.migration, "ownership taken, resuming");
+                guest.qmp.run("cont", None).await?;
+                break;
+            }
+            Arrival::AlreadyResumed => break,
+            Arrival::Arriving if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Arrival::Arriving => {
+                return Err(ErrorKind::NotArrived(format!(
+                    "the guest was still loading after {}s",
+                    ARRIVAL_WAIT.as_secs()
+                )));
+            }
+            Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
         }
-        Arrival::AlreadyResumed => {}
-        Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
     }
     let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
     cookie.lock = Some(LockState {

@@ -142,6 +142,8 @@ pub enum Arrival {
     Arrived,
     /// A previous Finish already resumed the guest.
     AlreadyResumed,
+    /// The stream is in (or nearly) but QEMU has not left `inmigrate` yet: look again.
+    Arriving,
     NotArrived(String),
 }
 
@@ -150,6 +152,7 @@ pub fn arrival(run_status: &str, migration_status: Option<&str>) -> Arrival {
     match (outcome(migration_status), run_status) {
         (Outcome::Completed, "paused" | "postmigrate") => Arrival::Arrived,
         (Outcome::Completed, "running") => Arrival::AlreadyResumed,
+        (Outcome::Completed | Outcome::InProgress, "inmigrate") => Arrival::Arriving,
         (o, s) => Arrival::NotArrived(format!(
             "incoming migration is {}, guest is '{s}'",
             match o {
@@ -234,10 +237,10 @@ mod tests {
             arrival("running", Some("completed")),
             Arrival::AlreadyResumed
         );
-        assert!(matches!(
-            arrival("inmigrate", Some("active")),
-            Arrival::NotArrived(_)
-        ));
+        // The source saw the stream end; this side is still loading it.
+        assert_eq!(arrival("inmigrate", Some("active")), Arrival::Arriving);
+        assert_eq!(arrival("inmigrate", Some("completed")), Arrival::Arriving);
+        assert!(matches!(arrival("inmigrate", None), Arrival::NotArrived(_)));
         assert!(matches!(
             arrival("paused", Some("failed")),
             Arrival::NotArrived(_)
