@@ -6,14 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_crds::VirtualMachineMigration;
+use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use ferry_operator::config::{Limits, Timeouts};
 use ferry_operator::metrics::Metrics;
+use ferry_operator::nodes::NODE_LABEL;
 use ferry_operator::reconcile::{self, Context};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
@@ -107,6 +109,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     info!(%identity, "leading");
 
+    // Caches of the heartbeat Leases and the VMs, so that a phase change costs no reads.
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+    let lease_watch = watcher(lease_api, watcher::Config::default().labels(NODE_LABEL));
+    tokio::spawn(
+        reflector(lease_writer, lease_watch)
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
+    let (vms, vm_writer) = reflector::store::<VirtualMachine>();
+    let vm_watch = watcher(
+        Api::<VirtualMachine>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    tokio::spawn(
+        reflector(vm_writer, vm_watch)
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
+    leases.wait_until_ready().await?;
+    vms.wait_until_ready().await?;
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
@@ -129,6 +153,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         admission: tokio::sync::Mutex::new(()),
+        leases,
+        vms,
     });
     let migrations: Api<VirtualMachineMigration> = Api::all(client);
     let controller = Controller::new(migrations, watcher::Config::default())

@@ -3,8 +3,7 @@
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::Api;
-use kube::api::ListParams;
+use kube::runtime::reflector::Store;
 
 /// The label every heartbeat Lease carries; its value is the node name.
 pub const NODE_LABEL: &str = "ferry.dev/node";
@@ -18,20 +17,16 @@ pub fn live_node(lease: &Lease, now: Timestamp) -> Option<String> {
     (renewed + duration > now).then_some(node)
 }
 
-/// The nodes whose agent is live now, sorted.
-pub async fn live_nodes(client: &kube::Client, namespace: &str) -> kube::Result<Vec<String>> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let now = Timestamp::now();
+/// The nodes whose agent is live at `now`, sorted, from the cached heartbeat Leases.
+pub fn live_nodes(leases: &Store<Lease>, now: Timestamp) -> Vec<String> {
     let mut nodes: Vec<String> = leases
-        .list(&ListParams::default().labels(NODE_LABEL))
-        .await?
-        .items
+        .state()
         .iter()
         .filter_map(|l| live_node(l, now))
         .collect();
     nodes.sort();
     nodes.dedup();
-    Ok(nodes)
+    nodes
 }
 
 #[cfg(test)]

@@ -10,11 +10,13 @@ use ferry_crds::{
     MigrationPhase, ROLLBACK_FINALIZER, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
     VirtualMachineMigration, set_condition,
 };
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
@@ -35,6 +37,10 @@ pub struct Context {
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// The agents' heartbeat Leases, cached from a watch.
+    pub leases: Store<Lease>,
+    /// The VirtualMachines, cached from a watch (admission still reads the VM fresh).
+    pub vms: Store<VirtualMachine>,
     /// Admission is serialised so two reconciles never both take the last free slot.
     pub admission: tokio::sync::Mutex<()>,
 }
@@ -131,7 +137,7 @@ impl Reconciler<'_> {
     async fn pending(&self) -> Result<Action> {
         let _slot = self.ctx.admission.lock().await;
         let vm = self.vms().get_opt(&self.m.spec.vm_name).await?;
-        let live = nodes::live_nodes(&self.ctx.client, &self.ctx.namespace).await?;
+        let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
         let all = Api::<VirtualMachineMigration>::all(self.ctx.client.clone())
             .list(&ListParams::default())
             .await?;
@@ -233,13 +239,14 @@ impl Reconciler<'_> {
 
     async fn running(&self) -> Result<Action> {
         let status = self.m.status.clone().unwrap_or_default();
-        let live = nodes::live_nodes(&self.ctx.client, &self.ctx.namespace).await?;
+        let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
         let is_live = |n: &Option<String>| n.as_ref().is_some_and(|n| live.contains(n));
+        let vm_ref = ObjectRef::new(&self.m.spec.vm_name).within(self.ns);
         let vm_node = self
-            .vms()
-            .get_opt(&self.m.spec.vm_name)
-            .await?
-            .and_then(|v| v.status)
+            .ctx
+            .vms
+            .get(&vm_ref)
+            .and_then(|v| v.status.clone())
             .and_then(|s| s.node_name);
         let obs = Observation {
             now: Timestamp::now(),
@@ -248,7 +255,10 @@ impl Reconciler<'_> {
             vm_node,
         };
         match transitions::decide(self.m, &obs, &self.ctx.timeouts) {
-            Decision::Wait(after) => Ok(Action::requeue(after)),
+            Decision::Wait(after) => {
+                self.report_convergence().await?;
+                Ok(Action::requeue(after))
+            }
             Decision::RequestCancel => {
                 self.patch_status(json!({"cancelled": true})).await?;
                 info!("cancel requested during Perform");
@@ -316,6 +326,45 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(Duration::from_millis(100)))
             }
         }
+    }
+
+    /// While Perform runs: a `Converging` condition that follows the agent's judgement
+    /// in `status.progress`, written when the judgement changes.
+    async fn report_convergence(&self) -> Result<()> {
+        let status = self.m.status.clone().unwrap_or_default();
+        if status.phase != Some(MigrationPhase::Perform) {
+            return Ok(());
+        }
+        let Some(progress) = status.progress else {
+            return Ok(());
+        };
+        let Some(converging) = progress.converging else {
+            return Ok(());
+        };
+        let current = status.conditions.iter().find(|c| c.type_ == "Converging");
+        let wanted = if converging { "True" } else { "False" };
+        if current.is_some_and(|c| c.status == wanted) {
+            return Ok(());
+        }
+        let reason = if converging {
+            "Converging"
+        } else {
+            "NotConverging"
+        };
+        let message = progress
+            .convergence
+            .unwrap_or_else(|| format!("{reason} (pass {})", progress.iteration));
+        let mut conditions = self.conditions();
+        set_condition(
+            &mut conditions,
+            "Converging",
+            converging,
+            reason,
+            &message,
+            self.m.metadata.generation,
+            now(),
+        );
+        self.patch_status(json!({"conditions": conditions})).await
     }
 
     /// Ends the migration in a terminal `phase`.
@@ -505,9 +554,13 @@ impl Reconciler<'_> {
             secondary: None,
         };
         let reference = self.m.object_ref(&());
-        if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, "could not record an Event");
-        }
+        // Off the reconcile's path: the next phase must not wait for an Event.
+        let recorder = self.ctx.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(error = %e, "could not record an Event");
+            }
+        });
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use ferry_crds::{MigrationMode, MigrationPhase as P, StepOutcome, VirtualMachineMigration};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::config::Timeouts;
@@ -84,6 +84,8 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         rollback,
     };
     let cancel_why = || why("Cancelled", "the migration was cancelled");
+    // Once the guest's state started moving in post-copy there is no going back.
+    let post_copy = status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopy);
 
     if let Some(outcome) = outcome {
         let failed = outcome == StepOutcome::Failed;
@@ -102,7 +104,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
             }
             (P::Prepare, false) => enter(P::Perform, false, None),
             (P::Prepare, true) => enter(P::Confirm, true, Some(why("PrepareFailed", step_message))),
-            (P::Perform, false) if cancel_asked || cancelled => {
+            (P::Perform, false) if (cancel_asked || cancelled) && !post_copy => {
                 enter(P::Finish, true, Some(cancel_why()))
             }
             (P::Perform, false) => enter(P::Finish, false, None),
@@ -153,7 +155,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         })
     };
     let Some(stuck) = stuck else {
-        if phase == P::Perform && cancel_asked && !cancelled {
+        if phase == P::Perform && cancel_asked && !cancelled && !post_copy {
             return Decision::RequestCancel;
         }
         let left = limit.map(|l| l.saturating_sub(elapsed)).unwrap_or(POLL);

@@ -256,3 +256,26 @@ fn cancelling_rolls_back_until_the_hand_over() {
     assert_eq!(phase, P::Succeeded);
     assert!(message.contains("after the hand-over"));
 }
+
+#[test]
+fn a_cancel_after_the_switch_to_post_copy_is_too_late() {
+    let mut m = migration(P::Perform, false, None);
+    m.spec.cancel = true;
+    m.status.as_mut().unwrap().progress = Some(ferry_crds::Progress {
+        mode: Some(ferry_crds::MigrationMode::PostCopy),
+        ..Default::default()
+    });
+    assert!(matches!(decide(&m, &obs(1), &T), Decision::Wait(_)));
+    let mut done = m.clone();
+    done.status
+        .as_mut()
+        .unwrap()
+        .steps
+        .as_mut()
+        .unwrap()
+        .perform
+        .as_mut()
+        .unwrap()
+        .outcome = Some(S);
+    assert_eq!(entered(decide(&done, &obs(1), &T)), enter(P::Finish, false));
+}
