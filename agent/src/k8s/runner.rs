@@ -105,8 +105,13 @@ impl<'a> Run<'a> {
             return step.start;
         }
         let start = MicroTime(Timestamp::now());
-        let step = json!({"node": self.agent.node, "start": start});
-        self.patch(json!({"steps": {self.phase.key(): step}})).await;
+        // Only Perform lasts long enough for a "running" record to tell anyone
+        // something; the other phases record start and end in one write, which keeps
+        // a status round trip off the migration's critical path.
+        if self.phase == MigrationPhase::Perform {
+            let step = json!({"node": self.agent.node, "start": start});
+            self.patch(json!({"steps": {self.phase.key(): step}})).await;
+        }
         start
     }
 
