@@ -29,6 +29,7 @@ pub struct Node {
     pub address: IpAddr,
     pub state_dir: PathBuf,
     pub metrics_port: u16,
+    kubeconfig: PathBuf,
     agent: Option<ChildGuard>,
 }
 
@@ -40,7 +41,7 @@ pub struct Cluster {
     /// A second operator replica, when a test wants one.
     standby: Option<ChildGuard>,
     operator_kubeconfig: PathBuf,
-    agent_kubeconfig: PathBuf,
+    operator_args: Vec<String>,
     bin_dir: PathBuf,
     pub operator_metrics_port: u16,
     pub cp: ControlPlane,
@@ -50,6 +51,15 @@ impl Cluster {
     /// Starts everything with agents on `nodes` (e.g. `["node-a", "node-b"]`). With
     /// `keep_dir`, files go there and stay (for `make up`); otherwise to a temp dir.
     pub async fn up(nodes: &[&str], keep_dir: Option<&Path>) -> Result<Cluster, HarnessError> {
+        Self::up_with(nodes, keep_dir, &[]).await
+    }
+
+    /// Like [`Cluster::up`], with extra flags for the operator (e.g. limits).
+    pub async fn up_with(
+        nodes: &[&str],
+        keep_dir: Option<&Path>,
+        operator_args: &[&str],
+    ) -> Result<Cluster, HarnessError> {
         let bin_dir = bin_dir();
         for bin in ["ferry-operator", "ferry-agent"] {
             if !bin_dir.join(bin).is_file() {
@@ -67,20 +77,14 @@ impl Cluster {
         cp.install_chart("ferry", NAMESPACE).await?;
         let admin = cp.admin_client().await?;
         let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
-        let agent_kubeconfig = cp.dir().join("agent.kubeconfig");
-        for (sa, path) in [
-            ("ferry-operator", &operator_kubeconfig),
-            ("ferry-agent", &agent_kubeconfig),
-        ] {
-            let token = service_account_token(&admin, sa).await?;
-            cp.write_kubeconfig(path, sa, &token)?;
-        }
+        let token = service_account_token(&admin, "ferry-operator").await?;
+        cp.write_kubeconfig(&operator_kubeconfig, "ferry-operator", &token)?;
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
             operator: None,
             standby: None,
             operator_kubeconfig,
-            agent_kubeconfig,
+            operator_args: operator_args.iter().map(|a| a.to_string()).collect(),
             bin_dir,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
             cp,
@@ -90,6 +94,15 @@ impl Cluster {
             let state_dir = cluster.cp.dir().join("nodes").join(name);
             std::fs::create_dir_all(&state_dir)?;
             let metrics_port = free_port(Ipv4Addr::new(127, 0, 0, 2 + i as u8))?;
+            // Each agent acts as its node: a token of the chart's agent ServiceAccount
+            // bound to a Node object, as the admission policy requires.
+            let token =
+                crate::identity::node_bound_token(&admin, NAMESPACE, "ferry-agent", name, 86400)
+                    .await?;
+            let kubeconfig = cluster.cp.dir().join(format!("agent-{name}.kubeconfig"));
+            cluster
+                .cp
+                .write_kubeconfig(&kubeconfig, &format!("ferry-agent@{name}"), &token)?;
             cluster.nodes.insert(
                 name.to_string(),
                 Node {
@@ -97,6 +110,7 @@ impl Cluster {
                     address,
                     state_dir,
                     metrics_port,
+                    kubeconfig,
                     agent: None,
                 },
             );
@@ -137,6 +151,7 @@ impl Cluster {
         cmd.arg(format!("--namespace={NAMESPACE}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
             .arg("--leader-lease-seconds=4")
+            .args(&self.operator_args)
             .env("KUBECONFIG", &self.operator_kubeconfig)
             .env("RUST_LOG", log_filter());
         let log = self.cp.dir().join(format!("{name}.log"));
@@ -163,7 +178,7 @@ impl Cluster {
             .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
             .arg("--heartbeat-seconds=1")
             .arg("--lease-seconds=5")
-            .env("KUBECONFIG", &self.agent_kubeconfig)
+            .env("KUBECONFIG", &n.kubeconfig)
             .env("RUST_LOG", log_filter());
         let log = self.cp.dir().join(format!("agent-{node}.log"));
         n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
@@ -185,6 +200,21 @@ impl Cluster {
     /// An admin client.
     pub async fn client(&self) -> Result<kube::Client, HarnessError> {
         self.cp.admin_client().await
+    }
+
+    /// The pids of the operator (`operator`) and of each node's agent (its node name).
+    pub fn component_pids(&self) -> Vec<(String, u32)> {
+        let mut pids: Vec<(String, u32)> = self
+            .operator
+            .iter()
+            .map(|o| ("operator".to_string(), o.pid()))
+            .collect();
+        for n in self.nodes.values() {
+            if let Some(a) = &n.agent {
+                pids.push((format!("agent {}", n.name), a.pid()));
+            }
+        }
+        pids
     }
 
     /// The pids of the QEMU processes running VM `vm`, per node.
