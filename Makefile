@@ -6,7 +6,7 @@ export FERRY_TOOLS ?= $(HOME)/.cache/ferry/tools
 TOOLS_BIN := $(FERRY_TOOLS)/bin
 HELM := $(TOOLS_BIN)/helm
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e build bins up down demo clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e build bins up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,11 @@ down: ## Stop what `make up` started.
 	@if [ -f .ferry/up.pid ]; then pid=$$(cat .ferry/up.pid); kill $$pid 2>/dev/null || true; \
 	  while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; rm -f .ferry/up.pid; echo "down"; \
 	else echo "not up"; fi
+
+RUNS ?= 5
+bench: tools ## Ferry vs raw QEMU over QMP (median of $(RUNS) runs per case), a table and target/bench.json.
+	$(CARGO) build --release --workspace --bins
+	FERRY_BIN_DIR=$(CURDIR)/target/release target/release/ferry-bench --runs $(RUNS) --json target/bench.json
 
 demo: tools bins ## From nothing: a local Ferry, a VM, a live migration with progress, a summary, then down.
 	target/debug/ferry-demo

@@ -6,10 +6,11 @@
 //! when dropped — also when a test panics, and (through `PR_SET_PDEATHSIG`) when the
 //! test process dies.
 
+pub mod bench;
 pub mod cluster;
-pub mod identity;
 mod commands;
 mod control_plane;
+pub mod identity;
 mod pki;
 mod process;
 mod tools;

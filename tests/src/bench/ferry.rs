@@ -1,0 +1,146 @@
+//! Ferry's side of the benchmark: a migration from the creation of the object to
+//! Succeeded, through the real control plane, operator and agents.
+
+use std::time::{Duration, Instant};
+
+use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::PostParams;
+
+use super::raw::Error;
+
+/// One migration through Ferry.
+#[derive(Debug, Clone)]
+pub struct FerryRun {
+    /// Creation of the object → Succeeded seen by a client polling every 20 ms.
+    pub total: Duration,
+    /// Creation of the object → the source agent starting Perform (it issues `migrate`
+    /// right after applying the policy).
+    pub overhead: Duration,
+    /// Each phase's duration on its agent, in order Begin..Confirm.
+    pub phases: [Duration; 5],
+    pub downtime_ms: u64,
+    pub bytes: u64,
+}
+
+const PHASES: [MigrationPhase; 5] = [
+    MigrationPhase::Begin,
+    MigrationPhase::Prepare,
+    MigrationPhase::Perform,
+    MigrationPhase::Finish,
+    MigrationPhase::Confirm,
+];
+
+/// A VirtualMachine for the benchmark on `node`.
+pub fn vm(name: &str, uuid: &str, memory_mib: u32, disk: &str, node: &str) -> VirtualMachine {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
+         <cpu mode='maximum'/><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <serial type='file'><target port='0'/></serial></devices></domain>"
+    );
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {"domainXML": xml, "nodeName": node}
+    }))
+    .expect("a valid VirtualMachine")
+}
+
+/// Creates `vm` and waits until it runs.
+pub async fn start_vm(vms: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<(), Error> {
+    vms.create(&PostParams::default(), vm).await?;
+    let name = vm.metadata.name.clone().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let phase = vms.get(&name).await?.status.and_then(|s| s.phase);
+        match phase {
+            Some(VmPhase::Running) => return Ok(()),
+            Some(VmPhase::Failed) => return Err(format!("VM {name} failed to start").into()),
+            _ if Instant::now() > deadline => return Err(format!("VM {name} did not start").into()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The migration object for `vm` to `target`.
+pub fn migration(name: &str, vm: &str, target: &str) -> VirtualMachineMigration {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+        "metadata": {"name": name},
+        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": false}}
+    }))
+    .expect("a valid VirtualMachineMigration")
+}
+
+/// Creates the migrations at once and measures each until all have succeeded.
+pub async fn migrate_all(
+    vmms: &Api<VirtualMachineMigration>,
+    migrations: &[VirtualMachineMigration],
+) -> Result<(Vec<FerryRun>, Duration), Error> {
+    let started = Instant::now();
+    let mut created = Vec::new();
+    for m in migrations {
+        let wall = Timestamp::now();
+        let at = Instant::now();
+        vmms.create(&PostParams::default(), m).await?;
+        created.push((m.metadata.name.clone().unwrap_or_default(), wall, at));
+    }
+    let mut done: Vec<Option<FerryRun>> = vec![None; created.len()];
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done.iter().any(Option::is_none) {
+        if Instant::now() > deadline {
+            return Err("migrations did not finish within 10 minutes".into());
+        }
+        for (i, (name, wall, at)) in created.iter().enumerate() {
+            if done[i].is_some() {
+                continue;
+            }
+            let m = vmms.get(name).await?;
+            let status = m.status.clone().unwrap_or_default();
+            match status.phase {
+                Some(MigrationPhase::Succeeded) => {
+                    let total = at.elapsed();
+                    let steps = status.steps.clone().unwrap_or_default();
+                    let step_time = |p: MigrationPhase| {
+                        steps
+                            .get(p)
+                            .and_then(|s| Some(s.end.as_ref()?.0.duration_since(s.start.0)))
+                            .map(|d| d.unsigned_abs())
+                            .unwrap_or_default()
+                    };
+                    let perform_start = steps.get(MigrationPhase::Perform).map(|s| s.start.0);
+                    let overhead = perform_start
+                        .map(|t| t.duration_since(*wall).unsigned_abs())
+                        .unwrap_or_default();
+                    done[i] = Some(FerryRun {
+                        total,
+                        overhead,
+                        phases: PHASES.map(step_time),
+                        downtime_ms: status.downtime_ms.unwrap_or_default().max(0) as u64,
+                        bytes: status
+                            .progress
+                            .map(|p| p.bytes_transferred.max(0) as u64)
+                            .unwrap_or_default(),
+                    });
+                }
+                Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => {
+                    let why = status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Failed")
+                        .map(|c| c.message.clone())
+                        .unwrap_or_default();
+                    return Err(format!("migration {name} ended {p:?}: {why}").into());
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((done.into_iter().flatten().collect(), started.elapsed()))
+}

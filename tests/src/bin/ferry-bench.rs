@@ -1,0 +1,362 @@
+//! `make bench`: Ferry against raw QEMU, on the same guest and parameters, in one run.
+//!
+//! Usage: ferry-bench [--runs N] [--json PATH]
+//!
+//! Cases: a 512 MiB test guest rewriting 400 MiB, at a low and at a high dirty rate.
+//! For each, N raw migrations (two QEMUs driven over QMP, the baseline) and N Ferry
+//! migrations (object created → Succeeded through the control plane, operator and
+//! agents); then 1, 4 and 8 Ferry migrations at once; then the peak RSS of the operator
+//! and the agents. Medians are printed as a table and written as JSON.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_agent::domain::Domain;
+use ferry_agent::testguest::{self, Params};
+use ferry_crds::{MigrationPolicy, VirtualMachine, VirtualMachineMigration};
+use ferry_tests::Cluster;
+use ferry_tests::bench::ferry::{self as ferry_side, FerryRun};
+use ferry_tests::bench::raw::{self, Error, RawRun};
+use ferry_tests::bench::{median, ms, peak_rss_kib};
+use kube::Api;
+use serde_json::{Value, json};
+
+const MEMORY_MIB: u32 = 512;
+
+struct Case {
+    name: &'static str,
+    params: Params,
+}
+
+const CASES: [Case; 2] = [
+    // About 4 s a pass under TCG: some tens of MiB/s dirtied.
+    Case {
+        name: "low",
+        params: Params {
+            region_start_mib: 1,
+            region_end_mib: 401,
+            delay: 1_500_000_000,
+        },
+    },
+    // As fast as the guest can: hundreds of MiB/s dirtied.
+    Case {
+        name: "high",
+        params: Params {
+            region_start_mib: 1,
+            region_end_mib: 401,
+            delay: 0,
+        },
+    },
+];
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut runs = 5usize;
+    let mut json_path = std::path::PathBuf::from("target/bench.json");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(runs),
+            "--json" => json_path = args.next().map(Into::into).unwrap_or(json_path),
+            other => {
+                eprintln!("unknown argument {other}; usage: ferry-bench [--runs N] [--json PATH]");
+                std::process::exit(2);
+            }
+        }
+    }
+    match run(runs.max(1)).await {
+        Ok(report) => {
+            if let Some(dir) = json_path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::write(&json_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+            println!("\nJSON: {}", json_path.display());
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn uuid(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{:012x}", 0xbe0000 + i)
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn run(runs: usize) -> Result<Value, Error> {
+    let policy = ferry_agent::policy::resolve(&MigrationPolicy::default())?;
+    let work = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
+    let images = Path::new("/var/lib/ferry/images");
+    std::fs::create_dir_all(images)?;
+    for case in &CASES {
+        std::fs::write(
+            images.join(format!("bench-{}.img", case.name)),
+            testguest::image(case.params)?,
+        )?;
+    }
+
+    // The baseline.
+    let mut raw_runs: Vec<Vec<RawRun>> = Vec::new();
+    for (c, case) in CASES.iter().enumerate() {
+        let disk = work.path().join(format!("raw-{}.img", case.name));
+        std::fs::write(&disk, testguest::image(case.params)?)?;
+        let vm = ferry_side::vm(
+            &format!("raw-{}", case.name),
+            &uuid(c),
+            MEMORY_MIB,
+            &disk.display().to_string(),
+            "-",
+        );
+        let domain = Domain::parse(&vm.spec.domain_xml)?;
+        let mut results = Vec::new();
+        for i in 0..runs {
+            let dir = work.path().join(format!("raw-{}-{i}", case.name));
+            let r = raw::migrate(
+                &domain,
+                &dir,
+                &policy,
+                "127.0.0.3",
+                free_port("127.0.0.3"),
+                2,
+            )
+            .await?;
+            eprintln!(
+                "raw   {:<4} run {i}: {} ms, downtime {} ms",
+                case.name,
+                ms(r.total),
+                r.downtime_ms
+            );
+            results.push(r);
+        }
+        raw_runs.push(results);
+    }
+
+    // Ferry, with the limits raised so that 8 migrations really run at once.
+    let mut cluster = Cluster::up_with(
+        &["node-a", "node-b"],
+        None,
+        &["--max-parallel=8", "--max-outbound-per-node=8"],
+    )
+    .await?;
+    let client = cluster.client().await?;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let mut ferry_runs: Vec<Vec<FerryRun>> = Vec::new();
+    for (c, case) in CASES.iter().enumerate() {
+        let name = format!("bench-{}", case.name);
+        let disk = images.join(format!("{name}.img")).display().to_string();
+        ferry_side::start_vm(
+            &vms,
+            &ferry_side::vm(&name, &uuid(10 + c), MEMORY_MIB, &disk, "node-a"),
+        )
+        .await?;
+        wait_passes(&cluster, "node-a", &name, 2).await?;
+        let mut results = Vec::new();
+        for i in 0..runs {
+            let target = if i % 2 == 0 { "node-b" } else { "node-a" };
+            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target);
+            let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
+            let r = r.remove(0);
+            eprintln!(
+                "ferry {:<4} run {i}: {} ms, overhead {} ms, downtime {} ms",
+                case.name,
+                ms(r.total),
+                ms(r.overhead),
+                r.downtime_ms
+            );
+            results.push(r);
+        }
+        vms.delete(&name, &Default::default()).await?;
+        ferry_runs.push(results);
+    }
+
+    // 1, 4 and 8 at once (the low dirty rate guest).
+    let mut concurrency = Vec::new();
+    let mut at = ["node-a"; 8];
+    for i in 0..8 {
+        // A disk each: QEMU locks its image.
+        let name = format!("conc-{i}");
+        let disk = images.join(format!("bench-{name}.img"));
+        std::fs::write(&disk, testguest::image(CASES[0].params)?)?;
+        let disk = disk.display().to_string();
+        ferry_side::start_vm(
+            &vms,
+            &ferry_side::vm(&name, &uuid(20 + i), MEMORY_MIB, &disk, "node-a"),
+        )
+        .await?;
+    }
+    for i in 0..8 {
+        wait_passes(&cluster, "node-a", &format!("conc-{i}"), 1).await?;
+    }
+    for k in [1usize, 4, 8] {
+        let ms_: Vec<VirtualMachineMigration> = (0..k)
+            .map(|i| {
+                let to = if at[i] == "node-a" {
+                    "node-b"
+                } else {
+                    "node-a"
+                };
+                at[i] = to;
+                ferry_side::migration(&format!("conc-{k}-{i}"), &format!("conc-{i}"), to)
+            })
+            .collect();
+        let (results, makespan) = ferry_side::migrate_all(&vmms, &ms_).await?;
+        eprintln!("ferry {k} at once: all done in {} ms", ms(makespan));
+        concurrency.push((k, results, makespan));
+    }
+    let rss: Vec<(String, u64)> = cluster
+        .component_pids()
+        .into_iter()
+        .filter_map(|(name, pid)| Some((name, peak_rss_kib(pid)?)))
+        .collect();
+    cluster.kill_operator();
+    drop(cluster);
+
+    Ok(report(
+        runs,
+        &policy,
+        &raw_runs,
+        &ferry_runs,
+        &concurrency,
+        &rss,
+    ))
+}
+
+async fn wait_passes(cluster: &Cluster, node: &str, vm: &str, n: usize) -> Result<(), Error> {
+    let dir = cluster.serial_log(node, vm);
+    let dir = dir.parent().expect("a VM dir");
+    for _ in 0..1200 {
+        if raw::passes(dir) >= n {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{vm} did not start counting").into())
+}
+
+fn report(
+    runs: usize,
+    policy: &ferry_agent::policy::Policy,
+    raw_runs: &[Vec<RawRun>],
+    ferry_runs: &[Vec<FerryRun>],
+    concurrency: &[(usize, Vec<FerryRun>, Duration)],
+    rss: &[(String, u64)],
+) -> Value {
+    println!(
+        "\nFerry vs raw QEMU over QMP — {MEMORY_MIB} MiB guest rewriting 400 MiB, medians of {runs} runs, policy {policy:?}\n"
+    );
+    println!(
+        "{:<5} {:>10} {:>11} {:>6} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "case",
+        "dirty MiB/s",
+        "raw ms",
+        "ferry ms",
+        "ratio",
+        "dt raw",
+        "dt ferry",
+        "overhead",
+        "Begin",
+        "Prepare",
+        "Perform",
+        "Finish",
+        "Confirm"
+    );
+    let mut cases = Vec::new();
+    for ((case, raw), ferry) in CASES.iter().zip(raw_runs).zip(ferry_runs) {
+        let raw_total = median(&raw.iter().map(|r| r.total).collect::<Vec<_>>());
+        let ferry_total = median(&ferry.iter().map(|r| r.total).collect::<Vec<_>>());
+        let ratio = ferry_total.as_secs_f64() / raw_total.as_secs_f64().max(1e-9);
+        let dt_raw = median(
+            &raw.iter()
+                .map(|r| Duration::from_millis(r.downtime_ms))
+                .collect::<Vec<_>>(),
+        );
+        let dt_ferry = median(
+            &ferry
+                .iter()
+                .map(|r| Duration::from_millis(r.downtime_ms))
+                .collect::<Vec<_>>(),
+        );
+        let overhead = median(&ferry.iter().map(|r| r.overhead).collect::<Vec<_>>());
+        let phases: Vec<Duration> = (0..5)
+            .map(|p| median(&ferry.iter().map(|r| r.phases[p]).collect::<Vec<_>>()))
+            .collect();
+        let dirty = raw
+            .iter()
+            .map(|r| r.dirty_rate_bytes_per_second)
+            .max()
+            .unwrap_or(0)
+            >> 20;
+        println!(
+            "{:<5} {:>10} {:>11} {:>6} {:>10.2} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            case.name,
+            dirty,
+            ms(raw_total),
+            ms(ferry_total),
+            ratio,
+            ms(dt_raw),
+            ms(dt_ferry),
+            ms(overhead),
+            ms(phases[0]),
+            ms(phases[1]),
+            ms(phases[2]),
+            ms(phases[3]),
+            ms(phases[4])
+        );
+        cases.push(json!({
+            "case": case.name, "runs": runs, "dirty_rate_mib_s": dirty,
+            "raw_total_ms": raw_total.as_secs_f64() * 1e3, "ferry_total_ms": ferry_total.as_secs_f64() * 1e3,
+            "ratio": ratio, "raw_downtime_ms": dt_raw.as_millis(), "ferry_downtime_ms": dt_ferry.as_millis(),
+            "control_plane_overhead_ms": overhead.as_secs_f64() * 1e3,
+            "phase_ms": {"begin": phases[0].as_secs_f64() * 1e3, "prepare": phases[1].as_secs_f64() * 1e3,
+                         "perform": phases[2].as_secs_f64() * 1e3, "finish": phases[3].as_secs_f64() * 1e3,
+                         "confirm": phases[4].as_secs_f64() * 1e3},
+            "raw_runs_ms": raw.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "ferry_runs_ms": ferry.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        }));
+    }
+    println!(
+        "\n{:<8} {:>12} {:>14} {:>15} {:>13}",
+        "at once", "all done ms", "median ms", "median overhead", "max downtime"
+    );
+    let mut conc = Vec::new();
+    for (k, results, makespan) in concurrency {
+        let total = median(&results.iter().map(|r| r.total).collect::<Vec<_>>());
+        let overhead = median(&results.iter().map(|r| r.overhead).collect::<Vec<_>>());
+        let downtime = results.iter().map(|r| r.downtime_ms).max().unwrap_or(0);
+        println!(
+            "{:<8} {:>12} {:>14} {:>15} {:>13}",
+            k,
+            ms(*makespan),
+            ms(total),
+            ms(overhead),
+            downtime
+        );
+        conc.push(json!({"at_once": k, "makespan_ms": makespan.as_secs_f64() * 1e3,
+                         "median_total_ms": total.as_secs_f64() * 1e3,
+                         "median_overhead_ms": overhead.as_secs_f64() * 1e3, "max_downtime_ms": downtime}));
+    }
+    println!(
+        "\npeak RSS: {}",
+        rss.iter()
+            .map(|(n, k)| format!("{n} {:.1} MiB", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    json!({
+        "guest": {"memory_mib": MEMORY_MIB, "dirtied_mib": 400},
+        "policy": format!("{policy:?}"),
+        "cases": cases,
+        "concurrency": conc,
+        "peak_rss_kib": rss.iter().map(|(n, k)| (n.clone(), json!(k))).collect::<serde_json::Map<_, _>>(),
+    })
+}
