@@ -265,6 +265,12 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancelled: bool,
 
+    /// The policy in force: the cluster-wide defaults (the chart's
+    /// `migrations.defaultPolicy`) overlaid with `spec.policy`, fixed by the operator when
+    /// it admits the migration. Both agents apply this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<MigrationPolicy>,
+
     /// The node the guest runs on when the migration started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_node: Option<String>,

@@ -13,5 +13,6 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod nodes;
+pub mod policy;
 pub mod reconcile;
 pub mod transitions;

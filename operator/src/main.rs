@@ -36,6 +36,10 @@ struct Args {
     /// Migrations leaving one node at once.
     #[arg(long, default_value_t = 2)]
     max_outbound_per_node: usize,
+    /// Cluster-wide migration policy defaults, as the JSON of `spec.policy` (e.g.
+    /// `{"preset":"Safest"}`); each migration's own fields override them.
+    #[arg(long, default_value = "{}", value_parser = parse_policy)]
+    default_policy: ferry_crds::MigrationPolicy,
     /// Seconds Begin may take.
     #[arg(long, default_value_t = 60)]
     begin_timeout: u64,
@@ -54,6 +58,10 @@ struct Args {
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+}
+
+fn parse_policy(s: &str) -> Result<ferry_crds::MigrationPolicy, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a migration policy: {e}"))
 }
 
 #[tokio::main]
@@ -134,6 +142,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
+        default_policy: args.default_policy.clone(),
         limits: Limits {
             max_parallel: args.max_parallel,
             max_outbound_per_node: args.max_outbound_per_node,

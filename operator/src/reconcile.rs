@@ -34,6 +34,8 @@ pub struct Context {
     /// Ferry's own namespace, where the agents' heartbeat Leases are.
     pub namespace: String,
     pub limits: Limits,
+    /// The cluster-wide policy defaults (the chart's `migrations.defaultPolicy`).
+    pub default_policy: ferry_crds::MigrationPolicy,
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -221,9 +223,12 @@ impl Reconciler<'_> {
                     self.m.metadata.generation,
                     now(),
                 );
+                let policy =
+                    crate::policy::effective(&self.ctx.default_policy, &self.m.spec.policy);
                 self.patch_status(json!({
                     "phase": MigrationPhase::Begin,
                     "phaseTransitionTime": now(),
+                    "policy": policy,
                     "sourceNode": source,
                     "targetNode": target,
                     "conditions": conditions,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
@@ -54,11 +55,13 @@ impl Cluster {
         Self::up_with(nodes, keep_dir, &[]).await
     }
 
-    /// Like [`Cluster::up`], with extra flags for the operator (e.g. limits).
+    /// Like [`Cluster::up`], with chart values (`key=value`, as `helm --set` takes them).
+    /// The operator runs with the arguments of the chart's Deployment, so the chart's
+    /// values (limits, default policy) are what it runs with.
     pub async fn up_with(
         nodes: &[&str],
         keep_dir: Option<&Path>,
-        operator_args: &[&str],
+        chart_values: &[&str],
     ) -> Result<Cluster, HarnessError> {
         let bin_dir = bin_dir();
         for bin in ["ferry-operator", "ferry-agent"] {
@@ -74,8 +77,10 @@ impl Cluster {
             Some(dir) => ControlPlane::start_in_dir(dir).await?,
             None => ControlPlane::start().await?,
         };
-        cp.install_chart("ferry", NAMESPACE).await?;
+        cp.install_chart_with("ferry", NAMESPACE, chart_values)
+            .await?;
         let admin = cp.admin_client().await?;
+        let operator_args = chart_operator_args(&admin).await?;
         let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
         let token = service_account_token(&admin, "ferry-operator").await?;
         cp.write_kubeconfig(&operator_kubeconfig, "ferry-operator", &token)?;
@@ -84,7 +89,7 @@ impl Cluster {
             operator: None,
             standby: None,
             operator_kubeconfig,
-            operator_args: operator_args.iter().map(|a| a.to_string()).collect(),
+            operator_args,
             bin_dir,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
             cp,
@@ -264,6 +269,29 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The operator's arguments from the chart's Deployment, less the ones the harness sets
+/// itself (its namespace and metrics address).
+async fn chart_operator_args(admin: &kube::Client) -> Result<Vec<String>, HarnessError> {
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NAMESPACE);
+    let d = deployments
+        .get("ferry-operator")
+        .await
+        .map_err(|e| HarnessError::Setup(format!("reading the operator Deployment: {e}")))?;
+    let d = serde_json::to_value(&d).expect("a Deployment serializes");
+    let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(args
+        .into_iter()
+        .filter(|a| !a.starts_with("--namespace=") && !a.starts_with("--metrics-addr="))
+        .collect())
 }
 
 /// The pid in `<vm_dir>/qemu.pid`, if that process is alive.

@@ -38,13 +38,24 @@ impl ControlPlane {
 
     /// `helm install <release> charts/ferry` into `namespace` (created if missing).
     pub async fn install_chart(&self, release: &str, namespace: &str) -> Result<(), HarnessError> {
-        let out = self
-            .helm()
-            .args(["install", release])
+        self.install_chart_with(release, namespace, &[]).await
+    }
+
+    /// Like [`ControlPlane::install_chart`], with `--set` values (`key=value`).
+    pub async fn install_chart_with(
+        &self,
+        release: &str,
+        namespace: &str,
+        values: &[&str],
+    ) -> Result<(), HarnessError> {
+        let mut helm = self.helm();
+        helm.args(["install", release])
             .arg(repo_root().join("charts/ferry"))
-            .args(["--namespace", namespace, "--create-namespace"])
-            .output()
-            .await?;
+            .args(["--namespace", namespace, "--create-namespace"]);
+        for v in values {
+            helm.args(["--set", v]);
+        }
+        let out = helm.output().await?;
         if out.status.success() {
             Ok(())
         } else {

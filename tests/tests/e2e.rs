@@ -639,3 +639,56 @@ async fn a_standby_operator_takes_over_when_the_leader_dies() {
     .await;
     runs_once_on(&cluster, &vms, "node-b").await;
 }
+
+#[tokio::test]
+async fn progress_shows_in_kubectl_get_watch_and_the_chart_policy_applies() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let watch = cluster
+        .kubectl()
+        .args(["get", "vmm", "-w", "--no-headers"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml("watched", "node-b", LONG)).await;
+    wait_phase(
+        &vmms,
+        "watched",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut watch = watch;
+    watch.start_kill().unwrap();
+    let out = watch.wait_with_output().await.unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    // NAME PHASE VM SOURCE TARGET PROGRESS DOWNTIME AGE
+    let percents: std::collections::BTreeSet<String> = lines
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() >= 6 && w[1] == "Perform")
+        .map(|w| w[5].to_string())
+        .filter(|p| p.ends_with('%'))
+        .collect();
+    assert!(
+        percents.len() >= 2,
+        "progress did not move in `kubectl get vmm -w`:\n{lines}"
+    );
+    // The chart's default policy (preset Balanced) under the migration's own fields.
+    let policy = vmms
+        .get("watched")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .policy
+        .unwrap();
+    assert_eq!(policy.preset, Some(ferry_crds::Preset::Balanced));
+    assert_eq!(policy.bandwidth_mi_bps, Some(8));
+    assert_eq!(policy.max_downtime_ms, Some(10000));
+    runs_once_on(&cluster, &vms, "node-b").await;
+}

@@ -84,6 +84,14 @@ impl<'a> Run<'a> {
         self.m.status.clone().unwrap_or_default()
     }
 
+    /// The policy the operator fixed at admission (`spec.policy` for a migration admitted
+    /// before there was one).
+    fn policy(&self) -> ferry_crds::MigrationPolicy {
+        self.status()
+            .policy
+            .unwrap_or_else(|| self.m.spec.policy.clone())
+    }
+
     fn cookie(&self, phase: MigrationPhase) -> Option<String> {
         let c = self.status().cookies.unwrap_or_default();
         match phase {
@@ -205,7 +213,7 @@ impl<'a> Run<'a> {
                     .agent
                     .free_port()
                     .ok_or("no free migration port in the configured range")?;
-                let policy = policy::resolve(&self.m.spec.policy).map_err(|e| e.to_string())?;
+                let policy = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
                 let out = prepare::prepare(sup, id, &xml, &cookie, Some(port), &policy)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -276,7 +284,7 @@ impl<'a> Run<'a> {
         let cookie = self
             .cookie(MigrationPhase::Prepare)
             .ok_or("Prepare left no cookie")?;
-        let params = policy::resolve(&self.m.spec.policy).map_err(|e| e.to_string())?;
+        let params = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
         // Progress goes to the status at most once a second, from its own task.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
         let api = self.api.clone();
