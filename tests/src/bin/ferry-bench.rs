@@ -140,11 +140,11 @@ async fn run(runs: usize) -> Result<Value, Error> {
         raw_runs.push(results);
     }
 
-    // Ferry, with the limits raised so that 8 migrations really run at once.
+    // Ferry, with the chart's limits raised so that 8 migrations really run at once.
     let mut cluster = Cluster::up_with(
         &["node-a", "node-b"],
         None,
-        &["--max-parallel=8", "--max-outbound-per-node=8"],
+        &["migrations.maxParallel=8", "migrations.maxOutboundPerNode=8"],
     )
     .await?;
     let client = cluster.client().await?;
