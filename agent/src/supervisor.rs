@@ -235,7 +235,8 @@ impl Supervisor {
                     log: format!("no QMP monitor after {START_TIMEOUT:?}"),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // QEMU opens its monitor within tens of milliseconds; Prepare waits on this.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
