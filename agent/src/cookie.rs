@@ -472,6 +472,74 @@ mod tests {
         );
     }
 
+    /// Issue 7's catalogue, the cookie side: each refused with a message naming the problem.
+    #[test]
+    fn hostile_cookies_are_refused_naming_the_problem() {
+        let good = begin_cookie().encode(Phase::Begin).unwrap();
+        let e = expect(Phase::Begin, DST);
+        // A cookie for another VM (a replayed or forged one).
+        let other = Cookie::new("guest-2", Uuid::from_u128(9), "node-a", SRC);
+        let xml = other.encode(Phase::Finish).unwrap();
+        assert_eq!(
+            Cookie::decode(&xml, &expect(Phase::Finish, DST))
+                .unwrap_err()
+                .to_string(),
+            "migration cookie: guest name 'guest-2' does not match the VM's 'guest-1'"
+        );
+        let other = Cookie::new("guest-1", Uuid::from_u128(9), "node-a", SRC);
+        let xml = other.encode(Phase::Finish).unwrap();
+        assert_eq!(
+            Cookie::decode(&xml, &expect(Phase::Finish, DST))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "migration cookie: guest uuid '{}' does not match the VM's '{VM}'",
+                Uuid::from_u128(9)
+            )
+        );
+        // Oversize: refused before parsing, naming size and limit.
+        let big = format!("{good}{}", " ".repeat(MAX_COOKIE));
+        assert_eq!(
+            Cookie::decode(&big, &e).unwrap_err().to_string(),
+            format!(
+                "migration cookie is {} bytes encoded, more than the limit of 16384",
+                big.len()
+            )
+        );
+        // Entity tricks.
+        let laughs = format!(
+            "<!DOCTYPE ferry-migration [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;'>]>{}",
+            good.replace("node-a</hostname>", "&b;</hostname>")
+        );
+        let xxe = format!(
+            "<!DOCTYPE ferry-migration [<!ENTITY x SYSTEM 'file:///etc/passwd'>]>{}",
+            good.replace("node-a</hostname>", "&x;</hostname>")
+        );
+        for doc in [laughs, xxe] {
+            assert_eq!(
+                Cookie::decode(&doc, &e).unwrap_err().to_string(),
+                "migration cookie: DTD and entity declarations (<!DOCTYPE ...>) are not accepted"
+            );
+        }
+        let undeclared = good.replace("holder='node-a'", "holder='&x;'");
+        assert_eq!(
+            Cookie::decode(&undeclared, &e).unwrap_err().to_string(),
+            "migration cookie: entity reference '&x;' is not accepted"
+        );
+        // Malformed and control characters.
+        assert!(
+            Cookie::decode(&good[..good.len() / 2], &e)
+                .unwrap_err()
+                .to_string()
+                .starts_with("migration cookie: malformed XML")
+        );
+        let ctl = good.replace("node-a</hostname>", "node-a\u{1b}[2J</hostname>");
+        assert_eq!(
+            Cookie::decode(&ctl, &e).unwrap_err().to_string(),
+            "migration cookie: malformed XML: character U+001B is not allowed in XML"
+        );
+    }
+
     #[test]
     fn encode_refuses_oversize() {
         let mut c = begin_cookie();

@@ -101,3 +101,98 @@ fn memory_units() {
     let x = SAMPLE.replace("unit='MiB'", "unit='parsecs'");
     assert!(refused(&x).contains("unknown unit"));
 }
+
+/// Issue 7's catalogue of hostile domain (and target) XML: each refused, naming the problem.
+#[test]
+fn hostile_xml_is_refused_naming_the_problem() {
+    let body = &SAMPLE[22..]; // without the XML declaration
+    // Over the 64 KiB limit, however it is padded.
+    let big = SAMPLE.replace(
+        "<vcpu>",
+        &format!("<!--{}--><vcpu>", "x".repeat(MAX_DOMAIN_XML)),
+    );
+    assert_eq!(
+        refused(&big),
+        format!(
+            "domain XML: document is {} bytes, more than the limit of 65536 bytes",
+            big.len()
+        )
+    );
+    let wide = SAMPLE.replace("<name>guest-1", &format!("<name>{}", "a".repeat(70_000)));
+    assert!(refused(&wide).contains("more than the limit of 65536 bytes"));
+    // Malformed.
+    for (xml, what) in [
+        ("", "no root element"),
+        ("<domain type='qemu'>", "unexpected end of document"),
+        ("<domain type='qemu'><name>x</domain>", "malformed XML"),
+        (
+            "<domain type='qemu'/><domain type='qemu'/>",
+            "content after the root element",
+        ),
+        ("not xml at all", "malformed XML"),
+        (
+            "<domain type='qemu' type='kvm'/>",
+            "duplicated attribute",
+        ),
+        ("<domain type='qemu></domain>", "malformed XML"),
+    ] {
+        let err = refused(xml);
+        assert!(err.contains(what), "{xml:?}: {err}");
+    }
+    let deep = format!("{}{}", "<a>".repeat(100), "</a>".repeat(100));
+    assert!(refused(&deep).contains("nest deeper than 16 levels"));
+    // Entity tricks: any DTD, internal entities, billion laughs, external entities
+    // (file and URL), parameter entities; and entity references without a DTD.
+    let laughs = format!(
+        "<!DOCTYPE domain [<!ENTITY lol 'lol'>{}]>{}",
+        (1..10)
+            .map(|i| format!(
+                "<!ENTITY lol{i} '{}'>",
+                format!(
+                    "&lol{};",
+                    if i == 1 {
+                        String::new()
+                    } else {
+                        (i - 1).to_string()
+                    }
+                )
+                .repeat(10)
+            ))
+            .collect::<String>(),
+        body.replace("guest-1</name>", "&lol9;</name>")
+    );
+    for doctype in [
+        "<!DOCTYPE domain>".to_string(),
+        "<!DOCTYPE domain [<!ENTITY name 'evil'>]>".to_string(),
+        "<!DOCTYPE domain [<!ENTITY xxe SYSTEM 'file:///etc/shadow'>]>".to_string(),
+        "<!DOCTYPE domain [<!ENTITY xxe SYSTEM 'http://169.254.169.254/'>]>".to_string(),
+        "<!DOCTYPE domain [<!ENTITY % p SYSTEM 'http://x/p.dtd'> %p;]>".to_string(),
+        "<!DOCTYPE domain SYSTEM 'http://x/domain.dtd'>".to_string(),
+    ] {
+        let x = format!(
+            "{doctype}{}",
+            body.replace("guest-1</name>", "&xxe;</name>")
+        );
+        assert_eq!(
+            refused(&x),
+            "domain XML: DTD and entity declarations (<!DOCTYPE ...>) are not accepted",
+            "{doctype}"
+        );
+    }
+    assert!(refused(&laughs).contains("<!DOCTYPE"), "billion laughs");
+    let x = SAMPLE.replace("guest-1</name>", "&xxe;</name>");
+    assert_eq!(
+        refused(&x),
+        "domain XML: entity reference '&xxe;' is not accepted"
+    );
+    let x = SAMPLE.replace("file='/var", "file='&xxe;/var");
+    assert_eq!(
+        refused(&x),
+        "domain XML: entity reference '&xxe;' is not accepted"
+    );
+    let x = SAMPLE.replace("<vcpu>", "<?xml-stylesheet href='http://x'?><vcpu>");
+    assert!(refused(&x).contains("processing instructions are not accepted"));
+    // The predefined entities and character references are plain XML and stay accepted.
+    let x = SAMPLE.replace("guest-1</name>", "guest&#45;1</name>");
+    assert_eq!(Domain::parse(&x).unwrap().name, "guest-1");
+}

@@ -89,8 +89,18 @@ pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
             max: max_len,
         });
     }
+    if let Some(c) = input.chars().find(|c| {
+        (*c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{fffe}' | '\u{ffff}')
+    }) {
+        return Err(malformed(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        )));
+    }
+    // Text is trimmed once the element is complete, not per text event: quick-xml splits
+    // text at every entity reference, and trimming the pieces would eat the spaces next to
+    // one (`a &amp; b` would read `a&b`).
     let mut reader = Reader::from_str(input);
-    reader.config_mut().trim_text(true);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
     loop {
@@ -114,7 +124,11 @@ pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
             }
             Event::End(_) => {
                 // quick-xml checks that end tags match their start tags.
-                let el = stack.pop().ok_or_else(|| malformed("unexpected end tag"))?;
+                let mut el = stack.pop().ok_or_else(|| malformed("unexpected end tag"))?;
+                let trimmed = el.text.trim();
+                if trimmed.len() != el.text.len() {
+                    el.text = trimmed.to_string();
+                }
                 match stack.last_mut() {
                     Some(parent) => parent.children.push(el),
                     None => root = Some(el),
@@ -122,10 +136,11 @@ pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
             }
             Event::Text(t) => {
                 let text = t.xml10_content();
-                let Some(cur) = stack.last_mut() else {
-                    return Err(malformed("text outside the root element"));
-                };
-                cur.text.push_str(&text);
+                match stack.last_mut() {
+                    Some(cur) => cur.text.push_str(&text),
+                    None if text.trim().is_empty() => {}
+                    None => return Err(malformed("text outside the root element")),
+                }
             }
             Event::CData(t) => {
                 let Some(cur) = stack.last_mut() else {
@@ -142,6 +157,12 @@ pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
                         .resolve_char_ref()
                         .map_err(malformed)?
                         .ok_or_else(|| malformed("bad character reference"))?;
+                    if c < ' ' && !matches!(c, '\t' | '\n' | '\r') {
+                        return Err(malformed(format!(
+                            "character U+{:04X} is not allowed in XML",
+                            c as u32
+                        )));
+                    }
                     cur.text.push(c);
                 } else {
                     let name = r.xml10_content().into_owned();
@@ -333,6 +354,28 @@ mod tests {
             Err(XmlError::Entity("x".into()))
         );
         assert_eq!(parse("<a>&amp;&#65;</a>", 4096).unwrap().text, "&A");
+    }
+
+    #[test]
+    fn keeps_spaces_next_to_references_and_refuses_control_characters() {
+        // Found by the cookie_decode fuzz target: text around a reference lost its spaces.
+        let el = parse("<a>\n  x &amp; y &apos;\n z\n</a>", 4096).unwrap();
+        assert_eq!(el.text, "x & y '\n z");
+        let el = parse("<a>\n <b> c </b>\n</a>\n", 4096).unwrap();
+        assert_eq!((el.text.as_str(), el.children[0].text.as_str()), ("", "c"));
+        assert_eq!(parse(&el.write(), 4096).unwrap(), el);
+        assert_eq!(
+            parse("<a>\u{5}</a>", 4096),
+            Err(XmlError::Malformed(
+                "character U+0005 is not allowed in XML".into()
+            ))
+        );
+        assert_eq!(
+            parse("<a>&#1;</a>", 4096),
+            Err(XmlError::Malformed(
+                "character U+0001 is not allowed in XML".into()
+            ))
+        );
     }
 
     #[test]
