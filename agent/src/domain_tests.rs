@@ -130,10 +130,7 @@ fn hostile_xml_is_refused_naming_the_problem() {
             "content after the root element",
         ),
         ("not xml at all", "malformed XML"),
-        (
-            "<domain type='qemu' type='kvm'/>",
-            "duplicated attribute",
-        ),
+        ("<domain type='qemu' type='kvm'/>", "duplicated attribute"),
         ("<domain type='qemu></domain>", "malformed XML"),
     ] {
         let err = refused(xml);

@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(target) = Domain::parse(xml) {
         let _ = abi::check(&source, &target);
         let _ = abi::check(&target, &source);
-        assert!(abi::check(&target, &target).is_ok(), "a definition is ABI-stable with itself");
+        assert!(
+            abi::check(&target, &target).is_ok(),
+            "a definition is ABI-stable with itself"
+        );
     }
 });
