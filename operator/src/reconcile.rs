@@ -116,7 +116,10 @@ impl Reconciler<'_> {
             }
             return Ok(Action::await_change());
         }
-        if !deleting && !self.m.finalizers().iter().any(|f| f == ROLLBACK_FINALIZER) {
+        // A Pending migration has nothing to roll back: admission adds the finalizer
+        // together with the node labels, in one write.
+        let pending = matches!(phase, None | Some(MigrationPhase::Pending));
+        if !deleting && !pending && !self.has_finalizer() {
             self.add_finalizer().await?;
         }
         match phase {
@@ -203,15 +206,19 @@ impl Reconciler<'_> {
             }
             Admission::Admit { source, target } => {
                 let vm = vm.expect("admission admits only an existing VM");
-                self.hold_vm(&vm).await?;
+                // The finalizer first: from the moment the VM is held, a deletion must
+                // wait for the release.
                 self.api()
                     .patch(
                         &self.name(),
                         &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"labels": {
-                            SOURCE_NODE_LABEL: source, TARGET_NODE_LABEL: target}}})),
+                        &Patch::Merge(json!({"metadata": {
+                            "labels": {SOURCE_NODE_LABEL: source, TARGET_NODE_LABEL: target},
+                            "finalizers": self.finalizers_with_ours(),
+                        }})),
                     )
                     .await?;
+                self.hold_vm(&vm).await?;
                 let message = format!("moving {} from {source} to {target}", self.m.spec.vm_name);
                 let mut conditions = self.conditions();
                 set_condition(
@@ -291,6 +298,9 @@ impl Reconciler<'_> {
                 cancelled,
                 rollback,
             } => {
+                if let Some(done) = status.phase.filter(|_| rollback.is_none()) {
+                    crate::fault::pause(&format!("after-{}", done.key())).await;
+                }
                 self.observe_step_duration();
                 let mut conditions = self.conditions();
                 if let Some(why) = &rollback {
@@ -512,10 +522,20 @@ impl Reconciler<'_> {
         }
     }
 
-    async fn add_finalizer(&self) -> Result<()> {
+    fn has_finalizer(&self) -> bool {
+        self.m.finalizers().iter().any(|f| f == ROLLBACK_FINALIZER)
+    }
+
+    fn finalizers_with_ours(&self) -> Vec<String> {
         let mut finalizers = self.m.finalizers().to_vec();
-        finalizers.push(ROLLBACK_FINALIZER.to_string());
-        self.set_finalizers(finalizers).await
+        if !self.has_finalizer() {
+            finalizers.push(ROLLBACK_FINALIZER.to_string());
+        }
+        finalizers
+    }
+
+    async fn add_finalizer(&self) -> Result<()> {
+        self.set_finalizers(self.finalizers_with_ours()).await
     }
 
     async fn remove_finalizer(&self) -> Result<()> {
