@@ -6,7 +6,7 @@ export FERRY_TOOLS ?= $(HOME)/.cache/ferry/tools
 TOOLS_BIN := $(FERRY_TOOLS)/bin
 HELM := $(TOOLS_BIN)/helm
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e build bins up down demo bench clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-faults soak build bins up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ test-k8s: tools ## The chart, CRDs and RBAC against a real etcd + kube-apiserver
 
 test-e2e: tools bins ## Migrations end to end: control plane, operator, two agents, real QEMU.
 	$(CARGO) test -p ferry-tests --test e2e
+
+# `make test` runs the fault matrix's fixed subset (tests/tests/faults.rs, SUBSET: one
+# row per fault and one per injection point); this runs all 54 rows.
+test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows).
+	$(CARGO) test -p ferry-tests --test faults -- --include-ignored --nocapture
+
+soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents at start and end.
+	$(CARGO) test -p ferry-tests --test soak -- --ignored --nocapture
 
 test-agent: ## The agent data plane against real QEMU.
 	$(CARGO) test -p ferry-agent

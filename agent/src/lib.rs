@@ -75,6 +75,7 @@ pub mod confirm;
 pub mod cookie;
 pub mod domain;
 pub mod error;
+pub mod fault;
 pub mod finish;
 pub mod node;
 pub mod perform;

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod http;
 pub mod metrics;
 pub mod nodes;

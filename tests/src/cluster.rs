@@ -137,7 +137,12 @@ impl Cluster {
 
     /// Starts (or restarts) the operator; its log is appended to `operator.log`.
     pub fn start_operator(&mut self) -> Result<(), HarnessError> {
-        self.operator = Some(self.spawn_operator("operator", self.operator_metrics_port)?);
+        self.start_operator_with_env(&[])
+    }
+
+    /// [`Cluster::start_operator`] with extra environment (the fault tests' hook).
+    pub fn start_operator_with_env(&mut self, env: &[(&str, &str)]) -> Result<(), HarnessError> {
+        self.operator = Some(self.spawn_operator("operator", self.operator_metrics_port, env)?);
         Ok(())
     }
 
@@ -145,20 +150,26 @@ impl Cluster {
     /// which is in its leader-election identity.
     pub fn start_second_operator(&mut self) -> Result<u32, HarnessError> {
         let port = free_port(Ipv4Addr::LOCALHOST)?;
-        let standby = self.spawn_operator("operator-standby", port)?;
+        let standby = self.spawn_operator("operator-standby", port, &[])?;
         let pid = standby.pid();
         self.standby = Some(standby);
         Ok(pid)
     }
 
-    fn spawn_operator(&self, name: &str, metrics_port: u16) -> Result<ChildGuard, HarnessError> {
+    fn spawn_operator(
+        &self,
+        name: &str,
+        metrics_port: u16,
+        env: &[(&str, &str)],
+    ) -> Result<ChildGuard, HarnessError> {
         let mut cmd = Command::new(self.bin_dir.join("ferry-operator"));
         cmd.arg(format!("--namespace={NAMESPACE}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
             .arg("--leader-lease-seconds=4")
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.operator_kubeconfig)
-            .env("RUST_LOG", log_filter());
+            .env("RUST_LOG", log_filter())
+            .envs(env.iter().copied());
         let log = self.cp.dir().join(format!("{name}.log"));
         spawn_appending(&format!("ferry-{name}"), cmd, &log)
     }
@@ -173,6 +184,15 @@ impl Cluster {
     /// Starts (or restarts) the agent of `node`; its log is appended to
     /// `agent-<node>.log`.
     pub fn start_agent(&mut self, node: &str) -> Result<(), HarnessError> {
+        self.start_agent_with_env(node, &[])
+    }
+
+    /// [`Cluster::start_agent`] with extra environment (the fault tests' hook).
+    pub fn start_agent_with_env(
+        &mut self,
+        node: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), HarnessError> {
         let n = self.nodes.get_mut(node).expect("a node of this cluster");
         let mut cmd = Command::new(self.bin_dir.join("ferry-agent"));
         cmd.arg(format!("--node-name={node}"))
@@ -184,7 +204,8 @@ impl Cluster {
             .arg("--heartbeat-seconds=1")
             .arg("--lease-seconds=5")
             .env("KUBECONFIG", &n.kubeconfig)
-            .env("RUST_LOG", log_filter());
+            .env("RUST_LOG", log_filter())
+            .envs(env.iter().copied());
         let log = self.cp.dir().join(format!("agent-{node}.log"));
         n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
         Ok(())
@@ -294,16 +315,16 @@ async fn chart_operator_args(admin: &kube::Client) -> Result<Vec<String>, Harnes
         .collect())
 }
 
-/// The pid in `<vm_dir>/qemu.pid`, if that process is alive.
+/// The pid in `<vm_dir>/qemu.pid`, if that process is alive (not a zombie).
 fn qemu_pid(vm_dir: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(vm_dir.join("qemu.pid"))
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        .is_ok()
-        .then_some(pid)
+    // A killed QEMU whose agent died first stays a zombie until its reaper waits for
+    // it; it does not run the guest.
+    ferry_agent::supervisor::alive(pid).then_some(pid)
 }
 
 fn log_filter() -> String {

@@ -10,9 +10,11 @@ pub mod bench;
 pub mod cluster;
 mod commands;
 mod control_plane;
+pub mod e2e_support;
 pub mod identity;
 mod pki;
 mod process;
+pub mod relay;
 mod tools;
 
 pub use cluster::Cluster;

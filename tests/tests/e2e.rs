@@ -2,85 +2,15 @@
 //! simulated nodes, through the real control plane, the operator and two agents running
 //! real QEMU. One test at a time: each runs a cluster and TCG guests on two cores.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
-use ferry_tests::{Cluster, repo_root};
+use ferry_crds::{MigrationPhase, VirtualMachineMigration, VmPhase};
+use ferry_tests::e2e_support::*;
+use ferry_tests::repo_root;
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, Client};
 use serde_json::json;
-
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn up() -> (Cluster, Client) {
-    let cluster = Cluster::up(&["node-a", "node-b"], None)
-        .await
-        .unwrap_or_else(|e| panic!("cluster: {e}"));
-    let client = cluster.client().await.unwrap();
-    (cluster, client)
-}
-
-/// Polls `check` every 200 ms until it returns Some, or panics after `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The test guest's passes in a serial log: the pass numbers it printed and whether it
-/// ever reported a bad page.
-fn passes(log: &Path) -> (Vec<u64>, bool) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut passes = Vec::new();
-    let mut bad = false;
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() == Some("pass")
-            && let Some(n) = words.next().and_then(|n| n.parse().ok())
-        {
-            match words.next() {
-                Some("ok") => passes.push(n),
-                Some("BAD") => bad = true,
-                _ => {}
-            }
-        }
-    }
-    (passes, bad)
-}
-
-fn last_pass(cluster: &Cluster, node: &str, vm: &str) -> Option<u64> {
-    passes(&cluster.serial_log(node, vm)).0.last().copied()
-}
-
-async fn apply(cluster: &Cluster, file: &Path) {
-    let out = cluster
-        .kubectl()
-        .arg("apply")
-        .arg("-f")
-        .arg(file)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The body of a GET, with curl.
 async fn http_get(url: &str) -> String {
@@ -95,93 +25,6 @@ async fn http_get(url: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn apply_yaml(cluster: &Cluster, yaml: &str) {
-    let (ok, said) = cluster.cp.apply(yaml).await;
-    assert!(ok, "{said}");
-}
-
-fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
-         spec:\n  vmName: demo\n  targetNode: {target}\n  transport:\n    tls: false\n  policy:\n{policy}"
-    )
-}
-
-const UNLIMITED: &str = "    maxDowntimeMs: 300\n";
-/// Never converges: the guest dirties its 32 MiB faster than 2 MiB/s sends them.
-const NEVER_ENDING: &str = "    bandwidthMiBps: 2\n";
-/// Lasts several seconds, then converges whatever the guest does: the allowed downtime
-/// covers sending the whole dirtied region at this bandwidth.
-const LONG: &str = "    bandwidthMiBps: 8\n    maxDowntimeMs: 10000\n";
-
-/// Applies the example VM and waits until it runs on node-a with the guest counting.
-async fn example_vm_running(cluster: &Cluster, client: &Client) -> Api<VirtualMachine> {
-    apply(cluster, &repo_root().join("examples/virtualmachine.yaml")).await;
-    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
-    eventually(
-        "the VM to run on node-a",
-        Duration::from_secs(60),
-        || async {
-            let s = vms.get("demo").await.ok()?.status?;
-            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a"))
-                .then_some(())
-        },
-    )
-    .await;
-    eventually("the guest to count", Duration::from_secs(60), || async {
-        (last_pass(cluster, "node-a", "demo")? >= 2).then_some(())
-    })
-    .await;
-    vms
-}
-
-async fn phase_of(vmms: &Api<VirtualMachineMigration>, name: &str) -> Option<MigrationPhase> {
-    vmms.get(name).await.ok()?.status?.phase
-}
-
-async fn wait_phase(
-    vmms: &Api<VirtualMachineMigration>,
-    name: &str,
-    want: MigrationPhase,
-    limit: Duration,
-) {
-    eventually(&format!("{name} to reach {want:?}"), limit, || async {
-        let p = phase_of(vmms, name).await?;
-        if p.is_terminal() && p != want {
-            let m = vmms.get(name).await.ok()?;
-            panic!("{name} ended {p:?}, not {want:?}: {:#?}", m.status);
-        }
-        (p == want).then_some(())
-    })
-    .await;
-}
-
-/// Exactly one QEMU runs the VM, on `node`, and the VM says so.
-async fn runs_once_on(cluster: &Cluster, vms: &Api<VirtualMachine>, node: &str) {
-    let pids = cluster.qemu_pids("demo");
-    assert_eq!(
-        pids.keys().collect::<Vec<_>>(),
-        vec![node],
-        "QEMUs per node: {pids:?}"
-    );
-    let vm = vms.get("demo").await.unwrap();
-    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some(node));
-}
-
-/// The guest goes on counting on `node` past `after`, and never saw a bad page.
-async fn guest_goes_on(cluster: &Cluster, node: &str, after: u64) {
-    eventually(
-        &format!("the guest to count past {after} on {node}"),
-        Duration::from_secs(60),
-        || async { (last_pass(cluster, node, "demo")? >= after + 2).then_some(()) },
-    )
-    .await;
-    for n in cluster.nodes() {
-        let (_, bad) = passes(&cluster.serial_log(&n.name, "demo"));
-        assert!(!bad, "the guest found a bad page on {}", n.name);
-    }
 }
 
 #[tokio::test]

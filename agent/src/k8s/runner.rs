@@ -9,7 +9,7 @@ use ferry_agent::domain::{Device, Domain};
 use ferry_agent::error::BoxError;
 use ferry_agent::perform::Progress;
 use ferry_agent::policy;
-use ferry_agent::{begin, confirm, finish, perform, prepare};
+use ferry_agent::{begin, confirm, fault, finish, perform, prepare};
 use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +39,7 @@ pub async fn run(
         let start = run.record_start().await;
         info!("running");
         let result = run.execute(&cancel).await;
+        fault::pause(&format!("during-{}", phase.key())).await;
         let (outcome, message, outputs) = match result {
             Ok((message, outputs)) => (StepOutcome::Succeeded, message, outputs),
             Err(message) => {
@@ -209,17 +210,19 @@ impl<'a> Run<'a> {
                 let cookie = self
                     .cookie(MigrationPhase::Begin)
                     .ok_or("Begin left no cookie")?;
+                // Held until Prepare returns: by then the incoming QEMU listens on it.
                 let port = self
                     .agent
-                    .free_port()
+                    .reserve_port()
                     .ok_or("no free migration port in the configured range")?;
                 let policy = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
-                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port), &policy)
+                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port.port), &policy)
                     .await
                     .map_err(|e| e.to_string())?;
+                let uri = fault::advertised_uri(&out.uri);
                 Ok((
-                    format!("target QEMU waiting on {}", out.uri),
-                    json!({"cookies": {"prepare": out.cookie}, "migrationURI": out.uri}),
+                    format!("target QEMU waiting on {uri}"),
+                    json!({"cookies": {"prepare": out.cookie}, "migrationURI": uri}),
                 ))
             }
             MigrationPhase::Perform => self.perform(cancel).await,
@@ -302,6 +305,13 @@ impl<'a> Run<'a> {
         });
         let mut last = Instant::now() - Duration::from_secs(1);
         let on_progress = |p: &Progress| {
+            if p.transferred_bytes > 0 {
+                fault::pause_blocking("perform-early");
+            }
+            // Most of the guest's RAM is sent: under a quarter of it remains.
+            if p.transferred_bytes > 0 && p.remaining_bytes.saturating_mul(4) <= p.total_bytes {
+                fault::pause_blocking("perform-late");
+            }
             if last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
                 let _ = tx.try_send(progress_json(p));
@@ -378,6 +388,16 @@ impl<'a> Run<'a> {
                 info!("the target took over before the rollback; removing the source guest");
                 cancelled = false;
             }
+        }
+        if cancelled && self.agent.sup.running_pid(&domain.name).is_none() {
+            // Nothing to resume: the guest died on the source during the migration. The
+            // rollback ends here; the VM reconciler marks the VM Failed (GuestDied) once
+            // the migration releases it.
+            warn!("the source guest's QEMU is gone: the guest died during the migration");
+            return Ok((
+                "rolled back, but the guest's QEMU on the source is gone: the guest died".into(),
+                json!({}),
+            ));
         }
         let finish_cookie = self.cookie(MigrationPhase::Finish);
         if !cancelled && finish_cookie.is_none() {

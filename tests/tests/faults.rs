@@ -1,0 +1,482 @@
+//! The fault matrix: a real fault (a kill, restarted after a short delay the way
+//! Kubernetes would; a killed QEMU; a cut migration stream) at every phase boundary of a
+//! migration, on the real control plane with real QEMU. The processes stop at the exact
+//! point through their test-only fault hook (`FERRY_FAULT_PAUSE`, agent/src/fault.rs and
+//! operator/src/fault.rs); the fault itself is real.
+//!
+//! Every row must end with the migration terminal within [`TERMINAL_BOUND`], VM
+//! `status.migration` cleared, no stray QEMU, no disk-lock Lease held by a node without
+//! the guest, and either exactly one running guest (on the node its VM names, memory and
+//! counter intact) or — only when the fault killed the QEMU that held the guest — the VM
+//! marked Failed with reason GuestDied and no QEMU at all.
+//!
+//! `make test` runs [`SUBSET`] (one row per fault and one per point, about 10 minutes);
+//! `make test-faults` runs all 54 rows.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachineMigration, VmPhase};
+use ferry_tests::Cluster;
+use ferry_tests::e2e_support::*;
+use ferry_tests::relay::Relay;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::ListParams;
+
+/// The most a migration may take from its creation to a terminal phase under any fault
+/// here (the slowest paths wait out a 5 s heartbeat lease or a phase timeout).
+const TERMINAL_BOUND: Duration = Duration::from_secs(300);
+/// How long a killed component stays down before it is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    KillSourceAgent,
+    KillTargetAgent,
+    KillOperator,
+    KillTargetQemu,
+    KillSourceQemu,
+    CutStream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Point {
+    DuringBegin,
+    AfterBegin,
+    DuringPrepare,
+    AfterPrepare,
+    PerformEarly,
+    PerformLate,
+    DuringFinish,
+    AfterFinish,
+    DuringConfirm,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::KillSourceAgent,
+    Fault::KillTargetAgent,
+    Fault::KillOperator,
+    Fault::KillTargetQemu,
+    Fault::KillSourceQemu,
+    Fault::CutStream,
+];
+
+const POINTS: [Point; 9] = [
+    Point::DuringBegin,
+    Point::AfterBegin,
+    Point::DuringPrepare,
+    Point::AfterPrepare,
+    Point::PerformEarly,
+    Point::PerformLate,
+    Point::DuringFinish,
+    Point::AfterFinish,
+    Point::DuringConfirm,
+];
+
+/// The rows `make test` runs: every fault and every point at least once.
+const SUBSET: [(Fault, Point); 10] = [
+    (Fault::KillSourceAgent, Point::DuringBegin),
+    (Fault::KillOperator, Point::AfterBegin),
+    (Fault::KillTargetAgent, Point::DuringPrepare),
+    (Fault::KillTargetQemu, Point::AfterPrepare),
+    (Fault::CutStream, Point::PerformEarly),
+    (Fault::KillSourceQemu, Point::PerformEarly),
+    (Fault::KillTargetQemu, Point::PerformLate),
+    (Fault::KillTargetAgent, Point::DuringFinish),
+    (Fault::KillOperator, Point::AfterFinish),
+    (Fault::KillSourceAgent, Point::DuringConfirm),
+];
+
+/// Which process pauses at a point.
+#[derive(Clone, Copy, PartialEq)]
+enum Pauser {
+    Source,
+    Target,
+    Operator,
+}
+
+impl Point {
+    /// The hook's name for the point.
+    fn hook(self) -> &'static str {
+        match self {
+            Point::DuringBegin => "during-begin",
+            Point::AfterBegin => "after-begin",
+            Point::DuringPrepare => "during-prepare",
+            Point::AfterPrepare => "after-prepare",
+            Point::PerformEarly => "perform-early",
+            Point::PerformLate => "perform-late",
+            Point::DuringFinish => "during-finish",
+            Point::AfterFinish => "after-finish",
+            Point::DuringConfirm => "during-confirm",
+        }
+    }
+
+    fn pauser(self) -> Pauser {
+        match self {
+            Point::DuringBegin | Point::PerformEarly | Point::PerformLate => Pauser::Source,
+            Point::DuringConfirm => Pauser::Source,
+            Point::DuringPrepare | Point::DuringFinish => Pauser::Target,
+            Point::AfterBegin | Point::AfterPrepare | Point::AfterFinish => Pauser::Operator,
+        }
+    }
+}
+
+/// One row of the table.
+struct Row {
+    fault: Fault,
+    point: Point,
+    phase: MigrationPhase,
+    guest: String,
+    qemus: usize,
+    to_terminal: Duration,
+}
+
+const SOURCE: &str = "node-a";
+const TARGET: &str = "node-b";
+const MIGRATION: &str = "faulted";
+
+/// Runs one row on a fresh cluster; panics (with the reason) when an invariant breaks.
+async fn run_row(fault: Fault, point: Point) -> Row {
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let dir = cluster.cp.dir().join("faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_s = dir.display().to_string();
+    let relay = Relay::start("127.0.0.9", dir.clone()).await.unwrap();
+    let relay_addr = relay.addr.to_string();
+
+    // The process that pauses, and the target agent when it must advertise the relay,
+    // start again with the hook set.
+    let mut target_env = vec![("FERRY_FAULT_DIR", dir_s.as_str())];
+    if fault == Fault::CutStream {
+        target_env.push(("FERRY_FAULT_ADVERTISE", relay_addr.as_str()));
+    }
+    let pause = [
+        ("FERRY_FAULT_PAUSE", point.hook()),
+        ("FERRY_FAULT_DIR", dir_s.as_str()),
+    ];
+    match point.pauser() {
+        Pauser::Source => {
+            cluster.kill_agent(SOURCE);
+            cluster.start_agent_with_env(SOURCE, &pause).unwrap();
+        }
+        Pauser::Target => target_env.push(pause[0]),
+        Pauser::Operator => {
+            cluster.kill_operator();
+            cluster.start_operator_with_env(&pause).unwrap();
+        }
+    }
+    if point.pauser() == Pauser::Target || fault == Fault::CutStream {
+        cluster.kill_agent(TARGET);
+        cluster.start_agent_with_env(TARGET, &target_env).unwrap();
+    }
+
+    let started = Instant::now();
+    apply_yaml(&cluster, &migration_yaml(MIGRATION, TARGET, LONG)).await;
+    let paused = dir.join(format!("{}.paused", point.hook()));
+    eventually(
+        &format!("the hook to pause at {}", point.hook()),
+        Duration::from_secs(120),
+        || async { paused.exists().then_some(()) },
+    )
+    .await;
+
+    inject(&mut cluster, fault, point, &relay).await;
+    std::fs::write(dir.join(format!("{}.release", point.hook())), "").unwrap();
+
+    let phase = eventually(
+        "the migration to end",
+        TERMINAL_BOUND.saturating_sub(started.elapsed()),
+        || async { phase_of(&vmms, MIGRATION).await.filter(|p| p.is_terminal()) },
+    )
+    .await;
+    let to_terminal = started.elapsed();
+    keep_logs(&cluster, fault, point);
+    check_row(&cluster, &client, fault, point, phase).await;
+    let qemus = cluster.qemu_pids("demo");
+    let guest = qemus
+        .keys()
+        .next()
+        .cloned()
+        .unwrap_or_else(|| "died (VM Failed)".into());
+    let _ = vms;
+    Row {
+        fault,
+        point,
+        phase,
+        guest,
+        qemus: qemus.len(),
+        to_terminal,
+    }
+}
+
+/// The fault itself, while the hook holds the process at the point.
+async fn inject(cluster: &mut Cluster, fault: Fault, point: Point, relay: &Relay) {
+    let restart = |cluster: &mut Cluster, who: Pauser| match who {
+        Pauser::Source => cluster.start_agent(SOURCE).unwrap(),
+        Pauser::Target => cluster.start_agent(TARGET).unwrap(),
+        Pauser::Operator => cluster.start_operator().unwrap(),
+    };
+    let kill = |cluster: &mut Cluster, who: Pauser| match who {
+        Pauser::Source => cluster.kill_agent(SOURCE),
+        Pauser::Target => cluster.kill_agent(TARGET),
+        Pauser::Operator => cluster.kill_operator(),
+    };
+    let component = match fault {
+        Fault::KillSourceAgent => Some(Pauser::Source),
+        Fault::KillTargetAgent => Some(Pauser::Target),
+        Fault::KillOperator => Some(Pauser::Operator),
+        _ => None,
+    };
+    if let Some(who) = component {
+        kill(cluster, who);
+        tokio::time::sleep(RESTART_DELAY).await;
+        // A restarted process runs without the hook, as it would in production; the
+        // process that paused, if it was not the one killed, is released afterwards.
+        restart(cluster, who);
+        return;
+    }
+    // The killed paused process is gone; otherwise the pauser needs its hook kept.
+    let _ = point;
+    match fault {
+        Fault::KillSourceQemu | Fault::KillTargetQemu => {
+            let node = if fault == Fault::KillSourceQemu {
+                SOURCE
+            } else {
+                TARGET
+            };
+            if let Some(pid) = cluster.qemu_pids("demo").get(node) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        Fault::CutStream => relay.cut(),
+        _ => unreachable!(),
+    }
+}
+
+/// The row's invariants.
+async fn check_row(
+    cluster: &Cluster,
+    client: &kube::Client,
+    fault: Fault,
+    point: Point,
+    phase: MigrationPhase,
+) {
+    let vms: Api<ferry_crds::VirtualMachine> = Api::namespaced(client.clone(), "default");
+    eventually("the VM to be released", Duration::from_secs(30), || async {
+        let s = vms.get("demo").await.ok()?.status?;
+        s.migration.is_none().then_some(())
+    })
+    .await;
+    // A rolled-back target's QEMU may wait for the sweep (two rounds of 5 s).
+    let qemus = eventually("at most one QEMU", Duration::from_secs(30), || async {
+        let q = cluster.qemu_pids("demo");
+        (q.len() <= 1).then_some(q)
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
+    let holders = || async {
+        leases
+            .list(&ListParams::default().labels("ferry.dev/vm=default.demo"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|l| l.spec?.holder_identity)
+            .collect::<Vec<_>>()
+    };
+    // A killed source QEMU leaves a guest only if the guest had arrived whole on the
+    // target before the kill (the migration then goes forward).
+    let source_guest_died = fault == Fault::KillSourceQemu && phase != MigrationPhase::Succeeded;
+    match qemus.keys().next() {
+        Some(node) => {
+            assert!(
+                !source_guest_died,
+                "{fault:?} at {point:?}: the killed source guest came back on {node} ({phase:?})"
+            );
+            runs_once_on(cluster, &vms, node).await;
+            let expected = if phase == MigrationPhase::Succeeded {
+                TARGET
+            } else {
+                SOURCE
+            };
+            assert_eq!(node, expected, "{phase:?} but the guest runs on {node}");
+            eventually("the VM to be Running", Duration::from_secs(30), || async {
+                let s = vms.get("demo").await.ok()?.status?;
+                (s.phase == Some(VmPhase::Running)).then_some(())
+            })
+            .await;
+            let now = last_pass(cluster, node, "demo").unwrap_or(0);
+            guest_goes_on(cluster, node, now).await;
+            let held = holders().await;
+            assert!(
+                held.iter().all(|h| h == node),
+                "disk locks held by {held:?}, the guest runs on {node}"
+            );
+            let other = if node == SOURCE { TARGET } else { SOURCE };
+            let leftover = vm_dir(cluster, other);
+            assert!(!leftover.exists(), "state left on {other}: {leftover:?}");
+        }
+        None => {
+            assert!(
+                matches!(fault, Fault::KillSourceQemu | Fault::KillTargetQemu),
+                "{fault:?} at {point:?} left no guest"
+            );
+            let why = eventually(
+                "the VM to be marked Failed",
+                Duration::from_secs(30),
+                || async {
+                    let s = vms.get("demo").await.ok()?.status?;
+                    let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+                    (s.phase == Some(VmPhase::Failed)).then_some(ready.reason)
+                },
+            )
+            .await;
+            assert_eq!(why, "GuestDied");
+            let held = eventually("the disk locks to go", Duration::from_secs(30), || async {
+                let held = holders().await;
+                held.is_empty().then_some(held)
+            })
+            .await;
+            assert!(held.is_empty());
+        }
+    }
+    if source_guest_died {
+        assert_eq!(phase, MigrationPhase::Failed, "the source guest died");
+    }
+    for n in cluster.nodes() {
+        let (_, bad) = passes(&cluster.serial_log(&n.name, "demo"));
+        assert!(!bad, "the guest found a bad page on {}", n.name);
+    }
+    let m = Api::<VirtualMachineMigration>::namespaced(client.clone(), "default")
+        .get(MIGRATION)
+        .await
+        .unwrap();
+    if phase == MigrationPhase::Succeeded {
+        let confirm = m.status.and_then(|s| s.steps).and_then(|s| s.confirm);
+        assert_eq!(
+            confirm.and_then(|c| c.outcome),
+            Some(StepOutcome::Succeeded)
+        );
+    }
+}
+
+/// Copies the row's component logs to `$CARGO_TARGET_TMPDIR/fault-logs/<fault>-<point>`
+/// (the cluster's own directory goes with it).
+fn keep_logs(cluster: &Cluster, fault: Fault, point: Point) {
+    let to = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("fault-logs")
+        .join(format!("{fault:?}-{}", point.hook()));
+    let _ = std::fs::create_dir_all(&to);
+    for entry in std::fs::read_dir(cluster.cp.dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let _ = std::fs::copy(&path, to.join(entry.file_name()));
+        }
+    }
+}
+
+fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
+    cluster.node(node).state_dir.join("vms").join("demo")
+}
+
+/// Runs `rows` one after another (each on its own cluster), prints the table, and fails
+/// if any row broke an invariant.
+async fn matrix(rows: &[(Fault, Point)]) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let begun = Instant::now();
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+    for &(fault, point) in rows {
+        let outcome = tokio::spawn(run_row(fault, point)).await;
+        let line = match outcome {
+            Ok(r) => format!(
+                "| {:<16} | {:<14} | {:<10} | {:<16} | {:>5} | {:>7.1} s |",
+                format!("{:?}", r.fault),
+                r.point.hook(),
+                format!("{:?}", r.phase),
+                r.guest,
+                r.qemus,
+                r.to_terminal.as_secs_f64()
+            ),
+            Err(e) => {
+                let why = panic_message(e);
+                failures.push(format!("{fault:?} at {}: {why}", point.hook()));
+                format!(
+                    "| {:<16} | {:<14} | FAILED: {why}",
+                    format!("{fault:?}"),
+                    point.hook()
+                )
+            }
+        };
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    println!(
+        "\n| fault            | point          | phase      | guest runs on    | QEMUs | to terminal |"
+    );
+    println!(
+        "|------------------|----------------|------------|------------------|-------|-------------|"
+    );
+    for l in &lines {
+        println!("{l}");
+    }
+    println!(
+        "{} rows in {:.0} s; bound on time to terminal: {} s\n",
+        rows.len(),
+        begun.elapsed().as_secs_f64(),
+        TERMINAL_BOUND.as_secs()
+    );
+    assert!(failures.is_empty(), "rows failed:\n{}", failures.join("\n"));
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into())
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn fault_matrix_subset() {
+    // FERRY_FAULT_ROWS=<fault>:<point>,... picks rows of the full matrix instead.
+    if let Ok(pick) = std::env::var("FERRY_FAULT_ROWS") {
+        let rows: Vec<(Fault, Point)> = FAULTS
+            .iter()
+            .flat_map(|f| POINTS.iter().map(move |p| (*f, *p)))
+            .filter(|(f, p)| pick.split(',').any(|r| r == format!("{f:?}:{}", p.hook())))
+            .collect();
+        return matrix(&rows).await;
+    }
+    matrix(&SUBSET).await;
+}
+
+/// All 54 rows (`make test-faults`).
+#[tokio::test]
+#[ignore = "54 rows on fresh clusters; `make test-faults` runs it"]
+async fn fault_matrix_full() {
+    let rows: Vec<(Fault, Point)> = FAULTS
+        .iter()
+        .flat_map(|f| POINTS.iter().map(move |p| (*f, *p)))
+        .collect();
+    matrix(&rows).await;
+}
