@@ -89,6 +89,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         sup,
         metrics: k8s::metrics::Metrics::default(),
         tasks: Default::default(),
+        reserved_ports: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(k8s::heartbeat::run(

@@ -10,7 +10,7 @@ pub mod ownership;
 pub mod runner;
 pub mod vms;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, TcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
@@ -31,13 +31,41 @@ pub struct Agent {
     pub metrics: metrics::Metrics,
     /// Phases running now, by migration uid; Perform's token cancels the transfer.
     pub tasks: Mutex<HashMap<(String, MigrationPhase), CancellationToken>>,
+    /// Migration ports handed to a Prepare whose QEMU may not listen on them yet.
+    pub reserved_ports: Mutex<HashSet<u16>>,
+}
+
+/// A migration port reserved for one Prepare; released when dropped, by which time the
+/// incoming QEMU listens on it (or Prepare failed).
+pub struct PortReservation<'a> {
+    agent: &'a Agent,
+    pub port: u16,
+}
+
+impl Drop for PortReservation<'_> {
+    fn drop(&mut self) {
+        self.agent
+            .reserved_ports
+            .lock()
+            .expect("the port table is never poisoned")
+            .remove(&self.port);
+    }
 }
 
 impl Agent {
-    /// A port of the migration range that is free on this node's address now.
-    pub fn free_port(&self) -> Option<u16> {
-        self.ports
+    /// A port of the migration range that is free on this node's address now and not
+    /// promised to another Prepare running at the same time.
+    pub fn reserve_port(&self) -> Option<PortReservation<'_>> {
+        let mut reserved = self
+            .reserved_ports
+            .lock()
+            .expect("the port table is never poisoned");
+        let port = self
+            .ports
             .clone()
-            .find(|p| TcpListener::bind((self.address, *p)).is_ok())
+            .filter(|p| !reserved.contains(p))
+            .find(|p| TcpListener::bind((self.address, *p)).is_ok())?;
+        reserved.insert(port);
+        Some(PortReservation { agent: self, port })
     }
 }
