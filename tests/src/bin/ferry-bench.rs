@@ -144,7 +144,10 @@ async fn run(runs: usize) -> Result<Value, Error> {
     let mut cluster = Cluster::up_with(
         &["node-a", "node-b"],
         None,
-        &["migrations.maxParallel=8", "migrations.maxOutboundPerNode=8"],
+        &[
+            "migrations.maxParallel=8",
+            "migrations.maxOutboundPerNode=8",
+        ],
     )
     .await?;
     let client = cluster.client().await?;
