@@ -21,6 +21,8 @@ pub struct FerryRun {
     /// Each phase's duration on its agent, in order Begin..Confirm.
     pub phases: [Duration; 5],
     pub downtime_ms: u64,
+    /// QEMU's own account of the transfer (status.totalTimeMs).
+    pub migration_ms: u64,
     pub bytes: u64,
 }
 
@@ -122,6 +124,7 @@ pub async fn migrate_all(
                         overhead,
                         phases: PHASES.map(step_time),
                         downtime_ms: status.downtime_ms.unwrap_or_default().max(0) as u64,
+                        migration_ms: status.total_time_ms.unwrap_or_default().max(0) as u64,
                         bytes: status
                             .progress
                             .map(|p| p.bytes_transferred.max(0) as u64)

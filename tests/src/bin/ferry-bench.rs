@@ -127,6 +127,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
                 "127.0.0.3",
                 free_port("127.0.0.3"),
                 2,
+                case.params.region_end_mib - case.params.region_start_mib,
             )
             .await?;
             eprintln!(
@@ -234,6 +235,15 @@ async fn run(runs: usize) -> Result<Value, Error> {
     ))
 }
 
+/// One table row: the first column left-aligned, the rest right-aligned.
+fn row(cells: &[&str]) {
+    let mut line = format!("{:<5}", cells[0]);
+    for c in &cells[1..] {
+        line.push_str(&format!(" {c:>10}"));
+    }
+    println!("{line}");
+}
+
 async fn wait_passes(cluster: &Cluster, node: &str, vm: &str, n: usize) -> Result<(), Error> {
     let dir = cluster.serial_log(node, vm);
     let dir = dir.parent().expect("a VM dir");
@@ -257,13 +267,14 @@ fn report(
     println!(
         "\nFerry vs raw QEMU over QMP — {MEMORY_MIB} MiB guest rewriting 400 MiB, medians of {runs} runs, policy {policy:?}\n"
     );
-    println!(
-        "{:<5} {:>10} {:>11} {:>6} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+    row(&[
         "case",
         "dirty MiB/s",
         "raw ms",
         "ferry ms",
         "ratio",
+        "qemu raw",
+        "qemu ferry",
         "dt raw",
         "dt ferry",
         "overhead",
@@ -271,8 +282,8 @@ fn report(
         "Prepare",
         "Perform",
         "Finish",
-        "Confirm"
-    );
+        "Confirm",
+    ]);
     let mut cases = Vec::new();
     for ((case, raw), ferry) in CASES.iter().zip(raw_runs).zip(ferry_runs) {
         let raw_total = median(&raw.iter().map(|r| r.total).collect::<Vec<_>>());
@@ -293,32 +304,45 @@ fn report(
         let phases: Vec<Duration> = (0..5)
             .map(|p| median(&ferry.iter().map(|r| r.phases[p]).collect::<Vec<_>>()))
             .collect();
-        let dirty = raw
-            .iter()
-            .map(|r| r.dirty_rate_bytes_per_second)
-            .max()
-            .unwrap_or(0)
-            >> 20;
-        println!(
-            "{:<5} {:>10} {:>11} {:>6} {:>10.2} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            case.name,
-            dirty,
-            ms(raw_total),
-            ms(ferry_total),
-            ratio,
-            ms(dt_raw),
-            ms(dt_ferry),
-            ms(overhead),
-            ms(phases[0]),
-            ms(phases[1]),
-            ms(phases[2]),
-            ms(phases[3]),
-            ms(phases[4])
+        let dirty = median(
+            &raw.iter()
+                .map(|r| Duration::from_millis(r.dirty_rate_bytes_per_second >> 20))
+                .collect::<Vec<_>>(),
+        )
+        .as_millis();
+        let qemu_raw = median(
+            &raw.iter()
+                .map(|r| Duration::from_millis(r.migration_ms))
+                .collect::<Vec<_>>(),
         );
+        let qemu_ferry = median(
+            &ferry
+                .iter()
+                .map(|r| Duration::from_millis(r.migration_ms))
+                .collect::<Vec<_>>(),
+        );
+        row(&[
+            case.name,
+            &dirty.to_string(),
+            &ms(raw_total),
+            &ms(ferry_total),
+            &format!("{ratio:.2}"),
+            &ms(qemu_raw),
+            &ms(qemu_ferry),
+            &ms(dt_raw),
+            &ms(dt_ferry),
+            &ms(overhead),
+            &ms(phases[0]),
+            &ms(phases[1]),
+            &ms(phases[2]),
+            &ms(phases[3]),
+            &ms(phases[4]),
+        ]);
         cases.push(json!({
             "case": case.name, "runs": runs, "dirty_rate_mib_s": dirty,
             "raw_total_ms": raw_total.as_secs_f64() * 1e3, "ferry_total_ms": ferry_total.as_secs_f64() * 1e3,
-            "ratio": ratio, "raw_downtime_ms": dt_raw.as_millis(), "ferry_downtime_ms": dt_ferry.as_millis(),
+            "ratio": ratio, "raw_qemu_migration_ms": qemu_raw.as_millis(),
+            "ferry_qemu_migration_ms": qemu_ferry.as_millis(), "raw_downtime_ms": dt_raw.as_millis(), "ferry_downtime_ms": dt_ferry.as_millis(),
             "control_plane_overhead_ms": overhead.as_secs_f64() * 1e3,
             "phase_ms": {"begin": phases[0].as_secs_f64() * 1e3, "prepare": phases[1].as_secs_f64() * 1e3,
                          "perform": phases[2].as_secs_f64() * 1e3, "finish": phases[3].as_secs_f64() * 1e3,
