@@ -72,6 +72,20 @@ pub fn phase_to_run(m: &VirtualMachineMigration, node: &str) -> Option<Migration
     (!done).then_some(phase)
 }
 
+/// Whether a running Perform must stop, given a version of the migration's status.
+///
+/// The two watches (source and target label) may deliver versions out of order, so an
+/// event showing an earlier phase than Perform is stale, not a reason to stop: only a
+/// cancel or a later phase (the operator timed Perform out) is.
+pub fn stops_perform(status: &ferry_crds::VirtualMachineMigrationStatus) -> bool {
+    use MigrationPhase::*;
+    status.cancelled
+        || matches!(
+            status.phase,
+            Some(Finish | Confirm | Succeeded | Failed | Cancelled)
+        )
+}
+
 fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
     let status = m.status.clone().unwrap_or_default();
@@ -81,7 +95,7 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
         .expect("the task table is never poisoned");
     // A running Perform stops when the operator asks for a cancel or has moved on.
     if let Some(token) = tasks.get(&(uid.clone(), MigrationPhase::Perform))
-        && (status.cancelled || status.phase != Some(MigrationPhase::Perform))
+        && stops_perform(&status)
     {
         token.cancel();
     }
@@ -125,6 +139,24 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_stale_event_does_not_stop_perform() {
+        use MigrationPhase::*;
+        let status =
+            |phase: MigrationPhase, cancelled: bool| ferry_crds::VirtualMachineMigrationStatus {
+                phase: Some(phase),
+                cancelled,
+                ..Default::default()
+            };
+        for stale in [Pending, Begin, Prepare, Perform] {
+            assert!(!stops_perform(&status(stale, false)), "{stale:?}");
+        }
+        assert!(stops_perform(&status(Perform, true)));
+        for later in [Finish, Confirm, Succeeded, Failed, Cancelled] {
+            assert!(stops_perform(&status(later, false)), "{later:?}");
+        }
     }
 
     #[test]
