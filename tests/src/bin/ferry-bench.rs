@@ -8,7 +8,6 @@
 //! agents); then 1, 4 and 8 Ferry migrations at once; then the peak RSS of the operator
 //! and the agents. Medians are printed as a table and written as JSON.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,14 +83,6 @@ fn uuid(i: usize) -> String {
     format!("00000000-0000-4000-8000-{:012x}", 0xbe0000 + i)
 }
 
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn run(runs: usize) -> Result<Value, Error> {
     let policy = ferry_agent::policy::resolve(&MigrationPolicy::default())?;
     let work = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
@@ -117,26 +108,21 @@ async fn run(runs: usize) -> Result<Value, Error> {
             "-",
         );
         let domain = Domain::parse(&vm.spec.domain_xml)?;
-        let mut results = Vec::new();
-        for i in 0..runs {
-            let dir = work.path().join(format!("raw-{}-{i}", case.name));
-            let r = raw::migrate(
-                &domain,
-                &dir,
-                &policy,
-                "127.0.0.3",
-                free_port("127.0.0.3"),
-                2,
-                case.params.region_end_mib - case.params.region_start_mib,
-            )
-            .await?;
+        let results = raw::chain(
+            &domain,
+            &work.path().join(format!("raw-{}", case.name)),
+            &policy,
+            runs,
+            case.params.region_end_mib - case.params.region_start_mib,
+        )
+        .await?;
+        for (i, r) in results.iter().enumerate() {
             eprintln!(
                 "raw   {:<4} run {i}: {} ms, downtime {} ms",
                 case.name,
                 ms(r.total),
                 r.downtime_ms
             );
-            results.push(r);
         }
         raw_runs.push(results);
     }
@@ -165,11 +151,15 @@ async fn run(runs: usize) -> Result<Value, Error> {
         .await?;
         wait_passes(&cluster, "node-a", &name, 2).await?;
         let mut results = Vec::new();
-        for i in 0..runs {
+        // One unmeasured migration first, as for the baseline.
+        for i in 0..=runs {
             let target = if i % 2 == 0 { "node-b" } else { "node-a" };
             let m = ferry_side::migration(&format!("{name}-{i}"), &name, target);
             let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
             let r = r.remove(0);
+            if i == 0 {
+                continue;
+            }
             eprintln!(
                 "ferry {:<4} run {i}: {} ms, overhead {} ms, downtime {} ms",
                 case.name,
