@@ -202,7 +202,8 @@ impl Reconciler<'_> {
                     "observedGeneration": self.m.metadata.generation,
                 }))
                 .await?;
-                Ok(Action::requeue(Duration::from_secs(2)))
+                // The VM and the limits are not watched from here: look again soon.
+                Ok(Action::requeue(Duration::from_millis(500)))
             }
             Admission::Admit { source, target } => {
                 let vm = vm.expect("admission admits only an existing VM");
@@ -411,6 +412,8 @@ impl Reconciler<'_> {
         {
             c.message = format!("never admitted: {}", c.message);
         }
+        // The VM first: whoever sees the migration ended may start the next one at once.
+        self.release_vm().await?;
         self.patch_status(json!({
             "phase": phase,
             "phaseTransitionTime": now(),
@@ -443,7 +446,7 @@ impl Reconciler<'_> {
             EventType::Warning
         };
         self.event(kind, &format!("{phase:?}"), &why.message).await;
-        self.release_vm().await
+        Ok(())
     }
 
     fn conditions(&self) -> Vec<ferry_crds::Condition> {
