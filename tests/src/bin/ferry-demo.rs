@@ -159,11 +159,11 @@ async fn run() -> Result<(), Error> {
                     .as_ref()
                     .map(|e| format!("{:>6} ms", e.0.duration_since(step.start.0).as_millis()))
                     .unwrap_or_else(|| "   (running)".into());
+                let outcome = step.outcome.map(|o| format!("{o:?}")).unwrap_or_default();
                 println!(
-                    "  {:<10} {:<8} {took}  {:?}",
+                    "  {:<10} {:<8} {took}  {outcome}",
                     format!("{phase:?}"),
-                    step.node,
-                    step.outcome
+                    step.node
                 );
             }
         }
