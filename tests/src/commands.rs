@@ -65,4 +65,38 @@ impl ControlPlane {
             )))
         }
     }
+
+    /// The chart in `namespace`, then the examples applied in a new namespace
+    /// `examples_namespace` (retried until the chart's CRDs are established).
+    pub async fn chart_with_examples(
+        &self,
+        namespace: &str,
+        examples_namespace: &str,
+    ) -> Result<(), HarnessError> {
+        self.install_chart("ferry", namespace).await?;
+        let (ok, said) = self
+            .apply(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {examples_namespace}\n"
+            ))
+            .await;
+        if !ok {
+            return Err(HarnessError::Setup(format!("namespace: {said}")));
+        }
+        let mut said = String::new();
+        for _ in 0..100 {
+            let out = self
+                .kubectl()
+                .args(["apply", "-n", examples_namespace, "-f"])
+                .arg(repo_root().join("examples"))
+                .output()
+                .await?;
+            said = printed(&out);
+            if out.status.success() {
+                return Ok(());
+            }
+            // The CRDs may not be established yet.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(HarnessError::Setup(format!("examples: {said}")))
+    }
 }

@@ -3,10 +3,10 @@
 //! policy lets an agent write only the status fields its node's phases own.
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_tests::ControlPlane;
 use ferry_tests::identity::{NODE_NAME_EXTRA, ensure_node, node_bound_token, node_of, whoami};
-use ferry_tests::{ControlPlane, repo_root};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -27,34 +27,10 @@ async fn env() -> Env {
     let cp = ControlPlane::start()
         .await
         .unwrap_or_else(|e| panic!("control plane: {e}"));
-    cp.install_chart("ferry", NS)
+    cp.chart_with_examples(NS, VMS)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let admin = cp.admin_client().await.unwrap();
-    Api::<Namespace>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": VMS}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut applied = String::new();
-    for _ in 0..100 {
-        let out = cp
-            .kubectl()
-            .args(["apply", "-n", VMS, "-f"])
-            .arg(repo_root().join("examples"))
-            .output()
-            .await
-            .unwrap();
-        applied = ferry_tests::printed(&out);
-        if out.status.success() {
-            break;
-        }
-        // The CRDs may not be established yet.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(applied.contains("created"), "examples: {applied}");
     for node in ["node-a", "node-b", "node-c"] {
         ensure_node(&admin, node).await.unwrap();
     }

@@ -2,11 +2,11 @@
 //! the design needs and are refused (403) the rest.
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_tests::ControlPlane;
 use ferry_tests::identity::node_bound_token;
-use ferry_tests::{ControlPlane, repo_root};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -80,31 +80,10 @@ async fn cluster() -> Cluster {
     let cp = ControlPlane::start()
         .await
         .unwrap_or_else(|e| panic!("control plane: {e}"));
-    cp.install_chart("ferry", NS)
+    cp.chart_with_examples(NS, VMS)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let admin = cp.admin_client().await.unwrap();
-    let nss: Api<Namespace> = Api::all(admin.clone());
-    nss.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": VMS}})).unwrap(),
-    )
-    .await
-    .unwrap();
-    for _ in 0..100 {
-        let out = cp
-            .kubectl()
-            .args(["apply", "-n", VMS, "-f"])
-            .arg(repo_root().join("examples"))
-            .output()
-            .await
-            .unwrap();
-        if out.status.success() {
-            break;
-        }
-        // The CRDs may not be established yet.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
     for ns in [NS, VMS] {
         let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
         secrets
