@@ -42,7 +42,7 @@ test-e2e: tools bins ## Migrations end to end: control plane, operator, two agen
 
 # `make test` runs the fault matrix's fixed subset (tests/tests/faults.rs, SUBSET: one
 # row per fault and one per injection point); this runs all 54 rows.
-test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows).
+test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows, about 12 minutes).
 	$(CARGO) test -p ferry-tests --test faults -- --include-ignored --nocapture
 
 soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents at start and end.
