@@ -290,8 +290,12 @@ fn device(el: &Element) -> Result<Device, XmlError> {
             if port.is_none() && !autoport {
                 return Err(el.invalid("port", "-1", "a port or autoport='yes' is needed"));
             }
+            let listen = el.get("listen").unwrap_or("127.0.0.1");
+            if listen.parse::<std::net::IpAddr>().is_err() {
+                return Err(el.invalid("listen", listen, "not an IP address"));
+            }
             Ok(Device::Graphics(Graphics {
-                listen: el.get("listen").unwrap_or("127.0.0.1").to_string(),
+                listen: listen.to_string(),
                 port: if autoport { None } else { port },
             }))
         }

@@ -82,6 +82,10 @@ fn refuses_outside_the_subset_naming_it() {
     assert!(refused(&x).contains("'../etc'"));
     let x = SAMPLE.replace("52:54:00:AA:BB:01", "52:54:00:AA:BB");
     assert!(refused(&x).contains("xx:xx"));
+    // Found by the domain_parse fuzz target: any text was accepted as a VNC address.
+    let x = SAMPLE.replace("listen='127.0.0.1'", "listen='127.0.0.odel'");
+    assert!(refused(&x).contains("invalid value '127.0.0.odel' for listen"));
+    assert!(refused(&x).contains("not an IP address"));
 }
 
 #[test]
