@@ -257,9 +257,13 @@ impl Cookie {
         if let Some(g) = root.child("graphics")? {
             g.allow(&["type", "listen", "port"], &[])?;
             let port = g.require("port")?;
+            let listen = g.require("listen")?;
+            if listen.parse::<std::net::IpAddr>().is_err() {
+                return Err(g.invalid("listen", listen, "not an IP address").into());
+            }
             cookie.graphics = Some(GraphicsInfo {
                 kind: g.require("type")?.to_string(),
-                listen: g.require("listen")?.to_string(),
+                listen: listen.to_string(),
                 port: port
                     .parse()
                     .map_err(|_| g.invalid("port", port, "not a port"))?,
@@ -537,6 +541,27 @@ mod tests {
         assert_eq!(
             Cookie::decode(&ctl, &e).unwrap_err().to_string(),
             "migration cookie: malformed XML: character U+001B is not allowed in XML"
+        );
+    }
+
+    #[test]
+    fn graphics_listen_must_be_an_ip_address() {
+        // Found by the cookie_decode fuzz target: any text was accepted as the address
+        // console clients are sent to.
+        let mut p = Cookie::new("guest-1", VM, "node-b", DST);
+        p.graphics = Some(GraphicsInfo {
+            kind: "vnc".into(),
+            listen: "127.0.0.3".into(),
+            port: 5901,
+        });
+        let xml = p.encode(Phase::Prepare).unwrap();
+        let e = expect(Phase::Prepare, SRC);
+        assert!(Cookie::decode(&xml, &e).is_ok());
+        let bad = xml.replace("127.0.0.3", "evil.example");
+        let err = Cookie::decode(&bad, &e).unwrap_err().to_string();
+        assert!(
+            err.contains("invalid value 'evil.example' for listen"),
+            "{err}"
         );
     }
 

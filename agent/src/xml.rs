@@ -76,6 +76,8 @@ fn start_element(e: &quick_xml::events::BytesStart<'_>) -> Result<Element, XmlEr
                     ) => XmlError::Entity(name),
                     other => malformed(other),
                 })?;
+        // A character reference can name what the document may not contain literally.
+        refuse_control_characters(&value)?;
         el.attrs.push((key, value.into_owned()));
     }
     Ok(el)
@@ -91,6 +93,20 @@ fn escape_attribute(value: &str) -> String {
         .replace('\r', "&#13;")
 }
 
+/// Refuses the characters XML 1.0 does not allow (C0 controls other than tab, newline and
+/// carriage return; U+FFFE and U+FFFF).
+fn refuse_control_characters(text: &str) -> Result<(), XmlError> {
+    match text.chars().find(|c| {
+        (*c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{fffe}' | '\u{ffff}')
+    }) {
+        Some(c) => Err(malformed(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses `input` into its root element, refusing anything outside plain XML.
 pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
     if input.len() > max_len {
@@ -99,14 +115,7 @@ pub fn parse(input: &str, max_len: usize) -> Result<Element, XmlError> {
             max: max_len,
         });
     }
-    if let Some(c) = input.chars().find(|c| {
-        (*c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || matches!(c, '\u{fffe}' | '\u{ffff}')
-    }) {
-        return Err(malformed(format!(
-            "character U+{:04X} is not allowed in XML",
-            c as u32
-        )));
-    }
+    refuse_control_characters(input)?;
     // Text is trimmed once the element is complete, not per text event: quick-xml splits
     // text at every entity reference, and trimming the pieces would eat the spaces next to
     // one (`a &amp; b` would read `a&b`).
@@ -381,6 +390,14 @@ mod tests {
             parse("<a>\u{5}</a>", 4096),
             Err(XmlError::Malformed(
                 "character U+0005 is not allowed in XML".into()
+            ))
+        );
+        // Found by the cookie_decode fuzz target: a reference in an attribute value
+        // smuggled in a control character the encoder then wrote literally.
+        assert_eq!(
+            parse("<a b='x&#8;'/>", 4096),
+            Err(XmlError::Malformed(
+                "character U+0008 is not allowed in XML".into()
             ))
         );
         assert_eq!(
