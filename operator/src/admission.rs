@@ -189,6 +189,7 @@ mod tests {
                 domain_xml: "<domain/>".into(),
                 node_name: node.into(),
                 running: true,
+                restore_from: None,
             },
         );
         vm.metadata.namespace = Some("default".into());
