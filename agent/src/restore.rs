@@ -119,6 +119,25 @@ pub async fn restore(
     let verified = verify(path, domain).await?;
     let verify_ms = t0.elapsed().as_millis() as u64;
     tracing::info!(vm, compression = %verified.compression, stream_bytes = verified.stream_bytes, verify_ms, "saved state verified; starting QEMU");
+    let mut out = restore_verified(sup, domain, verified).await?;
+    out.verify_ms = verify_ms;
+    Ok(out)
+}
+
+/// The second half of [`restore`], for a file [`verify`] accepted for `domain`: starts
+/// QEMU, loads the state (checking it again on the way) and resumes the guest.
+pub async fn restore_verified(
+    sup: &Supervisor,
+    domain: &Domain,
+    verified: Verified,
+) -> Result<RestoreOutput, RestoreError> {
+    let vm = domain.name.as_str();
+    if let Some(pid) = sup.running_pid(vm) {
+        return Err(RestoreError::AlreadyRunning {
+            vm: vm.to_string(),
+            pid,
+        });
+    }
     let t1 = Instant::now();
     let guest = sup.start(domain, true).await?;
     let loaded = load(&guest.qmp, verified.clone()).await;
@@ -133,7 +152,7 @@ pub async fn restore(
     let out = RestoreOutput {
         stream_bytes: verified.stream_bytes,
         file_bytes: verified.file_bytes,
-        verify_ms,
+        verify_ms: 0,
         load_ms: t1.elapsed().as_millis() as u64,
     };
     tracing::info!(vm, load_ms = out.load_ms, "restored; the guest runs");

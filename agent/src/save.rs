@@ -65,10 +65,14 @@ pub fn check_path(path: &Path) -> Result<(), String> {
     if !path.is_absolute() {
         return bad("is not absolute");
     }
+    // `components()` normalises `a/./b` away, so look at the text too.
+    let text = path.to_string_lossy();
     if path
         .components()
         .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
-        || path.to_string_lossy().ends_with('/')
+        || text.ends_with('/')
+        || text.ends_with("/.")
+        || text.contains("/./")
     {
         return bad("must name a file without '.' or '..' components");
     }
@@ -304,7 +308,9 @@ mod tests {
     #[test]
     fn paths() {
         assert_eq!(check_path(Path::new("/var/lib/ferry/saves/g.fsav")), Ok(()));
-        for bad in ["g.fsav", "/a/../b", "/a/./b", "/", "/a/", ""] {
+        for bad in [
+            "g.fsav", "/a/../b", "/a/./b", "/a/.", "/a/..", "/", "/a/", "",
+        ] {
             assert!(check_path(Path::new(bad)).is_err(), "{bad}");
         }
     }
