@@ -54,7 +54,8 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
                 phase: P::Failed,
                 why: why("BeginFailed", step_message),
             },
-            (P::Perform, false) => enter(P::Confirm, status.cancelled, None),
+            // The file is in place: a cancel that did not stop the save comes too late.
+            (P::Perform, false) => enter(P::Confirm, false, None),
             (P::Perform, true) => enter(
                 P::Confirm,
                 true,
@@ -316,9 +317,19 @@ mod tests {
         m.spec.cancel = true;
         assert_eq!(ended(decide(&m, &obs(1), &T)).0, P::Cancelled);
         // After the file is in place a cancel no longer undoes the save.
-        let mut m = save(P::Perform, false, Some(S));
+        for cancelled in [false, true] {
+            let mut m = save(P::Perform, cancelled, Some(S));
+            m.spec.cancel = true;
+            assert_eq!(entered(decide(&m, &obs(1), &T)), (P::Confirm, false, None));
+        }
+        let mut m = save(P::Confirm, false, Some(S));
         m.spec.cancel = true;
-        assert_eq!(entered(decide(&m, &obs(1), &T)), (P::Confirm, false, None));
+        let (phase, _, message) = ended(decide(&m, &obs(1), &T));
+        assert_eq!(phase, P::Succeeded);
+        assert!(
+            message.ends_with("the cancel came after the state was saved"),
+            "{message}"
+        );
         let mut m = save(P::Begin, false, Some(S));
         m.spec.cancel = true;
         assert_eq!(ended(decide(&m, &obs(1), &T)).0, P::Cancelled);
