@@ -9,6 +9,7 @@ use ferry_crds::{
     MigrationPhase, SaveCompression, StepOutcome, VirtualMachine, VirtualMachineMigration, VmPhase,
 };
 use ferry_tests::e2e_support::*;
+use ferry_tests::repo_root;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
@@ -24,14 +25,60 @@ async fn save_on_one_node_and_restore_on_the_other() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (cluster, client) = up().await;
     let _logs = LogsOnFailure(cluster.cp.dir().to_path_buf());
-    let vms = example_vm_running(&cluster, &client).await;
-    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let saves = tempfile::Builder::new()
         .prefix("ferry-saves-")
         .tempdir()
         .unwrap();
+    // The example VM on a copy of its disk: QEMU locks the image, and other clusters on
+    // this machine may run the example at the same time.
+    let disk = saves.path().join("test-guest.img");
+    std::fs::copy(ferry_tests::cluster::EXAMPLE_DISK, &disk).unwrap();
+    let example = std::fs::read_to_string(repo_root().join("examples/virtualmachine.yaml"))
+        .unwrap()
+        .replace(
+            ferry_tests::cluster::EXAMPLE_DISK,
+            &disk.display().to_string(),
+        );
+    apply_yaml(&cluster, &example).await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "the VM to run on node-a",
+        Duration::from_secs(60),
+        || async {
+            let s = vms.get("demo").await.ok()?.status?;
+            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a"))
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("the guest to count", Duration::from_secs(60), || async {
+        (last_pass(&cluster, "node-a", "demo")? >= 2).then_some(())
+    })
+    .await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let path = saves.path().join("demo.fsav");
     let before = last_pass(&cluster, "node-a", "demo").unwrap();
+
+    // The API refuses a save with a target, and a path that is not absolute.
+    let bad = |extra: &str, path: &str| {
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: bad-save\n\
+             spec:\n  vmName: demo\n{extra}  toFile:\n    path: {path}\n"
+        )
+    };
+    for (yaml, says) in [
+        (
+            bad("  targetNode: node-b\n", "/saves/demo.fsav"),
+            "toFile cannot be combined with targetNode",
+        ),
+        (
+            bad("", "saves/demo.fsav"),
+            "path must be an absolute file path",
+        ),
+    ] {
+        let (ok, said) = cluster.cp.apply(&yaml).await;
+        assert!(!ok && said.contains(says), "{said}");
+    }
 
     apply_yaml(
         &cluster,
