@@ -45,6 +45,8 @@ pub enum ErrorKind {
     NotArrived(String),
     #[error("migration record: {0}")]
     Record(#[from] std::io::Error),
+    #[error(transparent)]
+    StateFile(#[from] crate::statefile::StateFileError),
 }
 
 impl ErrorKind {
@@ -65,6 +67,7 @@ impl ErrorKind {
             ErrorKind::Ownership(_) => "ownership",
             ErrorKind::NotArrived(_) => "not_arrived",
             ErrorKind::Record(_) => "record",
+            ErrorKind::StateFile(_) => "state_file",
         }
     }
 }

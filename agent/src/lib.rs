@@ -25,6 +25,13 @@
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
 //!
+//! - [`statefile`]: the saved-state file (header, compressed stream, trailer with length
+//!   and SHA-256), [`statefile::verify`] refusing a truncated, corrupted or foreign file.
+//! - [`save`]: the Perform of a migration to a file ([`save::save`]: pipe, QMP `getfd`,
+//!   `migrate fd:`, compression on a blocking thread) and its Confirm
+//!   ([`save::confirm_saved`]); [`restore`]: [`restore::verify`] before any QEMU, then
+//!   [`restore::restore_verified`] (`-incoming defer`, `migrate-incoming fd:`, `cont`).
+//!
 //! # The phases
 //! Each takes the previous phase's output, returns the next, and is idempotent: a re-run
 //! for the same migration name returns the recorded result (`migration.json` in the VM's
@@ -83,6 +90,9 @@ pub mod phases;
 pub mod policy;
 pub mod prepare;
 pub mod qmp;
+pub mod restore;
+pub mod save;
+pub mod statefile;
 pub mod supervisor;
 pub mod testguest;
 mod xml;

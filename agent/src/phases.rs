@@ -46,6 +46,9 @@ pub struct MigrationRecord {
     pub prepare: Option<crate::prepare::PrepareOutput>,
     pub perform: Option<crate::perform::PerformOutput>,
     pub finish: Option<crate::finish::FinishOutput>,
+    /// What a migration to a file saved (its Perform).
+    #[serde(default)]
+    pub save: Option<crate::save::SaveOutput>,
 }
 
 pub const RECORD_FILE: &str = "migration.json";

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,6 +162,29 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<R, QmpError> {
+        self.call(command, arguments, timeout, None).await
+    }
+
+    /// Runs `command` with `fd` passed along (SCM_RIGHTS on the monitor socket), as
+    /// `getfd` needs; QEMU keeps its own copy of the descriptor.
+    pub async fn run_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        self.call::<serde::de::IgnoredAny>(command, arguments, DEFAULT_TIMEOUT, Some(fd))
+            .await
+            .map(|_| ())
+    }
+
+    async fn call<R: DeserializeOwned>(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<R, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Gone);
         }
@@ -176,7 +200,10 @@ impl Qmp {
         tracing::trace!(command, id, "QMP command");
         let sent = {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await
+            match fd {
+                None => w.write_all(line.as_bytes()).await,
+                Some(fd) => send_with_fd(w.as_ref(), line.as_bytes(), fd).await,
+            }
         };
         if let Err(e) = sent {
             self.pending.lock().expect("pending map").remove(&id);
@@ -211,6 +238,31 @@ impl Qmp {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Writes `data` to the monitor socket, the first chunk carrying `fd` as SCM_RIGHTS.
+async fn send_with_fd(stream: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let socket = stream.as_raw_fd();
+    let fds = [fd.as_raw_fd()];
+    let mut sent = 0;
+    while sent < data.len() {
+        stream.writable().await?;
+        let result = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(&data[sent..])];
+            let rights = [ControlMessage::ScmRights(&fds)];
+            let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
+            sendmsg::<()>(socket, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+                .map_err(std::io::Error::from)
+        });
+        match result {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn read_json<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Value, QmpError> {

@@ -54,6 +54,7 @@ pub const MAX_COOKIE_BYTES: usize = 16384;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.toFile) || (!has(self.targetNode) && !has(self.targetDomainXML))").message("toFile cannot be combined with targetNode or targetDomainXML: a migration to a file has no target node"))]
 pub struct VirtualMachineMigrationSpec {
     /// The VirtualMachine to migrate, in the migration's namespace. Immutable.
     #[schemars(length(min = 1, max = 253))]
@@ -78,6 +79,17 @@ pub struct VirtualMachineMigrationSpec {
     #[schemars(length(min = 1, max = 65536))]
     pub target_domain_xml: Option<String>,
 
+    /// Save the guest's full state into a file instead of moving it to another node
+    /// (libvirt's save). The source agent writes the file (through an optional
+    /// compressor) and, once it is saved, stops the guest; the VM then reports
+    /// `status.phase: Stopped` and `status.savedState`. A VirtualMachine whose
+    /// `spec.restoreFrom` names the file starts from it. Cannot be combined with
+    /// `targetNode` or `targetDomainXML`; `policy` and `transport` do not apply.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("toFile is immutable"))]
+    pub to_file: Option<ToFile>,
+
     /// How the transfer behaves: bandwidth, downtime, convergence.
     #[serde(default)]
     pub policy: MigrationPolicy,
@@ -91,6 +103,62 @@ pub struct VirtualMachineMigrationSpec {
     /// Deleting the object cancels it too.
     #[serde(default)]
     pub cancel: bool,
+}
+
+/// Where and how a migration to a file saves the guest.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToFile {
+    /// Absolute path of the file on the source node (a path or volume its agent can
+    /// write, e.g. the chart's `agent.saveVolume`). The file must not exist: a save
+    /// never overwrites one. It is written under a temporary name and renamed into
+    /// place once complete.
+    #[schemars(length(min = 2, max = 4096))]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./')").message("path must be an absolute file path without '.' or '..' components"))]
+    pub path: String,
+
+    /// How the file is compressed: None (the default), Gzip, Zstd or Xz.
+    #[serde(default)]
+    pub compression: SaveCompression,
+}
+
+/// Compression of a saved-state file.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SaveCompression {
+    /// The stream as QEMU sends it.
+    #[default]
+    None,
+    /// gzip (deflate), level 6.
+    Gzip,
+    /// zstd, level 3.
+    Zstd,
+    /// xz (LZMA2), preset 6.
+    Xz,
+}
+
+/// A saved guest state: where it is and what it took.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedState {
+    /// The file, on the node that saved it (and any node that can read it).
+    pub path: String,
+    /// How the file is compressed.
+    pub compression: SaveCompression,
+    /// The node that wrote it.
+    pub node: String,
+    /// Bytes of the guest's state (QEMU's migration stream, uncompressed).
+    pub stream_bytes: i64,
+    /// Bytes of the file (compressed, with Ferry's header and trailer).
+    pub file_bytes: i64,
+    /// How long the save took, from pausing the guest to the file in place, in
+    /// milliseconds.
+    pub save_time_ms: i64,
+    /// The migration that saved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    /// When the file was in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at: Option<Time>,
 }
 
 /// How the transfer behaves: a named preset, and explicit fields that override what the
@@ -308,6 +376,10 @@ pub struct VirtualMachineMigrationStatus {
     /// Transfer progress while Perform runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+
+    /// What a migration to a file saved (set by the source agent in Perform).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_state: Option<SavedState>,
 
     /// How long the guest was paused for the switch-over, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

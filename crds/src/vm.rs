@@ -5,14 +5,15 @@
 #![allow(clippy::duplicated_attributes)]
 
 use kube::CustomResource;
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::Condition;
+use crate::{Condition, SavedState};
 
 /// A QEMU guest that Ferry runs. The agent on `status.nodeName` (or, before the first
 /// start, `spec.nodeName`) starts it from `spec.domainXML` and reports what it sees.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "ferry.dev",
     version = "v1alpha1",
@@ -52,6 +53,18 @@ pub struct VirtualMachineSpec {
     /// gracefully (ACPI power-off, then a forced stop after a grace period).
     #[serde(default = "default_true")]
     pub running: bool,
+
+    /// Start the guest from a saved state (a file a migration with `toFile` wrote)
+    /// instead of booting it: the agent of the node that starts the guest checks the
+    /// file (format, checksum, that it holds this guest, and that `domainXML` is
+    /// ABI-compatible with the saved definition) before it starts QEMU, then loads the
+    /// state and resumes the guest where it stopped. A refused file leaves the VM as it
+    /// was, with a `Ready=False` condition and an Event naming the problem. Used once:
+    /// after a restore `status.restoredFrom` names the file, and a later start boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 4096))]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./')").message("restoreFrom must be an absolute file path without '.' or '..' components"))]
+    pub restore_from: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -78,6 +91,15 @@ pub struct VirtualMachineStatus {
     /// Where a console client connects to the guest now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<Graphics>,
+
+    /// The guest's state saved by a migration to a file; set while the guest is
+    /// stopped in that state (`phase: Stopped`, no QEMU runs), cleared by a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_state: Option<SavedState>,
+
+    /// The saved state (`spec.restoreFrom`) the running guest was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 
     /// Standard conditions: `Ready` (the guest runs and answers QMP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

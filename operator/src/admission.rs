@@ -12,6 +12,9 @@ use crate::config::Limits;
 pub enum Admission {
     /// Start it: Begin on `source`, then the rest towards `target`.
     Admit { source: String, target: String },
+    /// Start a migration to a file (`spec.toFile`): Begin, Perform, Confirm on `source`;
+    /// no target.
+    Save { source: String },
     /// Leave it Pending; `Admitted=False` with this reason and message.
     Wait {
         reason: &'static str,
@@ -49,7 +52,8 @@ fn wait(reason: &'static str, message: String) -> Admission {
 pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     let spec = &m.spec;
     let ns = m.metadata.namespace.as_deref().unwrap_or("default");
-    if spec.transport.tls {
+    // A save has no stream between nodes: `transport` does not apply.
+    if spec.transport.tls && spec.to_file.is_none() {
         return reject(
             "Invalid",
             "spec.transport.tls: true is not supported yet; set it to false explicitly \
@@ -107,6 +111,9 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
             ),
         );
     }
+    if spec.to_file.is_some() {
+        return limit_reached(facts, &source).unwrap_or(Admission::Save { source });
+    }
     let target = match spec.target_node.as_deref() {
         Some(t) if t == source => {
             return reject(
@@ -134,31 +141,36 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
             }
         },
     };
+    limit_reached(facts, &source).unwrap_or(Admission::Admit { source, target })
+}
+
+/// The cluster's and the source node's migration limits: `Some(Wait)` when one is reached.
+fn limit_reached(facts: &Facts, source: &str) -> Option<Admission> {
     let running = facts.active.len();
     if running >= facts.limits.max_parallel {
-        return wait(
+        return Some(wait(
             "LimitReached",
             format!(
                 "{running} migrations are running in the cluster (limit {})",
                 facts.limits.max_parallel
             ),
-        );
+        ));
     }
     let outbound = facts
         .active
         .iter()
-        .filter(|o| o.status.as_ref().and_then(|s| s.source_node.as_deref()) == Some(&source))
+        .filter(|o| o.status.as_ref().and_then(|s| s.source_node.as_deref()) == Some(source))
         .count();
     if outbound >= facts.limits.max_outbound_per_node {
-        return wait(
+        return Some(wait(
             "LimitReached",
             format!(
                 "{outbound} migrations are leaving node {source} (limit {})",
                 facts.limits.max_outbound_per_node
             ),
-        );
+        ));
     }
-    Admission::Admit { source, target }
+    None
 }
 
 /// The live node, other than `source`, running the fewest VMs (by name on a tie).
@@ -189,6 +201,7 @@ mod tests {
                 domain_xml: "<domain/>".into(),
                 node_name: node.into(),
                 running: true,
+                restore_from: None,
             },
         );
         vm.metadata.namespace = Some("default".into());
@@ -277,6 +290,49 @@ mod tests {
             }
         );
         assert_eq!(pick_target("a", &["a".into()], &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn a_save_picks_no_target_and_ignores_transport() {
+        let v = vm(VmPhase::Running, "node-a", None);
+        let mut m = migration("save", "demo", None);
+        m.spec.to_file =
+            Some(serde_json::from_value(serde_json::json!({"path": "/saves/demo.fsav"})).unwrap());
+        m.spec.transport.tls = true;
+        assert_eq!(
+            decide(&m, Some(&v), &[]),
+            Admission::Save {
+                source: "node-a".into()
+            }
+        );
+        // Still one migration of a VM at a time, and the source's outbound limit.
+        let other = running("first", "demo", "node-a");
+        assert!(matches!(
+            decide(&m, Some(&v), &[&other]),
+            Admission::Wait {
+                reason: "VMBusy",
+                ..
+            }
+        ));
+        let (x, y) = (
+            running("x", "vm-x", "node-a"),
+            running("y", "vm-y", "node-a"),
+        );
+        assert!(matches!(
+            decide(&m, Some(&v), &[&x, &y]),
+            Admission::Wait {
+                reason: "LimitReached",
+                ..
+            }
+        ));
+        let stopped = vm(VmPhase::Stopped, "node-a", None);
+        assert!(matches!(
+            decide(&m, Some(&stopped), &[]),
+            Admission::Reject {
+                reason: "VMNotRunning",
+                ..
+            }
+        ));
     }
 
     #[test]

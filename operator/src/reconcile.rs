@@ -207,47 +207,78 @@ impl Reconciler<'_> {
             }
             Admission::Admit { source, target } => {
                 let vm = vm.expect("admission admits only an existing VM");
-                // The finalizer first: from the moment the VM is held, a deletion must
-                // wait for the release.
-                self.api()
-                    .patch(
-                        &self.name(),
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {
-                            "labels": {SOURCE_NODE_LABEL: source, TARGET_NODE_LABEL: target},
-                            "finalizers": self.finalizers_with_ours(),
-                        }})),
-                    )
-                    .await?;
-                self.hold_vm(&vm).await?;
-                let message = format!("moving {} from {source} to {target}", self.m.spec.vm_name);
-                let mut conditions = self.conditions();
-                set_condition(
-                    &mut conditions,
-                    "Admitted",
-                    true,
-                    "Admitted",
-                    &message,
-                    self.m.metadata.generation,
-                    now(),
-                );
-                let policy =
-                    crate::policy::effective(&self.ctx.default_policy, &self.m.spec.policy);
-                self.patch_status(json!({
-                    "phase": MigrationPhase::Begin,
-                    "phaseTransitionTime": now(),
-                    "policy": policy,
-                    "sourceNode": source,
-                    "targetNode": target,
-                    "conditions": conditions,
-                    "observedGeneration": self.m.metadata.generation,
-                }))
-                .await?;
-                info!(%source, %target, "admitted; Begin");
-                self.event(EventType::Normal, "Begin", &message).await;
-                Ok(Action::requeue(Duration::from_secs(2)))
+                self.start(&vm, source, Some(target)).await
+            }
+            Admission::Save { source } => {
+                let vm = vm.expect("admission admits only an existing VM");
+                self.start(&vm, source, None).await
             }
         }
+    }
+
+    /// Starts an admitted migration: labels, finalizer, VM held, Begin. `target` is
+    /// `None` for a migration to a file.
+    async fn start(
+        &self,
+        vm: &VirtualMachine,
+        source: String,
+        target: Option<String>,
+    ) -> Result<Action> {
+        let mut labels = json!({ SOURCE_NODE_LABEL: source });
+        if let Some(target) = &target {
+            labels[TARGET_NODE_LABEL] = json!(target);
+        }
+        // The finalizer first: from the moment the VM is held, a deletion must wait for
+        // the release.
+        self.api()
+            .patch(
+                &self.name(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {
+                    "labels": labels,
+                    "finalizers": self.finalizers_with_ours(),
+                }})),
+            )
+            .await?;
+        self.hold_vm(vm).await?;
+        let message = match (&target, &self.m.spec.to_file) {
+            (Some(target), _) => {
+                format!("moving {} from {source} to {target}", self.m.spec.vm_name)
+            }
+            (None, Some(file)) => format!(
+                "saving {} on {source} to {} ({:?})",
+                self.m.spec.vm_name, file.path, file.compression
+            ),
+            (None, None) => format!("{} on {source}", self.m.spec.vm_name),
+        };
+        let mut conditions = self.conditions();
+        set_condition(
+            &mut conditions,
+            "Admitted",
+            true,
+            "Admitted",
+            &message,
+            self.m.metadata.generation,
+            now(),
+        );
+        let mut status = json!({
+            "phase": MigrationPhase::Begin,
+            "phaseTransitionTime": now(),
+            "sourceNode": source,
+            "conditions": conditions,
+            "observedGeneration": self.m.metadata.generation,
+        });
+        if let Some(target) = &target {
+            status["targetNode"] = json!(target);
+            status["policy"] = json!(crate::policy::effective(
+                &self.ctx.default_policy,
+                &self.m.spec.policy
+            ));
+        }
+        self.patch_status(status).await?;
+        info!(%source, ?target, "admitted; Begin");
+        self.event(EventType::Normal, "Begin", &message).await;
+        Ok(Action::requeue(Duration::from_secs(2)))
     }
 
     async fn running(&self) -> Result<Action> {

@@ -69,6 +69,9 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     if phase.is_terminal() || phase == P::Pending {
         return Decision::Wait(POLL);
     }
+    if m.spec.to_file.is_some() {
+        return save::decide(m, obs, timeouts);
+    }
     let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
     let cancelled = status.cancelled;
     let step = status.steps.as_ref().and_then(|s| s.get(phase));
@@ -242,5 +245,6 @@ fn static_reason(reason: &str) -> &'static str {
         .unwrap_or("RolledBack")
 }
 
+mod save;
 #[cfg(test)]
 mod tests;

@@ -374,6 +374,11 @@ async fn only_the_vms_node_writes_its_status() {
         patch_vm(&b, json!({"nodeName": "node-b"})).await,
     );
     denied(
+        "node-a gives up status.nodeName without a migration",
+        "nodename-own",
+        patch_vm(&a, json!({"nodeName": null})).await,
+    );
+    denied(
         "node-a names a migration on its own",
         "migration-fence",
         patch_vm(&a, json!({"migration": MIGRATION})).await,
@@ -399,6 +404,24 @@ async fn only_the_vms_node_writes_its_status() {
         "node-a hands the VM to node-b",
         "nodename-own",
         patch_vm(&a, json!({"nodeName": "node-b"})).await,
+    );
+    denied(
+        "node-b clears node-a's status.nodeName",
+        "own-vm",
+        patch_vm(&b, json!({"nodeName": null})).await,
+    );
+    // A migration to a file: once saved, the source gives the VM up (no QEMU runs).
+    allowed(
+        "the source clears status.nodeName of the saved guest",
+        patch_vm(&a, json!({"nodeName": null, "phase": "Stopped"})).await,
+    );
+    allowed(
+        "the admin puts it back for the rest of the test",
+        patch_vm(
+            &env.admin,
+            json!({"nodeName": "node-a", "phase": "Running"}),
+        )
+        .await,
     );
 
     // Cancelled Confirm: the source fences the target out, then the operator retries.

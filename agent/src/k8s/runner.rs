@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+mod to_file;
+
 use super::Agent;
 use super::locks::DiskLocks;
 use super::ownership::{Claim, Owner};
@@ -224,6 +226,10 @@ impl<'a> Run<'a> {
                     format!("target QEMU waiting on {uri}"),
                     json!({"cookies": {"prepare": out.cookie}, "migrationURI": uri}),
                 ))
+            }
+            MigrationPhase::Perform if self.m.spec.to_file.is_some() => self.save(cancel).await,
+            MigrationPhase::Confirm if self.m.spec.to_file.is_some() && !status.cancelled => {
+                self.confirm_save().await
             }
             MigrationPhase::Perform => self.perform(cancel).await,
             MigrationPhase::Finish => {

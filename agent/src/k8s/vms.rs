@@ -23,6 +23,8 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
+mod restore;
+
 use super::Agent;
 use super::locks::DiskLocks;
 use super::runner::disks;
@@ -154,7 +156,7 @@ impl Reconcile<'_> {
             }
             (true, false) => match status.phase {
                 None | Some(VmPhase::Pending | VmPhase::Starting | VmPhase::Stopped) => {
-                    self.start(&domain).await?
+                    self.start_or_restore(&domain).await?
                 }
                 Some(VmPhase::Failed) => return Ok(Action::await_change()),
                 Some(phase) => {

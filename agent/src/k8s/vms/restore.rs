@@ -1,0 +1,297 @@
+//! Starting a guest from a saved state (`spec.restoreFrom`), and keeping a saved guest
+//! stopped until it is restored.
+//!
+//! The file is checked ([`restore::verify`]: format, checksum, the guest it holds, ABI
+//! against the saved definition) before anything changes: a refused file leaves the VM
+//! as it was — no QEMU, no `status.nodeName` claimed, no disk lock taken, the file
+//! untouched — with a `Ready=False` condition and a Warning Event naming the problem,
+//! and is not tried again until the VM's spec changes (a new generation).
+
+use std::path::Path;
+
+use ferry_agent::domain::Domain;
+use ferry_agent::restore::{self, RestoreError};
+use ferry_crds::{VirtualMachine, VmPhase, set_condition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Reconcile, VmError, disks};
+
+/// The Ready reasons of a restore that was refused or failed: the same generation is not
+/// tried again.
+const REFUSALS: [&str; 10] = [
+    "StateFileUnreadable",
+    "StateFileNotAStateFile",
+    "StateFileUnsupportedVersion",
+    "StateFileUnknownCompression",
+    "StateFileTruncated",
+    "StateFileWrongVM",
+    "StateFileCorrupted",
+    "AbiMismatch",
+    "AlreadyRunning",
+    "RestoreFailed",
+];
+
+/// How a guest that is to run, and does not, starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Boot it from its disks.
+    Boot,
+    /// Restore it from this saved state.
+    Restore(String),
+    /// Its state is saved there and no restore is asked for: it stays stopped.
+    Saved(String),
+    /// The restore of this generation was refused or failed; wait for a spec change.
+    Refused,
+}
+
+/// Decides how `vm` starts.
+pub fn how_to_start(vm: &VirtualMachine) -> Start {
+    let status = vm.status.clone().unwrap_or_default();
+    if let Some(path) = &vm.spec.restore_from
+        && status.restored_from.as_deref() != Some(path.as_str())
+    {
+        let refused = status.conditions.iter().any(|c| {
+            c.type_ == "Ready"
+                && c.status == "False"
+                && REFUSALS.contains(&c.reason.as_str())
+                && c.observed_generation == vm.metadata.generation
+        });
+        return if refused {
+            Start::Refused
+        } else {
+            Start::Restore(path.clone())
+        };
+    }
+    match status.saved_state {
+        Some(saved) => Start::Saved(saved.path),
+        None => Start::Boot,
+    }
+}
+
+impl Reconcile<'_> {
+    pub(super) async fn start_or_restore(&self, domain: &Domain) -> Result<(), VmError> {
+        match how_to_start(self.vm) {
+            Start::Boot => self.start(domain).await,
+            Start::Refused => Ok(()),
+            Start::Saved(path) => {
+                let ready = self
+                    .status()
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready");
+                if ready.is_some_and(|c| c.reason == "Saved") {
+                    return Ok(());
+                }
+                let message = format!(
+                    "the guest's state is saved in {path}; set spec.restoreFrom to start it from there"
+                );
+                self.note(VmPhase::Stopped, "Saved", &message).await
+            }
+            Start::Restore(path) => self.restore(domain, &path).await,
+        }
+    }
+
+    async fn restore(&self, domain: &Domain, path: &str) -> Result<(), VmError> {
+        info!(node = %self.agent.node, path, "restoring the guest from its saved state");
+        let verified = match restore::verify(Path::new(path), domain).await {
+            Ok(v) => v,
+            Err(e) => return self.refuse(&e).await,
+        };
+        if let Err(e) = self.locks().acquire(&disks(domain), &self.agent.node).await {
+            return self
+                .report(VmPhase::Failed, false, "DiskLocked", &e.to_string(), None)
+                .await;
+        }
+        let message = format!("restoring from {path}");
+        self.report(VmPhase::Starting, false, "Restoring", &message, None)
+            .await?;
+        match restore::restore_verified(&self.agent.sup, domain, verified).await {
+            Err(e) => {
+                let _ = self.locks().release(&self.agent.node).await;
+                warn!(error = %e, "restore failed");
+                self.event(EventType::Warning, e.reason(), &e.to_string())
+                    .await;
+                self.report(VmPhase::Failed, false, e.reason(), &e.to_string(), None)
+                    .await
+            }
+            Ok(out) => {
+                let graphics = self.graphics(&domain.name).await;
+                let message = format!(
+                    "restored from {path} on {} ({} MiB of state, checked in {} ms, loaded in {} ms)",
+                    self.agent.node,
+                    out.stream_bytes >> 20,
+                    out.verify_ms,
+                    out.load_ms
+                );
+                info!(%message);
+                self.patch(json!({"status": {"restoredFrom": path, "savedState": null}}))
+                    .await?;
+                self.event(EventType::Normal, "Restored", &message).await;
+                self.report(VmPhase::Running, true, "Restored", &message, graphics)
+                    .await
+            }
+        }
+    }
+
+    /// A refused file: a condition and an Event, nothing else.
+    async fn refuse(&self, e: &RestoreError) -> Result<(), VmError> {
+        warn!(error = %e, "restore refused");
+        self.event(EventType::Warning, e.reason(), &e.to_string())
+            .await;
+        let phase = self.status().phase.unwrap_or(VmPhase::Stopped);
+        self.note(phase, e.reason(), &e.to_string()).await
+    }
+
+    /// Writes phase and the Ready condition, never `status.nodeName`.
+    async fn note(&self, phase: VmPhase, reason: &str, message: &str) -> Result<(), VmError> {
+        let mut conditions = self.status().conditions;
+        set_condition(
+            &mut conditions,
+            "Ready",
+            false,
+            reason,
+            message,
+            self.vm.metadata.generation,
+            Time(Timestamp::now()),
+        );
+        self.patch(json!({"status": {
+            "phase": phase,
+            "conditions": conditions,
+            "observedGeneration": self.vm.metadata.generation,
+        }}))
+        .await
+    }
+
+    async fn patch(&self, patch: serde_json::Value) -> Result<(), VmError> {
+        self.api()
+            .patch_status(
+                &self.vm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: &str) {
+        let recorder = Recorder::new(
+            self.agent.client.clone(),
+            Reporter {
+                controller: "ferry-agent".into(),
+                instance: Some(self.agent.node.clone()),
+            },
+        );
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1024).collect()),
+            action: "Restore".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &self.vm.object_ref(&())).await {
+            warn!(error = %e, "could not record an Event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_crds::{Condition, SaveCompression, SavedState, VirtualMachineStatus};
+
+    fn vm(restore_from: Option<&str>, status: VirtualMachineStatus) -> VirtualMachine {
+        let mut vm: VirtualMachine = serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": "demo", "namespace": "default", "generation": 3},
+            "spec": {"domainXML": "<domain/>", "nodeName": "node-b"},
+        }))
+        .unwrap();
+        vm.spec.restore_from = restore_from.map(Into::into);
+        vm.status = Some(status);
+        vm
+    }
+
+    fn saved(path: &str) -> SavedState {
+        SavedState {
+            path: path.into(),
+            compression: SaveCompression::Zstd,
+            node: "node-a".into(),
+            stream_bytes: 1,
+            file_bytes: 1,
+            save_time_ms: 1,
+            migration: None,
+            saved_at: None,
+        }
+    }
+
+    fn ready(reason: &str, generation: i64) -> Condition {
+        Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: Some(generation),
+            last_transition_time: Time(Timestamp::now()),
+        }
+    }
+
+    #[test]
+    fn how_a_guest_starts() {
+        let none = VirtualMachineStatus::default();
+        assert_eq!(how_to_start(&vm(None, none.clone())), Start::Boot);
+        assert_eq!(
+            how_to_start(&vm(Some("/s/a.fsav"), none.clone())),
+            Start::Restore("/s/a.fsav".into())
+        );
+        let is_saved = VirtualMachineStatus {
+            saved_state: Some(saved("/s/a.fsav")),
+            ..Default::default()
+        };
+        // Saved and not asked to restore: it stays stopped rather than boot afresh.
+        assert_eq!(
+            how_to_start(&vm(None, is_saved.clone())),
+            Start::Saved("/s/a.fsav".into())
+        );
+        assert_eq!(
+            how_to_start(&vm(Some("/s/a.fsav"), is_saved)),
+            Start::Restore("/s/a.fsav".into())
+        );
+        // Restored once: a later start boots.
+        let restored = VirtualMachineStatus {
+            restored_from: Some("/s/a.fsav".into()),
+            ..Default::default()
+        };
+        assert_eq!(how_to_start(&vm(Some("/s/a.fsav"), restored)), Start::Boot);
+        // A refusal holds for its generation only.
+        let refused = VirtualMachineStatus {
+            conditions: vec![ready("StateFileTruncated", 3)],
+            ..Default::default()
+        };
+        assert_eq!(
+            how_to_start(&vm(Some("/s/a.fsav"), refused)),
+            Start::Refused
+        );
+        let older = VirtualMachineStatus {
+            conditions: vec![ready("StateFileTruncated", 2)],
+            ..Default::default()
+        };
+        assert_eq!(
+            how_to_start(&vm(Some("/s/a.fsav"), older)),
+            Start::Restore("/s/a.fsav".into())
+        );
+        let other = VirtualMachineStatus {
+            conditions: vec![ready("Stopped", 3)],
+            ..Default::default()
+        };
+        assert_eq!(
+            how_to_start(&vm(Some("/s/a.fsav"), other)),
+            Start::Restore("/s/a.fsav".into())
+        );
+    }
+}

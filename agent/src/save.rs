@@ -1,0 +1,331 @@
+//! Save (the Perform of a migration to a file, on the source): pauses the guest, hands
+//! QEMU the write end of a pipe (`getfd`, over the monitor socket with SCM_RIGHTS), lets
+//! it `migrate fd:` into it, and on a blocking thread compresses what comes out of the
+//! pipe into a [`statefile`] — no shell, no helper process. The file is written under a
+//! temporary name and put in place only once QEMU reports the migration completed; the
+//! guest then stays paused until Confirm stops it (or, on a failure or cancel, Confirm
+//! resumes it). QEMU's own compression, multifd, post-copy and auto-converge are off
+//! and the bandwidth is unlimited ([`save_policy`]).
+//!
+//! Begin is the ordinary [`begin`](crate::begin::begin) (checks, migration lock); there
+//! is no Prepare or Finish.
+
+use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::perform::Progress;
+use crate::phases::{MigrationRecord, Outcome, Phase, check_vm_name, outcome};
+use crate::policy::{Policy, PostCopy, Side};
+use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
+use crate::statefile::{self, Compression, Meta};
+use crate::supervisor::Supervisor;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::os::fd::AsFd;
+use std::path::{Component, Path};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+/// The name QEMU knows the pipe by.
+const FD_NAME: &str = "ferry-save";
+const POLL: Duration = Duration::from_millis(250);
+
+/// What a save produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveOutput {
+    pub path: String,
+    pub compression: Compression,
+    /// Bytes of QEMU's migration stream.
+    pub stream_bytes: u64,
+    /// Bytes of the file.
+    pub file_bytes: u64,
+    /// From pausing the guest to the file in place.
+    pub save_time_ms: u64,
+    /// QEMU's own time for the migration.
+    pub qemu_time_ms: u64,
+    pub sha256: String,
+}
+
+/// The settings of a save: one plain stream, nothing QEMU-side that a file cannot hold.
+pub fn save_policy() -> Policy {
+    Policy {
+        max_bandwidth: None,
+        max_downtime_ms: 300,
+        parallel_connections: 1,
+        compression: ferry_crds::Compression::None,
+        auto_converge: false,
+        post_copy: PostCopy::Never,
+        completion_timeout_per_gib: None,
+        progress_timeout: None,
+    }
+}
+
+/// A saved-state path must be absolute, name a file, and have no `.` or `..` parts.
+pub fn check_path(path: &Path) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("saved-state path '{}' {why}", path.display()));
+    if !path.is_absolute() {
+        return bad("is not absolute");
+    }
+    // `components()` normalises `a/./b` away, so look at the text too.
+    let text = path.to_string_lossy();
+    if path
+        .components()
+        .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
+        || text.ends_with('/')
+        || text.ends_with("/.")
+        || text.contains("/./")
+    {
+        return bad("must name a file without '.' or '..' components");
+    }
+    if path.file_name().is_none() {
+        return bad("names no file");
+    }
+    Ok(())
+}
+
+/// Saves `vm` into `path` as migration `migration` (after its Begin), calling
+/// `on_progress` about four times a second. Idempotent: a re-run returns the recorded
+/// result; a re-run after a crash mid-save starts the save again.
+#[allow(clippy::too_many_arguments)]
+#[tracing::instrument(skip_all, fields(vm, migration))]
+pub async fn save(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+    path: &Path,
+    compression: Compression,
+    cancel: &CancellationToken,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<SaveOutput, PhaseError> {
+    let cx = Ctx {
+        phase: Phase::Perform,
+        vm,
+        migration,
+    };
+    check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    check_path(path).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    let dir = sup.vm_dir(vm);
+    let mut record = MigrationRecord::load_for(&dir, migration)
+        .map_err(|e| cx.err(e))?
+        .ok_or_else(|| {
+            cx.err(ErrorKind::Refused(
+                "no Begin record for this migration on this node".into(),
+            ))
+        })?;
+    if let Some(out) = &record.save {
+        tracing::info!(vm, migration, "save already done");
+        return Ok(out.clone());
+    }
+    if path.exists() {
+        return Err(cx.err(ErrorKind::Refused(format!(
+            "{} already exists; a save never overwrites a file",
+            path.display()
+        ))));
+    }
+    let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
+    let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
+    let qmp = &guest.qmp;
+    // An attempt that died with its agent may have left a migration running.
+    stop_outgoing(qmp).await.map_err(|e| cx.err(e))?;
+    let started = Instant::now();
+    let status: StatusInfo = qmp
+        .execute("query-status", None)
+        .await
+        .map_err(|e| cx.err(e))?;
+    if status.running {
+        qmp.run("stop", None).await.map_err(|e| cx.err(e))?;
+    }
+    record.perform_started = true;
+    record.save(&dir).map_err(|e| cx.err(e))?;
+    crate::perform::apply(qmp, &save_policy().settings(Side::Source))
+        .await
+        .map_err(|e| cx.err(e))?;
+    let meta = Meta {
+        vm: vm.to_string(),
+        uuid: domain.uuid,
+        domain_xml: domain.to_xml(),
+        qemu_version: qmp.version.clone(),
+        node: sup.node().name.clone(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let (reader, writer) = std::io::pipe().map_err(|e| cx.err(e))?;
+    qmp.run_with_fd("getfd", Some(json!({ "fdname": FD_NAME })), writer.as_fd())
+        .await
+        .map_err(|e| cx.err(e))?;
+    // QEMU holds its own copy: the writer thread sees EOF when QEMU closes it.
+    drop(writer);
+    let target = path.to_path_buf();
+    let write =
+        tokio::task::spawn_blocking(move || statefile::write(&target, compression, &meta, reader));
+    let mut events = qmp.subscribe();
+    let uri = format!("fd:{FD_NAME}");
+    if let Err(e) = qmp.run("migrate", Some(json!({ "uri": uri }))).await {
+        let _ = qmp.run("closefd", Some(json!({ "fdname": FD_NAME }))).await;
+        if let Ok(Ok(pending)) = write.await {
+            pending.discard();
+        }
+        return Err(cx.err(e));
+    }
+    tracing::info!(vm, migration, path = %path.display(), %compression, "save started");
+    let mut cancel_sent = false;
+    let mut tick = tokio::time::interval(POLL);
+    let info = loop {
+        tokio::select! {
+            _ = cancel.cancelled(), if !cancel_sent => {
+                tracing::info!(vm, migration, "cancelling the save");
+                qmp.run("migrate_cancel", None).await.map_err(|e| cx.err(e))?;
+                cancel_sent = true;
+                continue;
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) if ev.event == "MIGRATION" => {
+                    if outcome(ev.data["status"].as_str()) == Outcome::InProgress {
+                        continue;
+                    }
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return Err(cx.err(QmpError::Gone)),
+            },
+            _ = tick.tick() => {}
+        }
+        let info: MigrationInfo = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| cx.err(e))?;
+        match outcome(info.status.as_deref()) {
+            Outcome::InProgress => on_progress(&Progress::from_info(&info)),
+            Outcome::NotStarted => {}
+            _ => break info,
+        }
+    };
+    let written = write
+        .await
+        .map_err(|e| cx.err(ErrorKind::Refused(format!("the file writer died: {e}"))))?;
+    let written = match (outcome(info.status.as_deref()), written) {
+        (Outcome::Completed, Ok(pending)) => pending.commit().map_err(|e| cx.err(e))?,
+        // The writer's error is why QEMU's stream broke.
+        (_, Err(e)) => return Err(cx.err(e)),
+        (Outcome::Cancelled, Ok(pending)) => {
+            pending.discard();
+            return Err(cx.err(ErrorKind::Cancelled));
+        }
+        (_, Ok(pending)) => {
+            pending.discard();
+            let why = info.error_desc.unwrap_or_else(|| "unknown error".into());
+            return Err(cx.err(ErrorKind::MigrationFailed(why)));
+        }
+    };
+    on_progress(&Progress::from_info(&info));
+    let out = SaveOutput {
+        path: path.display().to_string(),
+        compression,
+        stream_bytes: written.stream_bytes,
+        file_bytes: written.file_bytes,
+        save_time_ms: started.elapsed().as_millis() as u64,
+        qemu_time_ms: info.total_time.unwrap_or(0),
+        sha256: written.sha256,
+    };
+    record.save = Some(out.clone());
+    record.save(&dir).map_err(|e| cx.err(e))?;
+    tracing::info!(
+        vm,
+        migration,
+        path = %out.path,
+        %compression,
+        stream_bytes = out.stream_bytes,
+        file_bytes = out.file_bytes,
+        save_time_ms = out.save_time_ms,
+        "saved"
+    );
+    Ok(out)
+}
+
+/// Confirm of a save that succeeded: the state is in the file, so the paused source
+/// guest is stopped and its state dir removed. Idempotent: `None` when an earlier run
+/// already removed it. (A failed or cancelled save
+/// is confirmed by [`confirm`](crate::confirm::confirm) with `cancelled`, which resumes
+/// the guest.)
+#[tracing::instrument(skip_all, fields(vm, migration))]
+pub async fn confirm_saved(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+) -> Result<Option<SaveOutput>, PhaseError> {
+    let cx = Ctx {
+        phase: Phase::Confirm,
+        vm,
+        migration,
+    };
+    check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    let dir = sup.vm_dir(vm);
+    if !dir.exists() {
+        tracing::info!(vm, migration, "Confirm already done");
+        return Ok(None);
+    }
+    let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
+    let Some(out) = record.and_then(|r| r.save) else {
+        return Err(cx.err(ErrorKind::Refused(
+            "no completed save recorded for this migration: the guest is not stopped".into(),
+        )));
+    };
+    sup.stop(
+        vm,
+        crate::supervisor::StopMode::Quit(Duration::from_secs(10)),
+    )
+    .await
+    .map_err(|e| cx.err(e))?;
+    sup.destroy(vm).await.map_err(|e| cx.err(e))?;
+    tracing::info!(vm, migration, path = %out.path, "Confirm done: the saved guest's QEMU is gone");
+    Ok(Some(out))
+}
+
+/// Cancels an outgoing migration left running and waits until it has stopped.
+async fn stop_outgoing(qmp: &Qmp) -> Result<(), ErrorKind> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: MigrationInfo = qmp.execute("query-migrate", None).await?;
+        if outcome(info.status.as_deref()) != Outcome::InProgress {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ErrorKind::Refused(
+                "an earlier outgoing migration did not stop".into(),
+            ));
+        }
+        if info.status.as_deref() != Some("cancelling") {
+            qmp.run("migrate_cancel", None).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(check_path(Path::new("/var/lib/ferry/saves/g.fsav")), Ok(()));
+        for bad in [
+            "g.fsav", "/a/../b", "/a/./b", "/a/.", "/a/..", "/", "/a/", "",
+        ] {
+            assert!(check_path(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_save_turns_off_everything_a_file_cannot_hold() {
+        let s = save_policy().settings(Side::Source);
+        for (cap, on) in &s.capabilities {
+            assert_eq!(*on, *cap == "events", "{cap}");
+        }
+        assert!(s.capabilities.iter().any(|(c, _)| *c == "multifd"));
+        assert!(!s.parameters.contains_key("multifd-compression"));
+        assert_eq!(
+            s.parameters["max-bandwidth"],
+            json!(crate::policy::UNLIMITED_BANDWIDTH)
+        );
+    }
+}

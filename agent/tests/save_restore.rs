@@ -1,0 +1,229 @@
+//! Migration to a file and restore, real QEMU: save on node-a with each compressor,
+//! restore on node-b (another state dir and host uuid), the guest's counter and memory
+//! go on; bad files are refused before any QEMU starts. Run with `--nocapture` for the
+//! table of sizes and times per compressor.
+
+mod support;
+
+use ferry_agent::begin::begin;
+use ferry_agent::confirm::confirm;
+use ferry_agent::domain::Domain;
+use ferry_agent::qmp::StatusInfo;
+use ferry_agent::restore::{RestoreError, restore};
+use ferry_agent::save::{confirm_saved, save};
+use ferry_agent::statefile::Compression;
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+/// Begin, save and Confirm on node-a; returns the save and the source's serial log.
+async fn save_on_a(
+    lab: &Lab,
+    m: &str,
+    path: &Path,
+    c: Compression,
+) -> (ferry_agent::save::SaveOutput, String) {
+    let vm = lab.vm.as_str();
+    begin(&lab.a, vm, m, None).await.unwrap();
+    let out = within(save(
+        &lab.a,
+        vm,
+        m,
+        path,
+        c,
+        &CancellationToken::new(),
+        |_| {},
+    ))
+    .await
+    .unwrap();
+    // Idempotent: a re-run returns the recorded result.
+    let again = save(&lab.a, vm, m, path, c, &CancellationToken::new(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(again, out);
+    // The source guest is paused, its serial log complete.
+    let status: StatusInfo = lab
+        .a
+        .require(vm)
+        .await
+        .unwrap()
+        .qmp
+        .execute("query-status", None)
+        .await
+        .unwrap();
+    assert_eq!(status.status, "postmigrate");
+    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
+    assert_eq!(
+        confirm_saved(&lab.a, vm, m).await.unwrap().as_ref(),
+        Some(&out)
+    );
+    assert_eq!(confirm_saved(&lab.a, vm, m).await.unwrap(), None);
+    assert!(lab.qemu_pids().is_empty(), "no QEMU runs once saved");
+    assert!(!lab.a.vm_dir(vm).exists());
+    (out, before)
+}
+
+#[tokio::test]
+async fn save_with_each_compressor_and_restore_on_another_node() {
+    let mut rows = Vec::new();
+    for c in Compression::ALL {
+        // 128 MiB guest rewriting 1..48 MiB.
+        let lab = Lab::new(&format!("save-{c}").to_lowercase(), 128, 48, 5_000_000);
+        lab.start_source().await;
+        let path = lab.dir.path().join(format!("guest.{c}.fsav"));
+        let (out, before) = save_on_a(&lab, "m-save", &path, c).await;
+        assert_eq!(out.compression, c);
+        assert_eq!(out.file_bytes, std::fs::metadata(&path).unwrap().len());
+        assert!(out.stream_bytes > 0);
+
+        let domain = Domain::parse(&lab.xml()).unwrap();
+        let restored = within(restore(&lab.b, &domain, &path)).await.unwrap();
+        assert_eq!(restored.stream_bytes, out.stream_bytes);
+        lab.assert_one_guest_on(&lab.b);
+        let last_before = passes(&before).last().copied().unwrap();
+        wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
+        let after = std::fs::read_to_string(lab.serial_b()).unwrap();
+        assert_counter_continues(&before, &after, 3);
+        // The file is left as it was: it can be restored again elsewhere.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), out.file_bytes);
+        rows.push((c, out, restored));
+    }
+    println!("\nsave and restore of a 128 MiB guest rewriting 47 MiB (TCG; times vary with load):");
+    println!(
+        "{:<12}{:>14}{:>14}{:>8}{:>11}{:>12}{:>11}",
+        "compression", "stream bytes", "file bytes", "ratio", "save ms", "verify ms", "load ms"
+    );
+    for (c, out, r) in &rows {
+        println!(
+            "{:<12}{:>14}{:>14}{:>7.1}%{:>11}{:>12}{:>11}",
+            c.to_string(),
+            out.stream_bytes,
+            out.file_bytes,
+            out.file_bytes as f64 * 100.0 / out.stream_bytes as f64,
+            out.save_time_ms,
+            r.verify_ms,
+            r.load_ms
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
+    let lab = Lab::new("badfile", 64, 32, 5_000_000);
+    lab.start_source().await;
+    let vm = lab.vm.as_str();
+    let path = lab.dir.path().join("guest.fsav");
+    let (_, before) = save_on_a(&lab, "m-bad", &path, Compression::Zstd).await;
+    let good = std::fs::read(&path).unwrap();
+    let domain = Domain::parse(&lab.xml()).unwrap();
+
+    let truncated = lab.dir.path().join("truncated.fsav");
+    std::fs::write(&truncated, &good[..good.len() * 2 / 3]).unwrap();
+    let corrupted = lab.dir.path().join("corrupted.fsav");
+    let mut bytes = good.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&corrupted, &bytes).unwrap();
+    let other_guest = Domain::parse(&lab.xml().replace(
+        &lab.uuid.to_string(),
+        "00000000-0000-4000-8000-000000000001",
+    ))
+    .unwrap();
+    let bigger = Domain::parse(&lab.xml_with(&lab.disk, 1, "ide", 128, "")).unwrap();
+    let cases: [(&Path, &Domain, &str, &str); 4] = [
+        (&truncated, &domain, "StateFileTruncated", "is truncated"),
+        (&corrupted, &domain, "StateFileCorrupted", "is corrupted"),
+        (&path, &other_guest, "StateFileWrongVM", "holds VM"),
+        (
+            &path,
+            &bigger,
+            "AbiMismatch",
+            "target memory '131072 KiB' does not match source '65536 KiB'",
+        ),
+    ];
+    for (file, dom, reason, says) in cases {
+        let on_disk = std::fs::read(file).unwrap();
+        let err = restore(&lab.b, dom, file).await.unwrap_err();
+        assert_eq!(err.reason(), reason, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert!(matches!(
+            err,
+            RestoreError::File(_) | RestoreError::Abi { .. }
+        ));
+        assert!(lab.qemu_pids().is_empty(), "a QEMU was started for {err}");
+        assert!(!lab.b.vm_dir(vm).exists(), "node-b has state for {err}");
+        assert_eq!(std::fs::read(file).unwrap(), on_disk, "the file changed");
+    }
+    // The good file still restores, and the guest goes on.
+    within(restore(&lab.b, &domain, &path)).await.unwrap();
+    let last_before = passes(&before).last().copied().unwrap();
+    wait_for_pass(&lab.serial_b(), last_before + 2, Duration::from_secs(120)).await;
+    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
+    assert_counter_continues(&before, &after, 2);
+    // A second restore while it runs is refused.
+    let err = restore(&lab.b, &domain, &path).await.unwrap_err();
+    assert_eq!(err.reason(), "AlreadyRunning", "{err}");
+    lab.assert_one_guest_on(&lab.b);
+}
+
+#[tokio::test]
+async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
+    let lab = Lab::new("nowrite", 64, 32, 5_000_000);
+    lab.start_source().await;
+    let vm = lab.vm.as_str();
+    // An existing file is never overwritten: refused before the guest pauses.
+    let existing = lab.dir.path().join("exists.fsav");
+    std::fs::write(&existing, b"keep me").unwrap();
+    begin(&lab.a, vm, "m-exists", None).await.unwrap();
+    let err = save(
+        &lab.a,
+        vm,
+        "m-exists",
+        &existing,
+        Compression::Gzip,
+        &CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("never overwrites"), "{err}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    confirm(&lab.a, vm, "m-exists", None, true).await.unwrap();
+
+    // A directory that does not exist: the writer fails, QEMU's stream breaks, the
+    // save fails with the writer's error and Confirm(cancelled) resumes the guest.
+    let nowhere = lab.dir.path().join("no/such/dir/guest.fsav");
+    begin(&lab.a, vm, "m-nowhere", None).await.unwrap();
+    let err = within(save(
+        &lab.a,
+        vm,
+        "m-nowhere",
+        &nowhere,
+        Compression::Xz,
+        &CancellationToken::new(),
+        |_| {},
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("creating the temporary file"),
+        "{err}"
+    );
+    assert!(confirm_saved(&lab.a, vm, "m-nowhere").await.is_err());
+    confirm(&lab.a, vm, "m-nowhere", None, true).await.unwrap();
+    let status: StatusInfo = lab
+        .a
+        .require(vm)
+        .await
+        .unwrap()
+        .qmp
+        .execute("query-status", None)
+        .await
+        .unwrap();
+    assert_eq!(status.status, "running");
+    let last = last_pass(&lab.serial_a()).unwrap();
+    wait_for_pass(&lab.serial_a(), last + 2, Duration::from_secs(120)).await;
+    assert!(!nowhere.parent().unwrap().exists());
+    lab.assert_one_guest_on(&lab.a);
+}

@@ -1,0 +1,271 @@
+//! End to end: a migration to a file saves the example VM on node-a (zstd) and stops it;
+//! the same VirtualMachine, its spec updated to `nodeName: node-b` and `restoreFrom`,
+//! starts on node-b from the file and its guest goes on counting. A truncated copy is
+//! refused first, with a condition and an Event, and nothing else changes.
+
+use std::time::Duration;
+
+use ferry_crds::{
+    MigrationPhase, SaveCompression, StepOutcome, VirtualMachine, VirtualMachineMigration, VmPhase,
+};
+use ferry_tests::e2e_support::*;
+use ferry_tests::repo_root;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+async fn ready_reason(vms: &Api<VirtualMachine>) -> Option<(String, String)> {
+    let s = vms.get("demo").await.ok()?.status?;
+    let c = s.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+    Some((c.reason, c.message))
+}
+
+#[tokio::test]
+async fn save_on_one_node_and_restore_on_the_other() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let _logs = LogsOnFailure(cluster.cp.dir().to_path_buf());
+    let saves = tempfile::Builder::new()
+        .prefix("ferry-saves-")
+        .tempdir()
+        .unwrap();
+    // The example VM on a copy of its disk: QEMU locks the image, and other clusters on
+    // this machine may run the example at the same time.
+    let disk = saves.path().join("test-guest.img");
+    std::fs::copy(ferry_tests::cluster::EXAMPLE_DISK, &disk).unwrap();
+    let example = std::fs::read_to_string(repo_root().join("examples/virtualmachine.yaml"))
+        .unwrap()
+        .replace(
+            ferry_tests::cluster::EXAMPLE_DISK,
+            &disk.display().to_string(),
+        );
+    apply_yaml(&cluster, &example).await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    eventually(
+        "the VM to run on node-a",
+        Duration::from_secs(60),
+        || async {
+            let s = vms.get("demo").await.ok()?.status?;
+            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a"))
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("the guest to count", Duration::from_secs(60), || async {
+        (last_pass(&cluster, "node-a", "demo")? >= 2).then_some(())
+    })
+    .await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let path = saves.path().join("demo.fsav");
+    let before = last_pass(&cluster, "node-a", "demo").unwrap();
+
+    // The API refuses a save with a target, and a path that is not absolute.
+    let bad = |extra: &str, path: &str| {
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: bad-save\n\
+             spec:\n  vmName: demo\n{extra}  toFile:\n    path: {path}\n"
+        )
+    };
+    for (yaml, says) in [
+        (
+            bad("  targetNode: node-b\n", "/saves/demo.fsav"),
+            "toFile cannot be combined with targetNode",
+        ),
+        (
+            bad("", "saves/demo.fsav"),
+            "path must be an absolute file path",
+        ),
+    ] {
+        let (ok, said) = cluster.cp.apply(&yaml).await;
+        assert!(!ok && said.contains(says), "{said}");
+    }
+
+    apply_yaml(
+        &cluster,
+        &format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: save-demo\n\
+             spec:\n  vmName: demo\n  toFile:\n    path: {}\n    compression: Zstd\n",
+            path.display()
+        ),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "save-demo",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+
+    // The migration: Begin, Perform, Confirm on node-a, no target; what it saved.
+    let status = vmms.get("save-demo").await.unwrap().status.unwrap();
+    assert_eq!(status.source_node.as_deref(), Some("node-a"));
+    assert_eq!(status.target_node, None);
+    let steps = status.steps.unwrap();
+    for phase in [
+        MigrationPhase::Begin,
+        MigrationPhase::Perform,
+        MigrationPhase::Confirm,
+    ] {
+        let step = steps.get(phase).unwrap();
+        assert_eq!(step.node, "node-a");
+        assert_eq!(step.outcome, Some(StepOutcome::Succeeded), "{step:?}");
+    }
+    assert!(steps.prepare.is_none() && steps.finish.is_none());
+    let saved = status.saved_state.expect("status.savedState");
+    assert_eq!(saved.compression, SaveCompression::Zstd);
+    assert_eq!(saved.path, path.display().to_string());
+    assert_eq!(
+        saved.file_bytes as u64,
+        std::fs::metadata(&path).unwrap().len()
+    );
+    assert!(saved.stream_bytes > saved.file_bytes, "{saved:?}");
+    println!(
+        "saved {} bytes of state into {} bytes (zstd) in {} ms",
+        saved.stream_bytes, saved.file_bytes, saved.save_time_ms
+    );
+
+    // The VM: Stopped, saved, on no node, and no QEMU anywhere; it does not boot afresh.
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(vm.phase, Some(VmPhase::Stopped));
+    assert_eq!(vm.node_name, None);
+    assert_eq!(vm.saved_state.unwrap().path, saved.path);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        cluster.qemu_pids("demo").len(),
+        0,
+        "a QEMU of the saved guest runs"
+    );
+    assert_eq!(
+        ready_reason(&vms).await.unwrap().0,
+        "Saved",
+        "the saved guest was started again"
+    );
+
+    // A truncated copy is refused on node-b: a condition and an Event, nothing else.
+    let good = std::fs::read(&path).unwrap();
+    let truncated = saves.path().join("truncated.fsav");
+    std::fs::write(&truncated, &good[..good.len() * 2 / 3]).unwrap();
+    let restore = |file: &std::path::Path| json!({"spec": {"nodeName": "node-b", "restoreFrom": file.display().to_string()}});
+    vms.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(restore(&truncated)),
+    )
+    .await
+    .unwrap();
+    let (_, message) = eventually(
+        "the truncated file to be refused",
+        Duration::from_secs(60),
+        || async {
+            ready_reason(&vms)
+                .await
+                .filter(|(r, _)| r == "StateFileTruncated")
+        },
+    )
+    .await;
+    assert!(message.contains("is truncated"), "{message}");
+    let out = cluster
+        .kubectl()
+        .args([
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=demo",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let reasons = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        reasons
+            .split_whitespace()
+            .any(|r| r == "StateFileTruncated"),
+        "no StateFileTruncated Event in {reasons:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        cluster.qemu_pids("demo").len(),
+        0,
+        "a QEMU started for a truncated file"
+    );
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(vm.phase, Some(VmPhase::Stopped));
+    assert_eq!(vm.node_name, None, "the refused restore claimed the VM");
+    assert!(vm.saved_state.is_some());
+    assert_eq!(std::fs::read(&path).unwrap(), good);
+    assert_eq!(std::fs::read(&truncated).unwrap().len(), good.len() * 2 / 3);
+
+    // The real file restores on node-b, and the guest goes on where it stopped.
+    vms.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(restore(&path)),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the VM to run on node-b",
+        Duration::from_secs(120),
+        || async {
+            let s = vms.get("demo").await.ok()?.status?;
+            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-b"))
+                .then_some(())
+        },
+    )
+    .await;
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(
+        vm.restored_from.as_deref(),
+        Some(path.display().to_string().as_str())
+    );
+    assert_eq!(vm.saved_state, None);
+    runs_once_on(&cluster, &vms, "node-b").await;
+    let first_on_b = eventually(
+        "the guest to print on node-b",
+        Duration::from_secs(60),
+        || async {
+            passes(&cluster.serial_log("node-b", "demo"))
+                .0
+                .first()
+                .copied()
+        },
+    )
+    .await;
+    assert!(
+        first_on_b > before,
+        "the counter restarted on node-b: {first_on_b} after {before}"
+    );
+    let (on_b, bad) = passes(&cluster.serial_log("node-b", "demo"));
+    assert!(!bad, "the restored guest found a bad page");
+    for w in on_b.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "the counter skipped on node-b: {on_b:?}");
+    }
+    guest_goes_on(&cluster, "node-b", first_on_b).await;
+}
+
+/// Prints the tail of the agents' and the operator's logs when the test fails.
+struct LogsOnFailure(std::path::PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["agent-node-a.log", "agent-node-b.log", "operator.log"] {
+                let t = std::fs::read_to_string(self.0.join(f)).unwrap_or_default();
+                eprintln!(
+                    "==== {f}\n{}",
+                    t.lines()
+                        .rev()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+        }
+    }
+}
