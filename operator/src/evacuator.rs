@@ -231,7 +231,7 @@ impl Evacuator {
                 EventType::Normal,
                 "EvacuationStopped",
                 format!(
-                    "{name} takes guests again: {remaining} guest(s) stay on it, {cancelled} \
+                    "{name} takes guests again: {remaining} guest(s) still on it; {cancelled} \
                      migration(s) not yet started were cancelled, started ones finish"
                 ),
                 None,

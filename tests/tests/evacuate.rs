@@ -263,3 +263,92 @@ async fn a_guest_with_nowhere_to_go_is_reported_and_keeps_running() {
         ["node-b"]
     );
 }
+
+#[tokio::test]
+async fn uncordon_mid_evacuation_cancels_what_has_not_started_and_lets_the_rest_finish() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // One guest leaves at a time, slowly enough (2 MiB/s) to uncordon while it does.
+    let (cluster, client) = up(
+        &["node-a", "node-b"],
+        &[
+            "migrations.maxOutboundPerNode=1",
+            "migrations.defaultPolicy.bandwidthMiBps=2",
+            "migrations.defaultPolicy.maxDowntimeMs=10000",
+        ],
+    )
+    .await;
+    let vms = guests_running(&cluster, &client, "node-a", &GUESTS).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+
+    kubectl_ok(&cluster, &["cordon", "node-a"]).await;
+    let moving = eventually(
+        "one evacuation migration running, two waiting",
+        Duration::from_secs(120),
+        || async {
+            let ms = evacuation_migrations(&vmms, "node-a").await;
+            let waiting = ms
+                .iter()
+                .filter(|m| phase(m) == Some(MigrationPhase::Pending))
+                .count();
+            let running: Vec<_> = ms.iter().filter(|m| active(m)).collect();
+            (ms.len() == 3 && waiting == 2 && running.len() == 1).then(|| running[0].name_any())
+        },
+    )
+    .await;
+    kubectl_ok(&cluster, &["uncordon", "node-a"]).await;
+
+    wait_phase(
+        &vmms,
+        &moving,
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    let ms = eventually(
+        "the waiting two to be cancelled",
+        Duration::from_secs(60),
+        || async {
+            let ms = evacuation_migrations(&vmms, "node-a").await;
+            ms.iter()
+                .filter(|m| m.name_any() != moving)
+                .all(|m| phase(m) == Some(MigrationPhase::Cancelled))
+                .then_some(ms)
+        },
+    )
+    .await;
+    assert_eq!(ms.len(), 3, "nothing new: {ms:#?}");
+    for m in ms.iter().filter(|m| m.name_any() != moving) {
+        let s = m.status.as_ref().unwrap();
+        assert!(
+            s.source_node.is_none() && s.steps.is_none(),
+            "{} was cancelled before it started: {s:#?}",
+            m.name_any()
+        );
+        let vm = vms.get(&m.spec.vm_name).await.unwrap().status.unwrap();
+        assert_eq!(
+            vm.node_name.as_deref(),
+            Some("node-a"),
+            "{}",
+            m.spec.vm_name
+        );
+        assert_eq!(vm.phase, Some(VmPhase::Running), "{}", m.spec.vm_name);
+    }
+    let stopped = eventually(
+        "an EvacuationStopped Event",
+        Duration::from_secs(30),
+        || async {
+            events_about(&cluster, "node-a")
+                .await
+                .into_iter()
+                .find(|(_, r, _)| r == "EvacuationStopped")
+        },
+    )
+    .await;
+    assert!(
+        stopped.2.contains("3 guest(s) still on it")
+            && stopped
+                .2
+                .contains("2 migration(s) not yet started were cancelled"),
+        "{stopped:?}"
+    );
+}
