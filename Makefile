@@ -39,8 +39,8 @@ test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 test-k8s: tools ## The chart, CRDs and RBAC against a real etcd + kube-apiserver.
 	$(CARGO) test -p ferry-tests --test foundation --test rbac -- --test-threads=2
 
-test-e2e: tools bins ## Migrations end to end: control plane, operator, two agents, real QEMU.
-	$(CARGO) test -p ferry-tests --test e2e
+test-e2e: tools bins ## Migrations, evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
+	$(CARGO) test -p ferry-tests --test e2e --test evacuate --test cli
 
 # `make test` runs the fault matrix's fixed subset (tests/tests/faults.rs, SUBSET: one
 # row per fault and one per injection point); this runs all 54 rows.
