@@ -5,6 +5,8 @@ CARGO ?= cargo
 export FERRY_TOOLS ?= $(HOME)/.cache/ferry/tools
 TOOLS_BIN := $(FERRY_TOOLS)/bin
 HELM := $(TOOLS_BIN)/helm
+# Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
+BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
 .PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-faults soak build bins up down demo bench clean
 
@@ -37,8 +39,8 @@ test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 test-k8s: tools ## The chart, CRDs and RBAC against a real etcd + kube-apiserver.
 	$(CARGO) test -p ferry-tests --test foundation --test rbac -- --test-threads=2
 
-test-e2e: tools bins ## Migrations end to end: control plane, operator, two agents, real QEMU.
-	$(CARGO) test -p ferry-tests --test e2e
+test-e2e: tools bins ## Migrations, evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
+	$(CARGO) test -p ferry-tests --test e2e --test evacuate --test cli
 
 # `make test` runs the fault matrix's fixed subset (tests/tests/faults.rs, SUBSET: one
 # row per fault and one per injection point); this runs all 54 rows.
@@ -58,7 +60,7 @@ NODES ?= 2
 up: tools bins ## A local Ferry left running (control plane, chart, operator, $(NODES) agents); `make down` stops it.
 	@mkdir -p .ferry
 	@if [ -f .ferry/up.pid ] && kill -0 $$(cat .ferry/up.pid) 2>/dev/null; then echo "already up (make down first)"; exit 1; fi
-	@nohup target/debug/ferry-up --nodes $(NODES) --dir $(CURDIR)/.ferry/cluster > .ferry/up.log 2>&1 & echo $$! > .ferry/up.pid
+	@nohup $(BIN)/ferry-up --nodes $(NODES) --dir $(CURDIR)/.ferry/cluster > .ferry/up.log 2>&1 & echo $$! > .ferry/up.pid
 	@for i in $$(seq 1 600); do \
 	  grep -q '^ready' .ferry/up.log 2>/dev/null && break; \
 	  kill -0 $$(cat .ferry/up.pid) 2>/dev/null || { cat .ferry/up.log; rm -f .ferry/up.pid; exit 1; }; \
@@ -76,7 +78,7 @@ bench: tools ## Ferry vs raw QEMU over QMP (median of $(RUNS) runs per case), a 
 	FERRY_BIN_DIR=$(CURDIR)/target/release target/release/ferry-bench --runs $(RUNS) --json target/bench.json
 
 demo: tools bins ## From nothing: a local Ferry, a VM, a live migration with progress, a summary, then down.
-	target/debug/ferry-demo
+	$(BIN)/ferry-demo
 
 clean: ## Remove build output (not the tools cache).
 	$(CARGO) clean

@@ -1,11 +1,12 @@
 //! Admission of a Pending migration: is it valid, where does it go, may it start now.
 //! Pure: the reconciler gathers the facts, this decides.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration, VmPhase};
 
 use crate::config::Limits;
+use crate::evacuate;
 
 /// What to do with a Pending migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub struct Facts<'a> {
     pub vm: Option<&'a VirtualMachine>,
     /// Nodes whose agent is live (heart-beating).
     pub live_nodes: &'a [String],
+    /// Nodes closed to new guests: cordoned, or tainted `ferry.dev/evacuate`.
+    pub closed_nodes: &'a BTreeSet<String>,
     /// How many VMs each node runs, for picking a target.
     pub vms_per_node: &'a BTreeMap<String, usize>,
     /// Migrations past Pending and not ended, other than this one.
@@ -87,6 +90,23 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
             );
         }
     };
+    // An evacuation migration moves its guest off one node only: if the guest has left
+    // it meanwhile (another migration moved it), there is nothing to evacuate.
+    if let Some(from) = m
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(evacuate::EVACUATION_LABEL))
+        && *from != evacuate::label_value(&source)
+    {
+        return reject(
+            "VMMoved",
+            format!(
+                "VirtualMachine {ns}/{} no longer runs on node {from}, which this migration evacuates",
+                spec.vm_name
+            ),
+        );
+    }
     let me = m.metadata.name.as_deref().unwrap_or_default();
     if let Some(holder) = status.migration.as_deref().filter(|h| *h != me) {
         return wait(
@@ -130,13 +150,31 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
                 ),
             );
         }
+        Some(t) if facts.closed_nodes.contains(t) => {
+            return reject(
+                "TargetClosed",
+                format!(
+                    "target node {t} takes no new guests (cordoned, or tainted {})",
+                    evacuate::EVACUATE_TAINT
+                ),
+            );
+        }
         Some(t) => t.to_string(),
-        None => match pick_target(&source, facts.live_nodes, facts.vms_per_node) {
+        None => match pick_target(
+            &source,
+            facts.live_nodes,
+            facts.closed_nodes,
+            facts.vms_per_node,
+        ) {
             Some(t) => t,
             None => {
                 return reject(
                     "TargetNotReady",
-                    format!("no node other than {source} has a live Ferry agent"),
+                    format!(
+                        "no node other than {source} has a live Ferry agent and takes new \
+                         guests (not cordoned, no {} taint)",
+                        evacuate::EVACUATE_TAINT
+                    ),
                 );
             }
         },
@@ -173,15 +211,16 @@ fn limit_reached(facts: &Facts, source: &str) -> Option<Admission> {
     None
 }
 
-/// The live node, other than `source`, running the fewest VMs (by name on a tie).
+/// The live, open node, other than `source`, running the fewest VMs (by name on a tie).
 pub fn pick_target(
     source: &str,
     live_nodes: &[String],
+    closed_nodes: &BTreeSet<String>,
     vms_per_node: &BTreeMap<String, usize>,
 ) -> Option<String> {
     live_nodes
         .iter()
-        .filter(|n| *n != source)
+        .filter(|n| *n != source && !closed_nodes.contains(*n))
         .min_by_key(|n| (vms_per_node.get(*n).copied().unwrap_or(0), (*n).clone()))
         .cloned()
 }
@@ -258,6 +297,7 @@ mod tests {
             &Facts {
                 vm,
                 live_nodes: &live,
+                closed_nodes: &BTreeSet::new(),
                 vms_per_node: &counts,
                 active,
                 limits: LIMITS,
@@ -289,7 +329,74 @@ mod tests {
                 target: "node-c".into()
             }
         );
-        assert_eq!(pick_target("a", &["a".into()], &BTreeMap::new()), None);
+        let none = BTreeSet::new();
+        assert_eq!(
+            pick_target("a", &["a".into()], &none, &BTreeMap::new()),
+            None
+        );
+    }
+
+    #[test]
+    fn never_picks_or_accepts_a_closed_node() {
+        let live = ["a".to_string(), "b".to_string(), "c".to_string()];
+        let counts = BTreeMap::from([("b".to_string(), 5)]);
+        let none = BTreeSet::new();
+        assert_eq!(
+            pick_target("a", &live, &none, &counts).as_deref(),
+            Some("c")
+        );
+        let c_closed = BTreeSet::from(["c".to_string()]);
+        assert_eq!(
+            pick_target("a", &live, &c_closed, &counts).as_deref(),
+            Some("b")
+        );
+        let all_closed = BTreeSet::from(["b".to_string(), "c".to_string()]);
+        assert_eq!(pick_target("a", &live, &all_closed, &counts), None);
+
+        let v = vm(VmPhase::Running, "node-a", None);
+        let nodes = [
+            "node-a".to_string(),
+            "node-b".to_string(),
+            "node-c".to_string(),
+        ];
+        let closed = BTreeSet::from(["node-b".to_string()]);
+        let facts = Facts {
+            vm: Some(&v),
+            live_nodes: &nodes,
+            closed_nodes: &closed,
+            vms_per_node: &counts,
+            active: &[],
+            limits: LIMITS,
+        };
+        match admit(&migration("m", "demo", Some("node-b")), &facts) {
+            Admission::Reject { reason, message } => {
+                assert_eq!(reason, "TargetClosed");
+                assert!(message.contains("node-b takes no new guests"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_evacuation_migration_whose_guest_left_the_node_is_refused() {
+        let v = vm(VmPhase::Running, "node-b", None);
+        let mut m = migration("evacuate-demo-node-a-1", "demo", None);
+        m.metadata.labels = Some(BTreeMap::from([(
+            evacuate::EVACUATION_LABEL.to_string(),
+            "node-a".to_string(),
+        )]));
+        assert!(matches!(
+            decide(&m, Some(&v), &[]),
+            Admission::Reject {
+                reason: "VMMoved",
+                ..
+            }
+        ));
+        let here = vm(VmPhase::Running, "node-a", None);
+        assert!(matches!(
+            decide(&m, Some(&here), &[]),
+            Admission::Admit { .. }
+        ));
     }
 
     #[test]

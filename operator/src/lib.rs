@@ -6,10 +6,13 @@
 //! - [`transitions`]: what comes after each phase (pure).
 //! - [`reconcile`]: the I/O around them.
 //! - [`nodes`]: which agents are live (heartbeat Leases).
+//! - [`evacuate`] (pure) and [`evacuator`] (I/O): migrations off cordoned nodes.
 
 pub mod admission;
 pub mod config;
 pub mod error;
+pub mod evacuate;
+pub mod evacuator;
 pub mod fault;
 pub mod http;
 pub mod metrics;

@@ -8,11 +8,13 @@ use std::time::Duration;
 use clap::Parser;
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use ferry_operator::config::{Limits, Timeouts};
+use ferry_operator::evacuator::{self, Evacuator};
 use ferry_operator::metrics::Metrics;
 use ferry_operator::nodes::NODE_LABEL;
 use ferry_operator::reconcile::{self, Context};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -55,6 +57,13 @@ struct Args {
     /// Seconds the leader Lease lasts without renewal; a standby takes over after it.
     #[arg(long, default_value_t = 15)]
     leader_lease_seconds: u64,
+    /// Evacuate cordoned nodes (`kubectl cordon`); a node tainted `ferry.dev/evacuate` is
+    /// evacuated either way.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    evacuate_on_cordon: bool,
+    /// `spec.transport.tls` of the migrations an evacuation creates.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    evacuation_tls: bool,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -136,8 +145,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .default_backoff()
             .for_each(|_| async {}),
     );
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_watch = watcher(Api::<Node>::all(client.clone()), watcher::Config::default());
+    tokio::spawn(
+        reflector(node_writer, node_watch)
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
     leases.wait_until_ready().await?;
     vms.wait_until_ready().await?;
+    nodes.wait_until_ready().await?;
+    let since = k8s_openapi::jiff::Timestamp::now();
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -162,11 +180,31 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         admission: tokio::sync::Mutex::new(()),
-        leases,
-        vms,
+        leases: leases.clone(),
+        vms: vms.clone(),
+        nodes: nodes.clone(),
     });
-    let migrations: Api<VirtualMachineMigration> = Api::all(client);
-    let controller = Controller::new(migrations, watcher::Config::default())
+    let migrations: Api<VirtualMachineMigration> = Api::all(client.clone());
+    let controller = Controller::new(migrations, watcher::Config::default());
+    // Node evacuation reads the controller's cache of migrations.
+    tokio::spawn(
+        Evacuator {
+            client: client.clone(),
+            settings: evacuator::Settings {
+                on_cordon: args.evacuate_on_cordon,
+                tls: args.evacuation_tls,
+            },
+            nodes,
+            vms,
+            migrations: controller.store(),
+            leases,
+            recorder: ctx.recorder.clone(),
+            since,
+            trackers: Default::default(),
+        }
+        .run(),
+    );
+    let controller = controller
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|_| async {});

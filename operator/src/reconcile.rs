@@ -11,6 +11,7 @@ use ferry_crds::{
     VirtualMachineMigration, set_condition,
 };
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -43,6 +44,8 @@ pub struct Context {
     pub leases: Store<Lease>,
     /// The VirtualMachines, cached from a watch (admission still reads the VM fresh).
     pub vms: Store<VirtualMachine>,
+    /// The Nodes, cached from a watch: admission sends no guest to a closed one.
+    pub nodes: Store<Node>,
     /// Admission is serialised so two reconciles never both take the last free slot.
     pub admission: tokio::sync::Mutex<()>,
 }
@@ -143,6 +146,7 @@ impl Reconciler<'_> {
         let _slot = self.ctx.admission.lock().await;
         let vm = self.vms().get_opt(&self.m.spec.vm_name).await?;
         let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
+        let closed = crate::evacuate::closed_nodes(self.ctx.nodes.state().iter().map(|n| &**n));
         let all = Api::<VirtualMachineMigration>::all(self.ctx.client.clone())
             .list(&ListParams::default())
             .await?;
@@ -174,6 +178,7 @@ impl Reconciler<'_> {
             &Facts {
                 vm: vm.as_ref(),
                 live_nodes: &live,
+                closed_nodes: &closed,
                 vms_per_node: &vms_per_node,
                 active: &active,
                 limits: self.ctx.limits,

@@ -125,6 +125,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Where the workspace's binaries are (ferry-operator, ferry-agent, kubectl-ferry).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
     /// The simulated nodes.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()

@@ -181,3 +181,77 @@ pub fn vm_rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Starts small test guests `names` on `node`, each with its own disk in the cluster's
+/// directory (QEMU locks its image), and waits until each counts.
+pub async fn guests_running(
+    cluster: &Cluster,
+    client: &Client,
+    node: &str,
+    names: &[&str],
+) -> Api<VirtualMachine> {
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let image = ferry_agent::testguest::image(ferry_agent::testguest::Params {
+        region_start_mib: 1,
+        region_end_mib: 9,
+        ..Default::default()
+    })
+    .expect("the test guest builds");
+    for (i, name) in names.iter().enumerate() {
+        let disk = cluster.cp.dir().join(format!("{name}.img"));
+        std::fs::write(&disk, &image).unwrap();
+        let uuid = format!("6f1c0b8e-5a52-4d3e-9a43-0d6f2a7c{:04x}", 0x1000 + i);
+        let vm = crate::bench::ferry::vm(name, &uuid, 64, &disk.display().to_string(), node);
+        vms.create(&Default::default(), &vm).await.unwrap();
+    }
+    for name in names {
+        eventually(
+            &format!("{name} to run and count on {node}"),
+            Duration::from_secs(120),
+            || async {
+                let s = vms.get(name).await.ok()?.status?;
+                (s.phase == Some(VmPhase::Running)
+                    && s.node_name.as_deref() == Some(node)
+                    && last_pass(cluster, node, name)? >= 1)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    vms
+}
+
+/// The Events about the object named `name` (any kind, any namespace), as (type,
+/// reason, message).
+pub async fn events_about(cluster: &Cluster, name: &str) -> Vec<(String, String, String)> {
+    let out = cluster
+        .kubectl()
+        .args(["get", "events", "-A", "-o", "json", "--field-selector"])
+        .arg(format!("involvedObject.name={name}"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::printed(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
+    list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|e| (text(e, "type"), text(e, "reason"), text(e, "message")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `kubectl <args>` as the admin and panics unless it succeeds; returns stdout.
+pub async fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.kubectl().args(args).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        crate::printed(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -6,7 +6,7 @@ use ferry_tests::ControlPlane;
 use ferry_tests::identity::node_bound_token;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -287,6 +287,54 @@ async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
     );
     allowed("read the VM", vms.get("demo").await);
     allowed(
+        "watch-list Nodes (cordoned ones are evacuated and get no guests)",
+        Api::<Node>::all(op.clone())
+            .list(&ListParams::default())
+            .await,
+    );
+    allowed(
+        "create an evacuation migration",
+        vmms.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "evacuate-demo-node-a-1",
+                             "labels": {"ferry.dev/evacuation": "node-a"}},
+                "spec": {"vmName": "demo", "transport": {"tls": false}}
+            }))
+            .unwrap(),
+        )
+        .await,
+    );
+    allowed(
+        "cancel a migration",
+        vmms.patch(
+            "evacuate-demo-node-a-1",
+            &pp,
+            &Patch::Merge(json!({"spec": {"cancel": true}})),
+        )
+        .await,
+    );
+    allowed(
+        "record an Event on a Node (in default)",
+        Api::<Event>::namespaced(op.clone(), "default")
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "node-event"},
+                    "eventTime": "2026-01-01T00:00:00.000000Z",
+                    "reportingController": "ferry.dev/operator",
+                    "reportingInstance": "test",
+                    "action": "Evacuate",
+                    "reason": "EvacuationStarted",
+                    "type": "Normal",
+                    "note": "rbac test",
+                    "regarding": {"apiVersion": "v1", "kind": "Node", "name": "node-a"}
+                }))
+                .unwrap(),
+            )
+            .await,
+    );
+    allowed(
         "mark the VM as held",
         vms.patch_status(
             "demo",
@@ -337,6 +385,16 @@ async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
     forbidden(
         "read Secrets",
         Api::<Secret>::namespaced(op.clone(), NS).get("s").await,
+    );
+    forbidden(
+        "cordon a node (that is the user's act)",
+        Api::<Node>::all(op.clone())
+            .patch(
+                "node-a",
+                &pp,
+                &Patch::Merge(json!({"spec": {"unschedulable": true}})),
+            )
+            .await,
     );
     forbidden(
         "list Pods",

@@ -42,9 +42,15 @@ async fn main() {
     );
     println!();
     println!("  export KUBECONFIG={}", cluster.cp.kubeconfig.display());
-    println!("  export PATH={}:$PATH", tools.parent().unwrap().display());
+    // kubectl finds the `kubectl ferry` plugin (kubectl-ferry) next to ferry-up.
+    println!(
+        "  export PATH={}:{}:$PATH",
+        cluster.bin_dir().display(),
+        tools.parent().unwrap().display()
+    );
     println!("  kubectl apply -f examples/virtualmachine.yaml && kubectl get fvm -w");
     println!("  kubectl apply -f examples/migration.yaml && kubectl get vmm -w");
+    println!("  kubectl ferry migrate demo --tls=false --wait");
     println!();
     println!(
         "Logs: {}/{{operator,agent-<node>,kube-apiserver,etcd}}.log",
