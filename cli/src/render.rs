@@ -61,6 +61,22 @@ pub fn outcome(m: &VirtualMachineMigration) -> Option<(bool, String)> {
     let vm = &m.spec.vm_name;
     let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t).cloned();
     Some(match phase {
+        MigrationPhase::Succeeded if m.spec.to_file.is_some() => {
+            let line = match &status.saved_state {
+                Some(s) => format!(
+                    "{name}: Succeeded: {vm} saved on {} to {} ({:?}, {} of {} bytes, {:.1} s); \
+                     the VM is stopped",
+                    s.node,
+                    s.path,
+                    s.compression,
+                    s.file_bytes,
+                    s.stream_bytes,
+                    s.save_time_ms.max(0) as f64 / 1000.0
+                ),
+                None => format!("{name}: Succeeded: {vm} saved; the VM is stopped"),
+            };
+            (true, line)
+        }
         MigrationPhase::Succeeded => {
             let mut line = format!(
                 "{name}: Succeeded: {vm} moved from {} to {}",
@@ -196,6 +212,26 @@ mod tests {
             Some((
                 true,
                 "demo-x: Succeeded: demo moved from node-a to node-b, transfer 2.5 s, downtime 37 ms"
+                    .into()
+            ))
+        );
+        let mut saved = m(
+            "demo-s",
+            "demo",
+            json!({"phase": "Succeeded", "sourceNode": "node-a",
+                   "savedState": {"path": "/saves/demo.fsav", "compression": "Zstd",
+                                  "node": "node-a", "streamBytes": 50000000,
+                                  "fileBytes": 600000, "saveTimeMs": 1500}}),
+            "2026-01-01T00:00:00Z",
+        );
+        saved.spec.to_file =
+            Some(serde_json::from_value(json!({"path": "/saves/demo.fsav"})).unwrap());
+        assert_eq!(
+            outcome(&saved),
+            Some((
+                true,
+                "demo-s: Succeeded: demo saved on node-a to /saves/demo.fsav (Zstd, 600000 of \
+                 50000000 bytes, 1.5 s); the VM is stopped"
                     .into()
             ))
         );

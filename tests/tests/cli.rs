@@ -1,6 +1,6 @@
 //! The `kubectl ferry` plugin as a real binary, found by kubectl on PATH, against the
 //! real control plane, operator and agents with real QEMU: migrate --wait, watch,
-//! cancel, evacuate. One test at a time.
+//! cancel, evacuate, save and restore. One test at a time.
 
 use std::process::Output;
 use std::time::Duration;
@@ -54,7 +54,7 @@ fn created(out: &Output) -> String {
 }
 
 #[tokio::test]
-async fn the_plugin_migrates_watches_cancels_and_evacuates() {
+async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (cluster, client) = up().await;
     // A guest with its own disk: the example's image may be locked by another test's
@@ -186,4 +186,65 @@ async fn the_plugin_migrates_watches_cancels_and_evacuates() {
     )
     .await;
     assert_eq!(node, "true");
+
+    // save, on node-b, then restore on node-a (uncordoned): the guest goes on.
+    kubectl_ok(&cluster, &["uncordon", "node-a"]).await;
+    let before = eventually(
+        "the guest to count on node-b",
+        Duration::from_secs(60),
+        || async { last_pass(&cluster, "node-b", "demo") },
+    )
+    .await;
+    let file = cluster.cp.dir().join("demo.fsav");
+    let file = file.display().to_string();
+    let out = ferry(
+        &cluster,
+        &[
+            "save",
+            "demo",
+            "--path",
+            &file,
+            "--compression",
+            "gzip",
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", printed(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains(&format!("Succeeded: demo saved on node-b to {file} (Gzip"))
+            && said.contains("the VM is stopped"),
+        "{said}"
+    );
+    assert!(
+        cluster.qemu_pids("demo").is_empty(),
+        "a QEMU runs after the save"
+    );
+    let out = ferry(
+        &cluster,
+        &["restore", "demo", "--from", &file, "--node", "node-a"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", printed(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "virtualmachine.ferry.dev/demo restores from {file}"
+        )),
+        "{}",
+        printed(&out)
+    );
+    eventually(
+        "the restored VM to run on node-a",
+        Duration::from_secs(60),
+        || async {
+            let s = vms.get("demo").await.ok()?.status?;
+            (s.phase == Some(ferry_crds::VmPhase::Running)
+                && s.node_name.as_deref() == Some("node-a"))
+            .then_some(())
+        },
+    )
+    .await;
+    guest_goes_on(&cluster, "node-a", before).await;
+    runs_once_on(&cluster, &vms, "node-a").await;
 }
