@@ -83,6 +83,7 @@ pub mod phases;
 pub mod policy;
 pub mod prepare;
 pub mod qmp;
+pub mod recover;
 pub mod supervisor;
 pub mod testguest;
 mod xml;
