@@ -42,6 +42,13 @@ pub fn should_listen(paused: bool, listened_for: Option<Duration>) -> bool {
     paused && listened_for.is_none_or(|t| t >= RELISTEN_AFTER)
 }
 
+/// The status of `vm`'s migration on this node (`query-migrate`), if any.
+pub async fn migration_status(sup: &Supervisor, vm: &str) -> Result<Option<String>, ErrorKind> {
+    let guest = sup.require(vm).await?;
+    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+    Ok(info.status)
+}
+
 /// Target: if the incoming migration of `vm` is paused in post-copy, listens again on
 /// this node's address and `port` (`migrate-recover`) and returns the URI the source
 /// resumes to; `None` when it is not paused (nothing to recover).

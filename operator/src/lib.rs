@@ -6,11 +6,13 @@
 //! - [`transitions`]: what comes after each phase (pure).
 //! - [`reconcile`]: the I/O around them.
 //! - [`nodes`]: which agents are live (heartbeat Leases).
+//! - [`history`]: which finished migrations go beyond the history limit (pure).
 
 pub mod admission;
 pub mod config;
 pub mod error;
 pub mod fault;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod nodes;
