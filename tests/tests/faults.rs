@@ -11,7 +11,9 @@
 //! marked Failed with reason GuestDied and no QEMU at all.
 //!
 //! `make test` runs [`SUBSET`] (one row per fault and one per point, about 10 minutes);
-//! `make test-faults` runs all 54 rows.
+//! `make test-faults` runs all 54 rows. Both run the post-copy row: the stream cut after
+//! the switch to post-copy, kept down, then restored — the migration must wait and be
+//! recovered, never rolled back.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
