@@ -13,6 +13,8 @@ use ferry_tests::e2e_support::*;
 use kube::Api;
 use kube::api::ListParams;
 
+/// Migrations in a row (`FERRY_SOAK_MIGRATIONS` overrides it, e.g. to run past the 6
+/// minutes kube's Event recorder keeps each Event it published in its cache).
 const MIGRATIONS: usize = 100;
 /// RSS is sampled every this many migrations; the first sample after it ends the warm-up.
 const EVERY: usize = 10;
@@ -33,10 +35,14 @@ async fn a_hundred_back_to_back_migrations() {
             .map(|(who, pid)| (who, vm_rss_kib(pid).unwrap_or(0)))
             .collect::<Vec<_>>()
     };
+    let migrations = std::env::var("FERRY_SOAK_MIGRATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(MIGRATIONS);
     let mut samples = vec![(0, rss())];
     let begun = Instant::now();
     let mut at = "node-a";
-    for i in 0..MIGRATIONS {
+    for i in 0..migrations {
         let to = if at == "node-a" { "node-b" } else { "node-a" };
         let before = last_pass(&cluster, at, "demo").unwrap_or(0);
         let name = format!("soak-{i}");
@@ -74,7 +80,7 @@ async fn a_hundred_back_to_back_migrations() {
     )
     .await;
     println!(
-        "\nsoak: {MIGRATIONS} migrations, 0 failures, {:.0} s; {kept} migration objects kept (history limit {HISTORY_LIMIT})",
+        "\nsoak: {migrations} migrations, 0 failures, {:.0} s; {kept} migration objects kept (history limit {HISTORY_LIMIT})",
         begun.elapsed().as_secs_f64()
     );
     let names: Vec<&String> = samples[0].1.iter().map(|(who, _)| who).collect();
