@@ -47,7 +47,7 @@ test-e2e: tools bins ## Migrations, evacuation and the kubectl plugin end to end
 test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows, about 12 minutes).
 	$(CARGO) test -p ferry-tests --test faults -- --include-ignored --nocapture
 
-soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents at start and end.
+soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents every 10 migrations.
 	$(CARGO) test -p ferry-tests --test soak -- --ignored --nocapture
 
 test-agent: ## The agent data plane against real QEMU.

@@ -57,7 +57,9 @@
 //! Prepare fails → `confirm(cancelled=true)`; Perform fails or is cancelled (through the
 //! [`CancellationToken`](tokio_util::sync::CancellationToken)) →
 //! `finish(cancelled=true)` then `confirm(cancelled=true)`; Finish fails →
-//! `confirm(cancelled=true)`. Pure decisions (may a migration begin, did the guest arrive,
+//! `confirm(cancelled=true)`. A post-copy stream cut during Perform is recovered, not
+//! rolled back ([`recover`]: the target's [`recover::listen_again`] and
+//! [`perform::perform_with_recovery`] on the source). Pure decisions (may a migration begin, did the guest arrive,
 //! should the source resume, is a URI acceptable) are in [`phases`].
 //!
 //! ```no_run
@@ -90,6 +92,7 @@ pub mod phases;
 pub mod policy;
 pub mod prepare;
 pub mod qmp;
+pub mod recover;
 pub mod restore;
 pub mod save;
 pub mod statefile;

@@ -90,6 +90,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         metrics: k8s::metrics::Metrics::default(),
         tasks: Default::default(),
         reserved_ports: Default::default(),
+        recoveries: Default::default(),
+        recovery_uris: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(k8s::heartbeat::run(

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const POLL: Duration = Duration::from_millis(250);
@@ -32,6 +33,8 @@ pub struct Progress {
     pub expected_downtime_ms: u64,
     /// Whether the migration switched to post-copy.
     pub post_copy: bool,
+    /// Whether the post-copy stream was cut and waits for recovery (`postcopy-paused`).
+    pub paused: bool,
     /// How much auto-converge throttles the vCPUs, in percent.
     pub cpu_throttle_percent: u64,
     /// Whether pre-copy converges (`None`: too few passes to judge).
@@ -55,6 +58,7 @@ impl Progress {
             pass: s.pass,
             expected_downtime_ms: info.expected_downtime.unwrap_or(0),
             post_copy: s.post_copy,
+            paused: crate::recover::is_paused(info.status.as_deref()),
             cpu_throttle_percent: s.cpu_throttle_percent,
             converging: None,
             convergence: String::new(),
@@ -115,9 +119,9 @@ fn statistics(info: &MigrationInfo) -> Statistics {
 /// Prepare applied to the target), calling `on_progress` about four times a second,
 /// until it completes, fails, a limit of the policy aborts it, or `cancel` fires (a
 /// cancel after the switch to post-copy is ignored: the guest's state is on the target
-/// and the migration must finish).
+/// and the migration must finish). A post-copy stream cut here stays paused: see
+/// [`perform_with_recovery`].
 #[allow(clippy::too_many_arguments)]
-#[tracing::instrument(skip_all, fields(vm, migration))]
 pub async fn perform(
     sup: &Supervisor,
     vm: &str,
@@ -126,6 +130,38 @@ pub async fn perform(
     prepare_cookie: &str,
     policy: &Policy,
     cancel: &CancellationToken,
+    on_progress: impl FnMut(&Progress),
+) -> Result<PerformOutput, PhaseError> {
+    let (_never, recovery) = watch::channel(None);
+    perform_with_recovery(
+        sup,
+        vm,
+        migration,
+        uri,
+        prepare_cookie,
+        policy,
+        cancel,
+        recovery,
+        on_progress,
+    )
+    .await
+}
+
+/// [`perform`], recovering a cut post-copy stream: while QEMU reports `postcopy-paused`,
+/// every [`recover::RESUME_EVERY`](crate::recover::RESUME_EVERY) it resumes the
+/// migration to the latest URI `recovery` holds (where the target listens again, see
+/// [`crate::recover`]), until the path is back and the migration goes on.
+#[allow(clippy::too_many_arguments)]
+#[tracing::instrument(skip_all, fields(vm, migration))]
+pub async fn perform_with_recovery(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+    uri: &str,
+    prepare_cookie: &str,
+    policy: &Policy,
+    cancel: &CancellationToken,
+    recovery: watch::Receiver<Option<String>>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<PerformOutput, PhaseError> {
     let cx = Ctx {
@@ -203,6 +239,7 @@ pub async fn perform(
     let mut aborted = None;
     let mut max_throttle = 0;
     let mut conv = Convergence::default();
+    let mut last_resume: Option<std::time::Instant> = None;
     let mut tick = tokio::time::interval(POLL);
     let info = loop {
         tokio::select! {
@@ -240,6 +277,21 @@ pub async fn perform(
             _ => break info,
         }
         let s = sample(&info);
+        if crate::recover::is_paused(info.status.as_deref()) {
+            let target = recovery.borrow().clone();
+            let due = last_resume.is_none_or(|t| t.elapsed() >= crate::recover::RESUME_EVERY);
+            if let Some(target) = target.filter(|t| due && check_uri(t).is_ok()) {
+                last_resume = Some(std::time::Instant::now());
+                match crate::recover::resume(qmp, &target).await {
+                    Ok(()) => {
+                        tracing::info!(vm, migration, uri = %target, "post-copy paused: resuming to the target")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm, migration, uri = %target, error = %e, "post-copy paused: resume refused; trying again")
+                    }
+                }
+            }
+        }
         in_post_copy |= s.post_copy;
         if s.post_copy && switched_at.is_none() {
             switched_at = Some(s.elapsed);
@@ -251,11 +303,20 @@ pub async fn perform(
         } else {
             conv.judge()
         };
-        on_progress(&Progress {
-            converging: judgement.converging(),
-            convergence: policy::explain(policy, judgement, &s),
-            eta: policy::eta(&s, judgement),
-            ..Progress::from_info(&info)
+        let report = Progress::from_info(&info);
+        on_progress(&if report.paused {
+            Progress {
+                converging: judgement.converging(),
+                convergence: "post-copy paused: the stream was cut; the guest's memory is split between the two nodes, so the migration waits for the path and resumes (it cannot roll back)".into(),
+                ..report
+            }
+        } else {
+            Progress {
+                converging: judgement.converging(),
+                convergence: policy::explain(policy, judgement, &s),
+                eta: policy::eta(&s, judgement),
+                ..report
+            }
         });
         if cancel_sent {
             continue;

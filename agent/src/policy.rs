@@ -295,6 +295,11 @@ impl Policy {
             "max-bandwidth".into(),
             json!(self.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
         );
+        // The limit holds after a switch to post-copy too (QEMU's 0: unlimited).
+        p.insert(
+            "max-postcopy-bandwidth".into(),
+            json!(self.max_bandwidth.unwrap_or(0)),
+        );
         p.insert("downtime-limit".into(), json!(self.max_downtime_ms));
         p
     }

@@ -160,7 +160,7 @@ fn settings_per_side() {
     );
     assert_eq!(
         src.parameters_args(),
-        json!({"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 500})
+        json!({"max-bandwidth": UNLIMITED_BANDWIDTH, "max-postcopy-bandwidth": 0, "downtime-limit": 500})
     );
     let dst = p.settings(Side::Target);
     assert_eq!(
@@ -187,6 +187,10 @@ fn settings_per_side() {
     }
     assert_eq!(
         p.settings(Side::Source).parameters["max-bandwidth"],
+        json!(8 * MIB)
+    );
+    assert_eq!(
+        p.settings(Side::Source).parameters["max-postcopy-bandwidth"],
         json!(8 * MIB)
     );
     assert_eq!(

@@ -171,7 +171,8 @@ pub struct MigrationPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<Preset>,
 
-    /// Maximum bandwidth of the migration stream in MiB/s. 0 or absent: unlimited.
+    /// Maximum bandwidth of the migration stream in MiB/s, before and after a switch to
+    /// post-copy. 0 or absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub bandwidth_mi_bps: Option<i64>,
@@ -364,6 +365,16 @@ pub struct VirtualMachineMigrationStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub migration_uri: Option<String>,
+
+    /// Where the target listens again after a cut stream paused a post-copy migration
+    /// (QEMU's `migrate-recover`); the source resumes the migration to it. Set by the
+    /// target agent while `progress.mode` is PostCopyPaused.
+    #[serde(
+        rename = "recoveryURI",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub recovery_uri: Option<String>,
 
     /// The XML cookie each phase hands to the next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -593,4 +604,14 @@ pub enum MigrationMode {
     PreCopy,
     /// The guest's state moved to the target; the rest of its memory follows.
     PostCopy,
+    /// Post-copy, with the stream cut: both QEMUs wait, each holding part of the
+    /// guest's memory, until the agents recover the stream (it cannot be rolled back).
+    PostCopyPaused,
+}
+
+impl MigrationMode {
+    /// Whether the guest's state has moved to the target (it can no longer roll back).
+    pub fn is_post_copy(self) -> bool {
+        matches!(self, Self::PostCopy | Self::PostCopyPaused)
+    }
 }

@@ -19,6 +19,10 @@ pub struct Timeouts {
     pub prepare: Duration,
     pub perform: Duration,
     pub finish: Duration,
+    /// How long a post-copy migration may stay paused (its stream cut) before the
+    /// operator reports the recovery overdue. It does not end the migration then: the
+    /// guest's memory is split between the two QEMUs and any end but a recovery loses it.
+    pub post_copy_paused: Duration,
 }
 
 impl Default for Timeouts {
@@ -28,6 +32,7 @@ impl Default for Timeouts {
             prepare: Duration::from_secs(120),
             perform: Duration::from_secs(1800),
             finish: Duration::from_secs(120),
+            post_copy_paused: Duration::from_secs(600),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`reconcile`]: the I/O around them.
 //! - [`nodes`]: which agents are live (heartbeat Leases).
 //! - [`evacuate`] (pure) and [`evacuator`] (I/O): migrations off cordoned nodes.
+//! - [`history`]: which finished migrations go beyond the history limit (pure).
 
 pub mod admission;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod evacuate;
 pub mod evacuator;
 pub mod fault;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod nodes;

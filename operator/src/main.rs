@@ -42,6 +42,10 @@ struct Args {
     /// `{"preset":"Safest"}`); each migration's own fields override them.
     #[arg(long, default_value = "{}", value_parser = parse_policy)]
     default_policy: ferry_crds::MigrationPolicy,
+    /// Finished (Succeeded, Failed, Cancelled) migrations kept per VM; the operator
+    /// deletes older ones. 0 keeps none.
+    #[arg(long, default_value_t = 10)]
+    history_limit: usize,
     /// Seconds Begin may take.
     #[arg(long, default_value_t = 60)]
     begin_timeout: u64,
@@ -54,6 +58,12 @@ struct Args {
     /// Seconds Finish may take.
     #[arg(long, default_value_t = 120)]
     finish_timeout: u64,
+    /// Seconds a post-copy migration whose stream was cut may wait for the path before the
+    /// operator reports the recovery overdue (condition PostCopyPaused, reason
+    /// RecoveryOverdue, and a Warning Event). The migration keeps waiting: ending it would
+    /// lose the guest, whose memory is split between the two nodes.
+    #[arg(long, default_value_t = 600)]
+    post_copy_paused_timeout: u64,
     /// Seconds the leader Lease lasts without renewal; a standby takes over after it.
     #[arg(long, default_value_t = 15)]
     leader_lease_seconds: u64,
@@ -170,6 +180,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             prepare: Duration::from_secs(args.prepare_timeout),
             perform: Duration::from_secs(args.perform_timeout),
             finish: Duration::from_secs(args.finish_timeout),
+            post_copy_paused: Duration::from_secs(args.post_copy_paused_timeout),
         },
         metrics,
         recorder: Recorder::new(
@@ -180,6 +191,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         admission: tokio::sync::Mutex::new(()),
+        history_limit: args.history_limit,
         leases: leases.clone(),
         vms: vms.clone(),
         nodes: nodes.clone(),

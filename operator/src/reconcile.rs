@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 use crate::metrics::{ErrorLabels, Metrics, OutcomeLabels, PhaseLabels};
 use crate::nodes;
 use crate::transitions::{self, Decision, Observation, Why};
+
+mod report;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -48,6 +50,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Admission is serialised so two reconciles never both take the last free slot.
     pub admission: tokio::sync::Mutex<()>,
+    /// Finished migrations kept per VM; older ones are deleted (`history`).
+    pub history_limit: usize,
 }
 
 /// Reconciles one migration.
@@ -116,6 +120,8 @@ impl Reconciler<'_> {
             self.release_vm().await?;
             if deleting {
                 self.remove_finalizer().await?;
+            } else {
+                self.prune_history().await?;
             }
             return Ok(Action::await_change());
         }
@@ -305,7 +311,7 @@ impl Reconciler<'_> {
         };
         match transitions::decide(self.m, &obs, &self.ctx.timeouts) {
             Decision::Wait(after) => {
-                self.report_convergence().await?;
+                self.report_progress().await?;
                 Ok(Action::requeue(after))
             }
             Decision::RequestCancel => {
@@ -378,45 +384,6 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(Duration::from_millis(100)))
             }
         }
-    }
-
-    /// While Perform runs: a `Converging` condition that follows the agent's judgement
-    /// in `status.progress`, written when the judgement changes.
-    async fn report_convergence(&self) -> Result<()> {
-        let status = self.m.status.clone().unwrap_or_default();
-        if status.phase != Some(MigrationPhase::Perform) {
-            return Ok(());
-        }
-        let Some(progress) = status.progress else {
-            return Ok(());
-        };
-        let Some(converging) = progress.converging else {
-            return Ok(());
-        };
-        let current = status.conditions.iter().find(|c| c.type_ == "Converging");
-        let wanted = if converging { "True" } else { "False" };
-        if current.is_some_and(|c| c.status == wanted) {
-            return Ok(());
-        }
-        let reason = if converging {
-            "Converging"
-        } else {
-            "NotConverging"
-        };
-        let message = progress
-            .convergence
-            .unwrap_or_else(|| format!("{reason} (pass {})", progress.iteration));
-        let mut conditions = self.conditions();
-        set_condition(
-            &mut conditions,
-            "Converging",
-            converging,
-            reason,
-            &message,
-            self.m.metadata.generation,
-            now(),
-        );
-        self.patch_status(json!({"conditions": conditions})).await
     }
 
     /// Ends the migration in a terminal `phase`.
@@ -561,6 +528,24 @@ impl Reconciler<'_> {
         }
     }
 
+    /// Deletes the finished migrations of this one's VM beyond the history limit.
+    async fn prune_history(&self) -> Result<()> {
+        let all = self.api().list(&ListParams::default()).await?;
+        let old =
+            crate::history::beyond_limit(&all.items, &self.m.spec.vm_name, self.ctx.history_limit);
+        for m in old {
+            let name = m.name_any();
+            match self.api().delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {
+                    info!(deleted = %name, limit = self.ctx.history_limit, "history limit: deleted a finished migration")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     fn has_finalizer(&self) -> bool {
         self.m.finalizers().iter().any(|f| f == ROLLBACK_FINALIZER)
     }
@@ -628,6 +613,6 @@ impl Reconciler<'_> {
     }
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     Time(Timestamp::now())
 }

@@ -5,7 +5,9 @@
 //! Begin fails → Failed; Prepare fails → Confirm(cancelled); Perform fails →
 //! Finish(cancelled) → Confirm(cancelled); Finish fails → Confirm(cancelled); Confirm
 //! fails → run again. A phase whose agent stopped heart-beating or that ran past its
-//! timeout counts as failed.
+//! timeout counts as failed — except a Perform that switched to post-copy: the guest's
+//! state is then split between the nodes and the migration only goes forward (a cut
+//! stream pauses it until the agents recover it; see [`post_copy_pause`]).
 
 use std::time::Duration;
 
@@ -88,7 +90,11 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     };
     let cancel_why = || why("Cancelled", "the migration was cancelled");
     // Once the guest's state started moving in post-copy there is no going back.
-    let post_copy = status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopy);
+    let post_copy = status
+        .progress
+        .as_ref()
+        .and_then(|p| p.mode)
+        .is_some_and(MigrationMode::is_post_copy);
 
     if let Some(outcome) = outcome {
         let failed = outcome == StepOutcome::Failed;
@@ -164,6 +170,12 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         let left = limit.map(|l| l.saturating_sub(elapsed)).unwrap_or(POLL);
         return Decision::Wait(left.min(POLL).max(Duration::from_millis(200)));
     };
+    if phase == P::Perform && post_copy {
+        // A rollback would kill the target QEMU, which holds part of the guest's memory,
+        // and the source QEMU cannot resume it: wait for the source (its QEMU outlives a
+        // lost agent, and a restarted one follows the migration) or for the path.
+        return Decision::Wait(POLL);
+    }
     match phase {
         P::Begin => Decision::End {
             phase: P::Failed,
@@ -182,6 +194,74 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         // Confirm has no timeout: the guest is safe where it is; wait for the source.
         _ => Decision::Wait(POLL),
     }
+}
+
+/// The `PostCopyPaused` condition a migration should carry now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// True while paused; False once recovered.
+    pub paused: bool,
+    /// `WaitingForPath`, `RecoveryOverdue` (paused longer than the bound) or `Recovered`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the `PostCopyPaused` condition of `m` should say at `now`, when it should change
+/// (`None`: leave it). Paused means the source reports `progress.mode: PostCopyPaused`:
+/// its stream was cut after the switch to post-copy. The pause counts from the
+/// condition's last transition; past `bound` the reason becomes `RecoveryOverdue`, but
+/// the migration still waits (nothing here ends it: every end but a recovery loses the
+/// guest).
+pub fn post_copy_pause(
+    m: &VirtualMachineMigration,
+    now: Timestamp,
+    bound: Duration,
+) -> Option<Pause> {
+    let status = m.status.as_ref()?;
+    let current = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "PostCopyPaused");
+    let was_paused = current.is_some_and(|c| c.status == "True");
+    let paused = status.phase == Some(P::Perform)
+        && status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopyPaused);
+    let source = status.source_node.as_deref().unwrap_or_default();
+    let target = status.target_node.as_deref().unwrap_or_default();
+    let wanted = if paused {
+        let since = current
+            .filter(|_| was_paused)
+            .map(|c| now.duration_since(c.last_transition_time.0).unsigned_abs())
+            .unwrap_or_default();
+        if since > bound {
+            Pause {
+                paused: true,
+                reason: "RecoveryOverdue",
+                message: format!(
+                    "the post-copy stream from {source} to {target} has been cut for more than {} s; the migration keeps waiting for the path: the guest's memory is split between the two QEMUs, and ending the migration would lose it",
+                    bound.as_secs()
+                ),
+            }
+        } else {
+            Pause {
+                paused: true,
+                reason: "WaitingForPath",
+                message: format!(
+                    "the post-copy stream from {source} to {target} was cut; both QEMUs wait, and the agents resume the migration when the path is back"
+                ),
+            }
+        }
+    } else if was_paused {
+        Pause {
+            paused: false,
+            reason: "Recovered",
+            message: "the post-copy stream was recovered".into(),
+        }
+    } else {
+        return None;
+    };
+    let same =
+        current.is_some_and(|c| (c.status == "True") == wanted.paused && c.reason == wanted.reason);
+    (!same).then_some(wanted)
 }
 
 fn end_after_confirm(

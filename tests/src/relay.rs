@@ -1,7 +1,9 @@
 //! A TCP relay the fault tests put between the source and the target QEMU, so that they
 //! can cut a live migration stream for real: closing the relay drops every connection.
-//! The target agent advertises the relay (its `FERRY_FAULT_ADVERTISE` test hook) and
-//! writes the URI its QEMU really listens on to `<fault dir>/migration-target`.
+//! The target agent advertises the relay (its `FERRY_FAULT_ADVERTISE` test hook, for
+//! the migration URI and for a post-copy recovery URI alike) and writes the URI its QEMU
+//! really listens on to `<fault dir>/migration-target`, which the relay reads for each
+//! connection. A cut relay can be opened again on the same address: the path is back.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 /// A running relay; dropping it cuts it too.
 pub struct Relay {
     pub addr: SocketAddr,
+    fault_dir: PathBuf,
     cut: watch::Sender<bool>,
 }
 
@@ -21,7 +24,19 @@ impl Relay {
     pub async fn start(ip: &str, fault_dir: PathBuf) -> std::io::Result<Relay> {
         let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
-        let (cut, mut stop) = watch::channel(false);
+        let (cut, _) = watch::channel(false);
+        let relay = Relay {
+            addr,
+            fault_dir,
+            cut,
+        };
+        relay.serve(listener);
+        Ok(relay)
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let mut stop = self.cut.subscribe();
+        let fault_dir = self.fault_dir.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -45,12 +60,19 @@ impl Relay {
                 });
             }
         });
-        Ok(Relay { addr, cut })
     }
 
     /// Closes the listener and every connection through it.
     pub fn cut(&self) {
         let _ = self.cut.send(true);
+    }
+
+    /// Opens a cut relay again, on the same address.
+    pub async fn reopen(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        self.cut = watch::channel(false).0;
+        self.serve(listener);
+        Ok(())
     }
 }
 

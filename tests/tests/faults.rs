@@ -11,12 +11,14 @@
 //! marked Failed with reason GuestDied and no QEMU at all.
 //!
 //! `make test` runs [`SUBSET`] (one row per fault and one per point, about 10 minutes);
-//! `make test-faults` runs all 54 rows.
+//! `make test-faults` runs all 54 rows. Both run the post-copy row: the stream cut after
+//! the switch to post-copy, kept down, then restored — the migration must wait and be
+//! recovered, never rolled back.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachineMigration, VmPhase};
+use ferry_crds::{MigrationMode, MigrationPhase, StepOutcome, VirtualMachineMigration, VmPhase};
 use ferry_tests::Cluster;
 use ferry_tests::e2e_support::*;
 use ferry_tests::relay::Relay;
@@ -369,9 +371,13 @@ async fn check_row(
 /// Copies the row's component logs to `$CARGO_TARGET_TMPDIR/fault-logs/<fault>-<point>`
 /// (the cluster's own directory goes with it).
 fn keep_logs(cluster: &Cluster, fault: Fault, point: Point) {
+    keep_logs_named(cluster, &format!("{fault:?}-{}", point.hook()));
+}
+
+fn keep_logs_named(cluster: &Cluster, name: &str) {
     let to = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("fault-logs")
-        .join(format!("{fault:?}-{}", point.hook()));
+        .join(name);
     let _ = std::fs::create_dir_all(&to);
     for entry in std::fs::read_dir(cluster.cp.dir())
         .into_iter()
@@ -454,6 +460,107 @@ fn panic_message(e: tokio::task::JoinError) -> String {
             .collect(),
         Err(e) => e.to_string(),
     }
+}
+
+/// How long a post-copy migration whose stream was cut may take to end Succeeded once
+/// the path is back: the source retries its resume every 2 s, the target listens again
+/// within 0.5 s of the pause, and the rest of the memory follows at the policy's 2 MiB/s.
+const RECOVERY_BOUND: Duration = Duration::from_secs(90);
+
+/// Post-copy after 2 s, at 2 MiB/s before and after the switch: the post-copy phase
+/// lasts long enough (the guest dirties 32 MiB) to cut it.
+const SLOW_POST_COPY: &str =
+    "    bandwidthMiBps: 2\n    postCopy:\n      mode: AfterSeconds\n      afterSeconds: 2\n";
+
+/// The stream is cut while the migration is in post-copy: the guest's memory is split
+/// between the nodes, so nothing may roll back. Both QEMUs pause and stay; the migration
+/// waits (not terminal, condition PostCopyPaused); once the path is back the agents
+/// recover it and it ends Succeeded within [`RECOVERY_BOUND`], with one guest on the
+/// target whose counter goes on and which never saw a bad page.
+#[tokio::test]
+async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    let dir = cluster.cp.dir().join("faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut relay = Relay::start("127.0.0.9", dir.clone()).await.unwrap();
+    let relay_addr = relay.addr.to_string();
+    cluster.kill_agent(TARGET);
+    cluster
+        .start_agent_with_env(
+            TARGET,
+            &[
+                ("FERRY_FAULT_DIR", dir.display().to_string().as_str()),
+                ("FERRY_FAULT_ADVERTISE", relay_addr.as_str()),
+            ],
+        )
+        .unwrap();
+    let before = last_pass(&cluster, SOURCE, "demo").unwrap_or(0);
+    let name = "post-copy-cut";
+    apply_yaml(&cluster, &migration_yaml(name, TARGET, SLOW_POST_COPY)).await;
+    let status = || async { vmms.get(name).await.ok()?.status };
+    let mode = || async { status().await?.progress?.mode };
+    eventually(
+        "the switch to post-copy",
+        Duration::from_secs(120),
+        || async { (mode().await? == MigrationMode::PostCopy).then_some(()) },
+    )
+    .await;
+    relay.cut();
+    eventually(
+        "the source to report the pause",
+        Duration::from_secs(30),
+        || async { (mode().await? == MigrationMode::PostCopyPaused).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the target to listen again",
+        Duration::from_secs(30),
+        || async { status().await?.recovery_uri },
+    )
+    .await;
+    // The path stays down a while: nothing rolls back, nothing ends, both QEMUs stay.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = status().await.unwrap();
+    assert_eq!(s.phase, Some(MigrationPhase::Perform), "{s:#?}");
+    assert!(!s.cancelled, "a paused post-copy must not roll back");
+    assert_eq!(
+        s.progress.and_then(|p| p.mode),
+        Some(MigrationMode::PostCopyPaused)
+    );
+    let paused = s.conditions.iter().find(|c| c.type_ == "PostCopyPaused");
+    assert_eq!(
+        paused.map(|c| c.status.as_str()),
+        Some("True"),
+        "{:?}",
+        s.conditions
+    );
+    let qemus = cluster.qemu_pids("demo");
+    assert_eq!(qemus.len(), 2, "both QEMUs live while paused: {qemus:?}");
+
+    // The path comes back.
+    relay.reopen().await.unwrap();
+    let back = Instant::now();
+    wait_phase(&vmms, name, MigrationPhase::Succeeded, RECOVERY_BOUND).await;
+    let recovered_in = back.elapsed();
+    runs_once_on(&cluster, &vms, TARGET).await;
+    guest_goes_on(&cluster, TARGET, before).await;
+    let s = status().await.unwrap();
+    let paused = s.conditions.iter().find(|c| c.type_ == "PostCopyPaused");
+    assert_eq!(
+        paused.map(|c| (c.status.as_str(), c.reason.as_str())),
+        Some(("False", "Recovered")),
+        "{:?}",
+        s.conditions
+    );
+    println!(
+        "post-copy cut and recovered: Succeeded {:.1} s after the path came back (bound {} s)",
+        recovered_in.as_secs_f64(),
+        RECOVERY_BOUND.as_secs()
+    );
+    keep_logs_named(&cluster, "post-copy-cut");
 }
 
 #[tokio::test]

@@ -281,6 +281,15 @@ async fn only_the_migrations_own_agents_write_its_status() {
         patch_migration(&a, json!({"migrationURI": "tcp:127.0.0.9:1"})).await,
     );
     denied(
+        "the source writes the recovery URI",
+        "target-fields",
+        patch_migration(&a, json!({"recoveryURI": "tcp:127.0.0.9:1"})).await,
+    );
+    allowed(
+        "the target publishes where it listens again after a post-copy cut",
+        patch_migration(&b, json!({"recoveryURI": "tcp:127.0.0.3:49153"})).await,
+    );
+    denied(
         "the source moves the phase on",
         "operator-fields",
         patch_migration(&a, json!({"phase": "Prepare"})).await,

@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Agent, runner};
+use super::{Agent, recovery, runner};
 
 /// Runs until the process ends.
 pub async fn run(agent: Arc<Agent>) {
@@ -99,6 +99,22 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     {
         token.cancel();
     }
+    // A running Perform learns where the target listens again after a cut.
+    if let Some(tx) = agent
+        .recovery_uris
+        .lock()
+        .expect("the recovery table is never poisoned")
+        .get(&uid)
+    {
+        tx.send_if_modified(|uri| {
+            let changed = *uri != status.recovery_uri;
+            if changed {
+                uri.clone_from(&status.recovery_uri);
+            }
+            changed
+        });
+    }
+    recovery::dispatch(agent, &m);
     let Some(phase) = phase_to_run(&m, &agent.node) else {
         return;
     };

@@ -7,6 +7,7 @@ pub mod heartbeat;
 pub mod locks;
 pub mod metrics;
 pub mod ownership;
+pub mod recovery;
 pub mod runner;
 pub mod vms;
 
@@ -17,6 +18,7 @@ use std::sync::Mutex;
 
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPhase;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// What the agent's tasks share.
@@ -33,6 +35,12 @@ pub struct Agent {
     pub tasks: Mutex<HashMap<(String, MigrationPhase), CancellationToken>>,
     /// Migration ports handed to a Prepare whose QEMU may not listen on them yet.
     pub reserved_ports: Mutex<HashSet<u16>>,
+    /// Target: the watchers of incoming QEMUs during Perform (post-copy recovery), by
+    /// migration uid.
+    pub recoveries: Mutex<HashMap<String, CancellationToken>>,
+    /// Source: where each running Perform finds the target's `status.recoveryURI`, by
+    /// migration uid.
+    pub recovery_uris: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
 }
 
 /// A migration port reserved for one Prepare; released when dropped, by which time the

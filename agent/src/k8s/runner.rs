@@ -323,7 +323,16 @@ impl<'a> Run<'a> {
                 let _ = tx.try_send(progress_json(p));
             }
         };
-        let result = perform::perform(
+        // Where the target listens again if a cut pauses the post-copy (the executor
+        // passes on every new status.recoveryURI).
+        let uid = self.m.uid().unwrap_or_default();
+        let (recovery_tx, recovery) = tokio::sync::watch::channel(self.status().recovery_uri);
+        self.agent
+            .recovery_uris
+            .lock()
+            .expect("the recovery table is never poisoned")
+            .insert(uid.clone(), recovery_tx);
+        let result = perform::perform_with_recovery(
             &self.agent.sup,
             &domain.name,
             &self.id,
@@ -331,9 +340,15 @@ impl<'a> Run<'a> {
             &cookie,
             &params,
             cancel,
+            recovery,
             on_progress,
         )
         .await;
+        self.agent
+            .recovery_uris
+            .lock()
+            .expect("the recovery table is never poisoned")
+            .remove(&uid);
         drop(tx);
         let _ = writer.await;
         let out = result.map_err(|e| e.to_string())?;
@@ -469,7 +484,11 @@ fn progress_json(p: &Progress) -> Value {
         "iteration": p.pass,
         "expectedDowntimeMs": p.expected_downtime_ms,
         "percent": format!("{percent}%"),
-        "mode": if p.post_copy { "PostCopy" } else { "PreCopy" },
+        "mode": match (p.post_copy, p.paused) {
+            (_, true) => "PostCopyPaused",
+            (true, false) => "PostCopy",
+            (false, false) => "PreCopy",
+        },
         "converging": p.converging,
         "convergence": p.convergence,
         "etaSeconds": p.eta.map(|d| d.as_secs()),

@@ -188,6 +188,7 @@ mod tests {
         prepare: Duration::from_secs(60),
         perform: Duration::from_secs(600),
         finish: Duration::from_secs(60),
+        post_copy_paused: Duration::from_secs(600),
     };
 
     fn save(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> VirtualMachineMigration {

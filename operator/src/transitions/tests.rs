@@ -67,6 +67,7 @@ const T: Timeouts = Timeouts {
     prepare: Duration::from_secs(60),
     perform: Duration::from_secs(600),
     finish: Duration::from_secs(60),
+    post_copy_paused: Duration::from_secs(300),
 };
 
 fn enter(phase: P, cancelled: bool) -> (P, bool) {
@@ -278,4 +279,86 @@ fn a_cancel_after_the_switch_to_post_copy_is_too_late() {
         .unwrap()
         .outcome = Some(S);
     assert_eq!(entered(decide(&done, &obs(1), &T)), enter(P::Finish, false));
+}
+
+fn in_post_copy(
+    mut m: VirtualMachineMigration,
+    mode: ferry_crds::MigrationMode,
+) -> VirtualMachineMigration {
+    m.status.as_mut().unwrap().progress = Some(ferry_crds::Progress {
+        mode: Some(mode),
+        ..Default::default()
+    });
+    m
+}
+
+#[test]
+fn a_post_copy_perform_never_rolls_back() {
+    use ferry_crds::MigrationMode::*;
+    for mode in [PostCopy, PostCopyPaused] {
+        let m = in_post_copy(migration(P::Perform, false, None), mode);
+        // Past Perform's timeout, and with the source agent lost: it waits.
+        assert!(
+            matches!(decide(&m, &obs(601), &T), Decision::Wait(_)),
+            "{mode:?}"
+        );
+        let lost = Observation {
+            source_live: false,
+            ..obs(1)
+        };
+        assert!(
+            matches!(decide(&m, &lost, &T), Decision::Wait(_)),
+            "{mode:?}"
+        );
+        // A cancel is too late.
+        let mut cancelled = m.clone();
+        cancelled.spec.cancel = true;
+        assert!(matches!(decide(&cancelled, &obs(1), &T), Decision::Wait(_)));
+    }
+    // Before the switch the same timeout rolls back.
+    let pre = in_post_copy(migration(P::Perform, false, None), PreCopy);
+    assert_eq!(entered(decide(&pre, &obs(601), &T)), enter(P::Finish, true));
+}
+
+#[test]
+fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
+    use ferry_crds::MigrationMode::*;
+    let bound = T.post_copy_paused;
+    let running = in_post_copy(migration(P::Perform, false, None), PostCopy);
+    assert_eq!(post_copy_pause(&running, at(1).0, bound), None);
+    let mut paused = in_post_copy(migration(P::Perform, false, None), PostCopyPaused);
+    let first = post_copy_pause(&paused, at(10).0, bound).unwrap();
+    assert!(first.paused);
+    assert_eq!(first.reason, "WaitingForPath");
+    ferry_crds::set_condition(
+        &mut paused.status.as_mut().unwrap().conditions,
+        "PostCopyPaused",
+        true,
+        first.reason,
+        &first.message,
+        None,
+        at(10),
+    );
+    // Unchanged while within the bound.
+    assert_eq!(post_copy_pause(&paused, at(10 + 300).0, bound), None);
+    let overdue = post_copy_pause(&paused, at(10 + 301).0, bound).unwrap();
+    assert_eq!((overdue.paused, overdue.reason), (true, "RecoveryOverdue"));
+    assert!(overdue.message.contains("keeps waiting"));
+    // Still not a reason to end or roll back.
+    assert!(matches!(
+        decide(&paused, &obs(10_000), &T),
+        Decision::Wait(_)
+    ));
+    // Recovered: the condition turns False.
+    let mut recovered = paused.clone();
+    recovered
+        .status
+        .as_mut()
+        .unwrap()
+        .progress
+        .as_mut()
+        .unwrap()
+        .mode = Some(PostCopy);
+    let back = post_copy_pause(&recovered, at(400).0, bound).unwrap();
+    assert_eq!((back.paused, back.reason), (false, "Recovered"));
 }

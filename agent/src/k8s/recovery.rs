@@ -1,0 +1,181 @@
+//! The target's part of post-copy recovery. Between Prepare and Finish the target agent
+//! has no phase to run, but while the source runs Perform it watches its incoming QEMU:
+//! when a cut stream pauses a post-copy migration there, it listens again on a fresh
+//! port (`migrate-recover`, [`ferry_agent::recover::listen_again`]) and publishes the
+//! URI as `status.recoveryURI`; the source's Perform resumes to it. Once the migration
+//! runs again the URI is cleared, so a later pause never sends the source to a port that
+//! may meanwhile belong to another migration.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_agent::domain::Domain;
+use ferry_agent::{fault, recover};
+use ferry_crds::{MigrationPhase, VirtualMachineMigration};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Agent;
+
+/// How often the target looks at its incoming QEMU during Perform.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Whether this node should watch `m`'s incoming QEMU now: it is the target and the
+/// source is performing.
+pub fn watches_incoming(m: &VirtualMachineMigration, node: &str) -> bool {
+    let Some(status) = &m.status else {
+        return false;
+    };
+    status.phase == Some(MigrationPhase::Perform) && status.target_node.as_deref() == Some(node)
+}
+
+/// Whether a watcher must stop: the migration moved past Perform. (An event showing an
+/// earlier phase may be stale: the two watches deliver versions out of order.)
+fn past_perform(m: &VirtualMachineMigration) -> bool {
+    use MigrationPhase::*;
+    matches!(
+        m.status.as_ref().and_then(|s| s.phase),
+        Some(Finish | Confirm | Succeeded | Failed | Cancelled)
+    )
+}
+
+/// Starts or stops the watcher of `m`'s incoming QEMU.
+pub fn dispatch(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
+    let uid = m.uid().unwrap_or_default();
+    let mut watchers = agent
+        .recoveries
+        .lock()
+        .expect("the recovery table is never poisoned");
+    if past_perform(m) {
+        if let Some(token) = watchers.remove(&uid) {
+            token.cancel();
+        }
+        return;
+    }
+    if !watches_incoming(m, &agent.node) || watchers.contains_key(&uid) {
+        return;
+    }
+    let token = CancellationToken::new();
+    watchers.insert(uid.clone(), token.clone());
+    drop(watchers);
+    let agent = agent.clone();
+    let m = m.clone();
+    let span = info_span!("recovery", migration = %m.name_any(), vm = %m.spec.vm_name);
+    tokio::spawn(
+        async move {
+            watch(&agent, &m, &token).await;
+            // A cancelled watcher's entry is gone already (and may be a newer one's now).
+            if !token.is_cancelled() {
+                agent
+                    .recoveries
+                    .lock()
+                    .expect("the recovery table is never poisoned")
+                    .remove(&uid);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Watches the incoming QEMU until `cancel` fires.
+async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &CancellationToken) {
+    let status = m.status.clone().unwrap_or_default();
+    let Some(vm) = status
+        .target_domain_xml
+        .as_deref()
+        .and_then(|xml| Domain::parse(xml).ok())
+        .map(|d| d.name)
+    else {
+        warn!("no target definition in the status; not watching the incoming QEMU");
+        return;
+    };
+    let ns = m.namespace().unwrap_or_default();
+    let api: Api<VirtualMachineMigration> = Api::namespaced(agent.client.clone(), &ns);
+    let name = m.name_any();
+    let id = format!("{ns}/{name}@{}", m.uid().unwrap_or_default());
+    // When this node last listened again in the current pause, and whether a recovery
+    // URI is published.
+    let mut listened: Option<Instant> = None;
+    let mut published = status.recovery_uri.is_some();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        let Ok(state) = recover::migration_status(&agent.sup, &vm).await else {
+            continue;
+        };
+        let paused = recover::is_paused(state.as_deref());
+        if !paused {
+            listened = None;
+            if published && state.as_deref() != Some("postcopy-recover") {
+                published = !patch(&api, &name, json!({"recoveryURI": null})).await;
+            }
+            continue;
+        }
+        if !recover::should_listen(paused, listened.map(|t| t.elapsed())) {
+            continue;
+        }
+        let Some(port) = agent.reserve_port() else {
+            warn!("post-copy paused, but no free migration port to listen on");
+            continue;
+        };
+        match recover::listen_again(&agent.sup, &vm, &id, port.port).await {
+            Ok(Some(uri)) => {
+                drop(port);
+                listened = Some(Instant::now());
+                let uri = fault::advertised_uri(&uri);
+                info!(%uri, "post-copy paused: listening again for the source");
+                published = patch(&api, &name, json!({"recoveryURI": uri})).await;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "post-copy paused: could not listen again"),
+        }
+    }
+}
+
+/// A merge patch of the status; whether it landed.
+async fn patch(api: &Api<VirtualMachineMigration>, name: &str, status: Value) -> bool {
+    let body = Patch::Merge(json!({ "status": status }));
+    match api.patch_status(name, &PatchParams::default(), &body).await {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(error = %e, "could not write status.recoveryURI");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(phase: MigrationPhase) -> VirtualMachineMigration {
+        serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": "m", "namespace": "default"},
+            "spec": {"vmName": "demo"},
+            "status": {"phase": phase, "sourceNode": "node-a", "targetNode": "node-b"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_target_watches_and_only_during_perform() {
+        use MigrationPhase::*;
+        assert!(watches_incoming(&migration(Perform), "node-b"));
+        assert!(!watches_incoming(&migration(Perform), "node-a"));
+        for phase in [Pending, Begin, Prepare, Finish, Confirm, Succeeded, Failed] {
+            assert!(!watches_incoming(&migration(phase), "node-b"), "{phase:?}");
+        }
+        for phase in [Finish, Confirm, Succeeded, Failed, Cancelled] {
+            assert!(past_perform(&migration(phase)), "{phase:?}");
+        }
+        for phase in [Pending, Begin, Prepare, Perform] {
+            assert!(!past_perform(&migration(phase)), "{phase:?}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Post-copy recovery. Once a migration has switched to post-copy, the guest's memory is
+//! split between the two QEMUs: a cut stream cannot be rolled back (QEMU 7.2 can neither
+//! cancel a paused post-copy on the source nor resume the source guest) and must be
+//! recovered. Both QEMUs then sit in status `postcopy-paused` until
+//! 1. the target listens again: [`listen_again`] (`migrate-recover {uri}`), and
+//! 2. the source resumes to it: [`resume`] (`migrate {uri, resume: true}`), from Perform,
+//!
+//! after which both go `postcopy-recover` → `postcopy-active` → `completed`. A resume that
+//! cannot connect (the path is still down) leaves the source paused: Perform tries again
+//! every [`RESUME_EVERY`]. No capability is needed beyond `postcopy-ram`, which both
+//! sides already have for any migration that can switch to post-copy.
+//!
+//! Transport security: the TLS parameters (`tls-creds`, `tls-hostname`) set before the
+//! transfer stay set in both QEMUs and apply to the recovered channel too; when the
+//! migration stream gets TLS, [`apply_recovery_transport`] is the one place where a
+//! recovery applies anything per connection.
+
+use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::phases::{Phase, check_vm_name};
+use crate::qmp::{MigrationInfo, Qmp, QmpError};
+use crate::supervisor::Supervisor;
+use serde_json::json;
+use std::time::Duration;
+
+/// QEMU's status of a post-copy migration whose stream broke.
+pub const PAUSED: &str = "postcopy-paused";
+/// How often a paused source tries to resume to the target's recovery URI.
+pub const RESUME_EVERY: Duration = Duration::from_secs(2);
+/// How long a target that listened again waits for the source before it listens anew
+/// (on a fresh port), in case its listener was used up by an attempt that failed.
+pub const RELISTEN_AFTER: Duration = Duration::from_secs(20);
+
+/// Whether `status` (of `query-migrate`) is a paused post-copy.
+pub fn is_paused(status: Option<&str>) -> bool {
+    status == Some(PAUSED)
+}
+
+/// Whether the target should listen again now: its incoming migration is paused and it
+/// has not listened since it paused, or listened more than [`RELISTEN_AFTER`] ago with no
+/// source arriving. `listened_for` is how long ago it last listened in this pause.
+pub fn should_listen(paused: bool, listened_for: Option<Duration>) -> bool {
+    paused && listened_for.is_none_or(|t| t >= RELISTEN_AFTER)
+}
+
+/// The status of `vm`'s migration on this node (`query-migrate`), if any.
+pub async fn migration_status(sup: &Supervisor, vm: &str) -> Result<Option<String>, ErrorKind> {
+    let guest = sup.require(vm).await?;
+    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+    Ok(info.status)
+}
+
+/// Target: if the incoming migration of `vm` is paused in post-copy, listens again on
+/// this node's address and `port` (`migrate-recover`) and returns the URI the source
+/// resumes to; `None` when it is not paused (nothing to recover).
+#[tracing::instrument(skip_all, fields(vm, migration, port))]
+pub async fn listen_again(
+    sup: &Supervisor,
+    vm: &str,
+    migration: &str,
+    port: u16,
+) -> Result<Option<String>, PhaseError> {
+    let cx = Ctx {
+        phase: Phase::Perform,
+        vm,
+        migration,
+    };
+    check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
+    let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
+    let info: MigrationInfo = guest
+        .qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(|e| cx.err(e))?;
+    if !is_paused(info.status.as_deref()) {
+        return Ok(None);
+    }
+    let host = match sup.node().address {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    };
+    let uri = format!("tcp:{host}:{port}");
+    apply_recovery_transport(&guest.qmp)
+        .await
+        .map_err(|e| cx.err(e))?;
+    guest
+        .qmp
+        .run("migrate-recover", Some(json!({ "uri": uri })))
+        .await
+        .map_err(|e| cx.err(e))?;
+    tracing::info!(vm, migration, %uri, "post-copy paused: the target listens again");
+    Ok(Some(uri))
+}
+
+/// Source: resumes the paused migration to the target's recovery `uri`. QEMU connects in
+/// the background; if it cannot, the migration stays paused and this may be called again.
+pub async fn resume(qmp: &Qmp, uri: &str) -> Result<(), QmpError> {
+    apply_recovery_transport(qmp).await?;
+    qmp.run("migrate", Some(json!({ "uri": uri, "resume": true })))
+        .await
+}
+
+/// What a recovered channel needs besides the URI. Nothing today: the stream is plain
+/// TCP and every migration parameter set before the transfer still holds. When the
+/// migration stream gets TLS, the function that applies its parameters to a QMP
+/// connection is called from here (the TLS objects and `tls-creds` persist in QEMU, but a
+/// recovery must not proceed without them).
+async fn apply_recovery_transport(_qmp: &Qmp) -> Result<(), QmpError> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_listens_once_per_pause_and_again_when_nobody_came() {
+        assert!(!should_listen(false, None));
+        assert!(should_listen(true, None));
+        assert!(!should_listen(true, Some(Duration::from_secs(1))));
+        assert!(should_listen(true, Some(RELISTEN_AFTER)));
+        assert!(!should_listen(false, Some(RELISTEN_AFTER)));
+        assert!(is_paused(Some("postcopy-paused")));
+        assert!(!is_paused(Some("postcopy-active")));
+        assert!(!is_paused(None));
+    }
+}

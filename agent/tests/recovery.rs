@@ -1,0 +1,203 @@
+//! Post-copy recovery against real QEMU: the stream, through a relay, is cut while the
+//! migration is in post-copy; both QEMUs pause; a resume while the path is still down
+//! leaves them paused; once the path is back the target listens again
+//! (`recover::listen_again`) and the source resumes to it (`perform_with_recovery`),
+//! and the guest arrives whole.
+
+mod support;
+
+use ferry_agent::begin::begin;
+use ferry_agent::confirm::confirm;
+use ferry_agent::finish::finish;
+use ferry_agent::perform::{Progress, perform_with_recovery};
+use ferry_agent::policy::{Policy, PostCopy, resolve};
+use ferry_agent::prepare::prepare;
+use ferry_agent::qmp::MigrationInfo;
+use ferry_agent::recover;
+use ferry_agent::supervisor::Supervisor;
+use ferry_crds::MigrationPolicy;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A TCP relay that can be cut (every connection dropped, the listener closed) and
+/// opened again on the same address, forwarding to whatever `target` says then.
+struct Relay {
+    addr: SocketAddr,
+    target: Arc<Mutex<String>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(ip: &str, target: &str) -> Relay {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let mut relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            target: Arc::new(Mutex::new(target.to_string())),
+            task: None,
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = target.lock().unwrap().clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Drops the listener and every connection (the JoinSet aborts them with the task).
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    async fn reopen(&mut self, target: &str) {
+        *self.target.lock().unwrap() = target.to_string();
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+
+    fn uri(&self) -> String {
+        format!("tcp:{}", self.addr)
+    }
+}
+
+async fn migration_status(sup: &Supervisor, vm: &str) -> String {
+    let guest = sup.require(vm).await.unwrap();
+    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await.unwrap();
+    info.status.unwrap_or_default()
+}
+
+async fn both_paused(lab: &Lab) -> bool {
+    migration_status(&lab.a, &lab.vm).await == recover::PAUSED
+        && migration_status(&lab.b, &lab.vm).await == recover::PAUSED
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
+    // A guest dirtying 48 MiB; 4 MiB/s before and after the switch (1 s in), so the
+    // post-copy phase lasts several seconds.
+    let lab = Lab::new("pc-recover", 128, 49, 2_000_000);
+    lab.start_source().await;
+    let policy = Policy {
+        post_copy: PostCopy::After(Duration::from_secs(1)),
+        completion_timeout_per_gib: None,
+        progress_timeout: None,
+        ..resolve(&MigrationPolicy {
+            bandwidth_mi_bps: Some(4),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let m = "m-pc-recover";
+    let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy)
+        .await
+        .unwrap();
+    let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
+    let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = reports.clone();
+    let (recovery_tx, recovery_rx) = watch::channel(None);
+    let cancel = CancellationToken::new();
+    let relay_uri = relay.uri();
+    let perform = perform_with_recovery(
+        &lab.a,
+        &lab.vm,
+        m,
+        &relay_uri,
+        &prep.cookie,
+        &policy,
+        &cancel,
+        recovery_rx,
+        move |p| sink.lock().unwrap().push(p.clone()),
+    );
+    let driver = async {
+        eventually("post-copy", || {
+            let r = reports.lock().unwrap();
+            r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)
+        })
+        .await;
+        relay.cut();
+        let mut paused = false;
+        for _ in 0..100 {
+            if both_paused(&lab).await {
+                paused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(paused, "both QEMUs pause when the post-copy stream is cut");
+        // The target listens again, but the path is still down: the source's resumes
+        // fail and both stay paused.
+        let port = free_port("127.0.0.3");
+        let target = recover::listen_again(&lab.b, &lab.vm, m, port)
+            .await
+            .unwrap()
+            .expect("the paused target listens again");
+        recovery_tx.send_replace(Some(relay_uri.clone()));
+        tokio::time::sleep(recover::RESUME_EVERY * 3).await;
+        assert!(
+            both_paused(&lab).await,
+            "a resume over a dead path leaves both QEMUs paused"
+        );
+        assert!(
+            reports.lock().unwrap().last().is_some_and(|p| p.paused),
+            "Perform reports the pause"
+        );
+        assert_eq!(lab.qemu_pids().len(), 2, "both QEMUs live while paused");
+        // The path comes back.
+        relay.reopen(target.trim_start_matches("tcp:")).await;
+    };
+    let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
+    let perf = res.expect("the recovered migration completes");
+    assert!(perf.post_copy);
+    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
+    let fin = finish(&lab.b, &lab.vm, m, Some(&perf.cookie), false, async {
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert!(fin.resumed);
+    confirm(&lab.a, &lab.vm, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
+    lab.assert_one_guest_on(&lab.b);
+    let last_before = passes(&before).last().copied().unwrap();
+    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
+    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
+    assert_counter_continues(&before, &after, 3);
+}
+
+/// Polls `done` every 50 ms for up to two minutes.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..2400 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gave up waiting for {what}");
+}
