@@ -6,8 +6,11 @@
 //! - [`transitions`]: what comes after each phase (pure).
 //! - [`reconcile`]: the I/O around them.
 //! - [`nodes`]: which agents are live (heartbeat Leases).
+//! - [`signer`] (pure) and [`certs`] (I/O): the cluster CA and the node certificates
+//!   for TLS on the migration stream, through CertificateSigningRequests.
 
 pub mod admission;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod fault;
@@ -16,4 +19,5 @@ pub mod metrics;
 pub mod nodes;
 pub mod policy;
 pub mod reconcile;
+pub mod signer;
 pub mod transitions;

@@ -55,6 +55,10 @@ struct Args {
     /// Seconds the leader Lease lasts without renewal; a standby takes over after it.
     #[arg(long, default_value_t = 15)]
     leader_lease_seconds: u64,
+    /// The agents' ServiceAccount (in --namespace): only its node-bound tokens get node
+    /// certificates for the migration stream.
+    #[arg(long, default_value = "ferry-agent")]
+    agent_service_account: String,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -117,6 +121,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     info!(%identity, "leading");
 
+    // The cluster CA and the node certificates of the migration stream (TLS).
+    let ca = ferry_operator::certs::ensure_ca(&client, &args.namespace).await?;
+    let agent_user = format!(
+        "system:serviceaccount:{}:{}",
+        args.namespace, args.agent_service_account
+    );
+    let signer = tokio::spawn(ferry_operator::certs::run(
+        client.clone(),
+        Arc::new(ca),
+        agent_user,
+    ));
+
     // Caches of the heartbeat Leases and the VMs, so that a phase change costs no reads.
     let (leases, lease_writer) = reflector::store::<Lease>();
     let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
@@ -172,6 +188,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .for_each(|_| async {});
     tokio::select! {
         _ = controller => info!("shut down"),
+        _ = signer => return Err("the certificate signer stopped".into()),
         _ = leader.changed() => {
             warn!("lost the leader Lease; exiting so a fresh process can stand again");
             std::process::exit(1);

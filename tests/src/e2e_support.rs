@@ -88,10 +88,19 @@ pub async fn apply_yaml(cluster: &Cluster, yaml: &str) {
     assert!(ok, "{said}");
 }
 
+/// A migration of the demo VM to `target` with the API's default transport (TLS).
 pub fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
     format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
-         spec:\n  vmName: demo\n  targetNode: {target}\n  transport:\n    tls: false\n  policy:\n{policy}"
+         spec:\n  vmName: demo\n  targetNode: {target}\n  policy:\n{policy}"
+    )
+}
+
+/// [`migration_yaml`] in plain TCP (`transport.tls: false`, explicit).
+pub fn plain_migration_yaml(name: &str, target: &str, policy: &str) -> String {
+    format!(
+        "{}  transport:\n    tls: false\n",
+        migration_yaml(name, target, policy)
     )
 }
 

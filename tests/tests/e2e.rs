@@ -7,6 +7,7 @@ use std::time::Duration;
 use ferry_crds::{MigrationPhase, VirtualMachineMigration, VmPhase};
 use ferry_tests::e2e_support::*;
 use ferry_tests::repo_root;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -185,6 +186,149 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
             "node-b"
         };
         assert_eq!(step.node, node, "{phase:?} ran on the wrong node");
+    }
+    // TLS, the API's default: both ends say so, each naming the peer whose certificate
+    // it checked ...
+    for (phase, peer) in [
+        (MigrationPhase::Prepare, "node-a"),
+        (MigrationPhase::Perform, "node-b"),
+    ] {
+        let message = steps
+            .get(phase)
+            .unwrap()
+            .message
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("TLS, peer certificate {peer} verified")),
+            "{phase:?}: {message}"
+        );
+    }
+    // ... and each node's certificate came from a CSR the operator approved and signed.
+    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let all = csrs.list(&Default::default()).await.unwrap().items;
+    for node in ["node-a", "node-b"] {
+        let issued = all.iter().find(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(&format!("ferry-{node}-")))
+                && c.status
+                    .as_ref()
+                    .and_then(|s| s.certificate.as_ref())
+                    .is_some_and(|c| !c.0.is_empty())
+        });
+        let csr = issued.unwrap_or_else(|| panic!("no issued CSR for {node}: {all:?}"));
+        assert_eq!(csr.spec.signer_name, "ferry.dev/migration");
+        assert_eq!(
+            csr.spec.username.as_deref(),
+            Some("system:serviceaccount:ferry-system:ferry-agent")
+        );
+        let approved = csr
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Approved"))
+            .unwrap_or_else(|| panic!("{node}'s CSR was not approved"));
+        assert_eq!(approved.status, "True");
+        assert_eq!(approved.reason.as_deref(), Some("AgentNodeIdentity"));
+    }
+}
+
+#[tokio::test]
+async fn a_node_cannot_get_another_nodes_certificate_and_plain_tcp_is_explicit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    // node-c's agent token asks for node-a's certificate.
+    let token = ferry_tests::identity::node_bound_token(
+        &client,
+        "ferry-system",
+        "ferry-agent",
+        "node-c",
+        3600,
+    )
+    .await
+    .unwrap();
+    let path = cluster.cp.dir().join("forger.kubeconfig");
+    let forger = cluster
+        .cp
+        .client_for_token("ferry-agent@node-c", &token, &path)
+        .await
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_string()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "node-a");
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    let forged: CertificateSigningRequest = serde_json::from_value(json!({
+        "metadata": {"name": "ferry-node-a-forged"},
+        "spec": {
+            "request": k8s_openapi::ByteString(pem.into_bytes()),
+            "signerName": "ferry.dev/migration",
+            "usages": ferry_crds::tls::USAGES,
+        }
+    }))
+    .unwrap();
+    let csrs: Api<CertificateSigningRequest> = Api::all(forger);
+    csrs.create(&Default::default(), &forged).await.unwrap();
+    let denied = eventually(
+        "the operator to deny the forged request",
+        Duration::from_secs(30),
+        || async {
+            let csr = csrs.get("ferry-node-a-forged").await.ok()?;
+            csr.status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "Denied" && c.status == "True")
+        },
+    )
+    .await;
+    assert_eq!(denied.reason.as_deref(), Some("NodeMismatch"));
+    let message = denied.message.unwrap_or_default();
+    assert!(
+        message.contains("CN=node-a") && message.contains("node-c"),
+        "{message}"
+    );
+    let csr = csrs.get("ferry-node-a-forged").await.unwrap();
+    assert!(
+        csr.status.and_then(|s| s.certificate).is_none(),
+        "a denied request got a certificate"
+    );
+
+    // Plain TCP, asked for explicitly, still migrates, and says so.
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(
+        &cluster,
+        &plain_migration_yaml("plain", "node-b", UNLIMITED),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "plain",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-b").await;
+    let steps = vmms
+        .get("plain")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .steps
+        .unwrap();
+    for phase in [MigrationPhase::Prepare, MigrationPhase::Perform] {
+        let message = steps
+            .get(phase)
+            .unwrap()
+            .message
+            .clone()
+            .unwrap_or_default();
+        assert!(message.contains("plain TCP"), "{phase:?}: {message}");
     }
 }
 
