@@ -21,6 +21,10 @@
 //! - [`policy`]: the migration policy without QEMU: presets and explicit fields into a
 //!   [`policy::Policy`], the capabilities and parameters per side, the convergence
 //!   judgement, the post-copy switch and the timeouts.
+//! - [`tls`]: TLS on the migration stream, QEMU-native: the node's
+//!   [`tls::Credentials`] loaded as `tls-creds-x509` (peer verified) and, on the target,
+//!   an `authz-simple` accepting only the source node's certificate
+//!   ([`tls::apply`], [`tls::clear`]).
 //! - [`cookie::Cookie`]: the `<ferry-migration>` cookie, at most [`cookie::MAX_COOKIE`]
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
