@@ -187,52 +187,10 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
         };
         assert_eq!(step.node, node, "{phase:?} ran on the wrong node");
     }
-    // TLS, the API's default: both ends say so, each naming the peer whose certificate
-    // it checked ...
-    for (phase, peer) in [
-        (MigrationPhase::Prepare, "node-a"),
-        (MigrationPhase::Perform, "node-b"),
-    ] {
-        let message = steps
-            .get(phase)
-            .unwrap()
-            .message
-            .clone()
-            .unwrap_or_default();
-        assert!(
-            message.contains(&format!("TLS, peer certificate {peer} verified")),
-            "{phase:?}: {message}"
-        );
-    }
-    // ... and each node's certificate came from a CSR the operator approved and signed.
-    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
-    let all = csrs.list(&Default::default()).await.unwrap().items;
-    for node in ["node-a", "node-b"] {
-        let issued = all.iter().find(|c| {
-            c.metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(&format!("ferry-{node}-")))
-                && c.status
-                    .as_ref()
-                    .and_then(|s| s.certificate.as_ref())
-                    .is_some_and(|c| !c.0.is_empty())
-        });
-        let csr = issued.unwrap_or_else(|| panic!("no issued CSR for {node}: {all:?}"));
-        assert_eq!(csr.spec.signer_name, "ferry.dev/migration");
-        assert_eq!(
-            csr.spec.username.as_deref(),
-            Some("system:serviceaccount:ferry-system:ferry-agent")
-        );
-        let approved = csr
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.iter().find(|c| c.type_ == "Approved"))
-            .unwrap_or_else(|| panic!("{node}'s CSR was not approved"));
-        assert_eq!(approved.status, "True");
-        assert_eq!(approved.reason.as_deref(), Some("AgentNodeIdentity"));
-    }
+    // TLS, the API's default: both ends say so, and each node's certificate came from a
+    // CSR the operator approved and signed.
+    assert_stream(&steps, Some(("node-a", "node-b")));
+    assert_node_certificates_issued(&client, &["node-a", "node-b"]).await;
 }
 
 #[tokio::test]
@@ -256,22 +214,7 @@ async fn a_node_cannot_get_another_nodes_certificate_and_plain_tcp_is_explicit()
         .client_for_token("ferry-agent@node-c", &token, &path)
         .await
         .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["node-a".to_string()]).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "node-a");
-    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
-    let forged: CertificateSigningRequest = serde_json::from_value(json!({
-        "metadata": {"name": "ferry-node-a-forged"},
-        "spec": {
-            "request": k8s_openapi::ByteString(pem.into_bytes()),
-            "signerName": "ferry.dev/migration",
-            "usages": ferry_crds::tls::USAGES,
-        }
-    }))
-    .unwrap();
+    let forged = node_csr("ferry-node-a-forged", "node-a");
     let csrs: Api<CertificateSigningRequest> = Api::all(forger);
     csrs.create(&Default::default(), &forged).await.unwrap();
     let denied = eventually(
@@ -321,15 +264,7 @@ async fn a_node_cannot_get_another_nodes_certificate_and_plain_tcp_is_explicit()
         .unwrap()
         .steps
         .unwrap();
-    for phase in [MigrationPhase::Prepare, MigrationPhase::Perform] {
-        let message = steps
-            .get(phase)
-            .unwrap()
-            .message
-            .clone()
-            .unwrap_or_default();
-        assert!(message.contains("plain TCP"), "{phase:?}: {message}");
-    }
+    assert_stream(&steps, None);
 }
 
 #[tokio::test]
