@@ -87,6 +87,8 @@ pub async fn confirm(
         .execute("query-status", None)
         .await
         .map_err(|e| cx.err(e))?;
+    // No TLS objects of the failed migration stay in the guest that carries on here.
+    crate::tls::clear(qmp).await.map_err(|e| cx.err(e))?;
     let was_running = record.as_ref().and_then(|r| r.source_was_running);
     if should_resume_source(&status.status, was_running) {
         tracing::info!(vm, migration, from = %status.status, "resuming source guest");

@@ -135,6 +135,10 @@ where
             Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
         }
     }
+    // The stream is over: the guest keeps no TLS objects of this migration.
+    if let Err(e) = crate::tls::clear(&guest.qmp).await {
+        tracing::warn!(vm, migration = cx.migration, error = %e, "could not remove the TLS objects");
+    }
     let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
     cookie.lock = Some(LockState {
         holder: node.name.clone(),

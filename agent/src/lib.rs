@@ -21,6 +21,10 @@
 //! - [`policy`]: the migration policy without QEMU: presets and explicit fields into a
 //!   [`policy::Policy`], the capabilities and parameters per side, the convergence
 //!   judgement, the post-copy switch and the timeouts.
+//! - [`tls`]: TLS on the migration stream, QEMU-native: the node's
+//!   [`tls::Credentials`] loaded as `tls-creds-x509` (peer verified) and, on the target,
+//!   an `authz-simple` accepting only the source node's certificate
+//!   ([`tls::apply`], [`tls::clear`]).
 //! - [`cookie::Cookie`]: the `<ferry-migration>` cookie, at most [`cookie::MAX_COOKIE`]
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
@@ -41,14 +45,16 @@
 //! | phase | node | call | status fields to write |
 //! | --- | --- | --- | --- |
 //! | Begin | source | [`begin::begin`]`(sup, vm, migration, target_xml)` | [`begin::BeginOutput`]: `domain_xml`, `cookies.begin` |
-//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port, &policy)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
-//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &policy, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
+//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port, &policy, tls)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
+//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &policy, tls, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
 //! | Finish | target | [`finish::finish`]`(sup, vm, migration, perform_cookie, cancelled, take_ownership)` | [`finish::FinishOutput`]: `cookies.finish` |
 //! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | — |
 //!
 //! `policy` is the effective [`policy::Policy`] from [`policy::resolve`] of the spec's
 //! `policy` (preset plus explicit fields); Prepare and Perform must get the same one
-//! (multifd and post-copy are set on both sides).
+//! (multifd and post-copy are set on both sides). `tls` is the node's
+//! [`tls::Credentials`] for an encrypted stream (both sides or neither), `None` for
+//! plain TCP.
 //!
 //! `take_ownership` is a future the Kubernetes layer supplies: it moves the VM's
 //! `status.nodeName` (and so the disk lock) to the target, guarded by resourceVersion.
@@ -69,9 +75,9 @@
 //! let m = "default/move-guest-1";
 //! let b = begin::begin(src, "guest-1", m, None).await?;
 //! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
-//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None, &policy).await?;
+//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None, &policy, None).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
-//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &policy, &cancel, |_| {}).await?;
+//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &policy, None, &cancel, |_| {}).await?;
 //! let f = finish::finish(dst, "guest-1", m, Some(&r.cookie), false, async { Ok(()) }).await?;
 //! confirm::confirm(src, "guest-1", m, f.cookie.as_deref(), false).await?;
 //! # Ok(()) }
@@ -98,6 +104,7 @@ pub mod save;
 pub mod statefile;
 pub mod supervisor;
 pub mod testguest;
+pub mod tls;
 mod xml;
 
 pub use xml::XmlError;

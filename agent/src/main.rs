@@ -92,6 +92,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reserved_ports: Default::default(),
         recoveries: Default::default(),
         recovery_uris: Default::default(),
+        certs: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(k8s::heartbeat::run(
@@ -104,6 +105,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let http = tokio::spawn(k8s::metrics::serve(args.metrics_addr, agent.clone(), ready));
     tokio::spawn(k8s::vms::sweep(agent.clone()));
+    tokio::spawn(k8s::certs::run(agent.clone()));
     let vms = tokio::spawn(k8s::vms::run(agent.clone()));
     let executor = tokio::spawn(k8s::executor::run(agent.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -3,7 +3,7 @@
 //! the policy's decisions on the way ([`policy::decide`]: switch to post-copy, abort on a
 //! timeout), can be cancelled (`migrate_cancel`, only before post-copy), and returns a
 //! cookie with the statistics. A re-run finds a running or finished migration and
-//! follows it.
+//! follows it. With node credentials the stream is TLS ([`crate::tls`]).
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
@@ -11,6 +11,7 @@ use crate::phases::{MigrationRecord, Outcome, Phase, check_uri, check_vm_name, o
 use crate::policy::{self, Action, Convergence, Judgement, Policy, Sample, Settings, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::supervisor::Supervisor;
+use crate::tls::{Credentials, Endpoint};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
@@ -119,7 +120,10 @@ fn statistics(info: &MigrationInfo) -> Statistics {
 /// Prepare applied to the target), calling `on_progress` about four times a second,
 /// until it completes, fails, a limit of the policy aborts it, or `cancel` fires (a
 /// cancel after the switch to post-copy is ignored: the guest's state is on the target
-/// and the migration must finish). A post-copy stream cut here stays paused: see
+/// and the migration must finish). `tls`: this node's credentials when the stream is
+/// encrypted (the target's certificate must name the node that wrote Prepare's cookie),
+/// `None` for plain TCP; the TLS objects are removed from the source QEMU once the
+/// migration completed. A post-copy stream cut here stays paused: see
 /// [`perform_with_recovery`].
 #[allow(clippy::too_many_arguments)]
 pub async fn perform(
@@ -129,6 +133,7 @@ pub async fn perform(
     uri: &str,
     prepare_cookie: &str,
     policy: &Policy,
+    tls: Option<&Credentials>,
     cancel: &CancellationToken,
     on_progress: impl FnMut(&Progress),
 ) -> Result<PerformOutput, PhaseError> {
@@ -140,6 +145,7 @@ pub async fn perform(
         uri,
         prepare_cookie,
         policy,
+        tls,
         cancel,
         recovery,
         on_progress,
@@ -160,6 +166,7 @@ pub async fn perform_with_recovery(
     uri: &str,
     prepare_cookie: &str,
     policy: &Policy,
+    tls: Option<&Credentials>,
     cancel: &CancellationToken,
     recovery: watch::Receiver<Option<String>>,
     mut on_progress: impl FnMut(&Progress),
@@ -214,6 +221,16 @@ pub async fn perform_with_recovery(
             apply(qmp, &policy.settings(Side::Source))
                 .await
                 .map_err(|e| cx.err(e))?;
+            match tls {
+                Some(creds) => {
+                    let endpoint = Endpoint::Source {
+                        target: &target.host_name,
+                    };
+                    crate::tls::apply(qmp, &dir, creds, endpoint).await
+                }
+                None => crate::tls::clear(qmp).await,
+            }
+            .map_err(|e| cx.err(e))?;
             qmp.run("migrate", Some(json!({ "uri": uri })))
                 .await
                 .map_err(|e| cx.err(e))?;
@@ -356,6 +373,9 @@ pub async fn perform_with_recovery(
         }
     }
     on_progress(&Progress::from_info(&info));
+    if let Err(e) = crate::tls::clear(qmp).await {
+        tracing::warn!(vm, migration, error = %e, "could not remove the TLS objects");
+    }
     let mut stats = statistics(&info);
     if let Some(at) = switched_at {
         // The incoming QEMU starts with -S: after the switch the guest runs nowhere

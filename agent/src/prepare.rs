@@ -1,7 +1,9 @@
 //! Prepare (target): refuses a migration to its own host, starts QEMU paused with
 //! `-incoming defer` from the target definition, applies the target side of the migration
-//! [`Policy`] (events, multifd channels and compression, post-copy) and listens with
-//! `migrate-incoming` on this node's address. Any failure removes the new QEMU.
+//! [`Policy`] (events, multifd channels and compression, post-copy) and, with `tls`, the
+//! node's certificate with only the source node's certificate accepted ([`tls`]), and
+//! listens with `migrate-incoming` on this node's address. Any failure removes the new
+//! QEMU.
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo};
 use crate::domain::Domain;
@@ -10,6 +12,7 @@ use crate::phases::{MigrationRecord, Phase};
 use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
 use crate::supervisor::Supervisor;
+use crate::tls::{Credentials, Endpoint};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::net::IpAddr;
@@ -25,6 +28,8 @@ pub struct PrepareOutput {
 
 /// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
 /// one Perform will use). `port` picks the listening port (`None`: any free port).
+/// `tls`: this node's credentials when the stream is encrypted (Perform must get the
+/// source node's then), `None` for plain TCP.
 #[tracing::instrument(skip_all, fields(migration))]
 pub async fn prepare(
     sup: &Supervisor,
@@ -33,6 +38,7 @@ pub async fn prepare(
     begin_cookie: &str,
     port: Option<u16>,
     policy: &Policy,
+    tls: Option<&Credentials>,
 ) -> Result<PrepareOutput, PhaseError> {
     let unknown = Ctx {
         phase: Phase::Prepare,
@@ -43,7 +49,7 @@ pub async fn prepare(
     let vm = domain.name.as_str();
     let cx = Ctx { vm, ..unknown };
     let node = sup.node();
-    Cookie::decode(
+    let source = Cookie::decode(
         begin_cookie,
         &Expect {
             vm_name: vm,
@@ -77,7 +83,15 @@ pub async fn prepare(
         drop(guest);
         sup.destroy(vm).await.map_err(|e| cx.err(e))?;
     }
-    match start_incoming(sup, &domain, port, policy).await {
+    let tls = tls.map(|creds| {
+        (
+            creds,
+            Endpoint::Target {
+                source: &source.host_name,
+            },
+        )
+    });
+    match start_incoming(sup, &domain, port, policy, tls).await {
         Ok(out) => {
             let mut rec = MigrationRecord::new(migration);
             rec.prepare = Some(out.clone());
@@ -109,10 +123,14 @@ async fn start_incoming(
     domain: &Domain,
     port: Option<u16>,
     policy: &Policy,
+    tls: Option<(&Credentials, Endpoint<'_>)>,
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
     let guest = sup.start(domain, true).await?;
     crate::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
+    if let Some((creds, endpoint)) = tls {
+        crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;
+    }
     let host = host_for_uri(node.address);
     let listen = format!("tcp:{host}:{}", port.unwrap_or(0));
     guest

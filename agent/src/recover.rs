@@ -10,10 +10,11 @@
 //! every [`RESUME_EVERY`]. No capability is needed beyond `postcopy-ram`, which both
 //! sides already have for any migration that can switch to post-copy.
 //!
-//! Transport security: the TLS parameters (`tls-creds`, `tls-hostname`) set before the
-//! transfer stay set in both QEMUs and apply to the recovered channel too; when the
-//! migration stream gets TLS, [`apply_recovery_transport`] is the one place where a
-//! recovery applies anything per connection.
+//! Transport security: the TLS objects and parameters (`tls-creds`, `tls-authz` on the
+//! target, `tls-creds`, `tls-hostname` on the source; see [`crate::tls`]) set before the
+//! transfer stay in both QEMUs while post-copy is paused (they are removed only after
+//! the migration completed, in Finish, or in a cancelled Confirm), so the recovered
+//! channel is encrypted and its peer checked exactly as the first one was.
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{Phase, check_vm_name};
@@ -79,9 +80,6 @@ pub async fn listen_again(
         std::net::IpAddr::V6(a) => format!("[{a}]"),
     };
     let uri = format!("tcp:{host}:{port}");
-    apply_recovery_transport(&guest.qmp)
-        .await
-        .map_err(|e| cx.err(e))?;
     guest
         .qmp
         .run("migrate-recover", Some(json!({ "uri": uri })))
@@ -94,18 +92,8 @@ pub async fn listen_again(
 /// Source: resumes the paused migration to the target's recovery `uri`. QEMU connects in
 /// the background; if it cannot, the migration stays paused and this may be called again.
 pub async fn resume(qmp: &Qmp, uri: &str) -> Result<(), QmpError> {
-    apply_recovery_transport(qmp).await?;
     qmp.run("migrate", Some(json!({ "uri": uri, "resume": true })))
         .await
-}
-
-/// What a recovered channel needs besides the URI. Nothing today: the stream is plain
-/// TCP and every migration parameter set before the transfer still holds. When the
-/// migration stream gets TLS, the function that applies its parameters to a QMP
-/// connection is called from here (the TLS objects and `tls-creds` persist in QEMU, but a
-/// recovery must not proceed without them).
-async fn apply_recovery_transport(_qmp: &Qmp) -> Result<(), QmpError> {
-    Ok(())
 }
 
 #[cfg(test)]

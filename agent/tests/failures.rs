@@ -28,7 +28,7 @@ fn lab(vm: &str) -> Lab {
 
 async fn begin_and_prepare(lab: &Lab, m: &str) -> PrepareOutput {
     let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &slow())
+    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &slow(), None)
         .await
         .unwrap()
 }
@@ -60,6 +60,7 @@ async fn prepare_fails_when_the_target_port_is_taken() {
         &out.cookie,
         Some(port),
         &slow(),
+        None,
     )
     .await
     .unwrap_err();
@@ -86,6 +87,7 @@ where
         &prep.uri,
         &prep.cookie,
         &slow,
+        None,
         &cancel,
         move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
     );
@@ -147,6 +149,7 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
         &prep.uri,
         &prep.cookie,
         &policy(None, 2000),
+        None,
         &CancellationToken::new(),
         |_| {},
     ))

@@ -25,12 +25,12 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
     let out = begin(&lab.a, vm, m, target_xml).await.unwrap();
     // Idempotent: a re-run returns the same result.
     assert_eq!(begin(&lab.a, vm, m, target_xml).await.unwrap(), out);
-    let prep = prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params)
+    let prep = prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params, None)
         .await
         .unwrap();
     assert!(prep.uri.starts_with("tcp:127.0.0.3:"), "{}", prep.uri);
     assert_eq!(
-        prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params)
+        prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &params, None)
             .await
             .unwrap(),
         prep
@@ -44,6 +44,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
         &prep.uri,
         &prep.cookie,
         &params,
+        None,
         &CancellationToken::new(),
         move |p| {
             seen.fetch_max(p.pass, Ordering::SeqCst);
@@ -82,6 +83,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
         &prep.uri,
         &prep.cookie,
         &params,
+        None,
         &CancellationToken::new(),
         |_| {},
     )
@@ -198,6 +200,7 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
         &out.cookie,
         None,
         &Policy::default(),
+        None,
     )
     .await
     .unwrap_err();
@@ -240,6 +243,7 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
             &cookie,
             None,
             &Policy::default(),
+            None,
         )
         .await
         .unwrap_err();
@@ -266,6 +270,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         &out.cookie,
         None,
         &Policy::default(),
+        None,
     )
     .await
     .unwrap();
@@ -280,6 +285,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         &prep.uri,
         &prep.cookie,
         &slow,
+        None,
         &token,
         move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
     );
@@ -302,6 +308,7 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         &prep.uri,
         &prep.cookie,
         &fast,
+        None,
         &CancellationToken::new(),
         |_| {},
     ))

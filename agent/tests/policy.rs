@@ -45,9 +45,17 @@ fn limited(spec: MigrationPolicy) -> Policy {
 
 async fn begin_and_prepare(lab: &Lab, m: &str, policy: &Policy) -> PrepareOutput {
     let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, policy)
-        .await
-        .unwrap()
+    prepare(
+        &lab.b,
+        m,
+        &out.domain_xml,
+        &out.cookie,
+        None,
+        policy,
+        lab.tls_b(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Every progress report of one Perform.
@@ -69,6 +77,7 @@ async fn run_perform(
         &prep.uri,
         &prep.cookie,
         policy,
+        lab.tls_a(),
         cancel,
         move |p| sink.lock().unwrap().push(p.clone()),
     ))
@@ -163,6 +172,7 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
         &prep.uri,
         &prep.cookie,
         &plain,
+        None,
         &cancel,
         move |p| {
             if p.pass >= 8 {
@@ -226,8 +236,9 @@ async fn hot_guest_completes_under_the_default_policy() {
     complete(&lab, "m-bal", &perf).await;
 }
 
+/// Over TLS: the post-copy switch and its return path work through the encrypted stream.
 async fn post_copy_case(vm: &str, post_copy: PostCopy) {
-    let lab = hot_lab(vm);
+    let lab = hot_lab(vm).with_tls();
     lab.start_source().await;
     let policy = Policy {
         post_copy,
@@ -264,8 +275,9 @@ async fn post_copy_allowed_switches_when_pre_copy_does_not_converge() {
     post_copy_case("pc-allowed", PostCopy::Allowed).await;
 }
 
+/// Over TLS: every multifd channel does its own handshake.
 async fn multifd_case(vm: &str, spec: MigrationPolicy, channels: u64, compression: &str) {
-    let lab = calm_lab(vm);
+    let lab = calm_lab(vm).with_tls();
     lab.start_source().await;
     let policy = resolve(&spec).unwrap();
     let prep = begin_and_prepare(&lab, "m-mfd", &policy).await;

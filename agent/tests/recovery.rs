@@ -99,8 +99,9 @@ fn free_port(ip: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     // A guest dirtying 48 MiB; 4 MiB/s before and after the switch (1 s in), so the
-    // post-copy phase lasts several seconds.
-    let lab = Lab::new("pc-recover", 128, 49, 2_000_000);
+    // post-copy phase lasts several seconds. Over TLS, as by default: the recovered
+    // channel reuses the TLS objects and parameters both QEMUs kept.
+    let lab = Lab::new("pc-recover", 128, 49, 2_000_000).with_tls();
     lab.start_source().await;
     let policy = Policy {
         post_copy: PostCopy::After(Duration::from_secs(1)),
@@ -114,7 +115,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     };
     let m = "m-pc-recover";
     let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy)
+    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy, lab.tls_b())
         .await
         .unwrap();
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
@@ -130,6 +131,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         &relay_uri,
         &prep.cookie,
         &policy,
+        lab.tls_a(),
         &cancel,
         recovery_rx,
         move |p| sink.lock().unwrap().push(p.clone()),

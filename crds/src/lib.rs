@@ -10,6 +10,7 @@
 
 mod condition;
 mod migration;
+pub mod tls;
 mod vm;
 
 pub use condition::{Condition, set_condition};

@@ -280,11 +280,12 @@ pub enum PostCopyMode {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Transport {
-    /// Direct: QEMU to QEMU. Tunnelled: through the agents.
+    /// Direct: QEMU to QEMU. Tunnelled (through the agents) is not built and is refused.
     #[serde(default = "default_transport_mode")]
     pub mode: TransportMode,
-    /// Encrypt the stream with the cluster's migration CA. Turning it off must be
-    /// explicit.
+    /// TLS on the stream (default true): QEMU encrypts it with the nodes' certificates
+    /// from the cluster's migration CA, and the target accepts only the source node's
+    /// certificate. false sends it in plain TCP; turning it off must be explicit.
     #[serde(default = "default_true")]
     pub tls: bool,
 }
@@ -311,7 +312,7 @@ fn default_true() -> bool {
 pub enum TransportMode {
     /// QEMU on the source connects to QEMU on the target.
     Direct,
-    /// The agents relay the stream between the nodes.
+    /// The agents relay the stream between the nodes. Not built: refused at admission.
     Tunnelled,
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_crds::{VirtualMachine, VirtualMachineMigration, VmPhase};
+use ferry_crds::{TransportMode, VirtualMachine, VirtualMachineMigration, VmPhase};
 
 use crate::config::Limits;
 use crate::evacuate;
@@ -56,11 +56,11 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     let spec = &m.spec;
     let ns = m.metadata.namespace.as_deref().unwrap_or("default");
     // A save has no stream between nodes: `transport` does not apply.
-    if spec.transport.tls && spec.to_file.is_none() {
+    if spec.transport.mode == TransportMode::Tunnelled && spec.to_file.is_none() {
         return reject(
             "Invalid",
-            "spec.transport.tls: true is not supported yet; set it to false explicitly \
-             (the migration stream is then unencrypted)"
+            "spec.transport.mode: Tunnelled is not built; use Direct (with transport.tls, \
+             on by default, QEMU encrypts the direct stream and checks both nodes' certificates)"
                 .into(),
         );
     }
@@ -257,7 +257,7 @@ mod tests {
         let mut m = VirtualMachineMigration::new(
             name,
             serde_json::from_value::<VirtualMachineMigrationSpec>(serde_json::json!({
-                "vmName": vm, "transport": {"tls": false}
+                "vmName": vm
             }))
             .unwrap(),
         );
@@ -482,14 +482,27 @@ mod tests {
                 ..
             }
         ));
-        let mut tls = migration("m", "demo", None);
-        tls.spec.transport.tls = true;
+        let mut tunnelled = migration("m", "demo", None);
+        tunnelled.spec.transport.mode = TransportMode::Tunnelled;
         assert!(matches!(
-            decide(&tls, Some(&v), &[]),
+            decide(&tunnelled, Some(&v), &[]),
             Admission::Reject {
                 reason: "Invalid",
                 ..
             }
+        ));
+        // TLS (the default) and plain TCP are both admitted.
+        let tls = migration("m", "demo", None);
+        assert!(tls.spec.transport.tls);
+        assert!(matches!(
+            decide(&tls, Some(&v), &[]),
+            Admission::Admit { .. }
+        ));
+        let mut plain = migration("m", "demo", None);
+        plain.spec.transport.tls = false;
+        assert!(matches!(
+            decide(&plain, Some(&v), &[]),
+            Admission::Admit { .. }
         ));
     }
 

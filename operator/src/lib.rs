@@ -8,8 +8,11 @@
 //! - [`nodes`]: which agents are live (heartbeat Leases).
 //! - [`evacuate`] (pure) and [`evacuator`] (I/O): migrations off cordoned nodes.
 //! - [`history`]: which finished migrations go beyond the history limit (pure).
+//! - [`signer`] (pure) and [`certs`] (I/O): the cluster CA and the node certificates
+//!   for TLS on the migration stream, through CertificateSigningRequests.
 
 pub mod admission;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod evacuate;
@@ -21,4 +24,5 @@ pub mod metrics;
 pub mod nodes;
 pub mod policy;
 pub mod reconcile;
+pub mod signer;
 pub mod transitions;

@@ -72,8 +72,12 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     evacuate_on_cordon: bool,
     /// `spec.transport.tls` of the migrations an evacuation creates.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     evacuation_tls: bool,
+    /// The agents' ServiceAccount (in --namespace): only its node-bound tokens get node
+    /// certificates for the migration stream.
+    #[arg(long, default_value = "ferry-agent")]
+    agent_service_account: String,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -135,6 +139,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         leader.changed().await?;
     }
     info!(%identity, "leading");
+
+    // The cluster CA and the node certificates of the migration stream (TLS).
+    let ca = ferry_operator::certs::ensure_ca(&client, &args.namespace).await?;
+    let agent_user = format!(
+        "system:serviceaccount:{}:{}",
+        args.namespace, args.agent_service_account
+    );
+    let signer = tokio::spawn(ferry_operator::certs::run(
+        client.clone(),
+        Arc::new(ca),
+        agent_user,
+    ));
 
     // Caches of the heartbeat Leases and the VMs, so that a phase change costs no reads.
     let (leases, lease_writer) = reflector::store::<Lease>();
@@ -222,6 +238,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .for_each(|_| async {});
     tokio::select! {
         _ = controller => info!("shut down"),
+        _ = signer => return Err("the certificate signer stopped".into()),
         _ = leader.changed() => {
             warn!("lost the leader Lease; exiting so a fresh process can stand again");
             std::process::exit(1);

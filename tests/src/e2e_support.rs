@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::{Api, Client};
 
 use crate::{Cluster, repo_root};
@@ -88,10 +89,19 @@ pub async fn apply_yaml(cluster: &Cluster, yaml: &str) {
     assert!(ok, "{said}");
 }
 
+/// A migration of the demo VM to `target` with the API's default transport (TLS).
 pub fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
     format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
-         spec:\n  vmName: demo\n  targetNode: {target}\n  transport:\n    tls: false\n  policy:\n{policy}"
+         spec:\n  vmName: demo\n  targetNode: {target}\n  policy:\n{policy}"
+    )
+}
+
+/// [`migration_yaml`] in plain TCP (`transport.tls: false`, explicit).
+pub fn plain_migration_yaml(name: &str, target: &str, policy: &str) -> String {
+    format!(
+        "{}  transport:\n    tls: false\n",
+        migration_yaml(name, target, policy)
     )
 }
 
@@ -254,4 +264,83 @@ pub async fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
         crate::printed(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks the Prepare and Perform step messages say how the stream went: TLS with the
+/// peer each end checked (`Some((source, target))`), or plain TCP (`None`).
+pub fn assert_stream(steps: &ferry_crds::Steps, tls: Option<(&str, &str)>) {
+    for (phase, want) in [
+        (
+            MigrationPhase::Prepare,
+            tls.map(|(source, _)| format!("TLS, peer certificate {source} verified")),
+        ),
+        (
+            MigrationPhase::Perform,
+            tls.map(|(_, target)| format!("TLS, peer certificate {target} verified")),
+        ),
+    ] {
+        let want = want.unwrap_or_else(|| "plain TCP".to_string());
+        let message = steps
+            .get(phase)
+            .and_then(|s| s.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains(&want), "{phase:?}: {message}");
+    }
+}
+
+/// Checks each node's agent filed a CSR for Ferry's signer that the operator approved
+/// and signed.
+pub async fn assert_node_certificates_issued(client: &Client, nodes: &[&str]) {
+    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let all = csrs.list(&Default::default()).await.unwrap().items;
+    for node in nodes {
+        let prefix = format!("ferry-{node}-");
+        let csr = all
+            .iter()
+            .find(|c| {
+                c.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(&prefix))
+                    && c.status
+                        .as_ref()
+                        .and_then(|s| s.certificate.as_ref())
+                        .is_some_and(|c| !c.0.is_empty())
+            })
+            .unwrap_or_else(|| panic!("no issued CSR for {node}: {all:?}"));
+        assert_eq!(csr.spec.signer_name, ferry_crds::tls::SIGNER_NAME);
+        assert_eq!(
+            csr.spec.username.as_deref(),
+            Some("system:serviceaccount:ferry-system:ferry-agent")
+        );
+        let approved = csr
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Approved"))
+            .unwrap_or_else(|| panic!("{node}'s CSR was not approved"));
+        assert_eq!(approved.status, "True");
+        assert_eq!(approved.reason.as_deref(), Some("AgentNodeIdentity"));
+    }
+}
+
+/// A CSR `name` for Ferry's signer asking for a node certificate with subject `CN=<cn>`
+/// (and SAN `DNS:<cn>`), with a fresh key.
+pub fn node_csr(name: &str, cn: &str) -> CertificateSigningRequest {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "request": k8s_openapi::ByteString(pem.into_bytes()),
+            "signerName": ferry_crds::tls::SIGNER_NAME,
+            "usages": ferry_crds::tls::USAGES,
+        }
+    }))
+    .expect("a valid CertificateSigningRequest")
 }

@@ -63,11 +63,7 @@ async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
 
     // migrate --wait: progress until the end, then the outcome and the downtime.
-    let out = ferry(
-        &cluster,
-        &["migrate", "demo", "--to", "node-b", "--tls=false", "--wait"],
-    )
-    .await;
+    let out = ferry(&cluster, &["migrate", "demo", "--to", "node-b", "--wait"]).await;
     assert!(out.status.success(), "{}", printed(&out));
     let name = created(&out);
     assert!(name.starts_with("demo-"), "{name}");
@@ -88,13 +84,7 @@ async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
     // watch, by the VM's name: the transfer's progress, then the outcome.
     let out = ferry(
         &cluster,
-        &[
-            "migrate",
-            "demo",
-            "--tls=false",
-            "--bandwidth=2",
-            "--max-downtime=10000",
-        ],
+        &["migrate", "demo", "--bandwidth=2", "--max-downtime=10000"],
     )
     .await;
     assert!(out.status.success(), "{}", printed(&out));
@@ -119,11 +109,7 @@ async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
 
     // cancel, by the VM's name, a migration that never converges: it ends Cancelled and
     // the guest stays.
-    let out = ferry(
-        &cluster,
-        &["migrate", "demo", "--tls=false", "--bandwidth=2"],
-    )
-    .await;
+    let out = ferry(&cluster, &["migrate", "demo", "--bandwidth=2"]).await;
     assert!(out.status.success(), "{}", printed(&out));
     let endless = created(&out);
     wait_phase(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ferry_crds::{MigrationPhase, VirtualMachineMigration, VmPhase};
 use ferry_tests::e2e_support::*;
 use ferry_tests::repo_root;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -186,6 +187,84 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
         };
         assert_eq!(step.node, node, "{phase:?} ran on the wrong node");
     }
+    // TLS, the API's default: both ends say so, and each node's certificate came from a
+    // CSR the operator approved and signed.
+    assert_stream(&steps, Some(("node-a", "node-b")));
+    assert_node_certificates_issued(&client, &["node-a", "node-b"]).await;
+}
+
+#[tokio::test]
+async fn a_node_cannot_get_another_nodes_certificate_and_plain_tcp_is_explicit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    let vms = example_vm_running(&cluster, &client).await;
+    // node-c's agent token asks for node-a's certificate.
+    let token = ferry_tests::identity::node_bound_token(
+        &client,
+        "ferry-system",
+        "ferry-agent",
+        "node-c",
+        3600,
+    )
+    .await
+    .unwrap();
+    let path = cluster.cp.dir().join("forger.kubeconfig");
+    let forger = cluster
+        .cp
+        .client_for_token("ferry-agent@node-c", &token, &path)
+        .await
+        .unwrap();
+    let forged = node_csr("ferry-node-a-forged", "node-a");
+    let csrs: Api<CertificateSigningRequest> = Api::all(forger);
+    csrs.create(&Default::default(), &forged).await.unwrap();
+    let denied = eventually(
+        "the operator to deny the forged request",
+        Duration::from_secs(30),
+        || async {
+            let csr = csrs.get("ferry-node-a-forged").await.ok()?;
+            csr.status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "Denied" && c.status == "True")
+        },
+    )
+    .await;
+    assert_eq!(denied.reason.as_deref(), Some("NodeMismatch"));
+    let message = denied.message.unwrap_or_default();
+    assert!(
+        message.contains("CN=node-a") && message.contains("node-c"),
+        "{message}"
+    );
+    let csr = csrs.get("ferry-node-a-forged").await.unwrap();
+    assert!(
+        csr.status.and_then(|s| s.certificate).is_none(),
+        "a denied request got a certificate"
+    );
+
+    // Plain TCP, asked for explicitly, still migrates, and says so.
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(
+        &cluster,
+        &plain_migration_yaml("plain", "node-b", UNLIMITED),
+    )
+    .await;
+    wait_phase(
+        &vmms,
+        "plain",
+        MigrationPhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await;
+    runs_once_on(&cluster, &vms, "node-b").await;
+    let steps = vmms
+        .get("plain")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .steps
+        .unwrap();
+    assert_stream(&steps, None);
 }
 
 #[tokio::test]

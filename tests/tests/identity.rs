@@ -583,7 +583,7 @@ async fn a_spec_editor_cannot_forge_status() {
             &serde_json::from_value(json!({
                 "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
                 "metadata": {"name": "forged"},
-                "spec": {"vmName": "demo", "transport": {"mode": "Direct", "tls": false}},
+                "spec": {"vmName": "demo", "transport": {"mode": "Direct"}},
                 "status": {"phase": "Finish", "sourceNode": "node-a", "targetNode": "node-c",
                            "cookies": {"perform": "<ferry-migration/>"}}
             }))

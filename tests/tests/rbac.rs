@@ -5,8 +5,9 @@ use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use ferry_tests::ControlPlane;
 use ferry_tests::identity::node_bound_token;
 use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -69,6 +70,41 @@ fn event(name: &str, controller: &str) -> Event {
                       "namespace": VMS, "name": "demo"}
     }))
     .unwrap()
+}
+
+/// A CSR named `name` for `signer`, asking for a node certificate of `node`.
+fn csr(name: &str, signer: &str, node: &str) -> CertificateSigningRequest {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![node.to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node);
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "request": k8s_openapi::ByteString(pem.into_bytes()),
+            "signerName": signer,
+            "usages": ferry_crds::tls::USAGES,
+        }
+    }))
+    .unwrap()
+}
+
+/// A self-signed certificate (PEM), as a signer's answer.
+fn certificate_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(vec!["node-a".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem()
+}
+
+fn approval(kind: &str) -> Patch<serde_json::Value> {
+    Patch::Merge(json!({"status": {"conditions": [{
+        "type": kind, "status": "True", "reason": "Test", "message": "rbac test",
+        "lastUpdateTime": "2026-01-01T00:00:00Z"}]}}))
 }
 
 struct Cluster {
@@ -189,8 +225,68 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
             )
             .await,
     );
+    let csrs: Api<CertificateSigningRequest> = Api::all(agent.clone());
+    allowed(
+        "ask for its migration certificate",
+        csrs.create(
+            &PostParams::default(),
+            &csr("ferry-node-a-1", "ferry.dev/migration", "node-a"),
+        )
+        .await,
+    );
+    allowed(
+        "read the answer to its request",
+        csrs.get("ferry-node-a-1").await,
+    );
+    Api::<ConfigMap>::namespaced(c.admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "ferry-ca"}, "data": {"ca.crt": "x"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    allowed(
+        "read the migration CA's certificate",
+        Api::<ConfigMap>::namespaced(agent.clone(), NS)
+            .get("ferry-ca")
+            .await,
+    );
 
     // And no more.
+    forbidden(
+        "approve its own certificate request",
+        csrs.patch_approval("ferry-node-a-1", &pp, &approval("Approved"))
+            .await,
+    );
+    forbidden(
+        "sign its own certificate request",
+        csrs.patch_status(
+            "ferry-node-a-1",
+            &pp,
+            &Patch::Merge(json!({"status": {"certificate":
+                k8s_openapi::ByteString(certificate_pem().into_bytes())}})),
+        )
+        .await,
+    );
+    forbidden(
+        "list other nodes' certificate requests",
+        csrs.list(&ListParams::default()).await,
+    );
+    forbidden(
+        "read the migration CA's key",
+        Api::<Secret>::namespaced(agent.clone(), NS)
+            .get("ferry-ca")
+            .await,
+    );
+    forbidden(
+        "read other ConfigMaps",
+        Api::<ConfigMap>::namespaced(agent.clone(), NS)
+            .get("kube-root-ca.crt")
+            .await,
+    );
     forbidden(
         "change a migration's spec",
         vmms.patch(
@@ -362,6 +458,88 @@ async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
                 &event("operator-event", "ferry.dev/operator"),
             )
             .await,
+    );
+
+    // The migration CA and the node certificates.
+    let secrets: Api<Secret> = Api::namespaced(op.clone(), NS);
+    allowed(
+        "create the CA Secret",
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": "ferry-ca"}, "stringData": {"tls.key": "k"}}),
+                )
+                .unwrap(),
+            )
+            .await,
+    );
+    allowed("read the CA Secret", secrets.get("ferry-ca").await);
+    let maps: Api<ConfigMap> = Api::namespaced(op.clone(), NS);
+    allowed(
+        "publish the CA certificate",
+        maps.create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "ferry-ca"}, "data": {"ca.crt": "x"}}),
+            )
+            .unwrap(),
+        )
+        .await,
+    );
+    allowed(
+        "update the CA certificate",
+        maps.patch(
+            "ferry-ca",
+            &pp,
+            &Patch::Merge(json!({"data": {"ca.crt": "y"}})),
+        )
+        .await,
+    );
+    let admin_csrs: Api<CertificateSigningRequest> = Api::all(c.admin.clone());
+    for (name, signer) in [
+        ("ferry-node-a-1", "ferry.dev/migration"),
+        ("other-signer", "example.com/other"),
+    ] {
+        admin_csrs
+            .create(&PostParams::default(), &csr(name, signer, "node-a"))
+            .await
+            .unwrap();
+    }
+    let csrs: Api<CertificateSigningRequest> = Api::all(op.clone());
+    allowed(
+        "watch-list certificate requests",
+        csrs.list(&ListParams::default()).await,
+    );
+    allowed(
+        "approve a request for Ferry's signer",
+        csrs.patch_approval("ferry-node-a-1", &pp, &approval("Approved"))
+            .await,
+    );
+    allowed(
+        "sign a request for Ferry's signer",
+        csrs.patch_status(
+            "ferry-node-a-1",
+            &pp,
+            &Patch::Merge(json!({"status": {"certificate":
+                k8s_openapi::ByteString(certificate_pem().into_bytes())}})),
+        )
+        .await,
+    );
+    forbidden(
+        "approve a request for another signer",
+        csrs.patch_approval("other-signer", &pp, &approval("Approved"))
+            .await,
+    );
+    forbidden("read other ConfigMaps", maps.get("kube-root-ca.crt").await);
+    forbidden(
+        "change other ConfigMaps",
+        maps.patch(
+            "kube-root-ca.crt",
+            &pp,
+            &Patch::Merge(json!({"data": {"x": "y"}})),
+        )
+        .await,
     );
 
     forbidden(

@@ -1,7 +1,9 @@
 //! The Kubernetes side of the agent binary: the node heartbeat, the VM lifecycle on this
-//! node, and the migration phases asked of it through the migrations' status
+//! node, its migration certificate (CSR), and the migration phases asked of it through
+//! the migrations' status
 //! (docs/protocol.md). The data plane it drives is the `ferry_agent` library.
 
+pub mod certs;
 pub mod executor;
 pub mod heartbeat;
 pub mod locks;
@@ -41,6 +43,8 @@ pub struct Agent {
     /// Source: where each running Perform finds the target's `status.recoveryURI`, by
     /// migration uid.
     pub recovery_uris: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    /// This node's migration certificate (TLS), kept current by [`certs::run`].
+    pub certs: certs::Store,
 }
 
 /// A migration port reserved for one Prepare; released when dropped, by which time the

@@ -218,12 +218,25 @@ impl<'a> Run<'a> {
                     .reserve_port()
                     .ok_or("no free migration port in the configured range")?;
                 let policy = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
-                let out = prepare::prepare(sup, id, &xml, &cookie, Some(port.port), &policy)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let tls = self.tls()?;
+                let out = prepare::prepare(
+                    sup,
+                    id,
+                    &xml,
+                    &cookie,
+                    Some(port.port),
+                    &policy,
+                    tls.as_ref(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 let uri = fault::advertised_uri(&out.uri);
+                let (source, _) = self.claim();
                 Ok((
-                    format!("target QEMU waiting on {uri}"),
+                    format!(
+                        "target QEMU waiting on {uri} ({})",
+                        tls_words(tls.is_some(), &source)
+                    ),
                     json!({"cookies": {"prepare": out.cookie}, "migrationURI": uri}),
                 ))
             }
@@ -294,6 +307,7 @@ impl<'a> Run<'a> {
             .cookie(MigrationPhase::Prepare)
             .ok_or("Prepare left no cookie")?;
         let params = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
+        let tls = self.tls()?;
         // Progress goes to the status at most once a second, from its own task.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
         let api = self.api.clone();
@@ -339,6 +353,7 @@ impl<'a> Run<'a> {
             &uri,
             &cookie,
             &params,
+            tls.as_ref(),
             cancel,
             recovery,
             on_progress,
@@ -371,8 +386,9 @@ impl<'a> Run<'a> {
         });
         Ok((
             format!(
-                "sent {} MiB in {} ms; guest downtime {} ms; {}, vCPU throttle up to {} %",
+                "sent {} MiB ({}) in {} ms; guest downtime {} ms; {}, vCPU throttle up to {} %",
                 out.transferred_bytes >> 20,
+                tls_words(tls.is_some(), &self.claim().1),
                 out.total_time_ms,
                 out.downtime_ms,
                 if out.post_copy {
@@ -384,6 +400,22 @@ impl<'a> Run<'a> {
             ),
             outputs,
         ))
+    }
+
+    /// This node's credentials when the migration's stream is TLS (`spec.transport.tls`);
+    /// an error, not plain TCP, when the node has no certificate yet.
+    fn tls(&self) -> Result<Option<ferry_agent::tls::Credentials>, String> {
+        if !self.m.spec.transport.tls {
+            return Ok(None);
+        }
+        self.agent.certs.current().map(Some).ok_or_else(|| {
+            format!(
+                "spec.transport.tls is on but node {} has no migration certificate yet ({}); \
+                 set transport.tls: false to migrate in plain TCP",
+                self.agent.node,
+                self.agent.certs.why_none()
+            )
+        })
     }
 
     async fn confirm(&self) -> Outcome {
@@ -505,5 +537,14 @@ fn merge(a: &mut Value, b: Value) {
             }
         }
         (a, b) => *a = b,
+    }
+}
+
+/// How a step message says whether the stream is encrypted, and who the peer must be.
+fn tls_words(tls: bool, peer: &str) -> String {
+    if tls {
+        format!("TLS, peer certificate {peer} verified")
+    } else {
+        "plain TCP, transport.tls false".to_string()
     }
 }

@@ -2,9 +2,12 @@
 //! and cleanup of every QEMU a test started (also when it panics).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use ferry_agent::node::Node;
 use ferry_agent::policy::Policy;
 use ferry_agent::supervisor::{Guest, Supervisor};
+use ferry_agent::tls::Credentials;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -47,6 +50,10 @@ pub struct Lab {
     pub uuid: Uuid,
     pub memory_mib: u32,
     pub disk: PathBuf,
+    /// Node certificates from one test CA (node-a, node-b), for TLS migrations.
+    pub tls: Option<(Credentials, Credentials)>,
+    /// The test CA that issued them.
+    pub ca: Option<pki::TestCa>,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -80,8 +87,29 @@ impl Lab {
             memory_mib,
             disk,
             dir,
+            tls: None,
+            ca: None,
             _serial: serial,
         }
+    }
+
+    /// The same lab with node certificates for node-a and node-b from a fresh test CA:
+    /// [`Lab::tls_a`] and [`Lab::tls_b`] then return them.
+    pub fn with_tls(mut self) -> Lab {
+        let ca = pki::TestCa::new("ferry test CA");
+        self.tls = Some((ca.node("node-a"), ca.node("node-b")));
+        self.ca = Some(ca);
+        self
+    }
+
+    /// node-a's credentials when the lab uses TLS.
+    pub fn tls_a(&self) -> Option<&Credentials> {
+        self.tls.as_ref().map(|t| &t.0)
+    }
+
+    /// node-b's credentials when the lab uses TLS.
+    pub fn tls_b(&self) -> Option<&Credentials> {
+        self.tls.as_ref().map(|t| &t.1)
     }
 
     /// The VM's definition with the given disk path, MAC suffix, disk bus and memory.

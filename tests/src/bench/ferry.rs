@@ -69,12 +69,13 @@ pub async fn start_vm(vms: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<
     }
 }
 
-/// The migration object for `vm` to `target`.
-pub fn migration(name: &str, vm: &str, target: &str) -> VirtualMachineMigration {
+/// The migration object for `vm` to `target`: TLS on the stream (the API's default), or
+/// plain TCP with `tls` false.
+pub fn migration(name: &str, vm: &str, target: &str, tls: bool) -> VirtualMachineMigration {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
         "metadata": {"name": name},
-        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": false}}
+        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": tls}}
     }))
     .expect("a valid VirtualMachineMigration")
 }

@@ -3,9 +3,10 @@
 //! Usage: ferry-bench [--runs N] [--json PATH]
 //!
 //! Cases: a 512 MiB test guest rewriting 400 MiB, at a low and at a high dirty rate.
-//! For each, N raw migrations (two QEMUs driven over QMP, the baseline) and N Ferry
-//! migrations (object created → Succeeded through the control plane, operator and
-//! agents); then 1, 4 and 8 Ferry migrations at once; then the peak RSS of the operator
+//! For each, N raw migrations (two QEMUs driven over QMP, the baseline, plain TCP), N
+//! Ferry migrations with TLS on the stream (the default; object created → Succeeded
+//! through the control plane, operator and agents) and N Ferry migrations in plain TCP
+//! (`transport.tls: false`); then 1, 4 and 8 Ferry migrations at once; then the peak RSS of the operator
 //! and the agents. Medians are printed as a table and written as JSON.
 
 use std::path::Path;
@@ -141,6 +142,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let mut ferry_runs: Vec<Vec<FerryRun>> = Vec::new();
+    let mut plain_runs: Vec<Vec<FerryRun>> = Vec::new();
     for (c, case) in CASES.iter().enumerate() {
         let name = format!("bench-{}", case.name);
         let disk = images.join(format!("{name}.img")).display().to_string();
@@ -151,26 +153,35 @@ async fn run(runs: usize) -> Result<Value, Error> {
         .await?;
         wait_passes(&cluster, "node-a", &name, 2).await?;
         let mut results = Vec::new();
-        // One unmeasured migration first, as for the baseline.
-        for i in 0..=runs {
+        let mut plain = Vec::new();
+        // One unmeasured migration first, as for the baseline; then TLS (the default),
+        // then plain TCP; the guest goes back and forth throughout.
+        for i in 0..=2 * runs {
+            let tls = i <= runs;
             let target = if i % 2 == 0 { "node-b" } else { "node-a" };
-            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target);
+            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, tls);
             let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
             let r = r.remove(0);
             if i == 0 {
                 continue;
             }
             eprintln!(
-                "ferry {:<4} run {i}: {} ms, overhead {} ms, downtime {} ms",
+                "ferry {:<4} {} run {i}: {} ms, overhead {} ms, downtime {} ms",
                 case.name,
+                if tls { "tls" } else { "plain" },
                 ms(r.total),
                 ms(r.overhead),
                 r.downtime_ms
             );
-            results.push(r);
+            if tls {
+                results.push(r);
+            } else {
+                plain.push(r);
+            }
         }
         vms.delete(&name, &Default::default()).await?;
         ferry_runs.push(results);
+        plain_runs.push(plain);
     }
 
     // 1, 4 and 8 at once (the low dirty rate guest).
@@ -200,7 +211,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
                     "node-a"
                 };
                 at[i] = to;
-                ferry_side::migration(&format!("conc-{k}-{i}"), &format!("conc-{i}"), to)
+                ferry_side::migration(&format!("conc-{k}-{i}"), &format!("conc-{i}"), to, true)
             })
             .collect();
         let (results, makespan) = ferry_side::migrate_all(&vmms, &ms_).await?;
@@ -220,6 +231,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
         &policy,
         &raw_runs,
         &ferry_runs,
+        &plain_runs,
         &concurrency,
         &rss,
     ))
@@ -251,6 +263,7 @@ fn report(
     policy: &ferry_agent::policy::Policy,
     raw_runs: &[Vec<RawRun>],
     ferry_runs: &[Vec<FerryRun>],
+    plain_runs: &[Vec<FerryRun>],
     concurrency: &[(usize, Vec<FerryRun>, Duration)],
     rss: &[(String, u64)],
 ) -> Value {
@@ -263,6 +276,8 @@ fn report(
         "raw ms",
         "ferry ms",
         "ratio",
+        "plain ms",
+        "plain ratio",
         "qemu raw",
         "qemu ferry",
         "dt raw",
@@ -275,10 +290,13 @@ fn report(
         "Confirm",
     ]);
     let mut cases = Vec::new();
-    for ((case, raw), ferry) in CASES.iter().zip(raw_runs).zip(ferry_runs) {
+    for (((case, raw), ferry), plain) in CASES.iter().zip(raw_runs).zip(ferry_runs).zip(plain_runs)
+    {
         let raw_total = median(&raw.iter().map(|r| r.total).collect::<Vec<_>>());
         let ferry_total = median(&ferry.iter().map(|r| r.total).collect::<Vec<_>>());
         let ratio = ferry_total.as_secs_f64() / raw_total.as_secs_f64().max(1e-9);
+        let plain_total = median(&plain.iter().map(|r| r.total).collect::<Vec<_>>());
+        let plain_ratio = plain_total.as_secs_f64() / raw_total.as_secs_f64().max(1e-9);
         let dt_raw = median(
             &raw.iter()
                 .map(|r| Duration::from_millis(r.downtime_ms))
@@ -317,6 +335,8 @@ fn report(
             &ms(raw_total),
             &ms(ferry_total),
             &format!("{ratio:.2}"),
+            &ms(plain_total),
+            &format!("{plain_ratio:.2}"),
             &ms(qemu_raw),
             &ms(qemu_ferry),
             &ms(dt_raw),
@@ -331,7 +351,8 @@ fn report(
         cases.push(json!({
             "case": case.name, "runs": runs, "dirty_rate_mib_s": dirty,
             "raw_total_ms": raw_total.as_secs_f64() * 1e3, "ferry_total_ms": ferry_total.as_secs_f64() * 1e3,
-            "ratio": ratio, "raw_qemu_migration_ms": qemu_raw.as_millis(),
+            "ratio": ratio, "ferry_plain_total_ms": plain_total.as_secs_f64() * 1e3, "plain_ratio": plain_ratio,
+            "raw_qemu_migration_ms": qemu_raw.as_millis(),
             "ferry_qemu_migration_ms": qemu_ferry.as_millis(), "raw_downtime_ms": dt_raw.as_millis(), "ferry_downtime_ms": dt_ferry.as_millis(),
             "control_plane_overhead_ms": overhead.as_secs_f64() * 1e3,
             "phase_ms": {"begin": phases[0].as_secs_f64() * 1e3, "prepare": phases[1].as_secs_f64() * 1e3,
@@ -339,6 +360,7 @@ fn report(
                          "confirm": phases[4].as_secs_f64() * 1e3},
             "raw_runs_ms": raw.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
             "ferry_runs_ms": ferry.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "ferry_plain_runs_ms": plain.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
         }));
     }
     println!(

@@ -50,7 +50,7 @@ async fn main() {
     );
     println!("  kubectl apply -f examples/virtualmachine.yaml && kubectl get fvm -w");
     println!("  kubectl apply -f examples/migration.yaml && kubectl get vmm -w");
-    println!("  kubectl ferry migrate demo --tls=false --wait");
+    println!("  kubectl ferry migrate demo --wait");
     println!();
     println!(
         "Logs: {}/{{operator,agent-<node>,kube-apiserver,etcd}}.log",
