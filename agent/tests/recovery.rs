@@ -115,9 +115,17 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     };
     let m = "m-pc-recover";
     let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy, lab.tls_b())
-        .await
-        .unwrap();
+    let prep = prepare(
+        &lab.b,
+        m,
+        &b.domain_xml,
+        &b.cookie,
+        None,
+        &policy,
+        lab.tls_b(),
+    )
+    .await
+    .unwrap();
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
     let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
     let sink = reports.clone();

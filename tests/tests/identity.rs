@@ -6,9 +6,10 @@ use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use ferry_tests::ControlPlane;
 use ferry_tests::identity::{NODE_NAME_EXTRA, ensure_node, node_bound_token, node_of, whoami};
 use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
@@ -592,4 +593,58 @@ async fn a_spec_editor_cannot_forge_status() {
         .await
         .expect("a spec editor creates a migration");
     assert_eq!(created.status.and_then(|s| s.phase), None);
+}
+
+#[tokio::test]
+async fn an_agent_writes_only_its_own_leases() {
+    let env = env().await;
+    let a = Api::<Lease>::namespaced(agent_on(&env, "node-a").await, NS);
+    let c = Api::<Lease>::namespaced(agent_on(&env, "node-c").await, NS);
+    let lease = |name: &str, holder: &str| -> Lease {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 10}}))
+        .unwrap()
+    };
+    let (pp, disk) = (PostParams::default(), "ferry-disk-vms.demo.vda");
+    allowed(
+        "node-a's heartbeat",
+        a.create(&pp, &lease("ferry-node-node-a", "node-a")).await,
+    );
+    allowed(
+        "node-a takes a disk lock",
+        a.create(&pp, &lease(disk, "node-a")).await,
+    );
+    let renew = Patch::Merge(json!({"spec": {"leaseDurationSeconds": 20}}));
+    denied(
+        "node-c renews node-a's heartbeat",
+        "lease-name",
+        c.patch("ferry-node-node-a", &PatchParams::default(), &renew)
+            .await,
+    );
+    denied(
+        "node-c takes the operator's leader Lease",
+        "lease-name",
+        c.create(&pp, &lease("ferry-operator-leader", "node-c"))
+            .await,
+    );
+    denied(
+        "node-c writes a heartbeat for node-a",
+        "lease-holder",
+        c.create(&pp, &lease("ferry-node-node-c", "node-a")).await,
+    );
+    let give = Patch::Merge(json!({"spec": {"holderIdentity": "node-b"}}));
+    denied(
+        "node-c hands node-a's disk lock to node-b",
+        "lease-holder",
+        c.patch(disk, &PatchParams::default(), &give).await,
+    );
+    denied(
+        "node-c drops node-a's disk lock",
+        "lease-holder",
+        c.delete(disk, &DeleteParams::default()).await,
+    );
+    allowed(
+        "node-a drops its lock",
+        a.delete(disk, &DeleteParams::default()).await,
+    );
 }
