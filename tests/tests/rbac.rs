@@ -203,14 +203,14 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
     allowed(
         "create its heartbeat Lease",
         leases
-            .create(&PostParams::default(), &lease("node-node-a"))
+            .create(&PostParams::default(), &lease("ferry-node-node-a"))
             .await,
     );
     allowed(
         "renew its heartbeat Lease",
         leases
             .patch(
-                "node-node-a",
+                "ferry-node-node-a",
                 &pp,
                 &Patch::Merge(json!({"spec": {"holderIdentity": "node-a"}})),
             )
