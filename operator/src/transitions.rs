@@ -270,7 +270,7 @@ fn end_after_confirm(
     cancel_asked: bool,
 ) -> Decision {
     let status = m.status.clone().unwrap_or_default();
-    let target = status.target_node.unwrap_or_default();
+    let target = status.target_node.clone().unwrap_or_default();
     if !status.cancelled || obs.vm_node.as_deref() == Some(target.as_str()) {
         let message = if cancel_asked {
             format!("the guest runs on {target}; the cancel came after the hand-over")
@@ -282,14 +282,25 @@ fn end_after_confirm(
             why: why("Migrated", message),
         };
     }
-    let rollback = status
+    let source = status.source_node.clone().unwrap_or_default();
+    rolled_back(&status, cancel_asked, &source, "the migration rolled back")
+}
+
+/// The end of a rollback: Cancelled when a cancel was asked, else Failed with the reason
+/// of the `RollingBack` condition (`otherwise` when there is none); the message says the
+/// guest runs on `source`.
+fn rolled_back(
+    status: &ferry_crds::VirtualMachineMigrationStatus,
+    cancel_asked: bool,
+    source: &str,
+    otherwise: &str,
+) -> Decision {
+    let (reason, message) = status
         .conditions
         .iter()
         .find(|c| c.type_ == "RollingBack")
-        .map(|c| (c.reason.clone(), c.message.clone()));
-    let (reason, message) =
-        rollback.unwrap_or_else(|| ("RolledBack".into(), "the migration rolled back".into()));
-    let source = status.source_node.unwrap_or_default();
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_else(|| ("RolledBack".into(), otherwise.into()));
     let message = format!("{message}; the guest runs on {source}");
     if cancel_asked {
         Decision::End {

@@ -11,7 +11,7 @@
 //! | Confirm | Succeeded | Succeeded (`Saved`), or Failed / Cancelled when `cancelled` |
 //! | Confirm | Failed | run again |
 
-use super::{Decision, Observation, POLL, Why, static_reason, why};
+use super::{Decision, Observation, POLL, Why, rolled_back, why};
 use crate::config::Timeouts;
 use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
 use std::time::Duration;
@@ -138,27 +138,7 @@ fn end(m: &VirtualMachineMigration, cancel_asked: bool, source: &str, path: &str
             ),
         };
     }
-    let (reason, message) = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "RollingBack")
-        .map(|c| (c.reason.clone(), c.message.clone()))
-        .unwrap_or_else(|| ("RolledBack".into(), "the save rolled back".into()));
-    let message = format!("{message}; the guest runs on {source}");
-    if cancel_asked {
-        Decision::End {
-            phase: P::Cancelled,
-            why: why("Cancelled", message),
-        }
-    } else {
-        Decision::End {
-            phase: P::Failed,
-            why: Why {
-                reason: static_reason(&reason),
-                message,
-            },
-        }
-    }
+    rolled_back(&status, cancel_asked, source, "the save rolled back")
 }
 
 #[cfg(test)]
