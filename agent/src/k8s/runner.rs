@@ -294,6 +294,31 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// A task that writes each progress it receives into `status.progress`, off the
+    /// phase's own path; it ends when the sender is dropped.
+    fn progress_writer(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::Sender<Value>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
+        let api = self.api.clone();
+        let name = self.m.name_any();
+        let writer = tokio::spawn(async move {
+            while let Some(progress) = rx.recv().await {
+                let patch = Patch::Merge(json!({"status": {"progress": progress}}));
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::default(), &patch)
+                    .await
+                {
+                    warn!(error = %e, "could not write progress");
+                }
+            }
+        });
+        (tx, writer)
+    }
+
     async fn perform(&self, cancel: &CancellationToken) -> Outcome {
         if self.status().cancelled {
             return Err("migration cancelled before the transfer started".into());
@@ -309,20 +334,7 @@ impl<'a> Run<'a> {
         let params = policy::resolve(&self.policy()).map_err(|e| e.to_string())?;
         let tls = self.tls()?;
         // Progress goes to the status at most once a second, from its own task.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
-        let api = self.api.clone();
-        let name = self.m.name_any();
-        let writer = tokio::spawn(async move {
-            while let Some(progress) = rx.recv().await {
-                let patch = Patch::Merge(json!({"status": {"progress": progress}}));
-                if let Err(e) = api
-                    .patch_status(&name, &PatchParams::default(), &patch)
-                    .await
-                {
-                    warn!(error = %e, "could not write progress");
-                }
-            }
-        });
+        let (tx, writer) = self.progress_writer();
         let mut last = Instant::now() - Duration::from_secs(1);
         let on_progress = |p: &Progress| {
             if p.transferred_bytes > 0 {

@@ -15,9 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{DiskLocks, Outcome, Run, progress_json};
 
@@ -28,20 +28,7 @@ impl Run<'_> {
         }
         let file = self.m.spec.to_file.clone().ok_or("no spec.toFile")?;
         let (_, domain) = self.vm().await?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(1);
-        let api = self.api.clone();
-        let name = self.m.name_any();
-        let writer = tokio::spawn(async move {
-            while let Some(progress) = rx.recv().await {
-                let patch = Patch::Merge(json!({"status": {"progress": progress}}));
-                if let Err(e) = api
-                    .patch_status(&name, &PatchParams::default(), &patch)
-                    .await
-                {
-                    warn!(error = %e, "could not write progress");
-                }
-            }
-        });
+        let (tx, writer) = self.progress_writer();
         let mut last = Instant::now() - Duration::from_secs(1);
         let on_progress = |p: &Progress| {
             if last.elapsed() >= Duration::from_secs(1) {
