@@ -44,6 +44,13 @@ pub enum HarnessError {
     Kubeconfig(String),
 }
 
+impl HarnessError {
+    /// etcd or kube-apiserver could not bind its port: someone took it first.
+    fn port_taken(&self) -> bool {
+        matches!(self, HarnessError::Exited { tail, .. } if tail.contains("address already in use"))
+    }
+}
+
 /// A running etcd and kube-apiserver, stopped when dropped.
 ///
 /// Authentication: a static admin token (group `system:masters`) and ServiceAccount
@@ -100,10 +107,41 @@ impl ControlPlane {
     }
 
     async fn start_in(dir: Dir) -> Result<Self, HarnessError> {
-        let (etcd_bin, apiserver_bin) = (existing_tool("etcd")?, existing_tool("kube-apiserver")?);
         let root = dir.path().to_path_buf();
         let pki = pki::create(&root).map_err(|e| HarnessError::Pki(e.to_string()))?;
+        // A port found free can be taken before etcd or kube-apiserver binds it (the
+        // kernel hands out the same range to outgoing connections, e.g. of other tests'
+        // QEMUs and agents): then start again on other ports.
+        let mut attempt = 1;
+        loop {
+            match Self::launch(&root, &pki).await {
+                Err(e) if attempt < 3 && e.port_taken() => {
+                    attempt += 1;
+                    let _ = std::fs::remove_dir_all(root.join("etcd"));
+                }
+                Err(e) => return Err(e),
+                Ok((apiserver, etcd, url, kubeconfig, admin_token)) => {
+                    return Ok(ControlPlane {
+                        apiserver,
+                        etcd,
+                        url,
+                        kubeconfig,
+                        ca_pem: pki.ca_pem.clone(),
+                        admin_token,
+                        dir,
+                    });
+                }
+            }
+        }
+    }
 
+    /// Starts etcd and kube-apiserver on free ports in `root`; returns the apiserver,
+    /// etcd, the URL, the kubeconfig and the admin token.
+    async fn launch(
+        root: &Path,
+        pki: &pki::Pki,
+    ) -> Result<(ChildGuard, ChildGuard, String, PathBuf, String), HarnessError> {
+        let (etcd_bin, apiserver_bin) = (existing_tool("etcd")?, existing_tool("kube-apiserver")?);
         let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -167,16 +205,7 @@ impl ControlPlane {
         write_kubeconfig(&kubeconfig, &url, &pki.ca_pem, "ferry-admin", &admin_token)?;
         let client = client_from(&kubeconfig).await?;
         wait_ready(&mut apiserver, &client, &api_log).await?;
-
-        Ok(ControlPlane {
-            apiserver,
-            etcd,
-            url,
-            kubeconfig,
-            ca_pem: pki.ca_pem,
-            admin_token,
-            dir,
-        })
+        Ok((apiserver, etcd, url, kubeconfig, admin_token))
     }
 
     /// The directory holding the control plane's files (logs, kubeconfig, PKI).
