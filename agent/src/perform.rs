@@ -359,9 +359,13 @@ pub async fn perform_with_recovery(
             }
         }
     };
-    match outcome(info.status.as_deref()) {
+    let ended = outcome(info.status.as_deref());
+    match ended {
         Outcome::Completed => {}
-        Outcome::Cancelled => {
+        // A migration this Perform cancelled may end `failed` rather than `cancelled`:
+        // the cancel shuts the socket down under a write in flight ("Unable to write to
+        // socket: Bad file descriptor"). It is still the cancel.
+        Outcome::Cancelled | Outcome::Failed if ended == Outcome::Cancelled || cancel_sent => {
             return Err(cx.err(match aborted {
                 Some(limit) => ErrorKind::LimitExceeded(limit.to_string()),
                 None => ErrorKind::Cancelled,
