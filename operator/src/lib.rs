@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod evacuate;
 pub mod evacuator;
+pub mod events;
 pub mod fault;
 pub mod history;
 pub mod http;

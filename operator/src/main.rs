@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::Controller;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -199,7 +199,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             post_copy_paused: Duration::from_secs(args.post_copy_paused_timeout),
         },
         metrics,
-        recorder: Recorder::new(
+        events: ferry_operator::events::Events::new(
             client.clone(),
             Reporter {
                 controller: "ferry-operator".into(),
@@ -226,7 +226,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             vms,
             migrations: controller.store(),
             leases,
-            recorder: ctx.recorder.clone(),
+            recorder: ctx.events.recorder(),
             since,
             trackers: Default::default(),
         }

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -41,7 +41,7 @@ pub struct Context {
     pub default_policy: ferry_crds::MigrationPolicy,
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub events: crate::events::Events,
     /// The agents' heartbeat Leases, cached from a watch.
     pub leases: Store<Lease>,
     /// The VirtualMachines, cached from a watch (admission still reads the VM fresh).
@@ -602,14 +602,7 @@ impl Reconciler<'_> {
             action: "Migrate".into(),
             secondary: None,
         };
-        let reference = self.m.object_ref(&());
-        // Off the reconcile's path: the next phase must not wait for an Event.
-        let recorder = self.ctx.recorder.clone();
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                warn!(error = %e, "could not record an Event");
-            }
-        });
+        self.ctx.events.publish(event, self.m.object_ref(&()));
     }
 }
 

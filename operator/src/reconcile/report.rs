@@ -90,7 +90,6 @@ impl Reconciler<'_> {
             info!("post-copy recovered");
             EventType::Normal
         };
-        let (recorder, reference) = (self.ctx.recorder.clone(), self.m.object_ref(&()));
         let event = Event {
             type_: kind,
             reason: pause.reason.to_string(),
@@ -98,12 +97,7 @@ impl Reconciler<'_> {
             action: "Migrate".into(),
             secondary: None,
         };
-        // Off the reconcile's path, as every Event.
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                warn!(error = %e, "could not record an Event");
-            }
-        });
+        self.ctx.events.publish(event, self.m.object_ref(&()));
         true
     }
 }
