@@ -10,11 +10,13 @@
 
 mod condition;
 mod migration;
+pub mod sequence;
 pub mod tls;
 mod vm;
 
 pub use condition::{Condition, set_condition};
 pub use migration::*;
+pub use sequence::ControlMode;
 pub use vm::*;
 
 use kube::CustomResourceExt;

@@ -55,6 +55,7 @@ pub const MAX_COOKIE_BYTES: usize = 16384;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("!has(self.toFile) || (!has(self.targetNode) && !has(self.targetDomainXML))").message("toFile cannot be combined with targetNode or targetDomainXML: a migration to a file has no target node"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.toFile) || !has(self.mode) || self.mode != 'PeerToPeer'").message("toFile cannot be combined with mode PeerToPeer: a migration to a file has no target agent"))]
 pub struct VirtualMachineMigrationSpec {
     /// The VirtualMachine to migrate, in the migration's namespace. Immutable.
     #[schemars(length(min = 1, max = 253))]
@@ -89,6 +90,13 @@ pub struct VirtualMachineMigrationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("toFile is immutable"))]
     pub to_file: Option<ToFile>,
+
+    /// Who drives the five phases: `Managed` (default; the operator, through the
+    /// status) or `PeerToPeer` (the source agent calls the target agent directly,
+    /// recording every step and cookie in the status). Immutable.
+    #[serde(default)]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("mode is immutable"))]
+    pub mode: crate::ControlMode,
 
     /// How the transfer behaves: bandwidth, downtime, convergence.
     #[serde(default)]

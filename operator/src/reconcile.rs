@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_crds::{
-    MigrationPhase, ROLLBACK_FINALIZER, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
-    VirtualMachineMigration, set_condition,
+    ControlMode, MigrationPhase, ROLLBACK_FINALIZER, SOURCE_NODE_LABEL, TARGET_NODE_LABEL,
+    VirtualMachine, VirtualMachineMigration, set_condition,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -29,6 +29,7 @@ use crate::metrics::{ErrorLabels, Metrics, OutcomeLabels, PhaseLabels};
 use crate::nodes;
 use crate::transitions::{self, Decision, Observation, Why};
 
+mod peer;
 mod report;
 
 /// What every reconcile shares.
@@ -383,6 +384,14 @@ impl Reconciler<'_> {
                 self.end(phase, &why).await?;
                 Ok(Action::requeue(Duration::from_millis(100)))
             }
+            Decision::GiveUp { phase, why } => {
+                self.give_up(phase, &why).await?;
+                Ok(Action::requeue(Duration::from_secs(1)))
+            }
+            Decision::NoteRollback(why) => {
+                self.note_rollback(&why).await?;
+                Ok(Action::requeue(Duration::from_secs(2)))
+            }
         }
     }
 
@@ -415,15 +424,23 @@ impl Reconciler<'_> {
         {
             c.message = format!("never admitted: {}", c.message);
         }
-        // The VM first: whoever sees the migration ended may start the next one at once.
-        self.release_vm().await?;
-        self.patch_status(json!({
+        let status = json!({
             "phase": phase,
             "phaseTransitionTime": now(),
             "conditions": conditions,
             "observedGeneration": generation,
-        }))
-        .await?;
+        });
+        if self.m.spec.mode == ControlMode::PeerToPeer {
+            // The source agent writes phases too: end only the version read (a result
+            // it wrote meanwhile wins), then release the VM.
+            self.patch_status_guarded(status).await?;
+            self.release_vm().await?;
+        } else {
+            // The VM first: whoever sees the migration ended may start the next one at
+            // once.
+            self.release_vm().await?;
+            self.patch_status(status).await?;
+        }
         let status = self.m.status.clone().unwrap_or_default();
         let metrics = &self.ctx.metrics;
         metrics

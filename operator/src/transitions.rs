@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use ferry_crds::{MigrationMode, MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use ferry_crds::sequence::{Next, after};
+use ferry_crds::{ControlMode, MigrationMode, MigrationPhase as P, VirtualMachineMigration};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::config::Timeouts;
@@ -26,19 +27,7 @@ pub struct Observation {
     pub vm_node: Option<String>,
 }
 
-/// Why a migration is rolling back or failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Why {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-fn why(reason: &'static str, message: impl Into<String>) -> Why {
-    Why {
-        reason,
-        message: message.into(),
-    }
-}
+pub use ferry_crds::sequence::{Why, why};
 
 /// The next step for a migration past Pending.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +47,11 @@ pub enum Decision {
     RetryConfirm(Why),
     /// The migration is over.
     End { phase: P, why: Why },
+    /// Peer-to-peer: `phase` ran too long or lost its agent; record it Failed so the
+    /// source agent takes the failure path (guarded by the resourceVersion read).
+    GiveUp { phase: P, why: Why },
+    /// Peer-to-peer: the source agent started a rollback; record why in `RollingBack`.
+    NoteRollback(Why),
 }
 
 const POLL: Duration = Duration::from_secs(2);
@@ -75,6 +69,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         return save::decide(m, obs, timeouts);
     }
     let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
+    let peer_to_peer = m.spec.mode == ControlMode::PeerToPeer;
     let cancelled = status.cancelled;
     let step = status.steps.as_ref().and_then(|s| s.get(phase));
     let outcome = step.and_then(|s| s.outcome);
@@ -88,7 +83,6 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         cancelled,
         rollback,
     };
-    let cancel_why = || why("Cancelled", "the migration was cancelled");
     // Once the guest's state started moving in post-copy there is no going back.
     let post_copy = status
         .progress
@@ -97,33 +91,28 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         .is_some_and(MigrationMode::is_post_copy);
 
     if let Some(outcome) = outcome {
-        let failed = outcome == StepOutcome::Failed;
-        return match (phase, failed) {
-            (P::Begin, false) if cancel_asked => Decision::End {
-                phase: P::Cancelled,
-                why: why("Cancelled", "cancelled before the transfer started"),
-            },
-            (P::Begin, false) => enter(P::Prepare, false, None),
-            (P::Begin, true) => Decision::End {
-                phase: P::Failed,
-                why: why("BeginFailed", step_message),
-            },
-            (P::Prepare, false) if cancel_asked || cancelled => {
-                enter(P::Finish, true, Some(cancel_why()))
-            }
-            (P::Prepare, false) => enter(P::Perform, false, None),
-            (P::Prepare, true) => enter(P::Confirm, true, Some(why("PrepareFailed", step_message))),
-            (P::Perform, false) if (cancel_asked || cancelled) && !post_copy => {
-                enter(P::Finish, true, Some(cancel_why()))
-            }
-            (P::Perform, false) => enter(P::Finish, false, None),
-            (P::Perform, true) if cancel_asked => enter(P::Finish, true, Some(cancel_why())),
-            (P::Perform, true) => enter(P::Finish, true, Some(why("PerformFailed", step_message))),
-            (P::Finish, false) => enter(P::Confirm, cancelled, None),
-            (P::Finish, true) => enter(P::Confirm, true, Some(why("FinishFailed", step_message))),
-            (P::Confirm, false) => end_after_confirm(m, obs, cancel_asked),
-            (P::Confirm, true) => Decision::RetryConfirm(why("ConfirmFailed", step_message)),
-            _ => Decision::Wait(POLL),
+        let Some(next) = after(
+            phase,
+            outcome,
+            &step_message,
+            cancel_asked,
+            cancelled,
+            post_copy,
+        ) else {
+            return Decision::Wait(POLL);
+        };
+        if peer_to_peer {
+            return peer::after_step(next, || end_after_confirm(m, obs, cancel_asked));
+        }
+        return match next {
+            Next::Enter {
+                phase,
+                cancelled,
+                rollback,
+            } => enter(phase, cancelled, rollback),
+            Next::End { phase, why } => Decision::End { phase, why },
+            Next::Confirmed => end_after_confirm(m, obs, cancel_asked),
+            Next::RetryConfirm(why) => Decision::RetryConfirm(why),
         };
     }
 
@@ -135,6 +124,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     };
     let elapsed = status
         .phase_transition_time
+        .as_ref()
         .map(|t| obs.now.duration_since(t.0).unsigned_abs())
         .unwrap_or_default();
     let limit = match phase {
@@ -167,6 +157,9 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         if phase == P::Perform && cancel_asked && !cancelled && !post_copy {
             return Decision::RequestCancel;
         }
+        if peer_to_peer && let Some(why) = peer::rollback_to_note(&status, cancel_asked) {
+            return Decision::NoteRollback(why);
+        }
         let left = limit.map(|l| l.saturating_sub(elapsed)).unwrap_or(POLL);
         return Decision::Wait(left.min(POLL).max(Duration::from_millis(200)));
     };
@@ -175,6 +168,9 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         // and the source QEMU cannot resume it: wait for the source (its QEMU outlives a
         // lost agent, and a restarted one follows the migration) or for the path.
         return Decision::Wait(POLL);
+    }
+    if peer_to_peer {
+        return peer::stuck(phase, stuck);
     }
     match phase {
         P::Begin => Decision::End {
@@ -336,6 +332,7 @@ fn static_reason(reason: &str) -> &'static str {
         .unwrap_or("RolledBack")
 }
 
+mod peer;
 mod save;
 #[cfg(test)]
 mod tests;

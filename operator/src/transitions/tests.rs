@@ -1,6 +1,6 @@
 use super::*;
 use ferry_crds::{
-    Condition, Step, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
+    Condition, Step, StepOutcome, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
@@ -361,4 +361,87 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
         .mode = Some(PostCopy);
     let back = post_copy_pause(&recovered, at(400).0, bound).unwrap();
     assert_eq!((back.paused, back.reason), (false, "Recovered"));
+}
+
+fn peer_to_peer(mut m: VirtualMachineMigration) -> VirtualMachineMigration {
+    m.spec.mode = ControlMode::PeerToPeer;
+    m
+}
+
+#[test]
+fn peer_to_peer_the_source_agent_moves_on_by_itself() {
+    for phase in [P::Begin, P::Prepare, P::Perform, P::Finish] {
+        let m = peer_to_peer(migration(phase, false, Some(StepOutcome::Succeeded)));
+        assert_eq!(decide(&m, &obs(1), &T), Decision::Wait(POLL), "{phase:?}");
+    }
+    // Confirm failed: the agent runs it again; the operator does not clear the step.
+    let m = peer_to_peer(migration(P::Confirm, false, Some(StepOutcome::Failed)));
+    assert_eq!(decide(&m, &obs(1), &T), Decision::Wait(POLL));
+}
+
+#[test]
+fn peer_to_peer_the_operator_ends_it() {
+    let m = peer_to_peer(migration(P::Begin, false, Some(StepOutcome::Failed)));
+    assert!(matches!(
+        decide(&m, &obs(1), &T),
+        Decision::End {
+            phase: P::Failed,
+            ..
+        }
+    ));
+    let mut o = obs(1);
+    o.vm_node = Some("node-b".into());
+    let m = peer_to_peer(migration(P::Confirm, false, Some(StepOutcome::Succeeded)));
+    assert!(matches!(
+        decide(&m, &o, &T),
+        Decision::End {
+            phase: P::Succeeded,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn peer_to_peer_a_stuck_phase_is_given_up_not_moved() {
+    let m = peer_to_peer(migration(P::Prepare, false, None));
+    match decide(&m, &obs(61), &T) {
+        Decision::GiveUp { phase, why } => {
+            assert_eq!(phase, P::Prepare);
+            assert_eq!(why.reason, "Timeout");
+        }
+        other => panic!("expected GiveUp, got {other:?}"),
+    }
+    let mut lost = obs(1);
+    lost.target_live = false;
+    let m = peer_to_peer(migration(P::Finish, true, None));
+    assert!(matches!(
+        decide(&m, &lost, &T),
+        Decision::GiveUp { phase: P::Finish, ref why } if why.reason == "AgentLost"
+    ));
+    // Begin started nothing on the target: the migration fails at once.
+    let m = peer_to_peer(migration(P::Begin, false, None));
+    assert!(matches!(
+        decide(&m, &obs(61), &T),
+        Decision::End {
+            phase: P::Failed,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn peer_to_peer_the_rollback_reason_comes_from_the_failed_step() {
+    // The source agent entered Confirm(cancelled) after Prepare failed.
+    let mut m = peer_to_peer(migration(P::Prepare, true, Some(StepOutcome::Failed)));
+    m.status.as_mut().unwrap().phase = Some(P::Confirm);
+    match decide(&m, &obs(1), &T) {
+        Decision::NoteRollback(why) => {
+            assert_eq!(why.reason, "PrepareFailed");
+            assert_eq!(why.message, "it broke");
+        }
+        other => panic!("expected NoteRollback, got {other:?}"),
+    }
+    // Noted once.
+    let m = rolling_back(m, "PrepareFailed");
+    assert_eq!(decide(&m, &obs(1), &T), Decision::Wait(POLL));
 }
