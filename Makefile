@@ -39,12 +39,13 @@ test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 test-k8s: tools ## The chart, CRDs and RBAC against a real etcd + kube-apiserver.
 	$(CARGO) test -p ferry-tests --test foundation --test rbac -- --test-threads=2
 
-test-e2e: tools bins ## Migrations, evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
-	$(CARGO) test -p ferry-tests --test e2e --test evacuate --test cli
+test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
+	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli
 
-# `make test` runs the fault matrix's fixed subset (tests/tests/faults.rs, SUBSET: one
-# row per fault and one per injection point); this runs all 54 rows.
-test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows, about 12 minutes).
+# `make test` runs the fault matrix's fixed subset (tests/src/fault_matrix.rs, SUBSET:
+# managed, one row per fault and one per injection point; peer-to-peer, every fault on
+# the paths the source agent drives); this runs all 54 rows in each mode.
+test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows in each control mode, about 25 minutes).
 	$(CARGO) test -p ferry-tests --test faults -- --include-ignored --nocapture
 
 soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents every 10 migrations.

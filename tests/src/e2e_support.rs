@@ -97,6 +97,21 @@ pub fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
     )
 }
 
+/// [`migration_yaml`] driven in `mode` (`spec.mode`; Managed is the API's default, so it
+/// is left out then).
+pub fn migration_yaml_in(
+    mode: ferry_crds::ControlMode,
+    name: &str,
+    target: &str,
+    policy: &str,
+) -> String {
+    let yaml = migration_yaml(name, target, policy);
+    match mode {
+        ferry_crds::ControlMode::Managed => yaml,
+        ferry_crds::ControlMode::PeerToPeer => format!("{yaml}  mode: PeerToPeer\n"),
+    }
+}
+
 /// [`migration_yaml`] in plain TCP (`transport.tls: false`, explicit).
 pub fn plain_migration_yaml(name: &str, target: &str, policy: &str) -> String {
     format!(

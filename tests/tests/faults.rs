@@ -10,17 +10,27 @@
 //! counter intact) or — only when the fault killed the QEMU that held the guest — the VM
 //! marked Failed with reason GuestDied and no QEMU at all.
 //!
-//! `make test` runs [`SUBSET`] (one row per fault and one per point, about 10 minutes);
-//! `make test-faults` runs all 54 rows. Both run the post-copy row: the stream cut after
+//! Each row runs in a control mode: `Managed` (the operator drives the phases and pauses
+//! between them) or `PeerToPeer` (the source agent drives them, calling the target
+//! agent's peer API, and pauses between them). The rows and who pauses where are in
+//! ferry_tests::fault_matrix.
+//!
+//! `make test` runs [`SUBSET`] (managed: one row per fault and one per point; peer-to-
+//! peer: one or two rows per fault); `make test-faults` runs all 54 rows in each mode
+//! (108). `FERRY_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,...` picks rows instead of the
+//! subset. Both run the post-copy row: the stream cut after
 //! the switch to post-copy, kept down, then restored — the migration must wait and be
 //! recovered, never rolled back.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_crds::{MigrationMode, MigrationPhase, StepOutcome, VirtualMachineMigration, VmPhase};
+use ferry_crds::{
+    ControlMode, MigrationMode, MigrationPhase, StepOutcome, VirtualMachineMigration, VmPhase,
+};
 use ferry_tests::Cluster;
 use ferry_tests::e2e_support::*;
+use ferry_tests::fault_matrix::*;
 use ferry_tests::relay::Relay;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
@@ -32,114 +42,13 @@ const TERMINAL_BOUND: Duration = Duration::from_secs(300);
 /// How long a killed component stays down before it is started again.
 const RESTART_DELAY: Duration = Duration::from_secs(2);
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
-    KillSourceAgent,
-    KillTargetAgent,
-    KillOperator,
-    KillTargetQemu,
-    KillSourceQemu,
-    CutStream,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Point {
-    DuringBegin,
-    AfterBegin,
-    DuringPrepare,
-    AfterPrepare,
-    PerformEarly,
-    PerformLate,
-    DuringFinish,
-    AfterFinish,
-    DuringConfirm,
-}
-
-const FAULTS: [Fault; 6] = [
-    Fault::KillSourceAgent,
-    Fault::KillTargetAgent,
-    Fault::KillOperator,
-    Fault::KillTargetQemu,
-    Fault::KillSourceQemu,
-    Fault::CutStream,
-];
-
-const POINTS: [Point; 9] = [
-    Point::DuringBegin,
-    Point::AfterBegin,
-    Point::DuringPrepare,
-    Point::AfterPrepare,
-    Point::PerformEarly,
-    Point::PerformLate,
-    Point::DuringFinish,
-    Point::AfterFinish,
-    Point::DuringConfirm,
-];
-
-/// The rows `make test` runs: every fault and every point at least once.
-const SUBSET: [(Fault, Point); 10] = [
-    (Fault::KillSourceAgent, Point::DuringBegin),
-    (Fault::KillOperator, Point::AfterBegin),
-    (Fault::KillTargetAgent, Point::DuringPrepare),
-    (Fault::KillTargetQemu, Point::AfterPrepare),
-    (Fault::CutStream, Point::PerformEarly),
-    (Fault::KillSourceQemu, Point::PerformEarly),
-    (Fault::KillTargetQemu, Point::PerformLate),
-    (Fault::KillTargetAgent, Point::DuringFinish),
-    (Fault::KillOperator, Point::AfterFinish),
-    (Fault::KillSourceAgent, Point::DuringConfirm),
-];
-
-/// Which process pauses at a point.
-#[derive(Clone, Copy, PartialEq)]
-enum Pauser {
-    Source,
-    Target,
-    Operator,
-}
-
-impl Point {
-    /// The hook's name for the point.
-    fn hook(self) -> &'static str {
-        match self {
-            Point::DuringBegin => "during-begin",
-            Point::AfterBegin => "after-begin",
-            Point::DuringPrepare => "during-prepare",
-            Point::AfterPrepare => "after-prepare",
-            Point::PerformEarly => "perform-early",
-            Point::PerformLate => "perform-late",
-            Point::DuringFinish => "during-finish",
-            Point::AfterFinish => "after-finish",
-            Point::DuringConfirm => "during-confirm",
-        }
-    }
-
-    fn pauser(self) -> Pauser {
-        match self {
-            Point::DuringBegin | Point::PerformEarly | Point::PerformLate => Pauser::Source,
-            Point::DuringConfirm => Pauser::Source,
-            Point::DuringPrepare | Point::DuringFinish => Pauser::Target,
-            Point::AfterBegin | Point::AfterPrepare | Point::AfterFinish => Pauser::Operator,
-        }
-    }
-}
-
-/// One row of the table.
-struct Row {
-    fault: Fault,
-    point: Point,
-    phase: MigrationPhase,
-    guest: String,
-    qemus: usize,
-    to_terminal: Duration,
-}
-
 const SOURCE: &str = "node-a";
 const TARGET: &str = "node-b";
 const MIGRATION: &str = "faulted";
 
 /// Runs one row on a fresh cluster; panics (with the reason) when an invariant breaks.
-async fn run_row(fault: Fault, point: Point) -> Row {
+async fn run_row(spec: RowSpec) -> Row {
+    let (mode, fault, point) = spec;
     let (mut cluster, client) = up().await;
     let vms = example_vm_running(&cluster, &client).await;
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
@@ -159,7 +68,7 @@ async fn run_row(fault: Fault, point: Point) -> Row {
         ("FERRY_FAULT_PAUSE", point.hook()),
         ("FERRY_FAULT_DIR", dir_s.as_str()),
     ];
-    match point.pauser() {
+    match point.pauser(mode) {
         Pauser::Source => {
             cluster.kill_agent(SOURCE);
             cluster.start_agent_with_env(SOURCE, &pause).unwrap();
@@ -170,13 +79,13 @@ async fn run_row(fault: Fault, point: Point) -> Row {
             cluster.start_operator_with_env(&pause).unwrap();
         }
     }
-    if point.pauser() == Pauser::Target || fault == Fault::CutStream {
+    if point.pauser(mode) == Pauser::Target || fault == Fault::CutStream {
         cluster.kill_agent(TARGET);
         cluster.start_agent_with_env(TARGET, &target_env).unwrap();
     }
 
     let started = Instant::now();
-    apply_yaml(&cluster, &migration_yaml(MIGRATION, TARGET, LONG)).await;
+    apply_yaml(&cluster, &migration_yaml_in(mode, MIGRATION, TARGET, LONG)).await;
     let paused = dir.join(format!("{}.paused", point.hook()));
     eventually(
         &format!("the hook to pause at {}", point.hook()),
@@ -185,7 +94,7 @@ async fn run_row(fault: Fault, point: Point) -> Row {
     )
     .await;
 
-    inject(&mut cluster, fault, point, &relay).await;
+    inject(&mut cluster, fault, &relay).await;
     std::fs::write(dir.join(format!("{}.release", point.hook())), "").unwrap();
 
     let phase = eventually(
@@ -195,8 +104,8 @@ async fn run_row(fault: Fault, point: Point) -> Row {
     )
     .await;
     let to_terminal = started.elapsed();
-    keep_logs(&cluster, fault, point);
-    check_row(&cluster, &client, fault, point, phase).await;
+    keep_logs(&cluster, spec);
+    check_row(&cluster, &client, spec, phase).await;
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus
         .keys()
@@ -205,8 +114,7 @@ async fn run_row(fault: Fault, point: Point) -> Row {
         .unwrap_or_else(|| "died (VM Failed)".into());
     let _ = vms;
     Row {
-        fault,
-        point,
+        spec,
         phase,
         guest,
         qemus: qemus.len(),
@@ -215,7 +123,7 @@ async fn run_row(fault: Fault, point: Point) -> Row {
 }
 
 /// The fault itself, while the hook holds the process at the point.
-async fn inject(cluster: &mut Cluster, fault: Fault, point: Point, relay: &Relay) {
+async fn inject(cluster: &mut Cluster, fault: Fault, relay: &Relay) {
     let restart = |cluster: &mut Cluster, who: Pauser| match who {
         Pauser::Source => cluster.start_agent(SOURCE).unwrap(),
         Pauser::Target => cluster.start_agent(TARGET).unwrap(),
@@ -240,8 +148,6 @@ async fn inject(cluster: &mut Cluster, fault: Fault, point: Point, relay: &Relay
         restart(cluster, who);
         return;
     }
-    // The killed paused process is gone; otherwise the pauser needs its hook kept.
-    let _ = point;
     match fault {
         Fault::KillSourceQemu | Fault::KillTargetQemu => {
             let node = if fault == Fault::KillSourceQemu {
@@ -262,13 +168,8 @@ async fn inject(cluster: &mut Cluster, fault: Fault, point: Point, relay: &Relay
 }
 
 /// The row's invariants.
-async fn check_row(
-    cluster: &Cluster,
-    client: &kube::Client,
-    fault: Fault,
-    point: Point,
-    phase: MigrationPhase,
-) {
+async fn check_row(cluster: &Cluster, client: &kube::Client, spec: RowSpec, phase: MigrationPhase) {
+    let (mode, fault, point) = spec;
     let vms: Api<ferry_crds::VirtualMachine> = Api::namespaced(client.clone(), "default");
     eventually("the VM to be released", Duration::from_secs(30), || async {
         let s = vms.get("demo").await.ok()?.status?;
@@ -299,7 +200,7 @@ async fn check_row(
         Some(node) => {
             assert!(
                 !source_guest_died,
-                "{fault:?} at {point:?}: the killed source guest came back on {node} ({phase:?})"
+                "{mode:?} {fault:?} at {point:?}: the killed source guest came back on {node} ({phase:?})"
             );
             runs_once_on(cluster, &vms, node).await;
             let expected = if phase == MigrationPhase::Succeeded {
@@ -327,7 +228,7 @@ async fn check_row(
         None => {
             assert!(
                 matches!(fault, Fault::KillSourceQemu | Fault::KillTargetQemu),
-                "{fault:?} at {point:?} left no guest"
+                "{mode:?} {fault:?} at {point:?} left no guest"
             );
             let why = eventually(
                 "the VM to be marked Failed",
@@ -360,18 +261,35 @@ async fn check_row(
         .await
         .unwrap();
     if phase == MigrationPhase::Succeeded {
-        let confirm = m.status.and_then(|s| s.steps).and_then(|s| s.confirm);
+        // Every phase ran, each on its node, whoever drove them.
+        let steps = m.status.and_then(|s| s.steps).unwrap_or_default();
+        for p in [
+            MigrationPhase::Begin,
+            MigrationPhase::Prepare,
+            MigrationPhase::Perform,
+            MigrationPhase::Finish,
+            MigrationPhase::Confirm,
+        ] {
+            let step = steps.get(p).unwrap_or_else(|| panic!("no {p:?} step"));
+            let node = if p.runs_on_source() { SOURCE } else { TARGET };
+            assert_eq!(step.node, node, "{p:?} ran on {}", step.node);
+        }
         assert_eq!(
-            confirm.and_then(|c| c.outcome),
+            steps.confirm.and_then(|c| c.outcome),
             Some(StepOutcome::Succeeded)
         );
     }
 }
 
 /// Copies the row's component logs to `$CARGO_TARGET_TMPDIR/fault-logs/<fault>-<point>`
-/// (the cluster's own directory goes with it).
-fn keep_logs(cluster: &Cluster, fault: Fault, point: Point) {
-    keep_logs_named(cluster, &format!("{fault:?}-{}", point.hook()));
+/// (managed) or `.../PeerToPeer-<fault>-<point>` (the cluster's own directory goes with
+/// it).
+fn keep_logs(cluster: &Cluster, (mode, fault, point): RowSpec) {
+    let prefix = match mode {
+        ControlMode::Managed => String::new(),
+        ControlMode::PeerToPeer => "PeerToPeer-".into(),
+    };
+    keep_logs_named(cluster, &format!("{prefix}{fault:?}-{}", point.hook()));
 }
 
 fn keep_logs_named(cluster: &Cluster, name: &str) {
@@ -397,42 +315,25 @@ fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
 
 /// Runs `rows` one after another (each on its own cluster), prints the table, and fails
 /// if any row broke an invariant.
-async fn matrix(rows: &[(Fault, Point)]) {
+async fn matrix(rows: &[RowSpec]) {
     let _one = ONE_AT_A_TIME.lock().await;
     let begun = Instant::now();
     let mut lines = Vec::new();
     let mut failures = Vec::new();
-    for &(fault, point) in rows {
-        let outcome = tokio::spawn(run_row(fault, point)).await;
+    for &spec in rows {
+        let outcome = tokio::spawn(run_row(spec)).await;
         let line = match outcome {
-            Ok(r) => format!(
-                "| {:<16} | {:<14} | {:<10} | {:<16} | {:>5} | {:>7.1} s |",
-                format!("{:?}", r.fault),
-                r.point.hook(),
-                format!("{:?}", r.phase),
-                r.guest,
-                r.qemus,
-                r.to_terminal.as_secs_f64()
-            ),
+            Ok(r) => table_line(&r),
             Err(e) => {
                 let why = panic_message(e);
-                failures.push(format!("{fault:?} at {}: {why}", point.hook()));
-                format!(
-                    "| {:<16} | {:<14} | FAILED: {why}",
-                    format!("{fault:?}"),
-                    point.hook()
-                )
+                failures.push(format!("{}: {why}", row_name(spec)));
+                failed_line(spec, &why)
             }
         };
         eprintln!("{line}");
         lines.push(line);
     }
-    println!(
-        "\n| fault            | point          | phase      | guest runs on    | QEMUs | to terminal |"
-    );
-    println!(
-        "|------------------|----------------|------------|------------------|-------|-------------|"
-    );
+    println!("\n{TABLE_HEADER}");
     for l in &lines {
         println!("{l}");
     }
@@ -565,25 +466,26 @@ async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
 
 #[tokio::test]
 async fn fault_matrix_subset() {
-    // FERRY_FAULT_ROWS=<fault>:<point>,... picks rows of the full matrix instead.
+    // FERRY_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,... picks rows of the full matrices
+    // instead.
     if let Ok(pick) = std::env::var("FERRY_FAULT_ROWS") {
-        let rows: Vec<(Fault, Point)> = FAULTS
-            .iter()
-            .flat_map(|f| POINTS.iter().map(move |p| (*f, *p)))
-            .filter(|(f, p)| pick.split(',').any(|r| r == format!("{f:?}:{}", p.hook())))
-            .collect();
+        let rows = picked(&pick);
+        assert!(!rows.is_empty(), "FERRY_FAULT_ROWS={pick} names no row");
         return matrix(&rows).await;
     }
     matrix(&SUBSET).await;
 }
 
-/// All 54 rows (`make test-faults`).
+/// All 54 rows in managed mode (`make test-faults`).
 #[tokio::test]
 #[ignore = "54 rows on fresh clusters; `make test-faults` runs it"]
-async fn fault_matrix_full() {
-    let rows: Vec<(Fault, Point)> = FAULTS
-        .iter()
-        .flat_map(|f| POINTS.iter().map(move |p| (*f, *p)))
-        .collect();
-    matrix(&rows).await;
+async fn fault_matrix_full_managed() {
+    matrix(&all_rows(ControlMode::Managed)).await;
+}
+
+/// All 54 rows in peer-to-peer mode (`make test-faults`).
+#[tokio::test]
+#[ignore = "54 rows on fresh clusters; `make test-faults` runs it"]
+async fn fault_matrix_full_peer_to_peer() {
+    matrix(&all_rows(ControlMode::PeerToPeer)).await;
 }

@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
+use ferry_crds::{ControlMode, MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
 
+use super::median;
 use super::raw::Error;
 
 /// One migration through Ferry.
@@ -70,14 +71,44 @@ pub async fn start_vm(vms: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<
 }
 
 /// The migration object for `vm` to `target`: TLS on the stream (the API's default), or
-/// plain TCP with `tls` false.
-pub fn migration(name: &str, vm: &str, target: &str, tls: bool) -> VirtualMachineMigration {
+/// plain TCP with `tls` false; phases driven in `mode` (the operator, or the source
+/// agent calling the target's peer API).
+pub fn migration(
+    name: &str,
+    vm: &str,
+    target: &str,
+    tls: bool,
+    mode: ControlMode,
+) -> VirtualMachineMigration {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
         "metadata": {"name": name},
-        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": tls}}
+        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": tls}, "mode": mode}
     }))
     .expect("a valid VirtualMachineMigration")
+}
+
+/// The medians of a set of Ferry runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Medians {
+    pub total: Duration,
+    pub overhead: Duration,
+    pub phases: [Duration; 5],
+    pub downtime: Duration,
+    pub migration: Duration,
+}
+
+impl Medians {
+    pub fn of(runs: &[FerryRun]) -> Medians {
+        let m = |f: &dyn Fn(&FerryRun) -> Duration| median(&runs.iter().map(f).collect::<Vec<_>>());
+        Medians {
+            total: m(&|r| r.total),
+            overhead: m(&|r| r.overhead),
+            phases: [0, 1, 2, 3, 4].map(|p| m(&|r| r.phases[p])),
+            downtime: m(&|r| Duration::from_millis(r.downtime_ms)),
+            migration: m(&|r| Duration::from_millis(r.migration_ms)),
+        }
+    }
 }
 
 /// Creates the migrations at once and measures each until all have succeeded.

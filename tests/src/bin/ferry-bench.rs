@@ -5,18 +5,21 @@
 //! Cases: a 512 MiB test guest rewriting 400 MiB, at a low and at a high dirty rate.
 //! For each, N raw migrations (two QEMUs driven over QMP, the baseline, plain TCP), N
 //! Ferry migrations with TLS on the stream (the default; object created → Succeeded
-//! through the control plane, operator and agents) and N Ferry migrations in plain TCP
-//! (`transport.tls: false`); then 1, 4 and 8 Ferry migrations at once; then the peak RSS of the operator
-//! and the agents. Medians are printed as a table and written as JSON.
+//! through the control plane, operator and agents), N Ferry migrations in plain TCP
+//! (`transport.tls: false`) and N Ferry migrations with TLS in peer-to-peer mode
+//! (`mode: PeerToPeer`: the source agent drives the phases, calling the target agent);
+//! then 1, 4 and 8 Ferry migrations at once (managed, TLS); then the peak RSS of the
+//! operator and the agents. Medians are printed as tables (the second compares managed
+//! with peer-to-peer) and written as JSON.
 
 use std::path::Path;
 use std::time::Duration;
 
 use ferry_agent::domain::Domain;
 use ferry_agent::testguest::{self, Params};
-use ferry_crds::{MigrationPolicy, VirtualMachine, VirtualMachineMigration};
+use ferry_crds::{ControlMode, MigrationPolicy, VirtualMachine, VirtualMachineMigration};
 use ferry_tests::Cluster;
-use ferry_tests::bench::ferry::{self as ferry_side, FerryRun};
+use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians};
 use ferry_tests::bench::raw::{self, Error, RawRun};
 use ferry_tests::bench::{median, ms, peak_rss_kib};
 use kube::Api;
@@ -49,6 +52,39 @@ const CASES: [Case; 2] = [
         },
     },
 ];
+
+/// What a Ferry migration of a case measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
+    /// Managed, TLS on the stream (the API's defaults).
+    Tls,
+    /// Managed, plain TCP.
+    Plain,
+    /// Peer-to-peer, TLS on the stream.
+    PeerToPeer,
+}
+
+impl Variant {
+    /// Migration `i` of a case: 0 is the unmeasured warm-up, then `runs` of each
+    /// variant in turn.
+    fn of(i: usize, runs: usize) -> Option<Variant> {
+        match i {
+            0 => None,
+            i if i <= runs => Some(Variant::Tls),
+            i if i <= 2 * runs => Some(Variant::Plain),
+            i if i <= 3 * runs => Some(Variant::PeerToPeer),
+            _ => None,
+        }
+    }
+
+    fn spec(v: Option<Variant>) -> (bool, ControlMode) {
+        match v {
+            None | Some(Variant::Tls) => (true, ControlMode::Managed),
+            Some(Variant::Plain) => (false, ControlMode::Managed),
+            Some(Variant::PeerToPeer) => (true, ControlMode::PeerToPeer),
+        }
+    }
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -143,6 +179,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let mut ferry_runs: Vec<Vec<FerryRun>> = Vec::new();
     let mut plain_runs: Vec<Vec<FerryRun>> = Vec::new();
+    let mut p2p_runs: Vec<Vec<FerryRun>> = Vec::new();
     for (c, case) in CASES.iter().enumerate() {
         let name = format!("bench-{}", case.name);
         let disk = images.join(format!("{name}.img")).display().to_string();
@@ -154,34 +191,34 @@ async fn run(runs: usize) -> Result<Value, Error> {
         wait_passes(&cluster, "node-a", &name, 2).await?;
         let mut results = Vec::new();
         let mut plain = Vec::new();
+        let mut p2p = Vec::new();
         // One unmeasured migration first, as for the baseline; then TLS (the default),
-        // then plain TCP; the guest goes back and forth throughout.
-        for i in 0..=2 * runs {
-            let tls = i <= runs;
+        // plain TCP, and peer-to-peer with TLS; the guest goes back and forth throughout.
+        for i in 0..=3 * runs {
+            let variant = Variant::of(i, runs);
+            let (tls, mode) = Variant::spec(variant);
             let target = if i % 2 == 0 { "node-b" } else { "node-a" };
-            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, tls);
+            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, tls, mode);
             let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
             let r = r.remove(0);
-            if i == 0 {
-                continue;
-            }
+            let Some(variant) = variant else { continue };
             eprintln!(
-                "ferry {:<4} {} run {i}: {} ms, overhead {} ms, downtime {} ms",
+                "ferry {:<4} {variant:?} run {i}: {} ms, overhead {} ms, downtime {} ms",
                 case.name,
-                if tls { "tls" } else { "plain" },
                 ms(r.total),
                 ms(r.overhead),
                 r.downtime_ms
             );
-            if tls {
-                results.push(r);
-            } else {
-                plain.push(r);
+            match variant {
+                Variant::Tls => results.push(r),
+                Variant::Plain => plain.push(r),
+                Variant::PeerToPeer => p2p.push(r),
             }
         }
         vms.delete(&name, &Default::default()).await?;
         ferry_runs.push(results);
         plain_runs.push(plain);
+        p2p_runs.push(p2p);
     }
 
     // 1, 4 and 8 at once (the low dirty rate guest).
@@ -211,7 +248,13 @@ async fn run(runs: usize) -> Result<Value, Error> {
                     "node-a"
                 };
                 at[i] = to;
-                ferry_side::migration(&format!("conc-{k}-{i}"), &format!("conc-{i}"), to, true)
+                ferry_side::migration(
+                    &format!("conc-{k}-{i}"),
+                    &format!("conc-{i}"),
+                    to,
+                    true,
+                    ControlMode::Managed,
+                )
             })
             .collect();
         let (results, makespan) = ferry_side::migrate_all(&vmms, &ms_).await?;
@@ -230,8 +273,11 @@ async fn run(runs: usize) -> Result<Value, Error> {
         runs,
         &policy,
         &raw_runs,
-        &ferry_runs,
-        &plain_runs,
+        &FerrySides {
+            tls: &ferry_runs,
+            plain: &plain_runs,
+            p2p: &p2p_runs,
+        },
         &concurrency,
         &rss,
     ))
@@ -258,12 +304,32 @@ async fn wait_passes(cluster: &Cluster, node: &str, vm: &str, n: usize) -> Resul
     Err(format!("{vm} did not start counting").into())
 }
 
+/// The Ferry runs of each case, per variant.
+struct FerrySides<'a> {
+    tls: &'a [Vec<FerryRun>],
+    plain: &'a [Vec<FerryRun>],
+    p2p: &'a [Vec<FerryRun>],
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Phase durations as JSON.
+fn phases_json(p: &[Duration; 5]) -> Value {
+    json!({"begin": ms_f(p[0]), "prepare": ms_f(p[1]), "perform": ms_f(p[2]),
+           "finish": ms_f(p[3]), "confirm": ms_f(p[4])})
+}
+
 fn report(
     runs: usize,
     policy: &ferry_agent::policy::Policy,
     raw_runs: &[Vec<RawRun>],
-    ferry_runs: &[Vec<FerryRun>],
-    plain_runs: &[Vec<FerryRun>],
+    ferry: &FerrySides,
     concurrency: &[(usize, Vec<FerryRun>, Duration)],
     rss: &[(String, u64)],
 ) -> Value {
@@ -278,6 +344,8 @@ fn report(
         "ratio",
         "plain ms",
         "plain ratio",
+        "p2p ms",
+        "p2p ratio",
         "qemu raw",
         "qemu ferry",
         "dt raw",
@@ -290,28 +358,16 @@ fn report(
         "Confirm",
     ]);
     let mut cases = Vec::new();
-    for (((case, raw), ferry), plain) in CASES.iter().zip(raw_runs).zip(ferry_runs).zip(plain_runs)
-    {
+    let mut compared = Vec::new();
+    for (c, (case, raw)) in CASES.iter().zip(raw_runs).enumerate() {
+        let (tls, plain, p2p) = (&ferry.tls[c], &ferry.plain[c], &ferry.p2p[c]);
         let raw_total = median(&raw.iter().map(|r| r.total).collect::<Vec<_>>());
-        let ferry_total = median(&ferry.iter().map(|r| r.total).collect::<Vec<_>>());
-        let ratio = ferry_total.as_secs_f64() / raw_total.as_secs_f64().max(1e-9);
-        let plain_total = median(&plain.iter().map(|r| r.total).collect::<Vec<_>>());
-        let plain_ratio = plain_total.as_secs_f64() / raw_total.as_secs_f64().max(1e-9);
+        let (m, pl, pp) = (Medians::of(tls), Medians::of(plain), Medians::of(p2p));
         let dt_raw = median(
             &raw.iter()
                 .map(|r| Duration::from_millis(r.downtime_ms))
                 .collect::<Vec<_>>(),
         );
-        let dt_ferry = median(
-            &ferry
-                .iter()
-                .map(|r| Duration::from_millis(r.downtime_ms))
-                .collect::<Vec<_>>(),
-        );
-        let overhead = median(&ferry.iter().map(|r| r.overhead).collect::<Vec<_>>());
-        let phases: Vec<Duration> = (0..5)
-            .map(|p| median(&ferry.iter().map(|r| r.phases[p]).collect::<Vec<_>>()))
-            .collect();
         let dirty = median(
             &raw.iter()
                 .map(|r| Duration::from_millis(r.dirty_rate_bytes_per_second >> 20))
@@ -323,45 +379,88 @@ fn report(
                 .map(|r| Duration::from_millis(r.migration_ms))
                 .collect::<Vec<_>>(),
         );
-        let qemu_ferry = median(
-            &ferry
-                .iter()
-                .map(|r| Duration::from_millis(r.migration_ms))
-                .collect::<Vec<_>>(),
+        let (ratio_tls, ratio_plain, ratio_p2p) = (
+            ratio(m.total, raw_total),
+            ratio(pl.total, raw_total),
+            ratio(pp.total, raw_total),
         );
         row(&[
             case.name,
             &dirty.to_string(),
             &ms(raw_total),
-            &ms(ferry_total),
-            &format!("{ratio:.2}"),
-            &ms(plain_total),
-            &format!("{plain_ratio:.2}"),
+            &ms(m.total),
+            &format!("{ratio_tls:.2}"),
+            &ms(pl.total),
+            &format!("{ratio_plain:.2}"),
+            &ms(pp.total),
+            &format!("{ratio_p2p:.2}"),
             &ms(qemu_raw),
-            &ms(qemu_ferry),
+            &ms(m.migration),
             &ms(dt_raw),
-            &ms(dt_ferry),
-            &ms(overhead),
-            &ms(phases[0]),
-            &ms(phases[1]),
-            &ms(phases[2]),
-            &ms(phases[3]),
-            &ms(phases[4]),
+            &ms(m.downtime),
+            &ms(m.overhead),
+            &ms(m.phases[0]),
+            &ms(m.phases[1]),
+            &ms(m.phases[2]),
+            &ms(m.phases[3]),
+            &ms(m.phases[4]),
         ]);
+        compared.push((case.name, m, pp));
+        let totals = |runs: &[FerryRun]| runs.iter().map(|r| ms_f(r.total)).collect::<Vec<_>>();
         cases.push(json!({
             "case": case.name, "runs": runs, "dirty_rate_mib_s": dirty,
-            "raw_total_ms": raw_total.as_secs_f64() * 1e3, "ferry_total_ms": ferry_total.as_secs_f64() * 1e3,
-            "ratio": ratio, "ferry_plain_total_ms": plain_total.as_secs_f64() * 1e3, "plain_ratio": plain_ratio,
+            "raw_total_ms": ms_f(raw_total), "ferry_total_ms": ms_f(m.total),
+            "ratio": ratio_tls, "ferry_plain_total_ms": ms_f(pl.total), "plain_ratio": ratio_plain,
+            "ferry_p2p_total_ms": ms_f(pp.total), "p2p_ratio": ratio_p2p,
             "raw_qemu_migration_ms": qemu_raw.as_millis(),
-            "ferry_qemu_migration_ms": qemu_ferry.as_millis(), "raw_downtime_ms": dt_raw.as_millis(), "ferry_downtime_ms": dt_ferry.as_millis(),
-            "control_plane_overhead_ms": overhead.as_secs_f64() * 1e3,
-            "phase_ms": {"begin": phases[0].as_secs_f64() * 1e3, "prepare": phases[1].as_secs_f64() * 1e3,
-                         "perform": phases[2].as_secs_f64() * 1e3, "finish": phases[3].as_secs_f64() * 1e3,
-                         "confirm": phases[4].as_secs_f64() * 1e3},
-            "raw_runs_ms": raw.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
-            "ferry_runs_ms": ferry.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
-            "ferry_plain_runs_ms": plain.iter().map(|r| r.total.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "ferry_qemu_migration_ms": m.migration.as_millis(), "raw_downtime_ms": dt_raw.as_millis(),
+            "ferry_downtime_ms": m.downtime.as_millis(),
+            "control_plane_overhead_ms": ms_f(m.overhead),
+            "phase_ms": phases_json(&m.phases),
+            "p2p": {"total_ms": ms_f(pp.total), "control_plane_overhead_ms": ms_f(pp.overhead),
+                    "downtime_ms": pp.downtime.as_millis(), "qemu_migration_ms": pp.migration.as_millis(),
+                    "phase_ms": phases_json(&pp.phases),
+                    "total_vs_managed": ratio(pp.total, m.total),
+                    "overhead_vs_managed_ms": ms_f(pp.overhead) - ms_f(m.overhead)},
+            "raw_runs_ms": raw.iter().map(|r| ms_f(r.total)).collect::<Vec<_>>(),
+            "ferry_runs_ms": totals(tls),
+            "ferry_plain_runs_ms": totals(plain),
+            "ferry_p2p_runs_ms": totals(p2p),
         }));
+    }
+    println!("\nmanaged vs peer-to-peer, both TLS (overhead: creation → Perform start)\n");
+    row(&[
+        "case",
+        "mgd ms",
+        "p2p ms",
+        "p2p/mgd",
+        "mgd ovh",
+        "p2p ovh",
+        "ovh diff",
+        "dt p2p",
+        "p2p Begin",
+        "p2p Prep",
+        "p2p Perf",
+        "p2p Fin",
+        "p2p Conf",
+    ]);
+    for (name, m, pp) in &compared {
+        let diff = ms_f(pp.overhead) - ms_f(m.overhead);
+        row(&[
+            name,
+            &ms(m.total),
+            &ms(pp.total),
+            &format!("{:.2}", ratio(pp.total, m.total)),
+            &ms(m.overhead),
+            &ms(pp.overhead),
+            &format!("{diff:+.1}"),
+            &ms(pp.downtime),
+            &ms(pp.phases[0]),
+            &ms(pp.phases[1]),
+            &ms(pp.phases[2]),
+            &ms(pp.phases[3]),
+            &ms(pp.phases[4]),
+        ]);
     }
     println!(
         "\n{:<8} {:>12} {:>14} {:>15} {:>13}",
@@ -398,4 +497,32 @@ fn report(
         "concurrency": conc,
         "peak_rss_kib": rss.iter().map(|(n, k)| (n.clone(), json!(k))).collect::<serde_json::Map<_, _>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_gets_runs_migrations_after_one_warm_up() {
+        let runs = 3;
+        let variants: Vec<Option<Variant>> = (0..=3 * runs).map(|i| Variant::of(i, runs)).collect();
+        assert_eq!(variants[0], None);
+        for v in [Variant::Tls, Variant::Plain, Variant::PeerToPeer] {
+            assert_eq!(
+                variants.iter().filter(|x| **x == Some(v)).count(),
+                runs,
+                "{v:?}"
+            );
+        }
+        assert_eq!(
+            Variant::spec(Some(Variant::PeerToPeer)),
+            (true, ControlMode::PeerToPeer)
+        );
+        assert_eq!(
+            Variant::spec(Some(Variant::Plain)),
+            (false, ControlMode::Managed)
+        );
+        assert_eq!(Variant::spec(None), (true, ControlMode::Managed));
+    }
 }
