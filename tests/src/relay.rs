@@ -7,6 +7,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -16,6 +18,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     fault_dir: PathBuf,
     cut: watch::Sender<bool>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Relay {
@@ -29,6 +32,7 @@ impl Relay {
             addr,
             fault_dir,
             cut,
+            accepted: Arc::default(),
         };
         relay.serve(listener);
         Ok(relay)
@@ -37,6 +41,7 @@ impl Relay {
     fn serve(&self, listener: TcpListener) {
         let mut stop = self.cut.subscribe();
         let fault_dir = self.fault_dir.clone();
+        let count = self.accepted.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -44,6 +49,7 @@ impl Relay {
                     _ = stop.changed() => break,
                 };
                 let Ok((inbound, _)) = accepted else { break };
+                count.fetch_add(1, Ordering::Relaxed);
                 let target =
                     std::fs::read_to_string(fault_dir.join("migration-target")).unwrap_or_default();
                 let target = target.trim().trim_start_matches("tcp:").to_string();
@@ -60,6 +66,11 @@ impl Relay {
                 });
             }
         });
+    }
+
+    /// How many connections the relay accepted (a stream that went through it).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Closes the listener and every connection through it.

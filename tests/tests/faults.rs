@@ -94,6 +94,16 @@ async fn run_row(spec: RowSpec) -> Row {
     )
     .await;
 
+    // Once Perform is under way the stream must go through the relay, or cutting it
+    // would prove nothing.
+    if fault == Fault::CutStream
+        && matches!(
+            point,
+            Point::PerformLate | Point::DuringFinish | Point::AfterFinish | Point::DuringConfirm
+        )
+    {
+        assert!(relay.accepted() > 0, "the stream bypassed the relay");
+    }
     inject(&mut cluster, fault, &relay).await;
     std::fs::write(dir.join(format!("{}.release", point.hook())), "").unwrap();
 
