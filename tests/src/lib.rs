@@ -13,6 +13,7 @@ mod control_plane;
 pub mod e2e_support;
 pub mod identity;
 mod pki;
+pub mod policy_check;
 mod process;
 pub mod relay;
 mod tools;
