@@ -34,6 +34,11 @@ struct Args {
     /// TCP ports incoming migration streams may use, FIRST-LAST.
     #[arg(long, default_value = "49152-49215", value_parser = parse_ports)]
     migration_ports: RangeInclusive<u16>,
+    /// TCP port of the agents' peer API (peer-to-peer migrations; mutual TLS), on the
+    /// migration address. 0 picks a free one. The endpoint is published on the node's
+    /// heartbeat Lease.
+    #[arg(long, default_value_t = 9444)]
+    peer_port: u16,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8081")]
     metrics_addr: SocketAddr,
@@ -93,7 +98,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         recoveries: Default::default(),
         recovery_uris: Default::default(),
         certs: Default::default(),
+        drivers: Default::default(),
     });
+    let peer = tokio::net::TcpListener::bind((args.migration_address, args.peer_port))
+        .await
+        .map_err(|e| {
+            format!(
+                "peer API on {}:{}: {e}",
+                args.migration_address, args.peer_port
+            )
+        })?;
+    let peer_endpoint = peer.local_addr()?.to_string();
+    info!(endpoint = %peer_endpoint, "peer API listening");
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(k8s::heartbeat::run(
         client,
@@ -101,8 +117,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.node_name.clone(),
         Duration::from_secs(args.heartbeat_seconds.max(1)),
         Duration::from_secs(args.lease_seconds.max(2)),
+        peer_endpoint,
         ready.clone(),
     ));
+    let peer = tokio::spawn(k8s::peer::server::serve(agent.clone(), peer));
     let http = tokio::spawn(k8s::metrics::serve(args.metrics_addr, agent.clone(), ready));
     tokio::spawn(k8s::vms::sweep(agent.clone()));
     tokio::spawn(k8s::certs::run(agent.clone()));
@@ -115,6 +133,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         r = http => return Err(format!("metrics server on {}: {r:?}", args.metrics_addr).into()),
         _ = vms => return Err("the VM controller stopped".into()),
         _ = executor => return Err("the migration executor stopped".into()),
+        _ = peer => return Err("the peer API stopped".into()),
     }
     Ok(())
 }

@@ -25,10 +25,11 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::admission::{self, Admission, Facts};
 use crate::config::{Limits, Timeouts};
 use crate::error::{Error, Result};
-use crate::metrics::{ErrorLabels, Metrics, OutcomeLabels, PhaseLabels};
+use crate::metrics::{ErrorLabels, Metrics};
 use crate::nodes;
 use crate::transitions::{self, Decision, Observation, Why};
 
+mod end;
 mod peer;
 mod report;
 
@@ -316,7 +317,14 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(after))
             }
             Decision::RequestCancel => {
-                self.patch_status(json!({"cancelled": true})).await?;
+                if self.m.spec.mode == ControlMode::PeerToPeer {
+                    // Only while the Perform it saw still runs: the source agent may
+                    // have moved on meanwhile.
+                    self.patch_status_guarded(json!({"cancelled": true}))
+                        .await?;
+                } else {
+                    self.patch_status(json!({"cancelled": true})).await?;
+                }
                 info!("cancel requested during Perform");
                 self.event(
                     EventType::Normal,
@@ -395,104 +403,12 @@ impl Reconciler<'_> {
         }
     }
 
-    /// Ends the migration in a terminal `phase`.
-    async fn end(&self, phase: MigrationPhase, why: &Why) -> Result<()> {
-        let mut conditions = self.conditions();
-        let generation = self.m.metadata.generation;
-        let succeeded = phase == MigrationPhase::Succeeded;
-        set_condition(
-            &mut conditions,
-            "Complete",
-            succeeded,
-            why.reason,
-            &why.message,
-            generation,
-            now(),
-        );
-        set_condition(
-            &mut conditions,
-            "Failed",
-            !succeeded,
-            why.reason,
-            &why.message,
-            generation,
-            now(),
-        );
-        if let Some(c) = conditions
-            .iter_mut()
-            .find(|c| c.type_ == "Admitted" && c.status == "False")
-        {
-            c.message = format!("never admitted: {}", c.message);
-        }
-        let status = json!({
-            "phase": phase,
-            "phaseTransitionTime": now(),
-            "conditions": conditions,
-            "observedGeneration": generation,
-        });
-        if self.m.spec.mode == ControlMode::PeerToPeer {
-            // The source agent writes phases too: end only the version read (a result
-            // it wrote meanwhile wins), then release the VM.
-            self.patch_status_guarded(status).await?;
-            self.release_vm().await?;
-        } else {
-            // The VM first: whoever sees the migration ended may start the next one at
-            // once.
-            self.release_vm().await?;
-            self.patch_status(status).await?;
-        }
-        let status = self.m.status.clone().unwrap_or_default();
-        let metrics = &self.ctx.metrics;
-        metrics
-            .migrations
-            .get_or_create(&OutcomeLabels {
-                outcome: format!("{phase:?}"),
-            })
-            .inc();
-        if succeeded {
-            if let Some(ms) = status.downtime_ms {
-                metrics.downtime_seconds.observe(ms as f64 / 1000.0);
-            }
-            if let Some(p) = status.progress {
-                metrics
-                    .bytes_transferred
-                    .inc_by(p.bytes_transferred.max(0) as u64);
-            }
-        }
-        info!(?phase, reason = why.reason, message = %why.message, "migration ended");
-        let kind = if succeeded {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        self.event(kind, &format!("{phase:?}"), &why.message).await;
-        Ok(())
-    }
-
     fn conditions(&self) -> Vec<ferry_crds::Condition> {
         self.m
             .status
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default()
-    }
-
-    fn observe_step_duration(&self) {
-        let Some(status) = &self.m.status else { return };
-        let Some(phase) = status.phase else { return };
-        let Some(step) = status.steps.as_ref().and_then(|s| s.get(phase)) else {
-            return;
-        };
-        if let Some(end) = &step.end {
-            let secs = end.0.duration_since(step.start.0).as_secs_f64().max(0.0);
-            self.ctx
-                .metrics
-                .phase_seconds
-                .get_or_create(&PhaseLabels {
-                    phase: phase.key().into(),
-                })
-                .observe(secs);
-        }
     }
 
     async fn patch_status(&self, status: Value) -> Result<()> {

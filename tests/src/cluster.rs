@@ -206,6 +206,7 @@ impl Cluster {
             .arg(format!("--migration-address={}", n.address))
             .arg("--migration-ports=49152-49215")
             .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
+            .arg("--peer-port=0")
             .arg("--heartbeat-seconds=1")
             .arg("--lease-seconds=5")
             .env("KUBECONFIG", &n.kubeconfig)

@@ -15,6 +15,7 @@ pub mod fault_matrix;
 pub mod identity;
 pub mod peer_client;
 mod pki;
+pub mod policy_check;
 mod process;
 pub mod relay;
 mod tools;

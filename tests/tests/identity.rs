@@ -3,8 +3,8 @@
 //! policy lets an agent write only the status fields its node's phases own.
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
-use ferry_tests::ControlPlane;
-use ferry_tests::identity::{NODE_NAME_EXTRA, ensure_node, node_bound_token, node_of, whoami};
+use ferry_tests::identity::{NODE_NAME_EXTRA, node_of, whoami};
+use ferry_tests::policy_check::*;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -13,62 +13,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-const NS: &str = "ferry-system";
-const VMS: &str = "vms";
-const AGENT: &str = "ferry-agent";
 const MIGRATION: &str = "demo-to-node-b";
-
-struct Env {
-    cp: ControlPlane,
-    admin: Client,
-}
-
-/// The chart, the example VM and migration, and Nodes node-a, node-b, node-c.
-async fn env() -> Env {
-    let cp = ControlPlane::start()
-        .await
-        .unwrap_or_else(|e| panic!("control plane: {e}"));
-    cp.chart_with_examples(NS, VMS)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let admin = cp.admin_client().await.unwrap();
-    for node in ["node-a", "node-b", "node-c"] {
-        ensure_node(&admin, node).await.unwrap();
-    }
-    Env { cp, admin }
-}
-
-/// A client of the agent ServiceAccount whose token is bound to `node`.
-async fn agent_on(env: &Env, node: &str) -> Client {
-    let token = node_bound_token(&env.admin, NS, AGENT, node, 3600)
-        .await
-        .unwrap();
-    let path = env.cp.dir().join(format!("agent-{node}.kubeconfig"));
-    env.cp
-        .client_for_token(&format!("agent-{node}"), &token, &path)
-        .await
-        .unwrap()
-}
-
-/// A client of the agent ServiceAccount with a plain token (bound to nothing).
-async fn agent_unbound(env: &Env) -> Client {
-    let req: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}
-    }))
-    .unwrap();
-    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
-        .create_token_request(AGENT, &PostParams::default(), &req)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .unwrap();
-    let path = env.cp.dir().join("agent-unbound.kubeconfig");
-    env.cp
-        .client_for_token("agent-unbound", &token, &path)
-        .await
-        .unwrap()
-}
 
 /// The migration as the operator has admitted it: Begin, node-a to node-b.
 async fn admit(env: &Env) {
@@ -110,32 +55,6 @@ async fn patch_vm(client: &Client, status: Value) -> kube::Result<VirtualMachine
             &Patch::Merge(json!({ "status": status })),
         )
         .await
-}
-
-#[track_caller]
-fn allowed<T>(what: &str, result: kube::Result<T>) {
-    if let Err(e) = result {
-        panic!("{what} should be allowed, got: {e}");
-    }
-}
-
-/// Refused with 403 by the admission policy, naming `rule`.
-#[track_caller]
-fn denied<T: std::fmt::Debug>(what: &str, rule: &str, result: kube::Result<T>) {
-    match result {
-        Err(kube::Error::Api(status))
-            if status.code == 403
-                && status.message.contains("ValidatingAdmissionPolicy")
-                && status.message.contains(&format!("rule {rule}:")) =>
-        {
-            println!("{what}: refused: {}", status.message);
-        }
-        other => panic!("{what} should be refused by rule {rule}, got: {other:?}"),
-    }
-}
-
-fn step(node: &str) -> Value {
-    json!({"node": node, "start": "2026-01-01T00:00:00.000000Z"})
 }
 
 #[tokio::test]

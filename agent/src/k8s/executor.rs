@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_crds::{MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration};
+use ferry_crds::{
+    ControlMode, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration,
+};
 use futures::StreamExt;
 use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -12,7 +14,7 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Agent, recovery, runner};
+use super::{Agent, peer, recovery, runner};
 
 /// Runs until the process ends.
 pub async fn run(agent: Arc<Agent>) {
@@ -49,8 +51,12 @@ pub async fn run(agent: Arc<Agent>) {
     }
 }
 
-/// What this node should do about `m` now: run `phase`, or nothing.
+/// What this node should do about `m` now: run `phase`, or nothing. (The phases of a
+/// peer-to-peer migration are the source's driver's, not the status's.)
 pub fn phase_to_run(m: &VirtualMachineMigration, node: &str) -> Option<MigrationPhase> {
+    if m.spec.mode == ControlMode::PeerToPeer {
+        return None;
+    }
     let status = m.status.as_ref()?;
     let phase = status.phase?;
     if matches!(phase, MigrationPhase::Pending) || phase.is_terminal() {
@@ -86,6 +92,17 @@ pub fn stops_perform(status: &ferry_crds::VirtualMachineMigrationStatus) -> bool
         )
 }
 
+/// Whether `phase` of a peer-to-peer migration has an outcome already, or the migration
+/// ended: a task still running it has lost its purpose.
+pub fn given_up(status: &ferry_crds::VirtualMachineMigrationStatus, phase: MigrationPhase) -> bool {
+    status.phase.is_some_and(MigrationPhase::is_terminal)
+        || status
+            .steps
+            .as_ref()
+            .and_then(|s| s.get(phase))
+            .is_some_and(|s| s.outcome.is_some())
+}
+
 fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
     let status = m.status.clone().unwrap_or_default();
@@ -115,6 +132,19 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
         });
     }
     recovery::dispatch(agent, &m);
+    if m.spec.mode == ControlMode::PeerToPeer {
+        // A phase the operator gave up on (recorded it Failed) stops here.
+        for (key, token) in tasks.iter() {
+            if key.0 == uid && given_up(&status, key.1) {
+                token.cancel();
+            }
+        }
+        drop(tasks);
+        if status.source_node.as_deref() == Some(agent.node.as_str()) {
+            peer::driver::ensure(agent, &m);
+        }
+        return;
+    }
     let Some(phase) = phase_to_run(&m, &agent.node) else {
         return;
     };

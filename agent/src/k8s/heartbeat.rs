@@ -14,13 +14,15 @@ use tracing::warn;
 /// The label the operator finds heartbeat Leases by; its value is the node name.
 pub const NODE_LABEL: &str = "ferry.dev/node";
 
-/// Renews the heartbeat forever; `ready` turns true after the first renewal.
+/// Renews the heartbeat forever, naming where this agent's peer API listens; `ready`
+/// turns true after the first renewal.
 pub async fn run(
     client: kube::Client,
     namespace: String,
     node: String,
     every: Duration,
     lasts: Duration,
+    peer_endpoint: String,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
@@ -30,7 +32,11 @@ pub async fn run(
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": name, "labels": {NODE_LABEL: node}},
+            "metadata": {
+                "name": name,
+                "labels": {NODE_LABEL: node},
+                "annotations": {ferry_crds::sequence::PEER_ENDPOINT_ANNOTATION: peer_endpoint},
+            },
             "spec": {
                 "holderIdentity": node,
                 "leaseDurationSeconds": lasts.as_secs(),

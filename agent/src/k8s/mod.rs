@@ -9,6 +9,7 @@ pub mod heartbeat;
 pub mod locks;
 pub mod metrics;
 pub mod ownership;
+pub mod peer;
 pub mod recovery;
 pub mod runner;
 pub mod vms;
@@ -45,6 +46,8 @@ pub struct Agent {
     pub recovery_uris: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
     /// This node's migration certificate (TLS), kept current by [`certs::run`].
     pub certs: certs::Store,
+    /// Source: the peer-to-peer migrations this agent drives now, by uid.
+    pub drivers: Mutex<HashSet<String>>,
 }
 
 /// A migration port reserved for one Prepare; released when dropped, by which time the

@@ -57,6 +57,24 @@ pub async fn run(
     .await
 }
 
+/// Runs `phase` of `m` without recording anything: its outcome, message and the status
+/// fields it gives. A peer-to-peer migration's driver and the target's peer API record
+/// it themselves.
+pub async fn execute(
+    agent: &Agent,
+    m: &VirtualMachineMigration,
+    phase: MigrationPhase,
+    cancel: &CancellationToken,
+) -> (StepOutcome, String, Value) {
+    match Run::new(agent, m, phase).execute(cancel).await {
+        Ok((message, outputs)) => (StepOutcome::Succeeded, message, outputs),
+        Err(message) => {
+            warn!(%message, "failed");
+            (StepOutcome::Failed, message, json!({}))
+        }
+    }
+}
+
 struct Run<'a> {
     agent: &'a Agent,
     m: &'a VirtualMachineMigration,
@@ -541,7 +559,7 @@ fn progress_json(p: &Progress) -> Value {
 }
 
 /// Merges JSON object `b` into `a`, recursively.
-fn merge(a: &mut Value, b: Value) {
+pub fn merge(a: &mut Value, b: Value) {
     match (a, b) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {

@@ -1,0 +1,523 @@
+//! The source agent's driver of a peer-to-peer migration: it runs the five phases in
+//! the order [`ferry_crds::sequence::after`] gives (the operator's table), Begin,
+//! Perform and Confirm here and Prepare and Finish through the target agent's peer API,
+//! and records each step, its cookie and the phase it enters next in the status in
+//! one write.
+//!
+//! Every write that moves the phase is guarded by the resourceVersion the driver
+//! decided on: the operator may meanwhile have given up on the phase (recorded it
+//! Failed) or ended the migration, and then its record wins and the driver decides
+//! again from it. A driver that stops (agent restart, a write that never lands) is
+//! started again by the executor and goes on from the status: a step without an
+//! outcome runs again (phases are idempotent), one with an outcome is followed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_agent::fault;
+use ferry_crds::sequence::{Next, after};
+use ferry_crds::{MigrationMode, MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::client;
+use super::wire::{FINISH_PATH, PREPARE_PATH, PeerRequest, PeerStep};
+use crate::k8s::{Agent, runner};
+
+/// What the driver does next with a migration, as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Run this phase (here, or on the target).
+    Run(P),
+    /// The phase ended: enter the next one.
+    Enter { phase: P, cancelled: bool },
+    /// Confirm failed: run it again (its new step replaces the failed one).
+    RetryConfirm,
+    /// Nothing more for the driver: the migration ended, or is the operator's to end.
+    Stop,
+}
+
+/// What comes next for `m`, from its status. Pure.
+pub fn next_move(m: &VirtualMachineMigration) -> Move {
+    let Some(status) = &m.status else {
+        return Move::Stop;
+    };
+    let Some(phase) = status.phase else {
+        return Move::Stop;
+    };
+    if phase == P::Pending || phase.is_terminal() {
+        return Move::Stop;
+    }
+    let step = status.steps.as_ref().and_then(|s| s.get(phase));
+    let Some(outcome) = step.and_then(|s| s.outcome) else {
+        return Move::Run(phase);
+    };
+    let message = step.and_then(|s| s.message.as_deref()).unwrap_or("");
+    let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
+    let post_copy = status
+        .progress
+        .as_ref()
+        .and_then(|p| p.mode)
+        .is_some_and(MigrationMode::is_post_copy);
+    match after(
+        phase,
+        outcome,
+        message,
+        cancel_asked,
+        status.cancelled,
+        post_copy,
+    ) {
+        Some(Next::Enter {
+            phase, cancelled, ..
+        }) => Move::Enter { phase, cancelled },
+        Some(Next::RetryConfirm(_)) => Move::RetryConfirm,
+        _ => Move::Stop,
+    }
+}
+
+/// Starts the driver of `m` unless one runs already.
+pub fn ensure(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
+    if next_move(m) == Move::Stop {
+        return;
+    }
+    let uid = m.uid().unwrap_or_default();
+    if !agent
+        .drivers
+        .lock()
+        .expect("the driver table is never poisoned")
+        .insert(uid.clone())
+    {
+        return;
+    }
+    let agent = agent.clone();
+    let m = m.clone();
+    let span = info_span!("peer-to-peer", migration = %m.name_any(), vm = %m.spec.vm_name);
+    tokio::spawn(
+        async move {
+            Driver::new(&agent, &m).drive(m.clone()).await;
+            agent
+                .drivers
+                .lock()
+                .expect("the driver table is never poisoned")
+                .remove(&uid);
+        }
+        .instrument(span),
+    );
+}
+
+/// Why a status write did not land.
+enum Unwritten {
+    /// Someone wrote the migration since the version the driver decided on.
+    Conflict,
+    /// The migration is gone.
+    Gone,
+    /// The API server kept failing.
+    Failed,
+}
+
+struct Driver<'a> {
+    agent: &'a Agent,
+    api: Api<VirtualMachineMigration>,
+    leases: Api<Lease>,
+    name: String,
+    uid: String,
+}
+
+impl<'a> Driver<'a> {
+    fn new(agent: &'a Agent, m: &VirtualMachineMigration) -> Self {
+        let ns = m.namespace().unwrap_or_default();
+        Driver {
+            agent,
+            api: Api::namespaced(agent.client.clone(), &ns),
+            leases: Api::namespaced(agent.client.clone(), &agent.namespace),
+            name: m.name_any(),
+            uid: m.uid().unwrap_or_default(),
+        }
+    }
+
+    async fn drive(&self, mut m: VirtualMachineMigration) {
+        info!("driving");
+        loop {
+            let written = match next_move(&m) {
+                Move::Stop => return,
+                Move::Enter { phase, cancelled } => {
+                    info!(?phase, cancelled, "entering");
+                    self.write(&m, enter(phase, cancelled)).await
+                }
+                Move::RetryConfirm => {
+                    warn!("Confirm failed; running it again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match self.run(&m, P::Confirm).await {
+                        Some(m) => Ok(m),
+                        None => return,
+                    }
+                }
+                Move::Run(phase) => match self.run(&m, phase).await {
+                    Some(m) => Ok(m),
+                    None => return,
+                },
+            };
+            m = match written {
+                Ok(m) => m,
+                Err(Unwritten::Conflict) => match self.fresh().await {
+                    Some(m) => m,
+                    None => return,
+                },
+                Err(Unwritten::Gone | Unwritten::Failed) => return,
+            };
+        }
+    }
+
+    /// Runs `phase` and records it with the phase that follows; the migration as
+    /// written, or `None` when the driver must stop.
+    async fn run(&self, m: &VirtualMachineMigration, phase: P) -> Option<VirtualMachineMigration> {
+        let token = CancellationToken::new();
+        let key = (self.uid.clone(), phase);
+        self.agent
+            .tasks
+            .lock()
+            .expect("the task table is never poisoned")
+            .insert(key.clone(), token.clone());
+        let (step, outputs) = if phase.runs_on_source() {
+            self.local(m, phase, &token).await
+        } else {
+            self.remote(m, phase, &token).await
+        };
+        self.agent
+            .tasks
+            .lock()
+            .expect("the task table is never poisoned")
+            .remove(&key);
+        self.agent.metrics.phase_done(phase, step.outcome);
+        info!(?phase, outcome = ?step.outcome, message = %step.message, "step done");
+        let node = if phase.runs_on_source() {
+            self.agent.node.clone()
+        } else {
+            target_of(m)
+        };
+        let mut record = json!({"steps": {phase.key(): {
+            "node": node,
+            "start": step.start,
+            "end": step.end,
+            "outcome": step.outcome,
+            "message": step.message,
+        }}});
+        runner::merge(&mut record, outputs);
+        let step_of = |m: &VirtualMachineMigration| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.steps.as_ref())
+                .and_then(|s| s.get(phase).cloned())
+        };
+        // A failed Confirm runs again over its own record.
+        let prior = step_of(m);
+        let mut base = m.clone();
+        loop {
+            // The operator may have given up on the phase, or ended the migration:
+            // then its record stands.
+            let status = base.status.clone().unwrap_or_default();
+            let theirs =
+                step_of(&base).filter(|s| s.outcome.is_some() && Some(s) != prior.as_ref());
+            if status.phase != Some(phase) || theirs.is_some() {
+                info!(
+                    ?phase,
+                    "the operator recorded this phase first; following it"
+                );
+                return Some(base);
+            }
+            let write = with_next(&base, record.clone());
+            match self.write(&base, write).await {
+                Ok(written) => {
+                    if matches!(phase, P::Begin | P::Prepare | P::Finish) {
+                        fault::pause(&format!("after-{}", phase.key())).await;
+                    }
+                    return Some(written);
+                }
+                Err(Unwritten::Conflict) => base = self.fresh().await?,
+                Err(Unwritten::Gone | Unwritten::Failed) => return None,
+            }
+        }
+    }
+
+    /// Begin, Perform or Confirm, here.
+    async fn local(
+        &self,
+        m: &VirtualMachineMigration,
+        phase: P,
+        token: &CancellationToken,
+    ) -> (PeerStep, Value) {
+        let start = MicroTime(Timestamp::now());
+        if phase == P::Perform {
+            // Perform lasts: show who runs it while it does.
+            let running = json!({"status": {"steps": {"perform": {
+                "node": self.agent.node, "start": start}}}});
+            if let Err(e) = self
+                .api
+                .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(running))
+                .await
+            {
+                warn!(error = %e, "could not record Perform's start");
+            }
+        }
+        let (outcome, message, outputs) = runner::execute(self.agent, m, phase, token).await;
+        fault::pause(&format!("during-{}", phase.key())).await;
+        let step = PeerStep {
+            outcome,
+            message,
+            start,
+            end: MicroTime(Timestamp::now()),
+            outputs: Value::Null,
+        };
+        (step, outputs)
+    }
+
+    /// Prepare or Finish, on the target, called until it answers or the operator gives
+    /// up on the phase (`token`).
+    async fn remote(
+        &self,
+        m: &VirtualMachineMigration,
+        phase: P,
+        token: &CancellationToken,
+    ) -> (PeerStep, Value) {
+        let start = MicroTime(Timestamp::now());
+        let status = m.status.clone().unwrap_or_default();
+        let cookies = status.cookies.clone().unwrap_or_default();
+        let target = target_of(m);
+        let request = PeerRequest {
+            namespace: m.namespace().unwrap_or_default(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            cancelled: status.cancelled,
+            begin_cookie: cookies.begin,
+            target_domain_xml: status.target_domain_xml,
+            perform_cookie: cookies.perform,
+        };
+        let path = if phase == P::Prepare {
+            PREPARE_PATH
+        } else {
+            FINISH_PATH
+        };
+        let failed = |message: String| {
+            let step = PeerStep {
+                outcome: StepOutcome::Failed,
+                message,
+                start: start.clone(),
+                end: MicroTime(Timestamp::now()),
+                outputs: Value::Null,
+            };
+            (step, Value::Null)
+        };
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let call = async {
+                let creds = self.agent.certs.current().ok_or_else(|| {
+                    format!(
+                        "node {} has no migration certificate for the peer API yet ({})",
+                        self.agent.node,
+                        self.agent.certs.why_none()
+                    )
+                });
+                let creds = match creds {
+                    Ok(c) => c,
+                    Err(message) => return Err((true, message)),
+                };
+                let endpoint = client::endpoint(&self.leases, &target)
+                    .await
+                    .map_err(|e| (e.retryable(), e.to_string()))?;
+                client::call(&creds, &target, &endpoint, path, &request)
+                    .await
+                    .map_err(|e| (e.retryable(), e.to_string()))
+            };
+            let result = tokio::select! {
+                r = call => r,
+                _ = token.cancelled() => {
+                    return failed(format!("{phase:?} on {target} abandoned: the operator gave up on it"));
+                }
+            };
+            match result {
+                Ok(mut step) => {
+                    let outputs = std::mem::take(&mut step.outputs);
+                    return (step, outputs);
+                }
+                Err((false, message)) => return failed(message),
+                Err((true, message)) => {
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        warn!(?phase, %target, attempt, %message, "peer call failed; calling again");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = token.cancelled() => {
+                            return failed(format!(
+                                "{phase:?} on {target} abandoned after {attempt} calls: {message}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A status write that applies only to `base`'s version, retried while the API
+    /// server fails.
+    async fn write(
+        &self,
+        base: &VirtualMachineMigration,
+        status: Value,
+    ) -> Result<VirtualMachineMigration, Unwritten> {
+        let body = Patch::Merge(json!({
+            "metadata": {"resourceVersion": base.metadata.resource_version},
+            "status": status,
+        }));
+        for attempt in 1..=20u64 {
+            match self
+                .api
+                .patch_status(&self.name, &PatchParams::default(), &body)
+                .await
+            {
+                Ok(m) => return Ok(m),
+                Err(kube::Error::Api(e)) if e.code == 409 => return Err(Unwritten::Conflict),
+                Err(kube::Error::Api(e)) if e.code == 404 => return Err(Unwritten::Gone),
+                Err(e) => {
+                    warn!(attempt, error = %e, "status write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+            }
+        }
+        Err(Unwritten::Failed)
+    }
+
+    /// The migration as the API server has it now.
+    async fn fresh(&self) -> Option<VirtualMachineMigration> {
+        for attempt in 1..=20u64 {
+            match self.api.get_opt(&self.name).await {
+                Ok(m) => return m.filter(|m| m.uid().as_deref() == Some(self.uid.as_str())),
+                Err(e) => {
+                    warn!(attempt, error = %e, "reading the migration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+            }
+        }
+        None
+    }
+}
+
+fn now() -> MicroTime {
+    MicroTime(Timestamp::now())
+}
+
+fn target_of(m: &VirtualMachineMigration) -> String {
+    m.status
+        .as_ref()
+        .and_then(|s| s.target_node.clone())
+        .unwrap_or_default()
+}
+
+/// The status fields that enter `phase`.
+fn enter(phase: P, cancelled: bool) -> Value {
+    json!({"phase": phase, "cancelled": cancelled, "phaseTransitionTime": now()})
+}
+
+/// `record` (a step and its outputs) plus, when the step lets the migration go on, the
+/// phase it enters: one write for both.
+fn with_next(base: &VirtualMachineMigration, mut record: Value) -> Value {
+    let mut hypothetical = serde_json::to_value(base).expect("a migration always serializes");
+    runner::merge(&mut hypothetical, json!({"status": record.clone()}));
+    let Ok(hypothetical) = serde_json::from_value::<VirtualMachineMigration>(hypothetical) else {
+        return record;
+    };
+    if let Move::Enter { phase, cancelled } = next_move(&hypothetical) {
+        runner::merge(&mut record, enter(phase, cancelled));
+    }
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(status: Value, spec: Value) -> VirtualMachineMigration {
+        let mut spec_v = json!({"vmName": "demo", "mode": "PeerToPeer"});
+        runner::merge(&mut spec_v, spec);
+        serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": "m", "namespace": "default", "uid": "u"},
+            "spec": spec_v,
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn step(outcome: &str) -> Value {
+        json!({"node": "node-a", "start": "2026-01-01T00:00:00.000000Z", "outcome": outcome,
+               "message": "m"})
+    }
+
+    #[test]
+    fn a_phase_without_an_outcome_runs() {
+        let m = migration(json!({"phase": "Prepare"}), json!({}));
+        assert_eq!(next_move(&m), Move::Run(P::Prepare));
+        for phase in ["Pending", "Succeeded", "Failed", "Cancelled"] {
+            let m = migration(json!({"phase": phase}), json!({}));
+            assert_eq!(next_move(&m), Move::Stop, "{phase}");
+        }
+    }
+
+    #[test]
+    fn an_outcome_leads_where_the_operators_table_does() {
+        let m = migration(
+            json!({"phase": "Perform", "steps": {"perform": step("Failed")}}),
+            json!({}),
+        );
+        assert_eq!(
+            next_move(&m),
+            Move::Enter {
+                phase: P::Finish,
+                cancelled: true
+            }
+        );
+        let m = migration(
+            json!({"phase": "Confirm", "steps": {"confirm": step("Failed")}}),
+            json!({}),
+        );
+        assert_eq!(next_move(&m), Move::RetryConfirm);
+        // The ends are the operator's.
+        let m = migration(
+            json!({"phase": "Confirm", "steps": {"confirm": step("Succeeded")}}),
+            json!({}),
+        );
+        assert_eq!(next_move(&m), Move::Stop);
+        let m = migration(
+            json!({"phase": "Begin", "steps": {"begin": step("Succeeded")}}),
+            json!({"cancel": true}),
+        );
+        assert_eq!(next_move(&m), Move::Stop);
+    }
+
+    #[test]
+    fn a_step_is_written_with_the_phase_it_leads_to() {
+        let m = migration(json!({"phase": "Begin"}), json!({}));
+        let record = json!({"steps": {"begin": step("Succeeded")}, "cookies": {"begin": "<c/>"}});
+        let w = with_next(&m, record);
+        assert_eq!(w["phase"], "Prepare");
+        assert_eq!(w["cancelled"], false);
+        assert_eq!(w["cookies"]["begin"], "<c/>");
+        // A failed Prepare rolls back through Confirm.
+        let m = migration(json!({"phase": "Prepare"}), json!({}));
+        let w = with_next(&m, json!({"steps": {"prepare": step("Failed")}}));
+        assert_eq!(
+            (w["phase"].as_str(), w["cancelled"].as_bool()),
+            (Some("Confirm"), Some(true))
+        );
+        // Confirm done: no phase; the operator ends the migration.
+        let m = migration(json!({"phase": "Confirm"}), json!({}));
+        let w = with_next(&m, json!({"steps": {"confirm": step("Succeeded")}}));
+        assert!(w.get("phase").is_none());
+    }
+}

@@ -1,0 +1,345 @@
+//! The target's side of the peer API: Prepare and Finish of a peer-to-peer migration,
+//! asked by its source agent over mutual TLS.
+//!
+//! Every call is checked against the migration as the API server has it: it must be a
+//! peer-to-peer migration (the uid the caller names) whose target is this node, whose
+//! source is the node the caller's certificate names, and which is in the phase called.
+//! The phase then runs exactly as a managed one would (`runner::execute`), with the
+//! cookies the caller handed over; the answer is the step, which the source records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use ferry_agent::fault;
+use ferry_crds::{ControlMode, MigrationPhase, VirtualMachineMigration};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::wire::{self, FINISH_PATH, MAX_REQUEST_BYTES, PREPARE_PATH, PeerRequest, PeerStep};
+use crate::k8s::{Agent, runner};
+
+/// A TLS handshake must end within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node the caller's verified certificate names.
+#[derive(Clone, Debug)]
+struct Caller(String);
+
+/// Serves the peer API on `listener` until the process ends. The TLS configuration is
+/// built for each connection from the node's current certificate (it is renewed).
+pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    let app = Router::new()
+        .route(PREPARE_PATH, post(prepare))
+        .route(FINISH_PATH, post(finish))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(agent.clone());
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "peer API: accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(creds) = agent.certs.current() else {
+            warn!(%from, why = %agent.certs.why_none(), "peer API: no certificate yet; connection refused");
+            continue;
+        };
+        let config = match wire::server_config(&creds) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%from, error = %e, "peer API: TLS configuration");
+                continue;
+            }
+        };
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    warn!(%from, error = %e, "peer API: TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%from, "peer API: TLS handshake timed out");
+                    return;
+                }
+            };
+            let caller = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(wire::node_of);
+            let Some(caller) = caller else {
+                warn!(%from, "peer API: the client certificate names no node");
+                return;
+            };
+            let service = TowerToHyperService::new(app.layer(Extension(Caller(caller))));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                warn!(%from, error = %e, "peer API: connection");
+            }
+        });
+    }
+}
+
+async fn prepare(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    handle(agent, caller, MigrationPhase::Prepare, body).await
+}
+
+async fn finish(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    handle(agent, caller, MigrationPhase::Finish, body).await
+}
+
+/// Why a call is refused: the HTTP status and a message naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+fn refuse(status: StatusCode, message: String) -> Refusal {
+    Refusal { status, message }
+}
+
+/// Whether `caller` may have this node (`me`) run `phase` of `m` for `request`.
+pub fn admit(
+    m: &VirtualMachineMigration,
+    request: &PeerRequest,
+    phase: MigrationPhase,
+    me: &str,
+    caller: &str,
+) -> Result<(), Refusal> {
+    let name = format!("{}/{}", request.namespace, request.name);
+    let status = m.status.clone().unwrap_or_default();
+    let source = status.source_node.as_deref().unwrap_or("");
+    let target = status.target_node.as_deref().unwrap_or("");
+    if caller != source {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("node {caller} is not the source ({source}) of migration {name}"),
+        ));
+    }
+    if m.uid().as_deref() != Some(request.uid.as_str()) {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "migration {name} has uid {}, not {}",
+                m.uid().unwrap_or_default(),
+                request.uid
+            ),
+        ));
+    }
+    if m.spec.mode != ControlMode::PeerToPeer {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!("migration {name} is not peer-to-peer: its phases come through its status"),
+        ));
+    }
+    if target != me {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!("migration {name} targets {target}, not {me}"),
+        ));
+    }
+    if status.phase != Some(phase) {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!("migration {name} is in {:?}, not {phase:?}", status.phase),
+        ));
+    }
+    Ok(())
+}
+
+/// `m` as the phase sees it: the inputs handed over in the call, not the status's copy.
+fn with_inputs(m: &VirtualMachineMigration, request: &PeerRequest) -> VirtualMachineMigration {
+    let mut m = m.clone();
+    let status = m.status.get_or_insert_default();
+    status.cancelled = request.cancelled;
+    status
+        .target_domain_xml
+        .clone_from(&request.target_domain_xml);
+    let cookies = status.cookies.get_or_insert_default();
+    cookies.begin.clone_from(&request.begin_cookie);
+    cookies.perform.clone_from(&request.perform_cookie);
+    m
+}
+
+async fn handle(agent: Arc<Agent>, caller: Caller, phase: MigrationPhase, body: Bytes) -> Response {
+    let request: PeerRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("not a peer request: {e}")).into_response();
+        }
+    };
+    let span = info_span!("peer", migration = %request.name, namespace = %request.namespace,
+        caller = %caller.0, phase = phase.key());
+    async move {
+        let api: Api<VirtualMachineMigration> =
+            Api::namespaced(agent.client.clone(), &request.namespace);
+        let m = match api.get_opt(&request.name).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!("no migration {}/{}", request.namespace, request.name),
+                )
+                    .into_response();
+            }
+            Err(e) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("reading the migration: {e}"),
+                )
+                    .into_response();
+            }
+        };
+        if let Err(r) = admit(&m, &request, phase, &agent.node, &caller.0) {
+            warn!(message = %r.message, "refused");
+            return (r.status, r.message).into_response();
+        }
+        let span = info_span!("phase", vm = %m.spec.vm_name);
+        let key = (request.uid.clone(), phase);
+        let token = CancellationToken::new();
+        {
+            let mut tasks = agent
+                .tasks
+                .lock()
+                .expect("the task table is never poisoned");
+            if tasks.contains_key(&key) {
+                return (
+                    StatusCode::CONFLICT,
+                    format!("{phase:?} of this migration is already running here; ask again"),
+                )
+                    .into_response();
+            }
+            tasks.insert(key.clone(), token.clone());
+        }
+        let start = MicroTime(Timestamp::now());
+        let m = with_inputs(&m, &request);
+        let (outcome, message, outputs) = async {
+            info!("running for the source");
+            let done = runner::execute(&agent, &m, phase, &token).await;
+            fault::pause(&format!("during-{}", phase.key())).await;
+            done
+        }
+        .instrument(span)
+        .await;
+        agent
+            .tasks
+            .lock()
+            .expect("the task table is never poisoned")
+            .remove(&key);
+        agent.metrics.phase_done(phase, outcome);
+        info!(?outcome, %message, "answered");
+        let step = PeerStep {
+            outcome,
+            message,
+            start,
+            end: MicroTime(Timestamp::now()),
+            outputs,
+        };
+        (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&step).expect("a step always serializes"),
+        )
+            .into_response()
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(mode: &str, phase: &str) -> VirtualMachineMigration {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": "m", "namespace": "default", "uid": "u1"},
+            "spec": {"vmName": "demo", "mode": mode},
+            "status": {"phase": phase, "sourceNode": "node-a", "targetNode": "node-b"},
+        }))
+        .unwrap()
+    }
+
+    fn request(uid: &str) -> PeerRequest {
+        PeerRequest {
+            namespace: "default".into(),
+            name: "m".into(),
+            uid: uid.into(),
+            cancelled: false,
+            begin_cookie: Some("<cookie/>".into()),
+            target_domain_xml: Some("<domain/>".into()),
+            perform_cookie: None,
+        }
+    }
+
+    #[test]
+    fn only_the_source_may_call_for_the_phase_it_is_in() {
+        let m = migration("PeerToPeer", "Prepare");
+        let p = MigrationPhase::Prepare;
+        assert_eq!(admit(&m, &request("u1"), p, "node-b", "node-a"), Ok(()));
+        let r = admit(&m, &request("u1"), p, "node-b", "node-c").unwrap_err();
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(
+            r.message.contains("node-c is not the source (node-a)"),
+            "{}",
+            r.message
+        );
+        // A call for the right migration, to the wrong node or phase, or an older uid.
+        for (m, req, me, phase) in [
+            (m.clone(), request("u1"), "node-c", p),
+            (m.clone(), request("u0"), "node-b", p),
+            (m.clone(), request("u1"), "node-b", MigrationPhase::Finish),
+            (migration("Managed", "Prepare"), request("u1"), "node-b", p),
+        ] {
+            let r = admit(&m, &req, phase, me, "node-a").unwrap_err();
+            assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.message);
+        }
+    }
+
+    #[test]
+    fn the_phase_takes_the_inputs_handed_over() {
+        let mut m = migration("PeerToPeer", "Finish");
+        m.status.as_mut().unwrap().cookies = Some(ferry_crds::Cookies {
+            perform: Some("<old/>".into()),
+            ..Default::default()
+        });
+        let mut req = request("u1");
+        req.perform_cookie = Some("<perform/>".into());
+        req.cancelled = true;
+        let s = with_inputs(&m, &req).status.unwrap();
+        assert!(s.cancelled);
+        assert_eq!(s.cookies.unwrap().perform.as_deref(), Some("<perform/>"));
+        assert_eq!(s.target_domain_xml.as_deref(), Some("<domain/>"));
+    }
+}

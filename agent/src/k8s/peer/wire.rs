@@ -1,0 +1,191 @@
+//! What the agents' peer API carries, and the TLS both ends speak.
+
+use std::sync::Arc;
+
+use ferry_agent::tls::Credentials;
+use ferry_crds::StepOutcome;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
+
+/// The path of the Prepare call.
+pub const PREPARE_PATH: &str = "/v1/prepare";
+/// The path of the Finish call.
+pub const FINISH_PATH: &str = "/v1/finish";
+/// The largest request body the server reads: a domain definition (64 KiB) and two
+/// cookies (16 KiB each), with room for JSON escaping.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// What the source hands the target for Prepare or Finish: which migration, and the
+/// inputs the phase takes (Begin's domain definition and cookie for Prepare; Perform's
+/// cookie and the rollback flag for Finish).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRequest {
+    pub namespace: String,
+    pub name: String,
+    /// The migration's uid: a call for an older object of the same name is refused.
+    pub uid: String,
+    #[serde(default)]
+    pub cancelled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_cookie: Option<String>,
+    #[serde(
+        rename = "targetDomainXML",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub target_domain_xml: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perform_cookie: Option<String>,
+}
+
+/// The target's step, as the source records it in `status.steps` (plus the phase's
+/// outputs: its cookie, and Prepare's migration URI).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStep {
+    pub outcome: StepOutcome,
+    pub message: String,
+    pub start: MicroTime,
+    pub end: MicroTime,
+    /// Status fields the phase gives: `cookies.<phase>`, `migrationURI`.
+    #[serde(default)]
+    pub outputs: serde_json::Value,
+}
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the migration CA certificate: {0}")]
+    Ca(String),
+    #[error("this node's certificate: {0}")]
+    Cert(String),
+    #[error("this node's key: {0}")]
+    Key(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(creds: &Credentials) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(creds.ca.as_bytes()) {
+        let cert = cert.map_err(|e| TlsError::Ca(e.to_string()))?;
+        roots.add(cert).map_err(|e| TlsError::Ca(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Ca("no certificate in the PEM".into()));
+    }
+    Ok(Arc::new(roots))
+}
+
+fn chain(creds: &Credentials) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(creds.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Cert(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::Cert("no certificate in the PEM".into()));
+    }
+    Ok(chain)
+}
+
+fn key(creds: &Credentials) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(creds.key.as_bytes()).map_err(|e| TlsError::Key(e.to_string()))
+}
+
+/// The server's side: TLS 1.3, this node's certificate, and a client certificate
+/// required and checked against the migration CA.
+pub fn server_config(creds: &Credentials) -> Result<ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider())
+        .build()
+        .map_err(|e| TlsError::Ca(e.to_string()))?;
+    Ok(ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain(creds)?, key(creds)?)?)
+}
+
+/// The client's side: TLS 1.3, the server must show a certificate of the migration CA
+/// for the node called (checked by the caller's server name), and this node's own.
+pub fn client_config(creds: &Credentials) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(creds)?)
+        .with_client_auth_cert(chain(creds)?, key(creds)?)?)
+}
+
+/// The node a verified peer certificate names: its subject's CN (the signer builds
+/// CN and the only DNS SAN from the node name, and signs nothing else).
+pub fn node_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_round_trips_in_camel_case() {
+        let r = PeerRequest {
+            namespace: "default".into(),
+            name: "m".into(),
+            uid: "u".into(),
+            cancelled: true,
+            begin_cookie: Some("<cookie/>".into()),
+            target_domain_xml: Some("<domain/>".into()),
+            perform_cookie: None,
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["beginCookie"], "<cookie/>");
+        assert_eq!(json["targetDomainXML"], "<domain/>");
+        assert!(json.get("performCookie").is_none());
+        assert_eq!(serde_json::from_value::<PeerRequest>(json).unwrap(), r);
+    }
+
+    fn creds(node: &str) -> Credentials {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![node.to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Credentials {
+            ca: ca_cert.pem(),
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    #[test]
+    fn both_configs_build_from_node_credentials_and_the_cn_names_the_node() {
+        let c = creds("node-a");
+        server_config(&c).unwrap();
+        client_config(&c).unwrap();
+        let der = chain(&c).unwrap().remove(0);
+        assert_eq!(node_of(&der).as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn bad_material_is_named() {
+        let mut c = creds("node-a");
+        c.ca = "not a pem".into();
+        assert!(matches!(server_config(&c), Err(TlsError::Ca(_))));
+        let mut c = creds("node-a");
+        c.key = String::new();
+        assert!(matches!(client_config(&c), Err(TlsError::Key(_))));
+    }
+}
