@@ -107,14 +107,27 @@ async fn run_row(spec: RowSpec) -> Row {
     inject(&mut cluster, fault, &relay).await;
     std::fs::write(dir.join(format!("{}.release", point.hook())), "").unwrap();
 
-    let phase = eventually(
-        "the migration to end",
-        TERMINAL_BOUND.saturating_sub(started.elapsed()),
-        || async { phase_of(&vmms, MIGRATION).await.filter(|p| p.is_terminal()) },
-    )
-    .await;
+    // The logs are kept whether or not the migration ends in time.
+    let phase = loop {
+        let phase = phase_of(&vmms, MIGRATION).await;
+        if let Some(p) = phase.filter(|p| p.is_terminal()) {
+            break Some(p);
+        }
+        if started.elapsed() > TERMINAL_BOUND {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let to_terminal = started.elapsed();
     keep_logs(&cluster, spec);
+    let Some(phase) = phase else {
+        let status = vmms.get(MIGRATION).await.ok().and_then(|m| m.status);
+        panic!(
+            "not terminal after {TERMINAL_BOUND:?}: phase {:?}, steps {:?}",
+            status.as_ref().and_then(|s| s.phase),
+            status.and_then(|s| s.steps)
+        );
+    };
     check_row(&cluster, &client, spec, phase).await;
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus
