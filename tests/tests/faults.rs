@@ -87,12 +87,19 @@ async fn run_row(spec: RowSpec) -> Row {
     let started = Instant::now();
     apply_yaml(&cluster, &migration_yaml_in(mode, MIGRATION, TARGET, LONG)).await;
     let paused = dir.join(format!("{}.paused", point.hook()));
-    eventually(
-        &format!("the hook to pause at {}", point.hook()),
-        Duration::from_secs(120),
-        || async { paused.exists().then_some(()) },
-    )
-    .await;
+    while !paused.exists() {
+        if started.elapsed() > Duration::from_secs(120) {
+            keep_logs(&cluster, spec);
+            let status = vmms.get(MIGRATION).await.ok().and_then(|m| m.status);
+            panic!(
+                "the hook did not pause at {} within 120 s: phase {:?}, steps {:?}",
+                point.hook(),
+                status.as_ref().and_then(|s| s.phase),
+                status.and_then(|s| s.steps)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Once Perform is under way the stream must go through the relay, or cutting it
     // would prove nothing.
