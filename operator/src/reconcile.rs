@@ -354,18 +354,10 @@ impl Reconciler<'_> {
                     crate::fault::pause(&format!("after-{}", done.key())).await;
                 }
                 self.observe_step_duration();
-                let mut conditions = self.conditions();
-                if let Some(why) = &rollback {
-                    set_condition(
-                        &mut conditions,
-                        "RollingBack",
-                        true,
-                        why.reason,
-                        &why.message,
-                        self.m.metadata.generation,
-                        now(),
-                    );
-                }
+                let conditions = match &rollback {
+                    Some(why) => self.conditions_rolling_back(why),
+                    None => self.conditions(),
+                };
                 self.patch_status(json!({
                     "phase": phase,
                     "cancelled": cancelled,
@@ -401,6 +393,21 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(Duration::from_secs(2)))
             }
         }
+    }
+
+    /// The conditions with `RollingBack` set True for `why`.
+    fn conditions_rolling_back(&self, why: &Why) -> Vec<ferry_crds::Condition> {
+        let mut conditions = self.conditions();
+        set_condition(
+            &mut conditions,
+            "RollingBack",
+            true,
+            why.reason,
+            &why.message,
+            self.m.metadata.generation,
+            now(),
+        );
+        conditions
     }
 
     fn conditions(&self) -> Vec<ferry_crds::Condition> {

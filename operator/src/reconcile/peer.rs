@@ -3,7 +3,7 @@
 //! made on, so the first of the operator and the agent to write wins and the other
 //! decides again from what the winner wrote.
 
-use ferry_crds::{MigrationPhase, set_condition};
+use ferry_crds::MigrationPhase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Reconciler, now};
+use super::Reconciler;
 use crate::error::Result;
 use crate::transitions::Why;
 
@@ -47,16 +47,7 @@ impl Reconciler<'_> {
             .or_else(|| status.phase_transition_time.map(|t| MicroTime(t.0)))
             .unwrap_or_else(|| MicroTime(Timestamp::now()));
         let message = format!("{} (the operator gave up on it)", why.message);
-        let mut conditions = self.conditions();
-        set_condition(
-            &mut conditions,
-            "RollingBack",
-            true,
-            why.reason,
-            &why.message,
-            self.m.metadata.generation,
-            now(),
-        );
+        let conditions = self.conditions_rolling_back(why);
         self.patch_status_guarded(json!({
             "steps": {phase.key(): {
                 "node": node,
@@ -80,16 +71,7 @@ impl Reconciler<'_> {
 
     /// Records in the `RollingBack` condition why the source agent rolls back.
     pub(super) async fn note_rollback(&self, why: &Why) -> Result<()> {
-        let mut conditions = self.conditions();
-        set_condition(
-            &mut conditions,
-            "RollingBack",
-            true,
-            why.reason,
-            &why.message,
-            self.m.metadata.generation,
-            now(),
-        );
+        let conditions = self.conditions_rolling_back(why);
         self.patch_status(json!({"conditions": conditions})).await?;
         info!(reason = why.reason, message = %why.message, "rolling back");
         self.event(EventType::Warning, "RollingBack", &why.message)
