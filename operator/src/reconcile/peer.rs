@@ -19,8 +19,18 @@ impl Reconciler<'_> {
     /// A merge patch of the status that applies only to the version this reconcile read
     /// (a conflict fails the reconcile, which runs again on the newer version).
     pub(super) async fn patch_status_guarded(&self, status: Value) -> Result<()> {
+        self.patch_status_at(self.m.metadata.resource_version.as_deref(), status)
+            .await
+    }
+
+    /// A merge patch of the status that applies only to `resource_version`.
+    pub(super) async fn patch_status_at(
+        &self,
+        resource_version: Option<&str>,
+        status: Value,
+    ) -> Result<()> {
         let body = json!({
-            "metadata": {"resourceVersion": self.m.metadata.resource_version},
+            "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
         self.api()
