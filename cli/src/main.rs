@@ -48,6 +48,10 @@ enum Command {
         /// spec.transport.tls (default: the API's).
         #[arg(long)]
         tls: Option<bool>,
+        /// Peer-to-peer mode: the source node's agent drives the phases, calling the
+        /// target's agent directly (spec.mode: PeerToPeer).
+        #[arg(long)]
+        peer_to_peer: bool,
         /// Show the progress until it ends.
         #[arg(long)]
         wait: bool,
@@ -130,6 +134,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             bandwidth,
             max_downtime,
             tls,
+            peer_to_peer,
             wait,
         } => {
             let obj = objects::migration(&MigrateArgs {
@@ -139,6 +144,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 bandwidth_mibps: bandwidth,
                 max_downtime_ms: max_downtime,
                 tls,
+                peer_to_peer,
             });
             let m = create_strict(&client, &ns, &obj).await?;
             println!("virtualmachinemigration.ferry.dev/{} created", m.name_any());

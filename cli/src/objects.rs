@@ -12,6 +12,8 @@ pub struct MigrateArgs {
     pub max_downtime_ms: Option<i64>,
     /// `spec.transport.tls`; None leaves the API's default.
     pub tls: Option<bool>,
+    /// `spec.mode: PeerToPeer`: the source agent drives the phases.
+    pub peer_to_peer: bool,
 }
 
 /// A VirtualMachineMigration for `args`, with a generated name (`<vm>-xxxxx`).
@@ -35,6 +37,9 @@ pub fn migration(args: &MigrateArgs) -> Value {
     }
     if let Some(tls) = args.tls {
         spec["transport"] = json!({"tls": tls});
+    }
+    if args.peer_to_peer {
+        spec["mode"] = json!("PeerToPeer");
     }
     object(&format!("{}-", args.vm), spec)
 }
@@ -124,6 +129,7 @@ mod tests {
             bandwidth_mibps: Some(8),
             max_downtime_ms: Some(300),
             tls: Some(false),
+            peer_to_peer: true,
         });
         assert_eq!(
             m["spec"],
@@ -131,7 +137,8 @@ mod tests {
                 "vmName": "demo",
                 "targetNode": "node-b",
                 "policy": {"preset": "Safest", "bandwidthMiBps": 8, "maxDowntimeMs": 300},
-                "transport": {"tls": false}
+                "transport": {"tls": false},
+                "mode": "PeerToPeer"
             })
         );
         // It parses as the API type (the fields exist, spelled right).

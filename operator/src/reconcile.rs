@@ -152,6 +152,13 @@ impl Reconciler<'_> {
 
     async fn pending(&self) -> Result<Action> {
         let _slot = self.ctx.admission.lock().await;
+        // The controller's cache may lag behind an admission this operator just
+        // wrote: admitting again would set Begin over the phases that followed.
+        if let Some(latest) = self.api().get_opt(&self.name()).await?
+            && !is_pending(&latest)
+        {
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
         let vm = self.vms().get_opt(&self.m.spec.vm_name).await?;
         let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
         let closed = crate::evacuate::closed_nodes(self.ctx.nodes.state().iter().map(|n| &**n));
@@ -243,7 +250,8 @@ impl Reconciler<'_> {
         }
         // The finalizer first: from the moment the VM is held, a deletion must wait for
         // the release.
-        self.api()
+        let latest = self
+            .api()
             .patch(
                 &self.name(),
                 &PatchParams::default(),
@@ -253,6 +261,10 @@ impl Reconciler<'_> {
                 }})),
             )
             .await?;
+        if !is_pending(&latest) {
+            info!("admitted already; this reconcile saw an older version");
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
         self.hold_vm(vm).await?;
         let message = match (&target, &self.m.spec.to_file) {
             (Some(target), _) => {
@@ -288,7 +300,9 @@ impl Reconciler<'_> {
                 &self.m.spec.policy
             ));
         }
-        self.patch_status(status).await?;
+        // Only over the version just checked to be Pending.
+        self.patch_status_at(latest.metadata.resource_version.as_deref(), status)
+            .await?;
         info!(%source, ?target, "admitted; Begin");
         self.event(EventType::Normal, "Begin", &message).await;
         Ok(Action::requeue(Duration::from_secs(2)))
@@ -354,18 +368,10 @@ impl Reconciler<'_> {
                     crate::fault::pause(&format!("after-{}", done.key())).await;
                 }
                 self.observe_step_duration();
-                let mut conditions = self.conditions();
-                if let Some(why) = &rollback {
-                    set_condition(
-                        &mut conditions,
-                        "RollingBack",
-                        true,
-                        why.reason,
-                        &why.message,
-                        self.m.metadata.generation,
-                        now(),
-                    );
-                }
+                let conditions = match &rollback {
+                    Some(why) => self.conditions_rolling_back(why),
+                    None => self.conditions(),
+                };
                 self.patch_status(json!({
                     "phase": phase,
                     "cancelled": cancelled,
@@ -401,6 +407,21 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(Duration::from_secs(2)))
             }
         }
+    }
+
+    /// The conditions with `RollingBack` set True for `why`.
+    fn conditions_rolling_back(&self, why: &Why) -> Vec<ferry_crds::Condition> {
+        let mut conditions = self.conditions();
+        set_condition(
+            &mut conditions,
+            "RollingBack",
+            true,
+            why.reason,
+            &why.message,
+            self.m.metadata.generation,
+            now(),
+        );
+        conditions
     }
 
     fn conditions(&self) -> Vec<ferry_crds::Condition> {
@@ -537,6 +558,14 @@ impl Reconciler<'_> {
         };
         self.ctx.events.publish(event, self.m.object_ref(&()));
     }
+}
+
+/// Whether `m` still waits for admission.
+fn is_pending(m: &VirtualMachineMigration) -> bool {
+    matches!(
+        m.status.as_ref().and_then(|s| s.phase),
+        None | Some(MigrationPhase::Pending)
+    )
 }
 
 pub(crate) fn now() -> Time {

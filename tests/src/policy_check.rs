@@ -51,19 +51,25 @@ pub async fn agent_on(env: &Env, node: &str) -> Client {
         .unwrap()
 }
 
-/// A client of the agent ServiceAccount with a plain token (bound to nothing).
-pub async fn agent_unbound(env: &Env) -> Client {
-    let req: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": ["https://kubernetes.default.svc.cluster.local"]}
-    }))
-    .unwrap();
-    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
+/// A token of the agent ServiceAccount from a TokenRequest with `spec`.
+pub async fn agent_token(env: &Env, spec: Value) -> String {
+    let req: TokenRequest = serde_json::from_value(json!({ "spec": spec })).unwrap();
+    Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
         .create_token_request(AGENT, &PostParams::default(), &req)
         .await
         .unwrap()
         .status
         .and_then(|s| s.token)
-        .unwrap();
+        .unwrap()
+}
+
+/// A client of the agent ServiceAccount with a plain token (bound to nothing).
+pub async fn agent_unbound(env: &Env) -> Client {
+    let token = agent_token(
+        env,
+        json!({"audiences": ["https://kubernetes.default.svc.cluster.local"]}),
+    )
+    .await;
     let path = env.cp.dir().join("agent-unbound.kubeconfig");
     env.cp
         .client_for_token("agent-unbound", &token, &path)

@@ -81,14 +81,25 @@ async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
     );
     runs_once_on(&cluster, &vms, "node-b").await;
 
-    // watch, by the VM's name: the transfer's progress, then the outcome.
+    // watch, by the VM's name: the transfer's progress, then the outcome; this one
+    // peer-to-peer (the source agent drives it).
     let out = ferry(
         &cluster,
-        &["migrate", "demo", "--bandwidth=2", "--max-downtime=10000"],
+        &[
+            "migrate",
+            "demo",
+            "--bandwidth=2",
+            "--max-downtime=10000",
+            "--peer-to-peer",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", printed(&out));
     let slow = created(&out);
+    assert_eq!(
+        vmms.get(&slow).await.unwrap().spec.mode,
+        ferry_crds::ControlMode::PeerToPeer
+    );
     let out = ferry(&cluster, &["watch", "demo"]).await;
     assert!(out.status.success(), "{}", printed(&out));
     let progress = stderr(&out);

@@ -90,21 +90,15 @@ async fn bound_tokens_carry_their_node() {
         .create(&PostParams::default(), &pod)
         .await
         .unwrap();
-    let req: TokenRequest = serde_json::from_value(json!({
-        "spec": {
+    let token = agent_token(
+        &env,
+        json!({
             "audiences": ["https://kubernetes.default.svc.cluster.local"],
             "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "agent-x",
                                "uid": pod.metadata.uid}
-        }
-    }))
-    .unwrap();
-    let token = Api::<ServiceAccount>::namespaced(env.admin.clone(), NS)
-        .create_token_request(AGENT, &PostParams::default(), &req)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .unwrap();
+        }),
+    )
+    .await;
     let path = env.cp.dir().join("agent-pod.kubeconfig");
     let client = env
         .cp

@@ -3,7 +3,7 @@
 //! made on, so the first of the operator and the agent to write wins and the other
 //! decides again from what the winner wrote.
 
-use ferry_crds::{MigrationPhase, set_condition};
+use ferry_crds::MigrationPhase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use super::{Reconciler, now};
+use super::Reconciler;
 use crate::error::Result;
 use crate::transitions::Why;
 
@@ -19,8 +19,18 @@ impl Reconciler<'_> {
     /// A merge patch of the status that applies only to the version this reconcile read
     /// (a conflict fails the reconcile, which runs again on the newer version).
     pub(super) async fn patch_status_guarded(&self, status: Value) -> Result<()> {
+        self.patch_status_at(self.m.metadata.resource_version.as_deref(), status)
+            .await
+    }
+
+    /// A merge patch of the status that applies only to `resource_version`.
+    pub(super) async fn patch_status_at(
+        &self,
+        resource_version: Option<&str>,
+        status: Value,
+    ) -> Result<()> {
         let body = json!({
-            "metadata": {"resourceVersion": self.m.metadata.resource_version},
+            "metadata": {"resourceVersion": resource_version},
             "status": status,
         });
         self.api()
@@ -47,16 +57,7 @@ impl Reconciler<'_> {
             .or_else(|| status.phase_transition_time.map(|t| MicroTime(t.0)))
             .unwrap_or_else(|| MicroTime(Timestamp::now()));
         let message = format!("{} (the operator gave up on it)", why.message);
-        let mut conditions = self.conditions();
-        set_condition(
-            &mut conditions,
-            "RollingBack",
-            true,
-            why.reason,
-            &why.message,
-            self.m.metadata.generation,
-            now(),
-        );
+        let conditions = self.conditions_rolling_back(why);
         self.patch_status_guarded(json!({
             "steps": {phase.key(): {
                 "node": node,
@@ -80,16 +81,7 @@ impl Reconciler<'_> {
 
     /// Records in the `RollingBack` condition why the source agent rolls back.
     pub(super) async fn note_rollback(&self, why: &Why) -> Result<()> {
-        let mut conditions = self.conditions();
-        set_condition(
-            &mut conditions,
-            "RollingBack",
-            true,
-            why.reason,
-            &why.message,
-            self.m.metadata.generation,
-            now(),
-        );
+        let conditions = self.conditions_rolling_back(why);
         self.patch_status(json!({"conditions": conditions})).await?;
         info!(reason = why.reason, message = %why.message, "rolling back");
         self.event(EventType::Warning, "RollingBack", &why.message)

@@ -351,6 +351,15 @@ impl<'a> Driver<'a> {
                     if attempt == 1 || attempt.is_multiple_of(10) {
                         warn!(?phase, %target, attempt, %message, "peer call failed; calling again");
                     }
+                    // Now and then: is the migration still where this call belongs?
+                    if attempt.is_multiple_of(5)
+                        && let Some(now) = self.fresh().await
+                        && now.status.as_ref().and_then(|s| s.phase) != Some(phase)
+                    {
+                        return failed(format!(
+                            "{phase:?} on {target} abandoned: the migration left {phase:?}"
+                        ));
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = token.cancelled() => {

@@ -244,19 +244,41 @@ async fn handle(agent: Arc<Agent>, caller: Caller, phase: MigrationPhase, body: 
         }
         let start = MicroTime(Timestamp::now());
         let m = with_inputs(&m, &request);
-        let (outcome, message, outputs) = async {
-            info!("running for the source");
-            let done = runner::execute(&agent, &m, phase, &token).await;
-            fault::pause(&format!("during-{}", phase.key())).await;
-            done
-        }
-        .instrument(span)
-        .await;
-        agent
-            .tasks
-            .lock()
-            .expect("the task table is never poisoned")
-            .remove(&key);
+        // The phase runs in a task of its own: a caller that goes away (its agent
+        // restarted) must not cut a phase short; it calls again and finds it done.
+        let task = {
+            let agent = agent.clone();
+            let key = key.clone();
+            tokio::spawn(
+                async move {
+                    info!("running for the source");
+                    let done = runner::execute(&agent, &m, phase, &token).await;
+                    fault::pause(&format!("during-{}", phase.key())).await;
+                    agent
+                        .tasks
+                        .lock()
+                        .expect("the task table is never poisoned")
+                        .remove(&key);
+                    done
+                }
+                .instrument(span),
+            )
+        };
+        let (outcome, message, outputs) = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                agent
+                    .tasks
+                    .lock()
+                    .expect("the task table is never poisoned")
+                    .remove(&key);
+                (
+                    ferry_crds::StepOutcome::Failed,
+                    format!("{phase:?} ended abnormally: {e}"),
+                    serde_json::Value::Null,
+                )
+            }
+        };
         agent.metrics.phase_done(phase, outcome);
         info!(?outcome, %message, "answered");
         let step = PeerStep {
