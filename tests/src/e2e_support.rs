@@ -129,23 +129,42 @@ pub const LONG: &str = "    bandwidthMiBps: 8\n    maxDowntimeMs: 10000\n";
 
 /// Applies the example VM and waits until it runs on node-a with the guest counting.
 pub async fn example_vm_running(cluster: &Cluster, client: &Client) -> Api<VirtualMachine> {
+    example_vm_started(cluster, client)
+        .await
+        .unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// [`example_vm_running`], saying what it waited for in vain instead of panicking (so a
+/// caller can keep the logs first).
+pub async fn example_vm_started(
+    cluster: &Cluster,
+    client: &Client,
+) -> Result<Api<VirtualMachine>, String> {
     apply(cluster, &repo_root().join("examples/virtualmachine.yaml")).await;
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
-    eventually(
-        "the VM to run on node-a",
-        Duration::from_secs(60),
-        || async {
-            let s = vms.get("demo").await.ok()?.status?;
-            (s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a"))
-                .then_some(())
-        },
-    )
-    .await;
-    eventually("the guest to count", Duration::from_secs(60), || async {
-        (last_pass(cluster, "node-a", "demo")? >= 2).then_some(())
-    })
-    .await;
-    vms
+    let start = Instant::now();
+    loop {
+        let s = vms.get("demo").await.ok().and_then(|v| v.status);
+        if s.as_ref().is_some_and(|s| {
+            s.phase == Some(VmPhase::Running) && s.node_name.as_deref() == Some("node-a")
+        }) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "timed out after 60s waiting for the VM to run on node-a: {s:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let start = Instant::now();
+    while last_pass(cluster, "node-a", "demo").is_none_or(|n| n < 2) {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err("timed out after 60s waiting for the guest to count".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(vms)
 }
 
 pub async fn phase_of(vmms: &Api<VirtualMachineMigration>, name: &str) -> Option<MigrationPhase> {

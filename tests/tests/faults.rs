@@ -50,7 +50,13 @@ const MIGRATION: &str = "faulted";
 async fn run_row(spec: RowSpec) -> Row {
     let (mode, fault, point) = spec;
     let (mut cluster, client) = up().await;
-    let vms = example_vm_running(&cluster, &client).await;
+    let vms = match example_vm_started(&cluster, &client).await {
+        Ok(vms) => vms,
+        Err(why) => {
+            keep_logs(&cluster, spec);
+            panic!("before the fault: {why}");
+        }
+    };
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let dir = cluster.cp.dir().join("faults");
     std::fs::create_dir_all(&dir).unwrap();
