@@ -42,6 +42,12 @@ test-k8s: tools ## The chart, CRDs, RBAC and the admission policies against a re
 test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
 	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli
 
+# The end-to-end migrations of tests/tests/e2e.rs and the post-copy recovery test again,
+# every migration they create peer-to-peer (FERRY_TEST_MODE, tests/src/e2e_support.rs).
+test-e2e-p2p: tools bins ## The end-to-end migrations and the post-copy recovery again, peer-to-peer.
+	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test e2e
+	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test faults a_cut_post_copy_stream -- --nocapture
+
 # `make test` runs the fault matrix's fixed subset (tests/src/fault_matrix.rs, SUBSET:
 # managed, one row per fault and one per injection point; peer-to-peer, every fault on
 # the paths the source agent drives); this runs all 54 rows in each mode.
@@ -54,8 +60,9 @@ soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator an
 test-agent: ## The agent data plane against real QEMU.
 	$(CARGO) test -p ferry-agent
 
-test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver.
+test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, then the end-to-end migrations peer-to-peer.
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	$(MAKE) test-e2e-p2p
 
 NODES ?= 2
 up: tools bins ## A local Ferry left running (control plane, chart, operator, $(NODES) agents); `make down` stops it.

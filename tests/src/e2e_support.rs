@@ -89,12 +89,21 @@ pub async fn apply_yaml(cluster: &Cluster, yaml: &str) {
     assert!(ok, "{said}");
 }
 
-/// A migration of the demo VM to `target` with the API's default transport (TLS).
+/// The mode of the migrations the end-to-end tests create with [`migration_yaml`]:
+/// `FERRY_TEST_MODE=PeerToPeer` runs them peer-to-peer (`make test-e2e-p2p`); Managed
+/// (the API's default) otherwise.
+pub fn test_mode() -> ferry_crds::ControlMode {
+    match std::env::var("FERRY_TEST_MODE").as_deref() {
+        Ok("PeerToPeer") => ferry_crds::ControlMode::PeerToPeer,
+        Ok("Managed") | Err(_) => ferry_crds::ControlMode::Managed,
+        Ok(other) => panic!("FERRY_TEST_MODE={other}: expected Managed or PeerToPeer"),
+    }
+}
+
+/// A migration of the demo VM to `target` with the API's default transport (TLS), in
+/// the [`test_mode`].
 pub fn migration_yaml(name: &str, target: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
-         spec:\n  vmName: demo\n  targetNode: {target}\n  policy:\n{policy}"
-    )
+    migration_yaml_in(test_mode(), name, target, policy)
 }
 
 /// [`migration_yaml`] driven in `mode` (`spec.mode`; Managed is the API's default, so it
@@ -105,7 +114,10 @@ pub fn migration_yaml_in(
     target: &str,
     policy: &str,
 ) -> String {
-    let yaml = migration_yaml(name, target, policy);
+    let yaml = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
+         spec:\n  vmName: demo\n  targetNode: {target}\n  policy:\n{policy}"
+    );
     match mode {
         ferry_crds::ControlMode::Managed => yaml,
         ferry_crds::ControlMode::PeerToPeer => format!("{yaml}  mode: PeerToPeer\n"),
