@@ -26,6 +26,9 @@ pub enum ControlMode {
     PeerToPeer,
 }
 
+/// The five phases of the protocol, in order.
+pub const PHASES: [P; 5] = [P::Begin, P::Prepare, P::Perform, P::Finish, P::Confirm];
+
 /// The annotation on an agent's heartbeat Lease naming where its peer API listens
 /// (`<ip>:<port>`). The Lease admission policy lets only that node's agent write it,
 /// and a caller checks the certificate the endpoint shows names the node anyway.

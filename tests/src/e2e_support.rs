@@ -213,6 +213,51 @@ pub async fn runs_once_on(cluster: &Cluster, vms: &Api<VirtualMachine>, node: &s
 }
 
 /// The guest goes on counting on `node` past `after`, and never saw a bad page.
+/// The first counter value the guest printed on `node` (it arrived there), within
+/// `limit`.
+pub async fn first_pass_on(cluster: &Cluster, node: &str, limit: Duration) -> u64 {
+    eventually(&format!("the guest to print on {node}"), limit, || async {
+        passes(&cluster.serial_log(node, "demo")).0.first().copied()
+    })
+    .await
+}
+
+/// Creates migration `name` from `yaml` (one that never converges), cancels it once
+/// Perform sends bytes, and checks it ends Cancelled with the guest running on node-a
+/// only, its counter going on.
+pub async fn cancel_during_perform(
+    cluster: &Cluster,
+    vms: &Api<VirtualMachine>,
+    vmms: &Api<VirtualMachineMigration>,
+    name: &str,
+    yaml: &str,
+) {
+    apply_yaml(cluster, yaml).await;
+    eventually("Perform to send bytes", Duration::from_secs(60), || async {
+        let s = vmms.get(name).await.ok()?.status?;
+        (s.phase == Some(MigrationPhase::Perform) && s.progress?.bytes_transferred > 0)
+            .then_some(())
+    })
+    .await;
+    vmms.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+    )
+    .await
+    .unwrap();
+    wait_phase(
+        vmms,
+        name,
+        MigrationPhase::Cancelled,
+        Duration::from_secs(60),
+    )
+    .await;
+    runs_once_on(cluster, vms, "node-a").await;
+    let now = last_pass(cluster, "node-a", "demo").unwrap();
+    guest_goes_on(cluster, "node-a", now).await;
+}
+
 pub async fn guest_goes_on(cluster: &Cluster, node: &str, after: u64) {
     eventually(
         &format!("the guest to count past {after} on {node}"),

@@ -10,8 +10,7 @@ use ferry_tests::repo_root;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams};
-use serde_json::json;
+use kube::api::DeleteParams;
 
 /// The body of a GET, with curl.
 async fn http_get(url: &str) -> String {
@@ -54,17 +53,7 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
     );
 
     runs_once_on(&cluster, &vms, "node-b").await;
-    let first_on_b = eventually(
-        "the guest to print on node-b",
-        Duration::from_secs(30),
-        || async {
-            passes(&cluster.serial_log("node-b", "demo"))
-                .0
-                .first()
-                .copied()
-        },
-    )
-    .await;
+    let first_on_b = first_pass_on(&cluster, "node-b", Duration::from_secs(30)).await;
     assert!(
         first_on_b > before,
         "the counter restarted on node-b: {first_on_b} after {before}"
@@ -298,30 +287,8 @@ async fn cancel_during_perform_leaves_the_guest_on_the_source() {
     let (cluster, client) = up().await;
     let vms = example_vm_running(&cluster, &client).await;
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
-    apply_yaml(&cluster, &migration_yaml("slow", "node-b", NEVER_ENDING)).await;
-    eventually("Perform to send bytes", Duration::from_secs(60), || async {
-        let s = vmms.get("slow").await.ok()?.status?;
-        (s.phase == Some(MigrationPhase::Perform) && s.progress?.bytes_transferred > 0)
-            .then_some(())
-    })
-    .await;
-    vmms.patch(
-        "slow",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"cancel": true}})),
-    )
-    .await
-    .unwrap();
-    wait_phase(
-        &vmms,
-        "slow",
-        MigrationPhase::Cancelled,
-        Duration::from_secs(60),
-    )
-    .await;
-    runs_once_on(&cluster, &vms, "node-a").await;
-    let now = last_pass(&cluster, "node-a", "demo").unwrap();
-    guest_goes_on(&cluster, "node-a", now).await;
+    let yaml = migration_yaml("slow", "node-b", NEVER_ENDING);
+    cancel_during_perform(&cluster, &vms, &vmms, "slow", &yaml).await;
 }
 
 #[tokio::test]

@@ -11,16 +11,9 @@ use ferry_tests::Cluster;
 use ferry_tests::e2e_support::*;
 use ferry_tests::peer_client::{self, PeerClient};
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-const PHASES: [MigrationPhase; 5] = [
-    MigrationPhase::Begin,
-    MigrationPhase::Prepare,
-    MigrationPhase::Perform,
-    MigrationPhase::Finish,
-    MigrationPhase::Confirm,
-];
+use ferry_crds::sequence::PHASES;
 
 #[tokio::test]
 async fn a_peer_to_peer_migration_moves_the_guest_and_records_every_step() {
@@ -53,17 +46,7 @@ async fn a_peer_to_peer_migration_moves_the_guest_and_records_every_step() {
     .await;
 
     runs_once_on(&cluster, &vms, "node-b").await;
-    let first_on_b = eventually(
-        "the guest to print on node-b",
-        Duration::from_secs(30),
-        || async {
-            passes(&cluster.serial_log("node-b", "demo"))
-                .0
-                .first()
-                .copied()
-        },
-    )
-    .await;
+    let first_on_b = first_pass_on(&cluster, "node-b", Duration::from_secs(30)).await;
     assert!(
         first_on_b > before,
         "the counter restarted on node-b: {first_on_b} after {before}"
@@ -124,34 +107,8 @@ async fn a_peer_to_peer_migration_cancelled_during_perform_leaves_the_guest_on_t
     let (cluster, client) = up().await;
     let vms = example_vm_running(&cluster, &client).await;
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
-    apply_yaml(
-        &cluster,
-        &migration_yaml_in(PeerToPeer, "slow-p2p", "node-b", NEVER_ENDING),
-    )
-    .await;
-    eventually("Perform to send bytes", Duration::from_secs(60), || async {
-        let s = vmms.get("slow-p2p").await.ok()?.status?;
-        (s.phase == Some(MigrationPhase::Perform) && s.progress?.bytes_transferred > 0)
-            .then_some(())
-    })
-    .await;
-    vmms.patch(
-        "slow-p2p",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"cancel": true}})),
-    )
-    .await
-    .unwrap();
-    wait_phase(
-        &vmms,
-        "slow-p2p",
-        MigrationPhase::Cancelled,
-        Duration::from_secs(60),
-    )
-    .await;
-    runs_once_on(&cluster, &vms, "node-a").await;
-    let now = last_pass(&cluster, "node-a", "demo").unwrap();
-    guest_goes_on(&cluster, "node-a", now).await;
+    let yaml = migration_yaml_in(PeerToPeer, "slow-p2p", "node-b", NEVER_ENDING);
+    cancel_during_perform(&cluster, &vms, &vmms, "slow-p2p", &yaml).await;
     let status = vmms.get("slow-p2p").await.unwrap().status.unwrap();
     // The rollback went through the target's peer API (Finish, cancelled) and ended
     // with the source's Confirm resuming the guest.

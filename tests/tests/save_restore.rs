@@ -223,17 +223,7 @@ async fn save_on_one_node_and_restore_on_the_other() {
     );
     assert_eq!(vm.saved_state, None);
     runs_once_on(&cluster, &vms, "node-b").await;
-    let first_on_b = eventually(
-        "the guest to print on node-b",
-        Duration::from_secs(60),
-        || async {
-            passes(&cluster.serial_log("node-b", "demo"))
-                .0
-                .first()
-                .copied()
-        },
-    )
-    .await;
+    let first_on_b = first_pass_on(&cluster, "node-b", Duration::from_secs(60)).await;
     assert!(
         first_on_b > before,
         "the counter restarted on node-b: {first_on_b} after {before}"

@@ -27,13 +27,7 @@ pub struct FerryRun {
     pub bytes: u64,
 }
 
-const PHASES: [MigrationPhase; 5] = [
-    MigrationPhase::Begin,
-    MigrationPhase::Prepare,
-    MigrationPhase::Perform,
-    MigrationPhase::Finish,
-    MigrationPhase::Confirm,
-];
+use ferry_crds::sequence::PHASES;
 
 /// A VirtualMachine for the benchmark on `node`.
 pub fn vm(name: &str, uuid: &str, memory_mib: u32, disk: &str, node: &str) -> VirtualMachine {
