@@ -2,7 +2,7 @@
 //! if the migration was cancelled, makes sure no migration runs any more and resumes
 //! the source guest if Begin found it running.
 
-use crate::cookie::{Cookie, Expect};
+use crate::cookie::{Cookie, Expect, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{
     MigrationRecord, Outcome, Phase, check_vm_name, outcome, should_resume_source,
@@ -11,7 +11,10 @@ use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::{StopMode, Supervisor};
 use std::time::Duration;
 
-/// Runs Confirm. `finish_cookie` is required when not `cancelled`.
+/// Runs Confirm. `finish_cookie` is required when not `cancelled`. Returns the
+/// statistics the Finish cookie carried (with the moments the guest paused here and
+/// resumed on the target: [`Statistics::guest_downtime_ms`]); `None` when cancelled or
+/// when an earlier run already confirmed.
 #[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
 pub async fn confirm(
     sup: &Supervisor,
@@ -19,7 +22,7 @@ pub async fn confirm(
     migration: &str,
     finish_cookie: Option<&str>,
     cancelled: bool,
-) -> Result<(), PhaseError> {
+) -> Result<Option<Statistics>, PhaseError> {
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,
@@ -30,7 +33,7 @@ pub async fn confirm(
     if !cancelled {
         if !dir.exists() {
             tracing::info!(vm, migration, "Confirm already done");
-            return Ok(());
+            return Ok(None);
         }
         let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
         let node = sup.node();
@@ -59,7 +62,7 @@ pub async fn confirm(
             .map_err(|e| cx.err(e))?;
         sup.destroy(vm).await.map_err(|e| cx.err(e))?;
         tracing::info!(vm, migration, "Confirm done: source QEMU removed");
-        return Ok(());
+        return Ok(target.statistics);
     }
     let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
@@ -100,5 +103,5 @@ pub async fn confirm(
         migration,
         "Confirm(cancelled) done: guest runs on the source"
     );
-    Ok(())
+    Ok(None)
 }

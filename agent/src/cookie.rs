@@ -10,7 +10,8 @@
 //!   <graphics type='vnc' listen='127.0.0.1' port='5901'/>
 //!   <lockstate holder='node-a'><disk path='/disks/guest-1.img'/></lockstate>
 //!   <statistics total-time-ms='..' downtime-ms='..' setup-time-ms='..'
-//!               transferred-bytes='..' total-bytes='..' passes='..'/>
+//!               transferred-bytes='..' total-bytes='..' passes='..'
+//!               stopped-at-ms='..' resumed-at-ms='..'/>
 //! </ferry-migration>
 //! ```
 //!
@@ -19,6 +20,7 @@
 //! `mandatory='yes'` is refused; other unknown elements are ignored (forward compatible).
 
 use crate::phases::Phase;
+pub use crate::statistics::Statistics;
 use crate::xml::{self, Element, XmlError};
 use uuid::Uuid;
 
@@ -87,17 +89,6 @@ pub struct LockState {
     pub holder: String,
     /// Disk source paths under the lock.
     pub disks: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Statistics {
-    pub total_time_ms: u64,
-    pub downtime_ms: u64,
-    pub setup_time_ms: u64,
-    pub transferred_bytes: u64,
-    pub total_bytes: u64,
-    /// Number of RAM passes (QEMU's dirty-sync-count).
-    pub passes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,7 +176,9 @@ impl Cookie {
                     .with_attr("setup-time-ms", s.setup_time_ms)
                     .with_attr("transferred-bytes", s.transferred_bytes)
                     .with_attr("total-bytes", s.total_bytes)
-                    .with_attr("passes", s.passes),
+                    .with_attr("passes", s.passes)
+                    .with_attr_opt("stopped-at-ms", s.stopped_at_ms)
+                    .with_attr_opt("resumed-at-ms", s.resumed_at_ms),
             );
         }
         let out = root.write();
@@ -282,21 +275,23 @@ impl Cookie {
             });
         }
         if let Some(s) = root.child("statistics")? {
-            const ATTRS: [&str; 6] = [
+            const ATTRS: [&str; 8] = [
                 "total-time-ms",
                 "downtime-ms",
                 "setup-time-ms",
                 "transferred-bytes",
                 "total-bytes",
                 "passes",
+                "stopped-at-ms",
+                "resumed-at-ms",
             ];
             s.allow(&ATTRS, &[])?;
-            let n = |k: &str| -> Result<u64, XmlError> {
-                match s.get(k) {
-                    Some(v) => v.parse().map_err(|_| s.invalid(k, v, "not a number")),
-                    None => Ok(0),
-                }
+            let opt = |k: &str| -> Result<Option<u64>, XmlError> {
+                s.get(k)
+                    .map(|v| v.parse().map_err(|_| s.invalid(k, v, "not a number")))
+                    .transpose()
             };
+            let n = |k: &str| opt(k).map(Option::unwrap_or_default);
             cookie.statistics = Some(Statistics {
                 total_time_ms: n(ATTRS[0])?,
                 downtime_ms: n(ATTRS[1])?,
@@ -304,6 +299,8 @@ impl Cookie {
                 transferred_bytes: n(ATTRS[3])?,
                 total_bytes: n(ATTRS[4])?,
                 passes: n(ATTRS[5])?,
+                stopped_at_ms: opt(ATTRS[6])?,
+                resumed_at_ms: opt(ATTRS[7])?,
             });
         }
         check_parts(expect.writer, &cookie.parts())?;
@@ -376,6 +373,7 @@ mod tests {
             total_time_ms: 1200,
             downtime_ms: 30,
             transferred_bytes: 1 << 28,
+            stopped_at_ms: Some(1_764_000_000_000),
             ..Default::default()
         });
         let xml = s.encode(Phase::Perform).unwrap();

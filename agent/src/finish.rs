@@ -2,13 +2,15 @@
 //! VM's `status.nodeName` and the disk lock here) and only then resumes the vCPUs with
 //! `cont`. If cancelled, or anything fails, kills the new QEMU and removes its state.
 
-use crate::cookie::{Cookie, Expect, LockState};
+use crate::cookie::{Cookie, Expect, LockState, Statistics};
 use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
 use crate::phases::{Arrival, MigrationRecord, Phase, arrival, check_vm_name};
-use crate::qmp::{MigrationInfo, StatusInfo};
+use crate::qmp::{Event, MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// What Finish hands to Confirm.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +112,8 @@ where
         },
     )?;
     let guest = sup.require(vm).await?;
+    let mut events = guest.qmp.subscribe();
+    let mut resumed_at = None;
     // The source saw the stream complete a moment before this QEMU finishes loading it.
     let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
     loop {
@@ -120,6 +124,7 @@ where
                 take_ownership.await.map_err(ErrorKind::Ownership)?;
                 tracing::info!(vm, migration = cx.migration, "ownership taken, resuming");
                 guest.qmp.run("cont", None).await?;
+                resumed_at = resumed(&mut events).await;
                 break;
             }
             Arrival::AlreadyResumed => break,
@@ -144,6 +149,33 @@ where
         holder: node.name.clone(),
         disks: domain.disks().map(|d| d.source.clone()).collect(),
     });
-    cookie.statistics = source.statistics;
+    cookie.statistics = source.statistics.map(|s| Statistics {
+        resumed_at_ms: resumed_at,
+        ..s
+    });
     Ok(cookie.encode(Phase::Finish)?)
 }
+
+/// When the guest resumed here: the timestamp of QEMU's `RESUME` event, which `cont`
+/// emits before it answers; the agent's clock if the event does not come.
+async fn resumed(events: &mut broadcast::Receiver<Event>) -> Option<u64> {
+    let wait = tokio::time::timeout(RESUME_EVENT_WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.event == "RESUME" => return ev.unix_ms(),
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    match wait.await {
+        Ok(Some(at)) => Some(at),
+        _ => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok()),
+    }
+}
+
+/// How long Finish looks for the `RESUME` event after `cont` answered.
+const RESUME_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -102,6 +102,7 @@ pub mod recover;
 pub mod restore;
 pub mod save;
 pub mod statefile;
+pub mod statistics;
 pub mod supervisor;
 pub mod testguest;
 pub mod tls;

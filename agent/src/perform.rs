@@ -104,18 +104,6 @@ pub struct PerformOutput {
     pub max_cpu_throttle_percent: u64,
 }
 
-fn statistics(info: &MigrationInfo) -> Statistics {
-    let ram = info.ram.clone().unwrap_or_default();
-    Statistics {
-        total_time_ms: info.total_time.unwrap_or(0),
-        downtime_ms: info.downtime.unwrap_or(0),
-        setup_time_ms: info.setup_time.unwrap_or(0),
-        transferred_bytes: ram.transferred,
-        total_bytes: ram.total,
-        passes: ram.dirty_sync_count,
-    }
-}
-
 /// Runs Perform: migrates `vm` to `uri` (from Prepare) under `policy` (the same policy
 /// Prepare applied to the target), calling `on_progress` about four times a second,
 /// until it completes, fails, a limit of the policy aborts it, or `cancel` fires (a
@@ -257,6 +245,8 @@ pub async fn perform_with_recovery(
     let mut max_throttle = 0;
     let mut conv = Convergence::default();
     let mut last_resume: Option<std::time::Instant> = None;
+    // When the guest paused here for the switch-over (QEMU's STOP event).
+    let mut stopped_at: Option<u64> = None;
     let mut tick = tokio::time::interval(POLL);
     let info = loop {
         tokio::select! {
@@ -278,6 +268,10 @@ pub async fn perform_with_recovery(
                     if outcome(Some(status)) == Outcome::InProgress {
                         continue;
                     }
+                }
+                Ok(ev) if ev.event == "STOP" => {
+                    stopped_at = ev.unix_ms().or(stopped_at);
+                    continue;
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return Err(cx.err(QmpError::Gone)),
@@ -377,10 +371,18 @@ pub async fn perform_with_recovery(
         }
     }
     on_progress(&Progress::from_info(&info));
+    // The STOP came before the completion, but the poll may have seen the completion
+    // before this loop read the event.
+    while let Ok(ev) = events.try_recv() {
+        if ev.event == "STOP" {
+            stopped_at = ev.unix_ms().or(stopped_at);
+        }
+    }
     if let Err(e) = crate::tls::clear(qmp).await {
         tracing::warn!(vm, migration, error = %e, "could not remove the TLS objects");
     }
-    let mut stats = statistics(&info);
+    let mut stats = Statistics::from_info(&info);
+    stats.stopped_at_ms = stopped_at;
     if let Some(at) = switched_at {
         // The incoming QEMU starts with -S: after the switch the guest runs nowhere
         // until Finish resumes it on the target, so its downtime counts from the switch.

@@ -60,6 +60,28 @@ pub struct Event {
     pub event: String,
     #[serde(default)]
     pub data: Value,
+    /// When QEMU emitted it, by the host's wall clock.
+    #[serde(default)]
+    pub timestamp: Option<EventTime>,
+}
+
+/// A QMP event's `timestamp`: seconds and microseconds since the Unix epoch
+/// (`{"seconds": -1, "microseconds": -1}` when QEMU could not read the clock).
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct EventTime {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+impl Event {
+    /// When QEMU emitted the event, in milliseconds since the Unix epoch.
+    pub fn unix_ms(&self) -> Option<u64> {
+        let t = self.timestamp?;
+        let ms = t.seconds.checked_mul(1000)? + t.microseconds / 1000;
+        u64::try_from(ms)
+            .ok()
+            .filter(|_| t.seconds >= 0 && t.microseconds >= 0)
+    }
 }
 
 type Reply = Result<Value, QmpError>;
@@ -385,4 +407,25 @@ pub struct VncInfo {
     pub enabled: bool,
     pub host: Option<String>,
     pub service: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(json: &str) -> Event {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn an_events_timestamp_is_unix_milliseconds() {
+        let ev = event(
+            r#"{"event": "STOP", "timestamp": {"seconds": 1764115200, "microseconds": 435656}}"#,
+        );
+        assert_eq!(ev.unix_ms(), Some(1_764_115_200_435));
+        // QEMU writes -1 when it could not read the clock; older events carry none.
+        let ev = event(r#"{"event": "STOP", "timestamp": {"seconds": -1, "microseconds": -1}}"#);
+        assert_eq!(ev.unix_ms(), None);
+        assert_eq!(event(r#"{"event": "RESUME"}"#).unix_ms(), None);
+    }
 }

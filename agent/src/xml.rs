@@ -222,6 +222,14 @@ impl Element {
         self
     }
 
+    /// Builder: adds an attribute when there is a value.
+    pub fn with_attr_opt(self, key: &str, value: Option<impl ToString>) -> Self {
+        match value {
+            Some(v) => self.with_attr(key, v),
+            None => self,
+        }
+    }
+
     /// Builder: adds a child element.
     pub fn with_child(mut self, child: Element) -> Self {
         self.children.push(child);

@@ -401,7 +401,9 @@ pub struct VirtualMachineMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_state: Option<SavedState>,
 
-    /// How long the guest was paused for the switch-over, in milliseconds.
+    /// How long the guest was paused for the switch-over, in milliseconds: from the
+    /// source pausing it to the target resuming it (written in Confirm). Until then,
+    /// QEMU's own figure, which ends with the stream (written in Perform).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<i64>,
 

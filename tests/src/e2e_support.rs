@@ -379,6 +379,48 @@ pub fn assert_stream(steps: &ferry_crds::Steps, tls: Option<(&str, &str)>) {
     }
 }
 
+/// Checks a succeeded migration reports the guest's downtime, not only QEMU's: the Finish
+/// cookie carries the moments the source paused the guest and the target resumed it,
+/// `status.downtimeMs` is the time between (at least QEMU's own figure, from the
+/// Perform cookie), and the Confirm step says so.
+pub fn assert_guest_downtime(status: &ferry_crds::VirtualMachineMigrationStatus) {
+    let cookies = status.cookies.clone().unwrap_or_default();
+    let finish = cookies.finish.unwrap_or_default();
+    let perform = cookies.perform.unwrap_or_default();
+    let stopped = cookie_attr(&finish, "stopped-at-ms");
+    let resumed = cookie_attr(&finish, "resumed-at-ms");
+    let qemu = cookie_attr(&perform, "downtime-ms").expect("Perform cookie has downtime-ms");
+    let (Some(stopped), Some(resumed)) = (stopped, resumed) else {
+        panic!("Finish cookie lacks stopped-at-ms or resumed-at-ms: {finish}");
+    };
+    let want = resumed.saturating_sub(stopped).max(qemu);
+    assert_eq!(
+        status.downtime_ms,
+        Some(want as i64),
+        "downtimeMs is not paused ({stopped}) → resumed ({resumed}), QEMU said {qemu} ms"
+    );
+    assert!(want > 0, "a guest handed over through the API paused 0 ms");
+    eprintln!("guest downtime {want} ms (QEMU's stop-and-copy {qemu} ms)");
+    let confirm = status
+        .steps
+        .as_ref()
+        .and_then(|s| s.get(MigrationPhase::Confirm))
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    assert!(
+        confirm.contains(&format!("the guest was paused {want} ms")),
+        "Confirm: {confirm}"
+    );
+}
+
+/// A numeric attribute of a cookie's `<statistics>` element.
+fn cookie_attr(cookie: &str, name: &str) -> Option<u64> {
+    let at = cookie.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &cookie[at..];
+    let quote = rest.chars().next()?;
+    rest[1..].split(quote).next()?.parse().ok()
+}
+
 /// Checks each node's agent filed a CSR for Ferry's signer that the operator approved
 /// and signed.
 pub async fn assert_node_certificates_issued(client: &Client, nodes: &[&str]) {

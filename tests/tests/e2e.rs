@@ -139,6 +139,7 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
     }
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let status = vmms.get("demo-to-node-b").await.unwrap().status.unwrap();
+    assert_guest_downtime(&status);
     let cookies = status.cookies.unwrap();
     for (phase, cookie) in [
         ("begin", cookies.begin),

@@ -483,6 +483,7 @@ impl<'a> Run<'a> {
             ));
         }
         let finish_cookie = self.cookie(MigrationPhase::Finish);
+        let mut statistics = None;
         if !cancelled && finish_cookie.is_none() {
             // The target took over but its Finish never reported: nothing to check
             // against, but the old guest must go all the same.
@@ -492,7 +493,7 @@ impl<'a> Run<'a> {
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
-            confirm::confirm(
+            statistics = confirm::confirm(
                 &self.agent.sup,
                 &domain.name,
                 &self.id,
@@ -516,7 +517,18 @@ impl<'a> Run<'a> {
             )
             .release(&source)
             .await;
-            Ok(("the old guest on the source is gone".into(), json!({})))
+            // QEMU's downtime (written in Perform) ends with the stream; the guest's
+            // ends when the target resumed it.
+            match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {
+                Some(ms) => Ok((
+                    format!(
+                        "the old guest on the source is gone; the guest was paused {ms} ms \
+                         (paused here → resumed on {target})"
+                    ),
+                    json!({"downtimeMs": ms}),
+                )),
+                None => Ok(("the old guest on the source is gone".into(), json!({}))),
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use ferry_agent::cmdline::{HostPaths, qemu_args, qemu_binary};
 use ferry_agent::domain::Domain;
 use ferry_agent::policy::{Policy, Side};
 use ferry_agent::qmp::{MigrationInfo, Qmp, StatusInfo};
+use ferry_agent::statistics::Statistics;
 
 use crate::ChildGuard;
 
@@ -20,6 +21,8 @@ pub struct RawRun {
     pub total: Duration,
     /// QEMU's own account of the migration.
     pub migration_ms: u64,
+    /// The guest's downtime: the source's `STOP` event → the target's `RESUME` event
+    /// (QEMU's own figure if an event was missed), as Ferry reports it.
     pub downtime_ms: u64,
     pub dirty_rate_bytes_per_second: u64,
 }
@@ -164,9 +167,16 @@ async fn hop(
         .qmp
         .run("migrate", Some(serde_json::json!({ "uri": uri })))
         .await?;
+    let mut stopped_at = None;
     let info = loop {
         tokio::select! {
-            _ = events.recv() => {}
+            ev = events.recv() => {
+                if let Ok(ev) = ev
+                    && ev.event == "STOP"
+                {
+                    stopped_at = ev.unix_ms();
+                }
+            }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         let info: MigrationInfo = source.qmp.execute("query-migrate", None).await?;
@@ -188,13 +198,26 @@ async fn hop(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let mut dest_events = dest.qmp.subscribe();
     dest.qmp.run("cont", None).await?;
+    let mut stats = Statistics::from_info(&info);
+    stats.stopped_at_ms = stopped_at;
+    while let Ok(ev) = events.try_recv() {
+        if ev.event == "STOP" {
+            stats.stopped_at_ms = ev.unix_ms();
+        }
+    }
+    while let Ok(ev) = dest_events.try_recv() {
+        if ev.event == "RESUME" {
+            stats.resumed_at_ms = ev.unix_ms();
+        }
+    }
     source.qmp.run("quit", None).await.ok();
     source.process.stop(Duration::from_secs(5));
     let run = RawRun {
         total: t0.elapsed(),
         migration_ms: info.total_time.unwrap_or_default(),
-        downtime_ms: info.downtime.unwrap_or_default(),
+        downtime_ms: stats.guest_downtime_ms().unwrap_or(stats.downtime_ms),
         dirty_rate_bytes_per_second: 0,
     };
     Ok((run, dest))
