@@ -26,6 +26,9 @@ fi
 export GOWORK=off
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -mod=mod"
 export CGO_ENABLED=0
+# A build cache of its own, removed once the binaries are in place: it grows to several
+# GiB and nothing reuses it, while the Rust build that follows needs the disk.
+export GOCACHE="$out/go-build-cache"
 
 major=${KUBE_VERSION#v}; major=${major%%.*}
 minor=${KUBE_VERSION#v*.}; minor=${minor%%.*}
@@ -49,6 +52,7 @@ GOBIN="$out/bin" go install -trimpath \
 
 rm -f "$out"/.built-*
 touch "$stamp"
+rm -rf "$GOCACHE"
 echo "tools: built in $(( $(date +%s) - start ))s into $out/bin"
 "$out/bin/kube-apiserver" --version
 "$out/bin/etcd" --version | head -1
