@@ -10,12 +10,14 @@
 
 mod condition;
 mod migration;
+mod policy;
 pub mod sequence;
 pub mod tls;
 mod vm;
 
 pub use condition::{Condition, set_condition};
 pub use migration::*;
+pub use policy::*;
 pub use sequence::ControlMode;
 pub use vm::*;
 
