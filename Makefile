@@ -42,11 +42,11 @@ test-k8s: tools ## The chart, CRDs, RBAC and the admission policies against a re
 test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
 	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli
 
-# The end-to-end migrations of tests/tests/e2e.rs and the post-copy recovery test again,
+# The end-to-end migrations of tests/tests/e2e.rs and the post-copy tests of tests/tests/faults.rs again,
 # every migration they create peer-to-peer (FERRY_TEST_MODE, tests/src/e2e_support.rs).
-test-e2e-p2p: tools bins ## The end-to-end migrations and the post-copy recovery again, peer-to-peer.
+test-e2e-p2p: tools bins ## The end-to-end migrations and the post-copy tests again, peer-to-peer.
 	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test e2e
-	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test faults a_cut_post_copy_stream -- --nocapture
+	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test faults post_copy -- --nocapture
 
 # `make test` runs the fault matrix's fixed subset (tests/src/fault_matrix.rs, SUBSET:
 # managed, one row per fault and one per injection point; peer-to-peer, every fault on

@@ -11,10 +11,23 @@ use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::{StopMode, Supervisor};
 use std::time::Duration;
 
-/// Runs Confirm. `finish_cookie` is required when not `cancelled`. Returns the
-/// statistics the Finish cookie carried (with the moments the guest paused here and
-/// resumed on the target: [`Statistics::guest_downtime_ms`]); `None` when cancelled or
-/// when an earlier run already confirmed.
+/// How Confirm ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmed {
+    /// The guest runs on the target and its QEMU here is gone. The statistics the Finish
+    /// cookie carried (with the moments the guest paused here and resumed on the target:
+    /// [`Statistics::guest_downtime_ms`]); `None` when an earlier run already confirmed.
+    TargetRuns(Option<Statistics>),
+    /// Rolled back: the guest runs here.
+    SourceRuns,
+    /// Rolled back after the switch to post-copy: the guest's state was split between
+    /// this QEMU and the target's, which is gone (the rollback removed it), and QEMU
+    /// cannot resume it here ("Migration is not finalized yet"). This QEMU was removed;
+    /// the reason says what the outgoing migration was in.
+    GuestLost(String),
+}
+
+/// Runs Confirm. `finish_cookie` is required when not `cancelled`.
 #[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
 pub async fn confirm(
     sup: &Supervisor,
@@ -22,7 +35,7 @@ pub async fn confirm(
     migration: &str,
     finish_cookie: Option<&str>,
     cancelled: bool,
-) -> Result<Option<Statistics>, PhaseError> {
+) -> Result<Confirmed, PhaseError> {
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,
@@ -33,7 +46,7 @@ pub async fn confirm(
     if !cancelled {
         if !dir.exists() {
             tracing::info!(vm, migration, "Confirm already done");
-            return Ok(None);
+            return Ok(Confirmed::TargetRuns(None));
         }
         let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
         let node = sup.node();
@@ -62,11 +75,26 @@ pub async fn confirm(
             .map_err(|e| cx.err(e))?;
         sup.destroy(vm).await.map_err(|e| cx.err(e))?;
         tracing::info!(vm, migration, "Confirm done: source QEMU removed");
-        return Ok(target.statistics);
+        return Ok(Confirmed::TargetRuns(target.statistics));
     }
     let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
     let qmp = &guest.qmp;
+    let info: MigrationInfo = qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(|e| cx.err(e))?;
+    if crate::recover::in_post_copy(info.status.as_deref()) {
+        let why = format!(
+            "the outgoing migration is {} (after the switch to post-copy): the guest's state \
+             was split with the target's QEMU, which is gone, and QEMU cannot resume it here",
+            info.status.as_deref().unwrap_or_default()
+        );
+        tracing::error!(vm, migration, %why, "removing the source QEMU: the guest is lost");
+        drop(guest);
+        sup.destroy(vm).await.map_err(|e| cx.err(e))?;
+        return Ok(Confirmed::GuestLost(why));
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let info: MigrationInfo = qmp
@@ -103,5 +131,5 @@ pub async fn confirm(
         migration,
         "Confirm(cancelled) done: guest runs on the source"
     );
-    Ok(None)
+    Ok(Confirmed::SourceRuns)
 }

@@ -43,6 +43,10 @@ pub enum ErrorKind {
     Ownership(BoxError),
     #[error("guest did not arrive: {0}")]
     NotArrived(String),
+    /// The target's QEMU died after the switch to post-copy: the guest's state was split
+    /// between the two QEMUs and QEMU cannot resume it on the source.
+    #[error("the guest is lost: {0}")]
+    GuestLost(String),
     #[error("migration record: {0}")]
     Record(#[from] std::io::Error),
     #[error(transparent)]
@@ -66,6 +70,7 @@ impl ErrorKind {
             ErrorKind::LimitExceeded(_) => "limit_exceeded",
             ErrorKind::Ownership(_) => "ownership",
             ErrorKind::NotArrived(_) => "not_arrived",
+            ErrorKind::GuestLost(_) => "guest_lost",
             ErrorKind::Record(_) => "record",
             ErrorKind::StateFile(_) => "state_file",
         }

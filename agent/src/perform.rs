@@ -10,6 +10,7 @@ use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Outcome, Phase, check_uri, check_vm_name, outcome};
 use crate::policy::{self, Action, Convergence, Judgement, Policy, Sample, Settings, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
+use crate::recover::TargetReport;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde::{Deserialize, Serialize};
@@ -125,7 +126,7 @@ pub async fn perform(
     cancel: &CancellationToken,
     on_progress: impl FnMut(&Progress),
 ) -> Result<PerformOutput, PhaseError> {
-    let (_never, recovery) = watch::channel(None);
+    let (_never, recovery) = watch::channel(TargetReport::default());
     perform_with_recovery(
         sup,
         vm,
@@ -144,7 +145,10 @@ pub async fn perform(
 /// [`perform`], recovering a cut post-copy stream: while QEMU reports `postcopy-paused`,
 /// every [`recover::RESUME_EVERY`](crate::recover::RESUME_EVERY) it resumes the
 /// migration to the latest URI `recovery` holds (where the target listens again, see
-/// [`crate::recover`]), until the path is back and the migration goes on.
+/// [`crate::recover`]), until the path is back and the migration goes on. If `recovery`
+/// says the target lost its QEMU after the switch, it fails with
+/// [`ErrorKind::GuestLost`]: nothing can finish the migration, and the guest cannot run
+/// here again.
 #[allow(clippy::too_many_arguments)]
 #[tracing::instrument(skip_all, fields(vm, migration))]
 pub async fn perform_with_recovery(
@@ -156,7 +160,7 @@ pub async fn perform_with_recovery(
     policy: &Policy,
     tls: Option<&Credentials>,
     cancel: &CancellationToken,
-    recovery: watch::Receiver<Option<String>>,
+    recovery: watch::Receiver<TargetReport>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<PerformOutput, PhaseError> {
     let cx = Ctx {
@@ -288,8 +292,16 @@ pub async fn perform_with_recovery(
             _ => break info,
         }
         let s = sample(&info);
+        if crate::recover::in_post_copy(info.status.as_deref())
+            && let Some(why) = recovery.borrow().lost.clone()
+        {
+            // Nothing can take the stream back, and QEMU cannot resume the guest here:
+            // Perform fails, and a cancelled Confirm removes this QEMU.
+            tracing::error!(vm, migration, %why, "the target lost the guest during post-copy");
+            return Err(cx.err(ErrorKind::GuestLost(why)));
+        }
         if crate::recover::is_paused(info.status.as_deref()) {
-            let target = recovery.borrow().clone();
+            let target = recovery.borrow().listens_at.clone();
             let due = last_resume.is_none_or(|t| t.elapsed() >= crate::recover::RESUME_EVERY);
             if let Some(target) = target.filter(|t| due && check_uri(t).is_ok()) {
                 last_resume = Some(std::time::Instant::now());

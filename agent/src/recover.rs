@@ -31,6 +31,23 @@ pub const RESUME_EVERY: Duration = Duration::from_secs(2);
 /// (on a fresh port), in case its listener was used up by an attempt that failed.
 pub const RELISTEN_AFTER: Duration = Duration::from_secs(20);
 
+/// What the target reports to a source whose post-copy stream it holds the other half
+/// of (through the migration's status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetReport {
+    /// Where the target listens again after a cut (`status.recoveryURI`).
+    pub listens_at: Option<String>,
+    /// Why the target can never take the stream back: its QEMU, holding the guest's
+    /// state since the switch, is gone (`status.targetLost`).
+    pub lost: Option<String>,
+}
+
+/// Whether `status` (of `query-migrate`) is a migration that switched to post-copy and
+/// has not ended: neither side can give the guest back to the source any more.
+pub fn in_post_copy(status: Option<&str>) -> bool {
+    status.is_some_and(|s| s.starts_with("postcopy"))
+}
+
 /// Whether `status` (of `query-migrate`) is a paused post-copy.
 pub fn is_paused(status: Option<&str>) -> bool {
     status == Some(PAUSED)
@@ -110,5 +127,12 @@ mod tests {
         assert!(is_paused(Some("postcopy-paused")));
         assert!(!is_paused(Some("postcopy-active")));
         assert!(!is_paused(None));
+        for s in ["postcopy-active", "postcopy-paused", "postcopy-recover"] {
+            assert!(in_post_copy(Some(s)), "{s}");
+        }
+        for s in ["active", "completed", "failed", "cancelling", "cancelled"] {
+            assert!(!in_post_copy(Some(s)), "{s}");
+        }
+        assert!(!in_post_copy(None));
     }
 }

@@ -2,18 +2,19 @@
 //! migration is in post-copy; both QEMUs pause; a resume while the path is still down
 //! leaves them paused; once the path is back the target listens again
 //! (`recover::listen_again`) and the source resumes to it (`perform_with_recovery`),
-//! and the guest arrives whole.
+//! and the guest arrives whole. And the case no recovery helps: the target's QEMU dies
+//! after the switch.
 
 mod support;
 
 use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
+use ferry_agent::confirm::{Confirmed, confirm};
 use ferry_agent::finish::finish;
 use ferry_agent::perform::{Progress, perform_with_recovery};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
 use ferry_agent::prepare::prepare;
 use ferry_agent::qmp::MigrationInfo;
-use ferry_agent::recover;
+use ferry_agent::recover::{self, TargetReport};
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPolicy;
 use std::net::SocketAddr;
@@ -129,7 +130,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
     let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
     let sink = reports.clone();
-    let (recovery_tx, recovery_rx) = watch::channel(None);
+    let (recovery_tx, recovery_rx) = watch::channel(TargetReport::default());
     let cancel = CancellationToken::new();
     let relay_uri = relay.uri();
     let perform = perform_with_recovery(
@@ -167,7 +168,10 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
             .await
             .unwrap()
             .expect("the paused target listens again");
-        recovery_tx.send_replace(Some(relay_uri.clone()));
+        recovery_tx.send_replace(TargetReport {
+            listens_at: Some(relay_uri.clone()),
+            lost: None,
+        });
         tokio::time::sleep(recover::RESUME_EVERY * 3).await;
         assert!(
             both_paused(&lab).await,
@@ -199,6 +203,103 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
     let after = std::fs::read_to_string(lab.serial_b()).unwrap();
     assert_counter_continues(&before, &after, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves_no_qemu() {
+    let lab = Lab::new("pc-lost", 128, 49, 2_000_000);
+    lab.start_source().await;
+    let policy = Policy {
+        post_copy: PostCopy::After(Duration::from_secs(1)),
+        completion_timeout_per_gib: None,
+        progress_timeout: None,
+        ..resolve(&MigrationPolicy {
+            bandwidth_mi_bps: Some(4),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let m = "m-pc-lost";
+    let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy, None)
+        .await
+        .unwrap();
+    let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = reports.clone();
+    let (report_tx, report_rx) = watch::channel(TargetReport::default());
+    let cancel = CancellationToken::new();
+    let perform = perform_with_recovery(
+        &lab.a,
+        &lab.vm,
+        m,
+        &prep.uri,
+        &prep.cookie,
+        &policy,
+        None,
+        &cancel,
+        report_rx,
+        move |p| sink.lock().unwrap().push(p.clone()),
+    );
+    let driver = async {
+        eventually("post-copy", || {
+            let r = reports.lock().unwrap();
+            r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)
+        })
+        .await;
+        let pid = lab.b.running_pid(&lab.vm).expect("the target QEMU runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // The source pauses and waits for a recovery that cannot come; a cancel does
+        // not move it either (post-copy).
+        for _ in 0..100 {
+            if migration_status(&lab.a, &lab.vm).await == recover::PAUSED {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(migration_status(&lab.a, &lab.vm).await, recover::PAUSED);
+        cancel.cancel();
+        tokio::time::sleep(recover::RESUME_EVERY).await;
+        // What the target agent writes into status.targetLost.
+        report_tx.send_replace(TargetReport {
+            listens_at: None,
+            lost: Some("the incoming QEMU is gone".into()),
+        });
+    };
+    let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
+    let err = res.expect_err("Perform cannot complete without the target's QEMU");
+    assert!(
+        err.to_string()
+            .contains("the guest is lost: the incoming QEMU is gone"),
+        "{err}"
+    );
+    // The rollback, as the operator runs it: Finish(cancelled) on the target, then
+    // Confirm(cancelled) on the source, which cannot resume the guest.
+    let fin = finish(&lab.b, &lab.vm, m, None, true, async { Ok(()) })
+        .await
+        .unwrap();
+    assert!(!fin.resumed);
+    let confirmed = confirm(&lab.a, &lab.vm, m, None, true).await.unwrap();
+    match confirmed {
+        Confirmed::GuestLost(why) => assert!(why.contains("postcopy-paused"), "{why}"),
+        other => panic!("expected the guest lost, got {other:?}"),
+    }
+    assert_eq!(
+        lab.qemu_pids(),
+        Vec::<i32>::new(),
+        "no QEMU of the VM is left"
+    );
+    assert!(
+        !lab.a.vm_dir(&lab.vm).exists(),
+        "the source's state dir is gone"
+    );
+    assert!(
+        !lab.b.vm_dir(&lab.vm).exists(),
+        "the target's state dir is gone"
+    );
 }
 
 /// Polls `done` every 50 ms for up to two minutes.

@@ -270,6 +270,13 @@ pub struct VirtualMachineMigrationStatus {
     )]
     pub recovery_uri: Option<String>,
 
+    /// Set by the target agent when its QEMU died after the switch to post-copy: why the
+    /// migration can never complete. The guest's state was split between the two QEMUs,
+    /// so the guest is lost; the source's Perform fails and the rollback removes the
+    /// source QEMU, and the VM is marked Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_lost: Option<String>,
+
     /// The XML cookie each phase hands to the next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookies: Option<Cookies>,

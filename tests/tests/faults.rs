@@ -500,6 +500,63 @@ async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
     keep_logs_named(&cluster, "post-copy-cut");
 }
 
+/// How long a post-copy migration whose target QEMU died may take to end: the target
+/// agent looks at its QEMU every 0.5 s, then the source's Perform fails and the rollback
+/// runs Finish and Confirm.
+const LOST_BOUND: Duration = Duration::from_secs(60);
+
+/// The target's QEMU dies after the switch to post-copy. It held the guest's state since
+/// the switch and QEMU cannot resume the guest on the source, so the guest is lost: no
+/// recovery can help, and nothing may wait for one. The target agent says so
+/// (`status.targetLost`), the source's Perform fails, and the rollback removes the
+/// source's QEMU: the migration ends Failed within [`LOST_BOUND`], the VM is marked
+/// Failed (GuestDied), and no QEMU, state dir or disk lock is left (the matrix's row
+/// checks).
+#[tokio::test]
+async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_lost() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = up().await;
+    example_vm_running(&cluster, &client).await;
+    let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
+    apply_yaml(&cluster, &migration_yaml(MIGRATION, TARGET, SLOW_POST_COPY)).await;
+    let status = || async { vmms.get(MIGRATION).await.ok()?.status };
+    eventually(
+        "the switch to post-copy",
+        Duration::from_secs(120),
+        || async { (status().await?.progress?.mode? == MigrationMode::PostCopy).then_some(()) },
+    )
+    .await;
+    let pid = cluster.qemu_pids("demo")[TARGET];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    wait_phase(&vmms, MIGRATION, MigrationPhase::Failed, LOST_BOUND).await;
+    let ended_in = killed.elapsed();
+    let s = status().await.unwrap();
+    let lost = s.target_lost.clone().unwrap_or_default();
+    assert!(
+        lost.contains("gone after the switch to post-copy"),
+        "{s:#?}"
+    );
+    let confirm = s.steps.as_ref().and_then(|st| st.confirm.clone());
+    let confirm = confirm.and_then(|c| c.message).unwrap_or_default();
+    assert!(confirm.contains("the guest is lost"), "Confirm: {confirm}");
+    let spec = (test_mode(), Fault::KillTargetQemu, Point::PerformLate);
+    check_row(&cluster, &client, spec, MigrationPhase::Failed).await;
+    for node in [SOURCE, TARGET] {
+        let dir = vm_dir(&cluster, node);
+        assert!(!dir.exists(), "state left on {node}: {dir:?}");
+    }
+    println!(
+        "post-copy target QEMU killed: Failed {:.1} s later (bound {} s), the VM marked Failed",
+        ended_in.as_secs_f64(),
+        LOST_BOUND.as_secs()
+    );
+}
+
 #[tokio::test]
 async fn fault_matrix_subset() {
     // FERRY_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,... picks rows of the full matrices

@@ -204,6 +204,11 @@ async fn only_the_migrations_own_agents_write_its_status() {
         patch_migration(&b, json!({"recoveryURI": "tcp:127.0.0.3:49153"})).await,
     );
     denied(
+        "the source says the target lost the guest",
+        "target-fields",
+        patch_migration(&a, json!({"targetLost": "made up"})).await,
+    );
+    denied(
         "the source moves the phase on",
         "operator-fields",
         patch_migration(&a, json!({"phase": "Prepare"})).await,

@@ -151,6 +151,11 @@ async fn the_source_drives_only_a_peer_to_peer_migration() {
         "target-fields",
         patch(&a, PEER, json!({"recoveryURI": "tcp:127.0.0.9:1"})).await,
     );
+    denied(
+        "the driver says the target lost the guest (the target's to write)",
+        "target-fields",
+        patch(&a, PEER, json!({"targetLost": "made up"})).await,
+    );
 
     // The target gains nothing from the mode; a third node writes nothing.
     denied(

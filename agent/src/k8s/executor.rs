@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_agent::recover::TargetReport;
 use ferry_crds::{
     ControlMode, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration,
+    VirtualMachineMigrationStatus,
 };
 use futures::StreamExt;
 use kube::api::ListParams;
@@ -103,6 +105,14 @@ pub fn given_up(status: &ferry_crds::VirtualMachineMigrationStatus, phase: Migra
             .is_some_and(|s| s.outcome.is_some())
 }
 
+/// What the target says in `status` to a source running Perform.
+pub fn target_report(status: &VirtualMachineMigrationStatus) -> TargetReport {
+    TargetReport {
+        listens_at: status.recovery_uri.clone(),
+        lost: status.target_lost.clone(),
+    }
+}
+
 fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
     let status = m.status.clone().unwrap_or_default();
@@ -123,10 +133,11 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
         .expect("the recovery table is never poisoned")
         .get(&uid)
     {
-        tx.send_if_modified(|uri| {
-            let changed = *uri != status.recovery_uri;
+        let report = target_report(&status);
+        tx.send_if_modified(|current| {
+            let changed = *current != report;
             if changed {
-                uri.clone_from(&status.recovery_uri);
+                *current = report;
             }
             changed
         });

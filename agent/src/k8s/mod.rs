@@ -19,6 +19,7 @@ use std::net::{IpAddr, TcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 
+use ferry_agent::recover::TargetReport;
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPhase;
 use tokio::sync::watch;
@@ -43,7 +44,7 @@ pub struct Agent {
     pub recoveries: Mutex<HashMap<String, CancellationToken>>,
     /// Source: where each running Perform finds the target's `status.recoveryURI`, by
     /// migration uid.
-    pub recovery_uris: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+    pub recovery_uris: Mutex<HashMap<String, watch::Sender<TargetReport>>>,
     /// This node's migration certificate (TLS), kept current by [`certs::run`].
     pub certs: certs::Store,
     /// Source: the peer-to-peer migrations this agent drives now, by uid.

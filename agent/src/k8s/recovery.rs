@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::domain::Domain;
 use ferry_agent::{fault, recover};
-use ferry_crds::{MigrationPhase, VirtualMachineMigration};
+use ferry_crds::{MigrationMode, MigrationPhase, VirtualMachineMigration};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
@@ -106,6 +106,15 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
             _ = tokio::time::sleep(POLL) => {}
         }
         let Ok(state) = recover::migration_status(&agent.sup, &vm).await else {
+            if agent.sup.running_pid(&vm).is_none()
+                && let Ok(now) = api.get(&name).await
+                && let Some(why) = lost(&now, &agent.node, &vm)
+            {
+                warn!(%why, "the incoming QEMU is gone after the switch to post-copy");
+                if patch(&api, &name, json!({"targetLost": why})).await {
+                    return;
+                }
+            }
             continue;
         };
         let paused = recover::is_paused(state.as_deref());
@@ -137,13 +146,32 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
     }
 }
 
+/// Why `m` can never complete, when this node's incoming QEMU of `vm` is gone: the
+/// source reports post-copy (`progress.mode`), so that QEMU held the guest's state since
+/// the switch. `None` before the switch (the source's stream fails and Perform rolls
+/// back as for any lost target) or once the migration left Perform.
+pub fn lost(m: &VirtualMachineMigration, node: &str, vm: &str) -> Option<String> {
+    let status = m.status.as_ref()?;
+    let post_copy = status
+        .progress
+        .as_ref()
+        .and_then(|p| p.mode)
+        .is_some_and(MigrationMode::is_post_copy);
+    (watches_incoming(m, node) && post_copy && status.target_lost.is_none()).then(|| {
+        format!(
+            "the incoming QEMU of VM {vm} on {node} is gone after the switch to post-copy; \
+             it held the guest's state since the switch, so the migration can never complete"
+        )
+    })
+}
+
 /// A merge patch of the status; whether it landed.
 async fn patch(api: &Api<VirtualMachineMigration>, name: &str, status: Value) -> bool {
     let body = Patch::Merge(json!({ "status": status }));
     match api.patch_status(name, &PatchParams::default(), &body).await {
         Ok(_) => true,
         Err(e) => {
-            warn!(error = %e, "could not write status.recoveryURI");
+            warn!(error = %e, status = %status, "could not write the migration's status");
             false
         }
     }
@@ -161,6 +189,48 @@ mod tests {
             "status": {"phase": phase, "sourceNode": "node-a", "targetNode": "node-b"},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_target_reports_the_guest_lost_only_after_the_switch() {
+        use MigrationMode::*;
+        let with_mode = |phase, mode: Option<MigrationMode>| {
+            let mut m = migration(phase);
+            m.status.as_mut().unwrap().progress = mode.map(|mode| ferry_crds::Progress {
+                mode: Some(mode),
+                ..Default::default()
+            });
+            m
+        };
+        for mode in [PostCopy, PostCopyPaused] {
+            let m = with_mode(MigrationPhase::Perform, Some(mode));
+            let why = lost(&m, "node-b", "demo").expect("lost after the switch");
+            assert!(why.contains("demo on node-b"), "{why}");
+            assert_eq!(lost(&m, "node-a", "demo"), None, "only the target reports");
+            let mut reported = m.clone();
+            reported.status.as_mut().unwrap().target_lost = Some(why);
+            assert_eq!(lost(&reported, "node-b", "demo"), None, "reported once");
+        }
+        assert_eq!(
+            lost(
+                &with_mode(MigrationPhase::Perform, Some(PreCopy)),
+                "node-b",
+                "demo"
+            ),
+            None
+        );
+        assert_eq!(
+            lost(&with_mode(MigrationPhase::Perform, None), "node-b", "demo"),
+            None
+        );
+        assert_eq!(
+            lost(
+                &with_mode(MigrationPhase::Finish, Some(PostCopy)),
+                "node-b",
+                "demo"
+            ),
+            None
+        );
     }
 
     #[test]

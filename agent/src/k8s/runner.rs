@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_agent::confirm::Confirmed;
 use ferry_agent::domain::{Device, Domain};
 use ferry_agent::error::BoxError;
 use ferry_agent::perform::Progress;
@@ -370,7 +371,8 @@ impl<'a> Run<'a> {
         // Where the target listens again if a cut pauses the post-copy (the executor
         // passes on every new status.recoveryURI).
         let uid = self.m.uid().unwrap_or_default();
-        let (recovery_tx, recovery) = tokio::sync::watch::channel(self.status().recovery_uri);
+        let (recovery_tx, recovery) =
+            tokio::sync::watch::channel(super::executor::target_report(&self.status()));
         self.agent
             .recovery_uris
             .lock()
@@ -483,8 +485,7 @@ impl<'a> Run<'a> {
             ));
         }
         let finish_cookie = self.cookie(MigrationPhase::Finish);
-        let mut statistics = None;
-        if !cancelled && finish_cookie.is_none() {
+        let confirmed = if !cancelled && finish_cookie.is_none() {
             // The target took over but its Finish never reported: nothing to check
             // against, but the old guest must go all the same.
             self.agent
@@ -492,8 +493,9 @@ impl<'a> Run<'a> {
                 .destroy(&domain.name)
                 .await
                 .map_err(|e| e.to_string())?;
+            Confirmed::TargetRuns(None)
         } else {
-            statistics = confirm::confirm(
+            confirm::confirm(
                 &self.agent.sup,
                 &domain.name,
                 &self.id,
@@ -501,34 +503,45 @@ impl<'a> Run<'a> {
                 cancelled,
             )
             .await
-            .map_err(|e| e.to_string())?;
-        }
-        if cancelled {
-            Ok((
-                "rolled back: the guest runs on the source".into(),
-                json!({}),
-            ))
-        } else {
-            let _ = DiskLocks::new(
-                self.agent.client.clone(),
-                &self.agent.namespace,
-                &ns,
-                &self.m.spec.vm_name,
-            )
-            .release(&source)
-            .await;
-            // QEMU's downtime (written in Perform) ends with the stream; the guest's
-            // ends when the target resumed it.
-            match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {
-                Some(ms) => Ok((
-                    format!(
-                        "the old guest on the source is gone; the guest was paused {ms} ms \
-                         (paused here → resumed on {target})"
-                    ),
-                    json!({"downtimeMs": ms}),
-                )),
-                None => Ok(("the old guest on the source is gone".into(), json!({}))),
+            .map_err(|e| e.to_string())?
+        };
+        let statistics = match confirmed {
+            Confirmed::TargetRuns(statistics) => statistics,
+            Confirmed::SourceRuns => {
+                return Ok((
+                    "rolled back: the guest runs on the source".into(),
+                    json!({}),
+                ));
             }
+            // As when the source's QEMU died: the VM reconciler marks the VM Failed
+            // (GuestDied) once the migration releases it.
+            Confirmed::GuestLost(why) => {
+                warn!(%why, "the guest is lost");
+                return Ok((
+                    format!("rolled back, but the guest is lost: {why}; its QEMU here was removed"),
+                    json!({}),
+                ));
+            }
+        };
+        let _ = DiskLocks::new(
+            self.agent.client.clone(),
+            &self.agent.namespace,
+            &ns,
+            &self.m.spec.vm_name,
+        )
+        .release(&source)
+        .await;
+        // QEMU's downtime (written in Perform) ends with the stream; the guest's
+        // ends when the target resumed it.
+        match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {
+            Some(ms) => Ok((
+                format!(
+                    "the old guest on the source is gone; the guest was paused {ms} ms \
+                     (paused here → resumed on {target})"
+                ),
+                json!({"downtimeMs": ms}),
+            )),
+            None => Ok(("the old guest on the source is gone".into(), json!({}))),
         }
     }
 }
