@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_agent::confirm::Confirmed;
 use ferry_agent::domain::{Device, Domain};
 use ferry_agent::error::BoxError;
 use ferry_agent::perform::Progress;
 use ferry_agent::policy;
-use ferry_agent::{begin, confirm, fault, finish, perform, prepare};
+use ferry_agent::{begin, fault, finish, perform, prepare};
 use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -20,11 +19,12 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+mod confirm;
 mod to_file;
 
 use super::Agent;
 use super::locks::DiskLocks;
-use super::ownership::{Claim, Owner};
+use super::ownership::Claim;
 
 /// Runs `phase` of `m` and records it. Never panics on I/O: a failed status write is
 /// retried, and if it never lands the watcher dispatches the phase again (phases are
@@ -448,101 +448,6 @@ impl<'a> Run<'a> {
                 self.agent.certs.why_none()
             )
         })
-    }
-
-    async fn confirm(&self) -> Outcome {
-        let (_, domain) = self.vm().await?;
-        let (source, target) = self.claim();
-        let mut cancelled = self.status().cancelled;
-        let name = self.m.name_any();
-        let ns = self.m.namespace().unwrap_or_default();
-        if cancelled {
-            // Fence the target out before resuming here; if it already took the guest,
-            // going forward is the only way to keep one guest.
-            let owner = Claim {
-                vms: &self.vms,
-                vm: &self.m.spec.vm_name,
-                migration: &name,
-                source: &source,
-                target: &target,
-            }
-            .fence()
-            .await
-            .map_err(|e| e.to_string())?;
-            if owner == Owner::Target {
-                info!("the target took over before the rollback; removing the source guest");
-                cancelled = false;
-            }
-        }
-        if cancelled && self.agent.sup.running_pid(&domain.name).is_none() {
-            // Nothing to resume: the guest died on the source during the migration. The
-            // rollback ends here; the VM reconciler marks the VM Failed (GuestDied) once
-            // the migration releases it.
-            warn!("the source guest's QEMU is gone: the guest died during the migration");
-            return Ok((
-                "rolled back, but the guest's QEMU on the source is gone: the guest died".into(),
-                json!({}),
-            ));
-        }
-        let finish_cookie = self.cookie(MigrationPhase::Finish);
-        let confirmed = if !cancelled && finish_cookie.is_none() {
-            // The target took over but its Finish never reported: nothing to check
-            // against, but the old guest must go all the same.
-            self.agent
-                .sup
-                .destroy(&domain.name)
-                .await
-                .map_err(|e| e.to_string())?;
-            Confirmed::TargetRuns(None)
-        } else {
-            confirm::confirm(
-                &self.agent.sup,
-                &domain.name,
-                &self.id,
-                finish_cookie.as_deref(),
-                cancelled,
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        };
-        let statistics = match confirmed {
-            Confirmed::TargetRuns(statistics) => statistics,
-            Confirmed::SourceRuns => {
-                return Ok((
-                    "rolled back: the guest runs on the source".into(),
-                    json!({}),
-                ));
-            }
-            // As when the source's QEMU died: the VM reconciler marks the VM Failed
-            // (GuestDied) once the migration releases it.
-            Confirmed::GuestLost(why) => {
-                warn!(%why, "the guest is lost");
-                return Ok((
-                    format!("rolled back, but the guest is lost: {why}; its QEMU here was removed"),
-                    json!({}),
-                ));
-            }
-        };
-        let _ = DiskLocks::new(
-            self.agent.client.clone(),
-            &self.agent.namespace,
-            &ns,
-            &self.m.spec.vm_name,
-        )
-        .release(&source)
-        .await;
-        // QEMU's downtime (written in Perform) ends with the stream; the guest's
-        // ends when the target resumed it.
-        match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {
-            Some(ms) => Ok((
-                format!(
-                    "the old guest on the source is gone; the guest was paused {ms} ms \
-                     (paused here → resumed on {target})"
-                ),
-                json!({"downtimeMs": ms}),
-            )),
-            None => Ok(("the old guest on the source is gone".into(), json!({}))),
-        }
     }
 }
 
