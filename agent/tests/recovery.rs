@@ -97,14 +97,10 @@ fn free_port(ip: &str) -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
-    // A guest dirtying 48 MiB; 4 MiB/s before and after the switch (1 s in), so the
-    // post-copy phase lasts several seconds. Over TLS, as by default: the recovered
-    // channel reuses the TLS objects and parameters both QEMUs kept.
-    let lab = Lab::new("pc-recover", 128, 49, 2_000_000).with_tls();
-    lab.start_source().await;
-    let policy = Policy {
+/// Post-copy 1 s in, 4 MiB/s before and after the switch, no timeouts: with a guest
+/// dirtying 48 MiB the post-copy phase lasts several seconds.
+fn slow_post_copy() -> Policy {
+    Policy {
         post_copy: PostCopy::After(Duration::from_secs(1)),
         completion_timeout_per_gib: None,
         progress_timeout: None,
@@ -113,7 +109,17 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
             ..Default::default()
         })
         .unwrap()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
+    // A guest dirtying 48 MiB; 4 MiB/s before and after the switch (1 s in), so the
+    // post-copy phase lasts several seconds. Over TLS, as by default: the recovered
+    // channel reuses the TLS objects and parameters both QEMUs kept.
+    let lab = Lab::new("pc-recover", 128, 49, 2_000_000).with_tls();
+    lab.start_source().await;
+    let policy = slow_post_copy();
     let m = "m-pc-recover";
     let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
     let prep = prepare(
@@ -209,16 +215,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
 async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves_no_qemu() {
     let lab = Lab::new("pc-lost", 128, 49, 2_000_000);
     lab.start_source().await;
-    let policy = Policy {
-        post_copy: PostCopy::After(Duration::from_secs(1)),
-        completion_timeout_per_gib: None,
-        progress_timeout: None,
-        ..resolve(&MigrationPolicy {
-            bandwidth_mi_bps: Some(4),
-            ..Default::default()
-        })
-        .unwrap()
-    };
+    let policy = slow_post_copy();
     let m = "m-pc-lost";
     let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
     let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy, None)

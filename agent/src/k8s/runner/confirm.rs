@@ -9,8 +9,8 @@ use kube::ResourceExt;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::k8s::ownership::{Claim, Owner};
 use super::{DiskLocks, Outcome, Run};
+use crate::k8s::ownership::{Claim, Owner};
 
 impl Run<'_> {
     pub(super) async fn confirm(&self) -> Outcome {
