@@ -205,6 +205,17 @@ async fn inject(cluster: &mut Cluster, fault: Fault, relay: &Relay) {
 
 /// The row's invariants.
 async fn check_row(cluster: &Cluster, client: &kube::Client, spec: RowSpec, phase: MigrationPhase) {
+    check_row_lost_as(cluster, client, spec, phase, "GuestDied").await
+}
+
+/// [`check_row`], where a guest no QEMU runs any more is marked Failed for `reason`.
+async fn check_row_lost_as(
+    cluster: &Cluster,
+    client: &kube::Client,
+    spec: RowSpec,
+    phase: MigrationPhase,
+    reason: &str,
+) {
     let (mode, fault, point) = spec;
     let vms: Api<ferry_crds::VirtualMachine> = Api::namespaced(client.clone(), "default");
     eventually("the VM to be released", Duration::from_secs(30), || async {
@@ -276,7 +287,7 @@ async fn check_row(cluster: &Cluster, client: &kube::Client, spec: RowSpec, phas
                 },
             )
             .await;
-            assert_eq!(why, "GuestDied");
+            assert_eq!(why, reason);
             let held = eventually("the disk locks to go", Duration::from_secs(30), || async {
                 let held = holders().await;
                 held.is_empty().then_some(held)
@@ -510,7 +521,7 @@ const LOST_BOUND: Duration = Duration::from_secs(60);
 /// recovery can help, and nothing may wait for one. The target agent says so
 /// (`status.targetLost`), the source's Perform fails, and the rollback removes the
 /// source's QEMU: the migration ends Failed within [`LOST_BOUND`], the VM is marked
-/// Failed (GuestDied), and no QEMU, state dir or disk lock is left (the matrix's row
+/// Failed (GuestLost), and no QEMU, state dir or disk lock is left (the matrix's row
 /// checks).
 #[tokio::test]
 async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_lost() {
@@ -545,7 +556,7 @@ async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_los
     let confirm = confirm.and_then(|c| c.message).unwrap_or_default();
     assert!(confirm.contains("the guest is lost"), "Confirm: {confirm}");
     let spec = (test_mode(), Fault::KillTargetQemu, Point::PerformLate);
-    check_row(&cluster, &client, spec, MigrationPhase::Failed).await;
+    check_row_lost_as(&cluster, &client, spec, MigrationPhase::Failed, "GuestLost").await;
     for node in [SOURCE, TARGET] {
         let dir = vm_dir(&cluster, node);
         assert!(!dir.exists(), "state left on {node}: {dir:?}");
