@@ -44,8 +44,31 @@ pub struct Cluster {
     operator_kubeconfig: PathBuf,
     operator_args: Vec<String>,
     bin_dir: PathBuf,
+    heartbeat: Heartbeat,
     pub operator_metrics_port: u16,
     pub cp: ControlPlane,
+}
+
+/// How often the agents renew their heartbeat Lease, and how long one lasts: past that,
+/// the operator counts the node's agent as lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub every_seconds: u64,
+    pub lasts_seconds: u64,
+}
+
+impl Heartbeat {
+    /// The tests': a killed agent shows as lost within 5 s.
+    pub const TESTS: Heartbeat = Heartbeat {
+        every_seconds: 1,
+        lasts_seconds: 5,
+    };
+    /// The agent's own defaults (the chart sets none), for measurements: with eight busy
+    /// TCG guests on two cores an agent may not get to renew within 5 s.
+    pub const DEFAULTS: Heartbeat = Heartbeat {
+        every_seconds: 2,
+        lasts_seconds: 10,
+    };
 }
 
 impl Cluster {
@@ -62,6 +85,16 @@ impl Cluster {
         nodes: &[&str],
         keep_dir: Option<&Path>,
         chart_values: &[&str],
+    ) -> Result<Cluster, HarnessError> {
+        Self::up_with_heartbeat(nodes, keep_dir, chart_values, Heartbeat::TESTS).await
+    }
+
+    /// Like [`Cluster::up_with`], the agents renewing their heartbeat as `heartbeat` says.
+    pub async fn up_with_heartbeat(
+        nodes: &[&str],
+        keep_dir: Option<&Path>,
+        chart_values: &[&str],
+        heartbeat: Heartbeat,
     ) -> Result<Cluster, HarnessError> {
         let bin_dir = bin_dir();
         for bin in ["ferry-operator", "ferry-agent"] {
@@ -91,6 +124,7 @@ impl Cluster {
             operator_kubeconfig,
             operator_args,
             bin_dir,
+            heartbeat,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
             cp,
         };
@@ -207,8 +241,11 @@ impl Cluster {
             .arg("--migration-ports=49152-49215")
             .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
             .arg("--peer-port=0")
-            .arg("--heartbeat-seconds=1")
-            .arg("--lease-seconds=5")
+            .arg(format!(
+                "--heartbeat-seconds={}",
+                self.heartbeat.every_seconds
+            ))
+            .arg(format!("--lease-seconds={}", self.heartbeat.lasts_seconds))
             .env("KUBECONFIG", &n.kubeconfig)
             .env("RUST_LOG", log_filter())
             .envs(env.iter().copied());

@@ -28,6 +28,7 @@ pub async fn run(
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
     let name = ferry_crds::node_lease_name(&node);
     let params = PatchParams::apply(&format!("ferry-agent-{node}")).force();
+    let attempt = (lasts / 2).max(every);
     loop {
         let lease = json!({
             "apiVersion": "coordination.k8s.io/v1",
@@ -43,9 +44,18 @@ pub async fn run(
                 "renewTime": MicroTime(Timestamp::now()),
             }
         });
-        match leases.patch(&name, &params, &Patch::Apply(&lease)).await {
-            Ok(_) => ready.store(true, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => warn!(%node, error = %e, "could not renew the heartbeat Lease"),
+        // A renewal that hangs (a stalled connection) must not hold up the next one until
+        // the Lease has run out: past half its validity it is dropped and the loop tries
+        // again at once, with a fresh renewTime.
+        let patch = Patch::Apply(&lease);
+        let renewal = leases.patch(&name, &params, &patch);
+        match tokio::time::timeout(attempt, renewal).await {
+            Ok(Ok(_)) => ready.store(true, std::sync::atomic::Ordering::Relaxed),
+            Ok(Err(e)) => warn!(%node, error = %e, "could not renew the heartbeat Lease"),
+            Err(_) => {
+                warn!(%node, after = ?attempt, "renewing the heartbeat Lease timed out; trying again");
+                continue;
+            }
         }
         tokio::time::sleep(every).await;
     }

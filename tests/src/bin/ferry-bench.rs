@@ -22,6 +22,7 @@ use ferry_tests::Cluster;
 use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians};
 use ferry_tests::bench::raw::{self, Error, RawRun};
 use ferry_tests::bench::{median, ms, peak_rss_kib};
+use ferry_tests::cluster::Heartbeat;
 use kube::Api;
 use serde_json::{Value, json};
 
@@ -164,14 +165,19 @@ async fn run(runs: usize) -> Result<Value, Error> {
         raw_runs.push(results);
     }
 
-    // Ferry, with the chart's limits raised so that 8 migrations really run at once.
-    let mut cluster = Cluster::up_with(
+    // Ferry, with the chart's limits raised so that 8 migrations really run at once, and
+    // the agents' own heartbeat (not the tests' 5 s Lease). Its files stay in
+    // target/bench-cluster (the components' logs), replaced by the next run.
+    let keep = std::env::current_dir()?.join("target/bench-cluster");
+    let _ = std::fs::remove_dir_all(&keep);
+    let mut cluster = Cluster::up_with_heartbeat(
         &["node-a", "node-b"],
-        None,
+        Some(&keep),
         &[
             "migrations.maxParallel=8",
             "migrations.maxOutboundPerNode=8",
         ],
+        Heartbeat::DEFAULTS,
     )
     .await?;
     let client = cluster.client().await?;
