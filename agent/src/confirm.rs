@@ -1,6 +1,8 @@
 //! Confirm (source): if the target took over, stops the old QEMU and removes its state;
 //! if the migration was cancelled, makes sure no migration runs any more and resumes
-//! the source guest if Begin found it running.
+//! the source guest if Begin found it running — unless the outgoing migration had
+//! switched to post-copy, which QEMU cannot take back: then the guest is lost and its
+//! QEMU here is removed ([`Confirmed::GuestLost`]).
 
 use crate::cookie::{Cookie, Expect, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};

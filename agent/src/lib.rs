@@ -48,7 +48,7 @@
 //! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port, &policy, tls)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
 //! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &policy, tls, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
 //! | Finish | target | [`finish::finish`]`(sup, vm, migration, perform_cookie, cancelled, take_ownership)` | [`finish::FinishOutput`]: `cookies.finish` |
-//! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | — |
+//! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | [`confirm::Confirmed`]: `downtimeMs` again, the guest's ([`statistics::Statistics::guest_downtime_ms`]), when the target runs it; whether the guest runs here or is lost |
 //!
 //! `policy` is the effective [`policy::Policy`] from [`policy::resolve`] of the spec's
 //! `policy` (preset plus explicit fields); Prepare and Perform must get the same one

@@ -339,6 +339,16 @@ fn keep_logs(cluster: &Cluster, (mode, fault, point): RowSpec) {
     keep_logs_named(cluster, &format!("{prefix}{fault:?}-{}", point.hook()));
 }
 
+/// Keeps the cluster's logs as [`keep_logs_named`] when dropped, a failed check's
+/// unwinding included.
+struct KeepLogsOnDrop<'a>(&'a Cluster, &'static str);
+
+impl Drop for KeepLogsOnDrop<'_> {
+    fn drop(&mut self) {
+        keep_logs_named(self.0, self.1);
+    }
+}
+
 fn keep_logs_named(cluster: &Cluster, name: &str) {
     let to = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("fault-logs")
@@ -544,6 +554,8 @@ async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_los
     )
     .unwrap();
     let killed = Instant::now();
+    // The components' logs are kept whatever the checks below find.
+    let _keep = KeepLogsOnDrop(&cluster, "post-copy-target-lost");
     wait_phase(&vmms, MIGRATION, MigrationPhase::Failed, LOST_BOUND).await;
     let ended_in = killed.elapsed();
     let s = status().await.unwrap();

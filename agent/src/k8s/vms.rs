@@ -34,7 +34,7 @@ use super::runner::disks;
 pub enum VmError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("VirtualMachine {0}: status.nodeName changed meanwhile; retrying")]
+    #[error("VirtualMachine {0}: its status changed meanwhile; retrying")]
     Conflict(String),
 }
 
@@ -50,9 +50,16 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 fn error_policy(vm: Arc<VirtualMachine>, error: &VmError, _: Arc<Agent>) -> Action {
+    if let VmError::Conflict(_) = error {
+        info!(vm = %vm.name_any(), "the VM's status changed meanwhile; looking again");
+        return Action::requeue(CONFLICT_RETRY);
+    }
     warn!(vm = %vm.name_any(), %error, "VM reconcile failed; retrying");
     Action::requeue(RESYNC)
 }
+
+/// How soon a reconcile whose status write lost a race looks again.
+const CONFLICT_RETRY: Duration = Duration::from_millis(200);
 
 /// Whether `vm` runs (or is to start) on `node`.
 pub fn belongs_to(vm: &VirtualMachine, node: &str) -> bool {
@@ -150,7 +157,7 @@ impl Reconcile<'_> {
                     || status.graphics != graphics
                     || status.node_name.is_none()
                 {
-                    self.report(VmPhase::Running, true, "Running", &message, graphics)
+                    self.report_guarded(VmPhase::Running, true, "Running", &message, graphics)
                         .await?;
                 }
             }
@@ -166,7 +173,7 @@ impl Reconcile<'_> {
                     );
                     warn!(%message);
                     let _ = self.locks().release(&self.agent.node).await;
-                    self.report(VmPhase::Failed, false, "GuestDied", &message, None)
+                    self.report_guarded(VmPhase::Failed, false, "GuestDied", &message, None)
                         .await?;
                     return Ok(Action::await_change());
                 }
@@ -251,6 +258,34 @@ impl Reconcile<'_> {
         message: &str,
         graphics: Option<Graphics>,
     ) -> Result<(), VmError> {
+        self.write_status(phase, ready, reason, message, graphics, false)
+            .await
+    }
+
+    /// [`Self::report`], guarded by the version this reconcile decided on: a status
+    /// somebody else wrote since (a migration's Confirm that marked the guest lost) is
+    /// never overwritten from a stale view; the conflict makes the reconciler look again.
+    async fn report_guarded(
+        &self,
+        phase: VmPhase,
+        ready: bool,
+        reason: &str,
+        message: &str,
+        graphics: Option<Graphics>,
+    ) -> Result<(), VmError> {
+        self.write_status(phase, ready, reason, message, graphics, true)
+            .await
+    }
+
+    async fn write_status(
+        &self,
+        phase: VmPhase,
+        ready: bool,
+        reason: &str,
+        message: &str,
+        graphics: Option<Graphics>,
+        guarded: bool,
+    ) -> Result<(), VmError> {
         let status = self.status();
         let mut conditions: Vec<Condition> = status.conditions.clone();
         set_condition(
@@ -270,6 +305,8 @@ impl Reconcile<'_> {
         }});
         if status.node_name.is_none() {
             patch["status"]["nodeName"] = Value::from(self.agent.node.clone());
+        }
+        if guarded || status.node_name.is_none() {
             patch["metadata"] = json!({"resourceVersion": self.vm.resource_version()});
         }
         match self
