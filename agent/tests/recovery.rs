@@ -152,11 +152,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         move |p| sink.lock().unwrap().push(p.clone()),
     );
     let driver = async {
-        eventually("post-copy", || {
-            let r = reports.lock().unwrap();
-            r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)
-        })
-        .await;
+        well_into_post_copy(&reports).await;
         relay.cut();
         let mut paused = false;
         for _ in 0..100 {
@@ -238,11 +234,7 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
         move |p| sink.lock().unwrap().push(p.clone()),
     );
     let driver = async {
-        eventually("post-copy", || {
-            let r = reports.lock().unwrap();
-            r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)
-        })
-        .await;
+        well_into_post_copy(&reports).await;
         let pid = lab.b.running_pid(&lab.vm).expect("the target QEMU runs");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -297,6 +289,15 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
         !lab.b.vm_dir(&lab.vm).exists(),
         "the target's state dir is gone"
     );
+}
+
+/// Waits until Perform reports post-copy with more than 8 MiB still to send.
+async fn well_into_post_copy(reports: &Mutex<Vec<Progress>>) {
+    eventually("post-copy", || {
+        let r = reports.lock().unwrap();
+        r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)
+    })
+    .await;
 }
 
 /// Polls `done` every 50 ms for up to two minutes.

@@ -10,8 +10,10 @@ use ferry_agent::error::BoxError;
 use ferry_agent::perform::Progress;
 use ferry_agent::policy;
 use ferry_agent::{begin, fault, finish, perform, prepare};
-use ferry_crds::{MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use ferry_crds::{
+    MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration, VmPhase, set_condition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -448,6 +450,55 @@ impl<'a> Run<'a> {
                 self.agent.certs.why_none()
             )
         })
+    }
+}
+
+impl Run<'_> {
+    /// Writes into `vm`'s status that its guest no longer runs on this node: `phase`
+    /// (Stopped after a save, Failed when lost), Ready False for `reason` with
+    /// `message`, no graphics, and the `extra` status fields; then releases the VM's
+    /// disk locks held here. A plain merge patch: what this says wins over what the VM
+    /// reconciler last wrote, and its own writes of this kind are guarded (vms.rs).
+    async fn mark_vm_gone(
+        &self,
+        vm: &VirtualMachine,
+        phase: VmPhase,
+        reason: &str,
+        message: &str,
+        extra: Value,
+    ) -> Result<(), String> {
+        let mut conditions = vm
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let now = Time(Timestamp::now());
+        let generation = vm.metadata.generation;
+        set_condition(
+            &mut conditions,
+            "Ready",
+            false,
+            reason,
+            message,
+            generation,
+            now,
+        );
+        let mut status = json!({"phase": phase, "graphics": null, "conditions": conditions});
+        merge(&mut status, extra);
+        let name = &self.m.spec.vm_name;
+        self.vms
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .map_err(|e| format!("writing the status of VirtualMachine {name}: {e}"))?;
+        let ns = self.m.namespace().unwrap_or_default();
+        let _ = DiskLocks::new(self.agent.client.clone(), &self.agent.namespace, &ns, name)
+            .release(&self.agent.node)
+            .await;
+        Ok(())
     }
 }
 

@@ -4,11 +4,8 @@
 //! after the switch to post-copy).
 
 use ferry_agent::confirm::{self, Confirmed};
-use ferry_crds::{MigrationPhase, VmPhase, set_condition};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use ferry_crds::{MigrationPhase, VmPhase};
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -115,47 +112,12 @@ impl Run<'_> {
     /// (The VM reconciler would call it GuestDied, as if the QEMU had exited by itself.)
     async fn mark_vm_lost(&self, why: &str) -> Result<(), String> {
         let (vm, _) = self.vm().await?;
-        let mut conditions = vm
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
         let message = format!(
             "the guest is lost: {why}; its QEMU on {} was removed. Ferry does not restart it \
              (set spec.running to false and back to true to start it again)",
             self.agent.node
         );
-        set_condition(
-            &mut conditions,
-            "Ready",
-            false,
-            "GuestLost",
-            &message,
-            vm.metadata.generation,
-            Time(Timestamp::now()),
-        );
-        // The migration still holds the VM, so nobody else writes its status now.
-        let patch = json!({"status": {
-            "phase": VmPhase::Failed,
-            "graphics": null,
-            "conditions": conditions,
-        }});
-        self.vms
-            .patch_status(
-                &self.m.spec.vm_name,
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
+        self.mark_vm_gone(&vm, VmPhase::Failed, "GuestLost", &message, json!({}))
             .await
-            .map_err(|e| format!("marking VirtualMachine {} lost: {e}", self.m.spec.vm_name))?;
-        let _ = DiskLocks::new(
-            self.agent.client.clone(),
-            &self.agent.namespace,
-            &self.m.namespace().unwrap_or_default(),
-            &self.m.spec.vm_name,
-        )
-        .release(&self.agent.node)
-        .await;
-        Ok(())
     }
 }

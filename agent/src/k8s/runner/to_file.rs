@@ -10,16 +10,15 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::perform::Progress;
 use ferry_agent::save;
-use ferry_crds::{SavedState, VmPhase, set_condition};
+use ferry_crds::{SavedState, VmPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{DiskLocks, Outcome, Run, progress_json};
+use super::{Outcome, Run, progress_json};
 
 impl Run<'_> {
     pub(super) async fn save(&self, cancel: &CancellationToken) -> Outcome {
@@ -94,49 +93,14 @@ impl Run<'_> {
             saved.path = out.path;
         }
         saved.saved_at = Some(Time(Timestamp::now()));
-        let mut conditions = vm
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
         let message = format!(
             "the guest's state is saved in {} on {}; set spec.restoreFrom to start it from there",
             saved.path, self.agent.node
         );
-        set_condition(
-            &mut conditions,
-            "Ready",
-            false,
-            "Saved",
-            &message,
-            vm.metadata.generation,
-            Time(Timestamp::now()),
-        );
         // The migration still holds the VM, so nobody else writes its status now.
-        let patch = json!({"status": {
-            "phase": VmPhase::Stopped,
-            "savedState": saved,
-            "nodeName": null,
-            "graphics": null,
-            "conditions": conditions,
-        }});
-        self.vms
-            .patch_status(
-                &self.m.spec.vm_name,
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-            .map_err(|e| format!("marking VirtualMachine {} saved: {e}", self.m.spec.vm_name))?;
-        let ns = self.m.namespace().unwrap_or_default();
-        let _ = DiskLocks::new(
-            self.agent.client.clone(),
-            &self.agent.namespace,
-            &ns,
-            &self.m.spec.vm_name,
-        )
-        .release(&self.agent.node)
-        .await;
+        let extra = json!({"savedState": saved, "nodeName": null});
+        self.mark_vm_gone(&vm, VmPhase::Stopped, "Saved", &message, extra)
+            .await?;
         info!(path = %saved.path, "the saved guest's QEMU is gone");
         Ok((
             format!(
