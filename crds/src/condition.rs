@@ -12,12 +12,13 @@ pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
     status: bool,
-    reason: &str,
+    reason: impl AsRef<str>,
     message: &str,
     generation: Option<i64>,
     now: Time,
 ) {
     let status = if status { "True" } else { "False" }.to_string();
+    let reason = reason.as_ref();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {

@@ -10,14 +10,18 @@
 
 mod condition;
 mod migration;
+mod patch;
 mod policy;
+mod reason;
 pub mod sequence;
 pub mod tls;
 mod vm;
 
 pub use condition::{Condition, set_condition};
 pub use migration::*;
+pub use patch::{MigrationStatusPatch, StepsPatch};
 pub use policy::*;
+pub use reason::{Reason, UnknownReason};
 pub use sequence::ControlMode;
 pub use vm::*;
 

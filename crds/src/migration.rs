@@ -113,6 +113,46 @@ pub struct VirtualMachineMigrationSpec {
     pub cancel: bool,
 }
 
+impl VirtualMachineMigration {
+    /// Whether the user asked to stop it: `spec.cancel`, or a deletion.
+    pub fn cancel_asked(&self) -> bool {
+        self.spec.cancel || self.metadata.deletion_timestamp.is_some()
+    }
+
+    /// The phase it is in (`None` before the operator first saw it).
+    pub fn phase(&self) -> Option<MigrationPhase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+
+    /// Whether it is rolling back (`status.cancelled`).
+    pub fn rolling_back(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| s.cancelled)
+    }
+
+    /// Whether the transfer switched to post-copy, after which nothing rolls back.
+    pub fn in_post_copy(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .and_then(|p| p.mode)
+            .is_some_and(MigrationMode::is_post_copy)
+    }
+
+    /// The record of `phase`, if it has one.
+    pub fn step(&self, phase: MigrationPhase) -> Option<&Step> {
+        self.status.as_ref()?.steps.as_ref()?.get(phase)
+    }
+
+    /// The source node and the target node (empty when not chosen yet).
+    pub fn nodes(&self) -> (&str, &str) {
+        let s = self.status.as_ref();
+        (
+            s.and_then(|s| s.source_node.as_deref()).unwrap_or_default(),
+            s.and_then(|s| s.target_node.as_deref()).unwrap_or_default(),
+        )
+    }
+}
+
 /// Where and how a migration to a file saves the guest.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -439,6 +479,10 @@ pub struct Step {
     /// How the phase ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<StepOutcome>,
+    /// Why it ended so, in one CamelCase word (e.g. `Transferred`, `AbiUnstable`,
+    /// `GuestLost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<crate::Reason>,
     /// A human-readable account of the outcome, e.g. the error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_crds::{TransportMode, VirtualMachine, VirtualMachineMigration, VmPhase};
+use ferry_crds::{Reason, TransportMode, VirtualMachine, VirtualMachineMigration, VmPhase};
 
 use crate::config::Limits;
 use crate::evacuate;
@@ -17,15 +17,9 @@ pub enum Admission {
     /// no target.
     Save { source: String },
     /// Leave it Pending; `Admitted=False` with this reason and message.
-    Wait {
-        reason: &'static str,
-        message: String,
-    },
+    Wait { reason: Reason, message: String },
     /// It can never run: end it Failed with this reason and message.
-    Reject {
-        reason: &'static str,
-        message: String,
-    },
+    Reject { reason: Reason, message: String },
 }
 
 /// The facts admission needs.
@@ -43,11 +37,11 @@ pub struct Facts<'a> {
     pub limits: Limits,
 }
 
-fn reject(reason: &'static str, message: String) -> Admission {
+fn reject(reason: Reason, message: String) -> Admission {
     Admission::Reject { reason, message }
 }
 
-fn wait(reason: &'static str, message: String) -> Admission {
+fn wait(reason: Reason, message: String) -> Admission {
     Admission::Wait { reason, message }
 }
 
@@ -58,7 +52,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     // A save has no stream between nodes: `transport` does not apply.
     if spec.transport.mode == TransportMode::Tunnelled && spec.to_file.is_none() {
         return reject(
-            "Invalid",
+            Reason::Invalid,
             "spec.transport.mode: Tunnelled is not built; use Direct (with transport.tls, \
              on by default, QEMU encrypts the direct stream and checks both nodes' certificates)"
                 .into(),
@@ -66,7 +60,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     }
     let Some(vm) = facts.vm else {
         return reject(
-            "VMNotFound",
+            Reason::VMNotFound,
             format!("VirtualMachine {ns}/{} does not exist", spec.vm_name),
         );
     };
@@ -75,7 +69,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
         (Some(VmPhase::Running | VmPhase::Migrating), Some(node)) => node,
         (Some(VmPhase::Stopped | VmPhase::Failed), _) => {
             return reject(
-                "VMNotRunning",
+                Reason::VMNotRunning,
                 format!(
                     "VirtualMachine {ns}/{} is {:?}; only a running guest can migrate",
                     spec.vm_name,
@@ -85,7 +79,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
         }
         _ => {
             return wait(
-                "VMNotRunning",
+                Reason::VMNotRunning,
                 format!("waiting for VirtualMachine {ns}/{} to run", spec.vm_name),
             );
         }
@@ -100,7 +94,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
         && *from != evacuate::label_value(&source)
     {
         return reject(
-            "VMMoved",
+            Reason::VMMoved,
             format!(
                 "VirtualMachine {ns}/{} no longer runs on node {from}, which this migration evacuates",
                 spec.vm_name
@@ -110,7 +104,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     let me = m.metadata.name.as_deref().unwrap_or_default();
     if let Some(holder) = status.migration.as_deref().filter(|h| *h != me) {
         return wait(
-            "VMBusy",
+            Reason::VMBusy,
             format!(
                 "VirtualMachine {ns}/{} is held by migration {holder}; this one starts after it",
                 spec.vm_name
@@ -123,7 +117,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
         .find(|o| o.spec.vm_name == spec.vm_name && o.metadata.namespace == m.metadata.namespace)
     {
         return wait(
-            "VMBusy",
+            Reason::VMBusy,
             format!(
                 "VirtualMachine {ns}/{} is being moved by migration {}; this one starts after it",
                 spec.vm_name,
@@ -137,13 +131,13 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     let target = match spec.target_node.as_deref() {
         Some(t) if t == source => {
             return reject(
-                "SameNode",
+                Reason::SameNode,
                 format!("target node {t} is the node the VM already runs on"),
             );
         }
         Some(t) if !facts.live_nodes.iter().any(|n| n == t) => {
             return reject(
-                "TargetNotReady",
+                Reason::TargetNotReady,
                 format!(
                     "target node {t} has no live Ferry agent (its heartbeat Lease {} is missing or expired)",
                     ferry_crds::node_lease_name(t)
@@ -152,7 +146,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
         }
         Some(t) if facts.closed_nodes.contains(t) => {
             return reject(
-                "TargetClosed",
+                Reason::TargetClosed,
                 format!(
                     "target node {t} takes no new guests (cordoned, or tainted {})",
                     evacuate::EVACUATE_TAINT
@@ -169,7 +163,7 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
             Some(t) => t,
             None => {
                 return reject(
-                    "TargetNotReady",
+                    Reason::TargetNotReady,
                     format!(
                         "no node other than {source} has a live Ferry agent and takes new \
                          guests (not cordoned, no {} taint)",
@@ -187,7 +181,7 @@ fn limit_reached(facts: &Facts, source: &str) -> Option<Admission> {
     let running = facts.active.len();
     if running >= facts.limits.max_parallel {
         return Some(wait(
-            "LimitReached",
+            Reason::LimitReached,
             format!(
                 "{running} migrations are running in the cluster (limit {})",
                 facts.limits.max_parallel
@@ -201,7 +195,7 @@ fn limit_reached(facts: &Facts, source: &str) -> Option<Admission> {
         .count();
     if outbound >= facts.limits.max_outbound_per_node {
         return Some(wait(
-            "LimitReached",
+            Reason::LimitReached,
             format!(
                 "{outbound} migrations are leaving node {source} (limit {})",
                 facts.limits.max_outbound_per_node
@@ -370,7 +364,7 @@ mod tests {
         };
         match admit(&migration("m", "demo", Some("node-b")), &facts) {
             Admission::Reject { reason, message } => {
-                assert_eq!(reason, "TargetClosed");
+                assert_eq!(reason.as_str(), "TargetClosed");
                 assert!(message.contains("node-b takes no new guests"), "{message}");
             }
             other => panic!("{other:?}"),
@@ -388,7 +382,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&v), &[]),
             Admission::Reject {
-                reason: "VMMoved",
+                reason: Reason::VMMoved,
                 ..
             }
         ));
@@ -417,7 +411,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&v), &[&other]),
             Admission::Wait {
-                reason: "VMBusy",
+                reason: Reason::VMBusy,
                 ..
             }
         ));
@@ -428,7 +422,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&v), &[&x, &y]),
             Admission::Wait {
-                reason: "LimitReached",
+                reason: Reason::LimitReached,
                 ..
             }
         ));
@@ -436,7 +430,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&stopped), &[]),
             Admission::Reject {
-                reason: "VMNotRunning",
+                reason: Reason::VMNotRunning,
                 ..
             }
         ));
@@ -468,7 +462,7 @@ mod tests {
         for (m, vm, want_reason, want_text) in cases {
             match decide(&m, vm, &[]) {
                 Admission::Reject { reason, message } => {
-                    assert_eq!(reason, want_reason);
+                    assert_eq!(reason.as_str(), want_reason);
                     assert!(message.contains(want_text), "{message}");
                 }
                 other => panic!("expected a rejection, got {other:?}"),
@@ -478,7 +472,7 @@ mod tests {
         assert!(matches!(
             decide(&migration("m", "demo", None), Some(&stopped), &[]),
             Admission::Reject {
-                reason: "VMNotRunning",
+                reason: Reason::VMNotRunning,
                 ..
             }
         ));
@@ -487,7 +481,7 @@ mod tests {
         assert!(matches!(
             decide(&tunnelled, Some(&v), &[]),
             Admission::Reject {
-                reason: "Invalid",
+                reason: Reason::Invalid,
                 ..
             }
         ));
@@ -513,7 +507,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&held), &[]),
             Admission::Wait {
-                reason: "VMBusy",
+                reason: Reason::VMBusy,
                 ..
             }
         ));
@@ -523,7 +517,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&v), &[&other]),
             Admission::Wait {
-                reason: "VMBusy",
+                reason: Reason::VMBusy,
                 ..
             }
         ));
@@ -534,7 +528,7 @@ mod tests {
         );
         match decide(&m, Some(&v), &[&x, &y]) {
             Admission::Wait {
-                reason: "LimitReached",
+                reason: Reason::LimitReached,
                 message,
             } => {
                 assert!(
@@ -551,7 +545,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&v), &refs),
             Admission::Wait {
-                reason: "LimitReached",
+                reason: Reason::LimitReached,
                 ..
             }
         ));
@@ -560,7 +554,7 @@ mod tests {
         assert!(matches!(
             decide(&m, Some(&starting), &[]),
             Admission::Wait {
-                reason: "VMNotRunning",
+                reason: Reason::VMNotRunning,
                 ..
             }
         ));

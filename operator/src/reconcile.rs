@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_crds::{
-    ControlMode, MigrationPhase, ROLLBACK_FINALIZER, SOURCE_NODE_LABEL, TARGET_NODE_LABEL,
+    ControlMode, MigrationPhase, ROLLBACK_FINALIZER, Reason, SOURCE_NODE_LABEL, TARGET_NODE_LABEL,
     VirtualMachine, VirtualMachineMigration, set_condition,
 };
 use k8s_openapi::api::coordination::v1::Lease;
@@ -138,7 +138,7 @@ impl Reconciler<'_> {
                 self.end(
                     MigrationPhase::Cancelled,
                     &Why {
-                        reason: "Cancelled",
+                        reason: Reason::Cancelled,
                         message: "cancelled before it started".into(),
                     },
                 )
@@ -349,8 +349,8 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(Duration::from_secs(1)))
             }
             Decision::RetryConfirm(why) => {
-                warn!(reason = why.reason, message = %why.message, "Confirm failed; running it again");
-                self.event(EventType::Warning, why.reason, &why.message)
+                warn!(reason = %why.reason, message = %why.message, "Confirm failed; running it again");
+                self.event(EventType::Warning, why.reason.as_str(), &why.message)
                     .await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 self.patch_status(

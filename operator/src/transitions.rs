@@ -11,8 +11,10 @@
 
 use std::time::Duration;
 
-use ferry_crds::sequence::{Next, after};
-use ferry_crds::{ControlMode, MigrationMode, MigrationPhase as P, VirtualMachineMigration};
+use ferry_crds::sequence::{Next, View, after};
+use ferry_crds::{
+    ControlMode, MigrationMode, MigrationPhase as P, Reason, VirtualMachineMigration,
+};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::config::Timeouts;
@@ -68,37 +70,20 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     if m.spec.to_file.is_some() {
         return save::decide(m, obs, timeouts);
     }
-    let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
+    let cancel_asked = m.cancel_asked();
     let peer_to_peer = m.spec.mode == ControlMode::PeerToPeer;
     let cancelled = status.cancelled;
-    let step = status.steps.as_ref().and_then(|s| s.get(phase));
-    let outcome = step.and_then(|s| s.outcome);
-    let step_message = step
-        .and_then(|s| s.message.clone())
-        .unwrap_or_else(|| "no message".into());
-    let source = status.source_node.clone().unwrap_or_default();
-    let target = status.target_node.clone().unwrap_or_default();
+    let (source, target) = m.nodes();
     let enter = |phase, cancelled, rollback| Decision::Enter {
         phase,
         cancelled,
         rollback,
     };
     // Once the guest's state started moving in post-copy there is no going back.
-    let post_copy = status
-        .progress
-        .as_ref()
-        .and_then(|p| p.mode)
-        .is_some_and(MigrationMode::is_post_copy);
+    let post_copy = m.in_post_copy();
 
-    if let Some(outcome) = outcome {
-        let Some(next) = after(
-            phase,
-            outcome,
-            &step_message,
-            cancel_asked,
-            cancelled,
-            post_copy,
-        ) else {
+    if let Some(view) = View::of(m) {
+        let Some(next) = after(&view) else {
             return Decision::Wait(POLL);
         };
         if peer_to_peer {
@@ -118,9 +103,9 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
 
     // The phase has not ended. Is its agent still there, and is there time left?
     let (node, live) = if phase.runs_on_source() {
-        (&source, obs.source_live)
+        (source, obs.source_live)
     } else {
-        (&target, obs.target_live)
+        (target, obs.target_live)
     };
     let elapsed = status
         .phase_transition_time
@@ -136,7 +121,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     };
     let stuck = if !live {
         Some(why(
-            "AgentLost",
+            Reason::AgentLost,
             format!(
                 "the agent on node {node} stopped heart-beating during {phase:?} (Lease {})",
                 ferry_crds::node_lease_name(node)
@@ -145,7 +130,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
     } else {
         limit.filter(|l| elapsed > *l).map(|limit| {
             why(
-                "Timeout",
+                Reason::Timeout,
                 format!(
                     "{phase:?} on node {node} did not end within {}s",
                     limit.as_secs()
@@ -183,9 +168,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         P::Perform => enter(P::Finish, true, Some(stuck)),
         // Ownership is the commit point: once the VM names the target, the guest is
         // the target's and only going forward keeps one guest running.
-        P::Finish if obs.vm_node.as_deref() == Some(target.as_str()) => {
-            enter(P::Confirm, false, None)
-        }
+        P::Finish if obs.vm_node.as_deref() == Some(target) => enter(P::Confirm, false, None),
         P::Finish => enter(P::Confirm, true, Some(stuck)),
         // Confirm has no timeout: the guest is safe where it is; wait for the source.
         _ => Decision::Wait(POLL),
@@ -198,7 +181,7 @@ pub struct Pause {
     /// True while paused; False once recovered.
     pub paused: bool,
     /// `WaitingForPath`, `RecoveryOverdue` (paused longer than the bound) or `Recovered`.
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -231,7 +214,7 @@ pub fn post_copy_pause(
         if since > bound {
             Pause {
                 paused: true,
-                reason: "RecoveryOverdue",
+                reason: Reason::RecoveryOverdue,
                 message: format!(
                     "the post-copy stream from {source} to {target} has been cut for more than {} s; the migration keeps waiting for the path: the guest's memory is split between the two QEMUs, and ending the migration would lose it",
                     bound.as_secs()
@@ -240,7 +223,7 @@ pub fn post_copy_pause(
         } else {
             Pause {
                 paused: true,
-                reason: "WaitingForPath",
+                reason: Reason::WaitingForPath,
                 message: format!(
                     "the post-copy stream from {source} to {target} was cut; both QEMUs wait, and the agents resume the migration when the path is back"
                 ),
@@ -249,14 +232,15 @@ pub fn post_copy_pause(
     } else if was_paused {
         Pause {
             paused: false,
-            reason: "Recovered",
+            reason: Reason::Recovered,
             message: "the post-copy stream was recovered".into(),
         }
     } else {
         return None;
     };
-    let same =
-        current.is_some_and(|c| (c.status == "True") == wanted.paused && c.reason == wanted.reason);
+    let same = current.is_some_and(|c| {
+        (c.status == "True") == wanted.paused && c.reason == wanted.reason.as_str()
+    });
     (!same).then_some(wanted)
 }
 
@@ -275,7 +259,7 @@ fn end_after_confirm(
         };
         return Decision::End {
             phase: P::Succeeded,
-            why: why("Migrated", message),
+            why: why(Reason::Migrated, message),
         };
     }
     let source = status.source_node.clone().unwrap_or_default();
@@ -295,41 +279,26 @@ fn rolled_back(
         .conditions
         .iter()
         .find(|c| c.type_ == "RollingBack")
-        .map(|c| (c.reason.clone(), c.message.clone()))
-        .unwrap_or_else(|| ("RolledBack".into(), otherwise.into()));
+        // Only this module writes RollingBack, always with one of its reasons.
+        .map(|c| {
+            (
+                c.reason.parse().unwrap_or(Reason::RolledBack),
+                c.message.clone(),
+            )
+        })
+        .unwrap_or_else(|| (Reason::RolledBack, otherwise.into()));
     let message = format!("{message}; the guest runs on {source}");
     if cancel_asked {
         Decision::End {
             phase: P::Cancelled,
-            why: why("Cancelled", message),
+            why: why(Reason::Cancelled, message),
         }
     } else {
         Decision::End {
             phase: P::Failed,
-            why: Why {
-                reason: static_reason(&reason),
-                message,
-            },
+            why: Why { reason, message },
         }
     }
-}
-
-/// The `&'static` form of a reason this module wrote earlier into a condition.
-fn static_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 8] = [
-        "PrepareFailed",
-        "PerformFailed",
-        "FinishFailed",
-        "AgentLost",
-        "Timeout",
-        "Cancelled",
-        "ConfirmFailed",
-        "BeginFailed",
-    ];
-    KNOWN
-        .into_iter()
-        .find(|k| *k == reason)
-        .unwrap_or("RolledBack")
 }
 
 mod peer;

@@ -76,7 +76,7 @@ impl Reconciler<'_> {
                     .inc_by(p.bytes_transferred.max(0) as u64);
             }
         }
-        info!(?phase, reason = why.reason, message = %why.message, "migration ended");
+        info!(?phase, reason = %why.reason, message = %why.message, "migration ended");
         let kind = if succeeded {
             EventType::Normal
         } else {

@@ -69,10 +69,10 @@ impl Reconciler<'_> {
             "conditions": conditions,
         }))
         .await?;
-        warn!(?phase, reason = why.reason, %message, "gave up on the phase");
+        warn!(?phase, reason = %why.reason, %message, "gave up on the phase");
         self.event(
             EventType::Warning,
-            why.reason,
+            why.reason.as_str(),
             &format!("{phase:?}: {message}"),
         )
         .await;
@@ -83,7 +83,7 @@ impl Reconciler<'_> {
     pub(super) async fn note_rollback(&self, why: &Why) -> Result<()> {
         let conditions = self.conditions_rolling_back(why);
         self.patch_status(json!({"conditions": conditions})).await?;
-        info!(reason = why.reason, message = %why.message, "rolling back");
+        info!(reason = %why.reason, message = %why.message, "rolling back");
         self.event(EventType::Warning, "RollingBack", &why.message)
             .await;
         Ok(())

@@ -84,7 +84,7 @@ impl Reconciler<'_> {
             now(),
         );
         let kind = if pause.paused {
-            warn!(reason = pause.reason, message = %pause.message, "post-copy paused");
+            warn!(reason = %pause.reason, message = %pause.message, "post-copy paused");
             EventType::Warning
         } else {
             info!("post-copy recovered");

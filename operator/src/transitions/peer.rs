@@ -13,7 +13,7 @@
 //!   `RollingBack` condition, from the step that failed.
 
 use ferry_crds::sequence::{Next, Why, why};
-use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigrationStatus};
+use ferry_crds::{MigrationPhase as P, Reason, StepOutcome, VirtualMachineMigrationStatus};
 
 use super::{Decision, POLL};
 
@@ -51,9 +51,9 @@ pub(super) fn rollback_to_note(
     }
     let steps = status.steps.clone().unwrap_or_default();
     let failed = [
-        (P::Prepare, "PrepareFailed"),
-        (P::Perform, "PerformFailed"),
-        (P::Finish, "FinishFailed"),
+        (P::Prepare, Reason::PrepareFailed),
+        (P::Perform, Reason::PerformFailed),
+        (P::Finish, Reason::FinishFailed),
     ]
     .into_iter()
     .find_map(|(phase, reason)| {
@@ -66,8 +66,8 @@ pub(super) fn rollback_to_note(
         })
     });
     Some(match failed {
-        _ if cancel_asked => why("Cancelled", "the migration was cancelled"),
+        _ if cancel_asked => why(Reason::Cancelled, "the migration was cancelled"),
         Some(w) => w,
-        None => why("RolledBack", "the source agent started a rollback"),
+        None => why(Reason::RolledBack, "the source agent started a rollback"),
     })
 }

@@ -11,9 +11,10 @@
 //! | Confirm | Succeeded | Succeeded (`Saved`), or Failed / Cancelled when `cancelled` |
 //! | Confirm | Failed | run again |
 
-use super::{Decision, Observation, POLL, Why, rolled_back, why};
+use super::{Decision, Observation, POLL, rolled_back, why};
 use crate::config::Timeouts;
-use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use ferry_crds::sequence::{Next, View, after};
+use ferry_crds::{MigrationPhase as P, Reason, VirtualMachineMigration};
 use std::time::Duration;
 
 pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeouts) -> Decision {
@@ -21,12 +22,8 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
     let Some(phase) = status.phase else {
         return Decision::Wait(POLL);
     };
-    let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
-    let step = status.steps.as_ref().and_then(|s| s.get(phase));
-    let step_message = step
-        .and_then(|s| s.message.clone())
-        .unwrap_or_else(|| "no message".into());
-    let source = status.source_node.clone().unwrap_or_default();
+    let cancel_asked = m.cancel_asked();
+    let source = m.nodes().0.to_string();
     let path = m
         .spec
         .to_file
@@ -38,40 +35,18 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
         cancelled,
         rollback,
     };
-    let cancel_why = || why("Cancelled", "the save was cancelled");
-    let rollback_if_cancel = |failure: Why| {
-        if cancel_asked { cancel_why() } else { failure }
-    };
-    if let Some(outcome) = step.and_then(|s| s.outcome) {
-        let failed = outcome == StepOutcome::Failed;
-        return match (phase, failed) {
-            (P::Begin, false) if cancel_asked => Decision::End {
-                phase: P::Cancelled,
-                why: why("Cancelled", "cancelled before the save started"),
-            },
-            (P::Begin, false) => enter(P::Perform, false, None),
-            (P::Begin, true) => Decision::End {
-                phase: P::Failed,
-                why: why("BeginFailed", step_message),
-            },
-            // The file is in place: a cancel that did not stop the save comes too late.
-            (P::Perform, false) => enter(P::Confirm, false, None),
-            (P::Perform, true) => enter(
-                P::Confirm,
-                true,
-                Some(rollback_if_cancel(why("PerformFailed", step_message))),
-            ),
-            (P::Confirm, false) => end(m, cancel_asked, &source, &path),
-            (P::Confirm, true) => Decision::RetryConfirm(why("ConfirmFailed", step_message)),
-            // A save has no target phases; should one ever be entered, undo on the source.
-            (other, _) => enter(
-                P::Confirm,
-                true,
-                Some(why(
-                    "Invalid",
-                    format!("a migration to a file has no {other:?} phase"),
-                )),
-            ),
+    // The table is the one in `ferry_crds::sequence` (`View::to_file`).
+    if let Some(view) = View::of(m) {
+        return match after(&view) {
+            Some(Next::Enter {
+                phase,
+                cancelled,
+                rollback,
+            }) => enter(phase, cancelled, rollback),
+            Some(Next::End { phase, why }) => Decision::End { phase, why },
+            Some(Next::Confirmed) => end(m, cancel_asked, &source, &path),
+            Some(Next::RetryConfirm(why)) => Decision::RetryConfirm(why),
+            None => Decision::Wait(POLL),
         };
     }
     let elapsed = status
@@ -85,7 +60,7 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
     };
     let stuck = if !obs.source_live {
         Some(why(
-            "AgentLost",
+            Reason::AgentLost,
             format!(
                 "the agent on node {source} stopped heart-beating during {phase:?} (Lease {})",
                 ferry_crds::node_lease_name(&source)
@@ -94,7 +69,7 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
     } else {
         limit.filter(|l| elapsed > *l).map(|limit| {
             why(
-                "Timeout",
+                Reason::Timeout,
                 format!(
                     "{phase:?} on node {source} did not end within {}s",
                     limit.as_secs()
@@ -131,7 +106,7 @@ fn end(m: &VirtualMachineMigration, cancel_asked: bool, source: &str, path: &str
         return Decision::End {
             phase: P::Succeeded,
             why: why(
-                "Saved",
+                Reason::Saved,
                 format!(
                     "the guest's state is saved in {path} on {source}; the guest is stopped{late}"
                 ),
@@ -145,7 +120,8 @@ fn end(m: &VirtualMachineMigration, cancel_asked: bool, source: &str, path: &str
 mod tests {
     use super::super::{Decision, decide};
     use super::*;
-    use StepOutcome::{Failed as F, Succeeded as S};
+    use ferry_crds::StepOutcome;
+    use ferry_crds::StepOutcome::{Failed as F, Succeeded as S};
     use ferry_crds::{Condition, Step, Steps, VirtualMachineMigrationSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
     use k8s_openapi::jiff::Timestamp;
@@ -183,6 +159,7 @@ mod tests {
             start: MicroTime(at(0).0),
             end: outcome.map(|_| MicroTime(at(1).0)),
             outcome,
+            reason: None,
             message: Some("disk full".into()),
         };
         let mut steps = Steps::default();
@@ -210,14 +187,14 @@ mod tests {
                 phase,
                 cancelled,
                 rollback,
-            } => (phase, cancelled, rollback.map(|w| w.reason)),
+            } => (phase, cancelled, rollback.map(|w| w.reason.as_str())),
             other => panic!("expected a phase change, got {other:?}"),
         }
     }
 
     fn ended(d: Decision) -> (P, &'static str, String) {
         match d {
-            Decision::End { phase, why } => (phase, why.reason, why.message),
+            Decision::End { phase, why } => (phase, why.reason.as_str(), why.message),
             other => panic!("expected the end, got {other:?}"),
         }
     }

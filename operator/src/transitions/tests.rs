@@ -1,4 +1,5 @@
 use super::*;
+use ferry_crds::Reason;
 use ferry_crds::{
     Condition, Step, StepOutcome, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
 };
@@ -26,6 +27,7 @@ fn migration(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> Virtual
         start: MicroTime(at(0).0),
         end: outcome.map(|_| MicroTime(at(1).0)),
         outcome,
+        reason: None,
         message: Some("it broke".into()),
     };
     let mut steps = Steps::default();
@@ -85,7 +87,7 @@ fn entered(d: Decision) -> (P, bool) {
 
 fn ended(d: Decision) -> (P, &'static str, String) {
     match d {
-        Decision::End { phase, why } => (phase, why.reason, why.message),
+        Decision::End { phase, why } => (phase, why.reason.as_str(), why.message),
         other => panic!("expected the end, got {other:?}"),
     }
 }
@@ -173,7 +175,7 @@ fn a_lost_agent_or_a_timeout_fails_the_phase() {
             cancelled: true,
             rollback: Some(w),
         } => {
-            assert_eq!(w.reason, "AgentLost");
+            assert_eq!(w.reason, Reason::AgentLost);
             assert!(
                 w.message
                     .contains("node node-b stopped heart-beating during Prepare"),
@@ -329,7 +331,7 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
     let mut paused = in_post_copy(migration(P::Perform, false, None), PostCopyPaused);
     let first = post_copy_pause(&paused, at(10).0, bound).unwrap();
     assert!(first.paused);
-    assert_eq!(first.reason, "WaitingForPath");
+    assert_eq!(first.reason, Reason::WaitingForPath);
     ferry_crds::set_condition(
         &mut paused.status.as_mut().unwrap().conditions,
         "PostCopyPaused",
@@ -342,7 +344,10 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
     // Unchanged while within the bound.
     assert_eq!(post_copy_pause(&paused, at(10 + 300).0, bound), None);
     let overdue = post_copy_pause(&paused, at(10 + 301).0, bound).unwrap();
-    assert_eq!((overdue.paused, overdue.reason), (true, "RecoveryOverdue"));
+    assert_eq!(
+        (overdue.paused, overdue.reason),
+        (true, Reason::RecoveryOverdue)
+    );
     assert!(overdue.message.contains("keeps waiting"));
     // Still not a reason to end or roll back.
     assert!(matches!(
@@ -360,7 +365,7 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
         .unwrap()
         .mode = Some(PostCopy);
     let back = post_copy_pause(&recovered, at(400).0, bound).unwrap();
-    assert_eq!((back.paused, back.reason), (false, "Recovered"));
+    assert_eq!((back.paused, back.reason), (false, Reason::Recovered));
 }
 
 fn peer_to_peer(mut m: VirtualMachineMigration) -> VirtualMachineMigration {
@@ -407,7 +412,7 @@ fn peer_to_peer_a_stuck_phase_is_given_up_not_moved() {
     match decide(&m, &obs(61), &T) {
         Decision::GiveUp { phase, why } => {
             assert_eq!(phase, P::Prepare);
-            assert_eq!(why.reason, "Timeout");
+            assert_eq!(why.reason, Reason::Timeout);
         }
         other => panic!("expected GiveUp, got {other:?}"),
     }
@@ -416,7 +421,7 @@ fn peer_to_peer_a_stuck_phase_is_given_up_not_moved() {
     let m = peer_to_peer(migration(P::Finish, true, None));
     assert!(matches!(
         decide(&m, &lost, &T),
-        Decision::GiveUp { phase: P::Finish, ref why } if why.reason == "AgentLost"
+        Decision::GiveUp { phase: P::Finish, ref why } if why.reason == Reason::AgentLost
     ));
     // Begin started nothing on the target: the migration fails at once.
     let m = peer_to_peer(migration(P::Begin, false, None));
@@ -436,7 +441,7 @@ fn peer_to_peer_the_rollback_reason_comes_from_the_failed_step() {
     m.status.as_mut().unwrap().phase = Some(P::Confirm);
     match decide(&m, &obs(1), &T) {
         Decision::NoteRollback(why) => {
-            assert_eq!(why.reason, "PrepareFailed");
+            assert_eq!(why.reason, Reason::PrepareFailed);
             assert_eq!(why.message, "it broke");
         }
         other => panic!("expected NoteRollback, got {other:?}"),

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_agent::fault;
-use ferry_crds::sequence::{Next, after};
-use ferry_crds::{MigrationMode, MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use ferry_crds::sequence::{Next, View, after};
+use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -45,34 +45,16 @@ pub enum Move {
 
 /// What comes next for `m`, from its status. Pure.
 pub fn next_move(m: &VirtualMachineMigration) -> Move {
-    let Some(status) = &m.status else {
-        return Move::Stop;
-    };
-    let Some(phase) = status.phase else {
+    let Some(phase) = m.phase() else {
         return Move::Stop;
     };
     if phase == P::Pending || phase.is_terminal() {
         return Move::Stop;
     }
-    let step = status.steps.as_ref().and_then(|s| s.get(phase));
-    let Some(outcome) = step.and_then(|s| s.outcome) else {
+    let Some(view) = View::of(m) else {
         return Move::Run(phase);
     };
-    let message = step.and_then(|s| s.message.as_deref()).unwrap_or("");
-    let cancel_asked = m.spec.cancel || m.metadata.deletion_timestamp.is_some();
-    let post_copy = status
-        .progress
-        .as_ref()
-        .and_then(|p| p.mode)
-        .is_some_and(MigrationMode::is_post_copy);
-    match after(
-        phase,
-        outcome,
-        message,
-        cancel_asked,
-        status.cancelled,
-        post_copy,
-    ) {
+    match after(&view) {
         Some(Next::Enter {
             phase, cancelled, ..
         }) => Move::Enter { phase, cancelled },
