@@ -95,10 +95,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         metrics: k8s::metrics::Metrics::default(),
         tasks: Default::default(),
         reserved_ports: Default::default(),
-        recoveries: Default::default(),
-        recovery_uris: Default::default(),
         certs: Default::default(),
-        drivers: Default::default(),
     });
     let peer = tokio::net::TcpListener::bind((args.migration_address, args.peer_port))
         .await
@@ -125,14 +122,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(k8s::vms::sweep(agent.clone()));
     tokio::spawn(k8s::certs::run(agent.clone()));
     let vms = tokio::spawn(k8s::vms::run(agent.clone()));
-    let executor = tokio::spawn(k8s::executor::run(agent.clone()));
+    let dispatcher = tokio::spawn(k8s::dispatch::run(agent.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted; guests keep running"),
         _ = term.recv() => info!("terminated; guests keep running"),
         r = http => return Err(format!("metrics server on {}: {r:?}", args.metrics_addr).into()),
         _ = vms => return Err("the VM controller stopped".into()),
-        _ = executor => return Err("the migration executor stopped".into()),
+        _ = dispatcher => return Err("the migration dispatcher stopped".into()),
         _ = peer => return Err("the peer API stopped".into()),
     }
     Ok(())

@@ -42,7 +42,12 @@ pub struct MigrationStatusPatch {
     pub cookies: Option<Cookies>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<StepsPatch>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Replaces the whole of `status.progress` (its unset fields are written as null),
+    /// so a sample never mixes with the one before.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "progress_whole"
+    )]
     pub progress: Option<Progress>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub saved_state: Option<SavedState>,
@@ -219,10 +224,7 @@ impl MigrationStatusPatch {
             });
         }
         if let Some(progress) = p.progress {
-            status.progress = Some(match status.progress.take() {
-                Some(old) => merge_progress(old, progress),
-                None => progress,
-            });
+            status.progress = Some(progress);
         }
         if let Some(mut steps) = p.steps {
             let mine = status.steps.get_or_insert_default();
@@ -270,16 +272,27 @@ fn merge_step(old: Step, new: Step) -> Step {
     }
 }
 
-fn merge_progress(old: Progress, new: Progress) -> Progress {
-    Progress {
-        percent: new.percent.or(old.percent),
-        mode: new.mode.or(old.mode),
-        converging: new.converging.or(old.converging),
-        convergence: new.convergence.or(old.convergence),
-        eta_seconds: new.eta_seconds.or(old.eta_seconds),
-        cpu_throttle_percent: new.cpu_throttle_percent.or(old.cpu_throttle_percent),
-        ..new
+/// The optional fields of `Progress`, which a whole write sends as null when unset.
+const PROGRESS_OPTIONAL: [&str; 6] = [
+    "percent",
+    "mode",
+    "converging",
+    "convergence",
+    "etaSeconds",
+    "cpuThrottlePercent",
+];
+
+fn progress_whole<S: serde::Serializer>(
+    progress: &Option<Progress>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let mut value = serde_json::to_value(progress).map_err(serde::ser::Error::custom)?;
+    if let Some(fields) = value.as_object_mut() {
+        for key in PROGRESS_OPTIONAL {
+            fields.entry(key).or_insert(serde_json::Value::Null);
+        }
     }
+    value.serialize(serializer)
 }
 
 impl Step {
@@ -428,6 +441,23 @@ mod tests {
             let merged: VirtualMachineMigrationStatus = serde_json::from_value(merged).unwrap();
             assert_eq!(typed, merged, "{patch:?}");
         }
+    }
+
+    #[test]
+    fn a_progress_is_written_whole() {
+        let p = MigrationStatusPatch {
+            progress: Some(Progress::default()),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&p).unwrap();
+        let written = json["progress"].as_object().unwrap().len();
+        let schema = schemars::schema_for!(Progress);
+        let fields = schema.as_value()["properties"].as_object().unwrap().len();
+        assert_eq!(
+            written, fields,
+            "every field of Progress is written: {json}"
+        );
+        assert!(json["progress"]["etaSeconds"].is_null());
     }
 
     #[test]

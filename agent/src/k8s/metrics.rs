@@ -21,10 +21,16 @@ struct PhaseLabels {
     outcome: String,
 }
 
-/// Phases this agent ran, by phase and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    result: String,
+}
+
+/// Phases this agent ran, by phase and outcome; its writes of migration statuses.
 pub struct Metrics {
     registry: Registry,
     phases: Family<PhaseLabels, Counter>,
+    status_writes: Family<WriteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -36,7 +42,17 @@ impl Default for Metrics {
             "Migration phases this agent ran, by phase and outcome",
             phases.clone(),
         );
-        Metrics { registry, phases }
+        let status_writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "status_writes",
+            "Writes of migration statuses by this agent, by result (ok, conflict, gone, error)",
+            status_writes.clone(),
+        );
+        Metrics {
+            registry,
+            phases,
+            status_writes,
+        }
     }
 }
 
@@ -46,6 +62,26 @@ impl Metrics {
             .get_or_create(&PhaseLabels {
                 phase: phase.key().into(),
                 outcome: format!("{outcome:?}"),
+            })
+            .inc();
+    }
+
+    /// The counter of this agent's status writes.
+    pub fn status_writes(&self) -> WriteCounter {
+        WriteCounter(self.status_writes.clone())
+    }
+}
+
+/// Counts writes of migration statuses by result; clones count into the same family.
+#[derive(Clone)]
+pub struct WriteCounter(Family<WriteLabels, Counter>);
+
+impl WriteCounter {
+    /// One attempt to write a migration's status ended with `result`.
+    pub fn count(&self, result: &str) {
+        self.0
+            .get_or_create(&WriteLabels {
+                result: result.into(),
             })
             .inc();
     }

@@ -4,26 +4,25 @@
 //! (docs/protocol.md). The data plane it drives is the `ferry_agent` library.
 
 pub mod certs;
-pub mod executor;
+pub mod dispatch;
 pub mod heartbeat;
 pub mod locks;
 pub mod metrics;
 pub mod ownership;
 pub mod peer;
+pub mod phase;
 pub mod recovery;
 pub mod runner;
+pub mod status;
+pub mod tasks;
 pub mod vms;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, TcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 
-use ferry_agent::recover::TargetReport;
 use ferry_agent::supervisor::Supervisor;
-use ferry_crds::MigrationPhase;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// What the agent's tasks share.
 pub struct Agent {
@@ -35,20 +34,12 @@ pub struct Agent {
     pub ports: RangeInclusive<u16>,
     pub sup: Supervisor,
     pub metrics: metrics::Metrics,
-    /// Phases running now, by migration uid; Perform's token cancels the transfer.
-    pub tasks: Mutex<HashMap<(String, MigrationPhase), CancellationToken>>,
+    /// The work running now, by migration uid: phases, drivers, target watchers.
+    pub tasks: tasks::Tasks,
     /// Migration ports handed to a Prepare whose QEMU may not listen on them yet.
     pub reserved_ports: Mutex<HashSet<u16>>,
-    /// Target: the watchers of incoming QEMUs during Perform (post-copy recovery), by
-    /// migration uid.
-    pub recoveries: Mutex<HashMap<String, CancellationToken>>,
-    /// Source: where each running Perform finds the target's `status.recoveryURI`, by
-    /// migration uid.
-    pub recovery_uris: Mutex<HashMap<String, watch::Sender<TargetReport>>>,
     /// This node's migration certificate (TLS), kept current by [`certs::run`].
     pub certs: certs::Store,
-    /// Source: the peer-to-peer migrations this agent drives now, by uid.
-    pub drivers: Mutex<HashSet<String>>,
 }
 
 /// A migration port reserved for one Prepare; released when dropped, by which time the

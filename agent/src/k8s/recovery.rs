@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::domain::Domain;
 use ferry_agent::{fault, recover};
-use ferry_crds::{MigrationMode, MigrationPhase, VirtualMachineMigration};
-use kube::api::{Patch, PatchParams};
+use ferry_crds::{MigrationMode, MigrationPhase, MigrationStatusPatch, VirtualMachineMigration};
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Agent;
+use super::status::StatusWriter;
+use super::tasks::Task;
 
 /// How often the target looks at its incoming QEMU during Perform.
 const POLL: Duration = Duration::from_millis(500);
@@ -45,36 +45,23 @@ fn past_perform(m: &VirtualMachineMigration) -> bool {
 /// Starts or stops the watcher of `m`'s incoming QEMU.
 pub fn dispatch(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
-    let mut watchers = agent
-        .recoveries
-        .lock()
-        .expect("the recovery table is never poisoned");
     if past_perform(m) {
-        if let Some(token) = watchers.remove(&uid) {
-            token.cancel();
-        }
+        agent.tasks.stop(&uid, Task::TargetWatch);
         return;
     }
-    if !watches_incoming(m, &agent.node) || watchers.contains_key(&uid) {
+    if !watches_incoming(m, &agent.node) {
         return;
     }
-    let token = CancellationToken::new();
-    watchers.insert(uid.clone(), token.clone());
-    drop(watchers);
+    let Some(running) = agent.tasks.start(&uid, Task::TargetWatch) else {
+        return;
+    };
     let agent = agent.clone();
     let m = m.clone();
     let span = info_span!("recovery", migration = %m.name_any(), vm = %m.spec.vm_name);
     tokio::spawn(
         async move {
-            watch(&agent, &m, &token).await;
-            // A cancelled watcher's entry is gone already (and may be a newer one's now).
-            if !token.is_cancelled() {
-                agent
-                    .recoveries
-                    .lock()
-                    .expect("the recovery table is never poisoned")
-                    .remove(&uid);
-            }
+            watch(&agent, &m, &running.cancel).await;
+            drop(running);
         }
         .instrument(span),
     );
@@ -95,6 +82,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
     let ns = m.namespace().unwrap_or_default();
     let api: Api<VirtualMachineMigration> = Api::namespaced(agent.client.clone(), &ns);
     let name = m.name_any();
+    let writer = StatusWriter::new(api.clone(), &name, agent.metrics.status_writes());
     let id = format!("{ns}/{name}@{}", m.uid().unwrap_or_default());
     // When this node last listened again in the current pause, and whether a recovery
     // URI is published.
@@ -111,7 +99,11 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
                 && let Some(why) = lost(&now, &agent.node, &vm)
             {
                 warn!(%why, "the incoming QEMU is gone after the switch to post-copy");
-                if patch(&api, &name, json!({"targetLost": why})).await {
+                let lost = MigrationStatusPatch {
+                    target_lost: Some(why),
+                    ..Default::default()
+                };
+                if writer.once(&lost, None).await.is_ok() {
                     return;
                 }
             }
@@ -121,7 +113,11 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
         if !paused {
             listened = None;
             if published && state.as_deref() != Some("postcopy-recover") {
-                published = !patch(&api, &name, json!({"recoveryURI": null})).await;
+                let cleared = MigrationStatusPatch {
+                    recovery_uri: Some(None),
+                    ..Default::default()
+                };
+                published = writer.once(&cleared, None).await.is_err();
             }
             continue;
         }
@@ -138,7 +134,11 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
                 listened = Some(Instant::now());
                 let uri = fault::advertised_uri(&uri);
                 info!(%uri, "post-copy paused: listening again for the source");
-                published = patch(&api, &name, json!({"recoveryURI": uri})).await;
+                let listens = MigrationStatusPatch {
+                    recovery_uri: Some(Some(uri)),
+                    ..Default::default()
+                };
+                published = writer.once(&listens, None).await.is_ok();
             }
             Ok(None) => {}
             Err(e) => warn!(error = %e, "post-copy paused: could not listen again"),
@@ -165,21 +165,10 @@ pub fn lost(m: &VirtualMachineMigration, node: &str, vm: &str) -> Option<String>
     })
 }
 
-/// A merge patch of the status; whether it landed.
-async fn patch(api: &Api<VirtualMachineMigration>, name: &str, status: Value) -> bool {
-    let body = Patch::Merge(json!({ "status": status }));
-    match api.patch_status(name, &PatchParams::default(), &body).await {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(error = %e, status = %status, "could not write the migration's status");
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn migration(phase: MigrationPhase) -> VirtualMachineMigration {
         serde_json::from_value(json!({

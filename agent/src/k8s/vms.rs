@@ -27,7 +27,7 @@ mod restore;
 
 use super::Agent;
 use super::locks::DiskLocks;
-use super::runner::disks;
+use super::phase::disks;
 
 /// Why a VM reconcile failed (it is retried).
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@
 //! decided on: the operator may meanwhile have given up on the phase (recorded it
 //! Failed) or ended the migration, and then its record wins and the driver decides
 //! again from it. A driver that stops (agent restart, a write that never lands) is
-//! started again by the executor and goes on from the status: a step without an
+//! started again by the dispatcher and goes on from the status: a step without an
 //! outcome runs again (phases are idempotent), one with an outcome is followed.
 
 use std::sync::Arc;
@@ -16,19 +16,22 @@ use std::time::Duration;
 
 use ferry_agent::fault;
 use ferry_crds::sequence::{Next, View, after};
-use ferry_crds::{MigrationPhase as P, StepOutcome, VirtualMachineMigration};
+use ferry_crds::{
+    MigrationPhase as P, MigrationStatusPatch, Reason, Step, StepOutcome, VirtualMachineMigration,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::client;
 use super::wire::{FINISH_PATH, PREPARE_PATH, PeerRequest, PeerStep};
-use crate::k8s::{Agent, runner};
+use crate::k8s::Agent;
+use crate::k8s::phase::{self, Inputs};
+use crate::k8s::status::{StatusWriter, Unwritten};
+use crate::k8s::tasks::Task;
 
 /// What the driver does next with a migration, as last seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,44 +71,28 @@ pub fn ensure(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
     if next_move(m) == Move::Stop {
         return;
     }
-    let uid = m.uid().unwrap_or_default();
-    if !agent
-        .drivers
-        .lock()
-        .expect("the driver table is never poisoned")
-        .insert(uid.clone())
-    {
+    let Some(running) = agent
+        .tasks
+        .start(&m.uid().unwrap_or_default(), Task::Driver)
+    else {
         return;
-    }
+    };
     let agent = agent.clone();
     let m = m.clone();
     let span = info_span!("peer-to-peer", migration = %m.name_any(), vm = %m.spec.vm_name);
     tokio::spawn(
         async move {
             Driver::new(&agent, &m).drive(m.clone()).await;
-            agent
-                .drivers
-                .lock()
-                .expect("the driver table is never poisoned")
-                .remove(&uid);
+            drop(running);
         }
         .instrument(span),
     );
 }
 
-/// Why a status write did not land.
-enum Unwritten {
-    /// Someone wrote the migration since the version the driver decided on.
-    Conflict,
-    /// The migration is gone.
-    Gone,
-    /// The API server kept failing.
-    Failed,
-}
-
 struct Driver<'a> {
     agent: &'a Agent,
     api: Api<VirtualMachineMigration>,
+    writer: StatusWriter,
     leases: Api<Lease>,
     name: String,
     uid: String,
@@ -114,9 +101,11 @@ struct Driver<'a> {
 impl<'a> Driver<'a> {
     fn new(agent: &'a Agent, m: &VirtualMachineMigration) -> Self {
         let ns = m.namespace().unwrap_or_default();
+        let api = Api::namespaced(agent.client.clone(), &ns);
         Driver {
             agent,
-            api: Api::namespaced(agent.client.clone(), &ns),
+            writer: StatusWriter::new(api.clone(), &m.name_any(), agent.metrics.status_writes()),
+            api,
             leases: Api::namespaced(agent.client.clone(), &agent.namespace),
             name: m.name_any(),
             uid: m.uid().unwrap_or_default(),
@@ -130,7 +119,8 @@ impl<'a> Driver<'a> {
                 Move::Stop => return,
                 Move::Enter { phase, cancelled } => {
                     info!(?phase, cancelled, "entering");
-                    self.write(&m, enter(phase, cancelled)).await
+                    self.write(&m, MigrationStatusPatch::enter(phase, cancelled))
+                        .await
                 }
                 Move::RetryConfirm => {
                     warn!("Confirm failed; running it again");
@@ -159,38 +149,36 @@ impl<'a> Driver<'a> {
     /// Runs `phase` and records it with the phase that follows; the migration as
     /// written, or `None` when the driver must stop.
     async fn run(&self, m: &VirtualMachineMigration, phase: P) -> Option<VirtualMachineMigration> {
-        let token = CancellationToken::new();
-        let key = (self.uid.clone(), phase);
-        self.agent
-            .tasks
-            .lock()
-            .expect("the task table is never poisoned")
-            .insert(key.clone(), token.clone());
-        let (step, outputs) = if phase.runs_on_source() {
+        // The dispatcher cancels it when the operator gives up on the phase. A task of
+        // this phase still winding down (given up on) is not waited for.
+        let running = self.agent.tasks.start(&self.uid, Task::Phase(phase));
+        let token = running
+            .as_ref()
+            .map(|r| r.cancel.clone())
+            .unwrap_or_default();
+        let step = if phase.runs_on_source() {
             self.local(m, phase, &token).await
         } else {
             self.remote(m, phase, &token).await
         };
-        self.agent
-            .tasks
-            .lock()
-            .expect("the task table is never poisoned")
-            .remove(&key);
+        drop(running);
         self.agent.metrics.phase_done(phase, step.outcome);
-        info!(?phase, outcome = ?step.outcome, message = %step.message, "step done");
+        info!(?phase, outcome = ?step.outcome, reason = ?step.reason, message = %step.message, "step done");
         let node = if phase.runs_on_source() {
             self.agent.node.clone()
         } else {
             target_of(m)
         };
-        let mut record = json!({"steps": {phase.key(): {
-            "node": node,
-            "start": step.start,
-            "end": step.end,
-            "outcome": step.outcome,
-            "message": step.message,
-        }}});
-        runner::merge(&mut record, outputs);
+        let record = step.outputs.with_step(
+            phase,
+            Step {
+                end: Some(step.end),
+                outcome: Some(step.outcome),
+                reason: step.reason,
+                message: Some(step.message),
+                ..Step::started(&node, step.start)
+            },
+        );
         let step_of = |m: &VirtualMachineMigration| {
             m.status
                 .as_ref()
@@ -233,30 +221,27 @@ impl<'a> Driver<'a> {
         m: &VirtualMachineMigration,
         phase: P,
         token: &CancellationToken,
-    ) -> (PeerStep, Value) {
+    ) -> PeerStep {
         let start = MicroTime(Timestamp::now());
         if phase == P::Perform {
             // Perform lasts: show who runs it while it does.
-            let running = json!({"status": {"steps": {"perform": {
-                "node": self.agent.node, "start": start}}}});
-            if let Err(e) = self
-                .api
-                .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(running))
-                .await
-            {
-                warn!(error = %e, "could not record Perform's start");
+            let running = MigrationStatusPatch::default()
+                .with_step(phase, Step::started(&self.agent.node, start.clone()));
+            if let Err(e) = self.writer.once(&running, None).await {
+                warn!(error = ?e, "could not record Perform's start");
             }
         }
-        let (outcome, message, outputs) = runner::execute(self.agent, m, phase, token).await;
+        let inputs = Inputs::of(&m.status.clone().unwrap_or_default());
+        let report = phase::execute(self.agent, m, phase, inputs, token).await;
         fault::pause(&format!("during-{}", phase.key())).await;
-        let step = PeerStep {
-            outcome,
-            message,
+        PeerStep {
+            outcome: report.outcome,
+            reason: Some(report.reason),
+            message: report.message,
             start,
             end: MicroTime(Timestamp::now()),
-            outputs: Value::Null,
-        };
-        (step, outputs)
+            outputs: report.outputs,
+        }
     }
 
     /// Prepare or Finish, on the target, called until it answers or the operator gives
@@ -266,7 +251,7 @@ impl<'a> Driver<'a> {
         m: &VirtualMachineMigration,
         phase: P,
         token: &CancellationToken,
-    ) -> (PeerStep, Value) {
+    ) -> PeerStep {
         let start = MicroTime(Timestamp::now());
         let status = m.status.clone().unwrap_or_default();
         let cookies = status.cookies.clone().unwrap_or_default();
@@ -285,15 +270,13 @@ impl<'a> Driver<'a> {
         } else {
             FINISH_PATH
         };
-        let failed = |message: String| {
-            let step = PeerStep {
-                outcome: StepOutcome::Failed,
-                message,
-                start: start.clone(),
-                end: MicroTime(Timestamp::now()),
-                outputs: Value::Null,
-            };
-            (step, Value::Null)
+        let failed = |message: String| PeerStep {
+            outcome: StepOutcome::Failed,
+            reason: Some(Reason::PeerFailed),
+            message,
+            start: start.clone(),
+            end: MicroTime(Timestamp::now()),
+            outputs: MigrationStatusPatch::default(),
         };
         let mut attempt = 0u32;
         loop {
@@ -324,10 +307,7 @@ impl<'a> Driver<'a> {
                 }
             };
             match result {
-                Ok(mut step) => {
-                    let outputs = std::mem::take(&mut step.outputs);
-                    return (step, outputs);
-                }
+                Ok(step) => return step,
                 Err((false, message)) => return failed(message),
                 Err((true, message)) => {
                     if attempt == 1 || attempt.is_multiple_of(10) {
@@ -360,28 +340,11 @@ impl<'a> Driver<'a> {
     async fn write(
         &self,
         base: &VirtualMachineMigration,
-        status: Value,
+        patch: MigrationStatusPatch,
     ) -> Result<VirtualMachineMigration, Unwritten> {
-        let body = Patch::Merge(json!({
-            "metadata": {"resourceVersion": base.metadata.resource_version},
-            "status": status,
-        }));
-        for attempt in 1..=20u64 {
-            match self
-                .api
-                .patch_status(&self.name, &PatchParams::default(), &body)
-                .await
-            {
-                Ok(m) => return Ok(m),
-                Err(kube::Error::Api(e)) if e.code == 409 => return Err(Unwritten::Conflict),
-                Err(kube::Error::Api(e)) if e.code == 404 => return Err(Unwritten::Gone),
-                Err(e) => {
-                    warn!(attempt, error = %e, "status write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
-                }
-            }
-        }
-        Err(Unwritten::Failed)
+        self.writer
+            .write(&patch, base.metadata.resource_version.as_deref())
+            .await
     }
 
     /// The migration as the API server has it now.
@@ -399,43 +362,33 @@ impl<'a> Driver<'a> {
     }
 }
 
-fn now() -> MicroTime {
-    MicroTime(Timestamp::now())
-}
-
 fn target_of(m: &VirtualMachineMigration) -> String {
-    m.status
-        .as_ref()
-        .and_then(|s| s.target_node.clone())
-        .unwrap_or_default()
-}
-
-/// The status fields that enter `phase`.
-fn enter(phase: P, cancelled: bool) -> Value {
-    json!({"phase": phase, "cancelled": cancelled, "phaseTransitionTime": now()})
+    m.nodes().1.to_string()
 }
 
 /// `record` (a step and its outputs) plus, when the step lets the migration go on, the
 /// phase it enters: one write for both.
-fn with_next(base: &VirtualMachineMigration, mut record: Value) -> Value {
-    let mut hypothetical = serde_json::to_value(base).expect("a migration always serializes");
-    runner::merge(&mut hypothetical, json!({"status": record.clone()}));
-    let Ok(hypothetical) = serde_json::from_value::<VirtualMachineMigration>(hypothetical) else {
-        return record;
-    };
-    if let Move::Enter { phase, cancelled } = next_move(&hypothetical) {
-        runner::merge(&mut record, enter(phase, cancelled));
+fn with_next(base: &VirtualMachineMigration, record: MigrationStatusPatch) -> MigrationStatusPatch {
+    let mut hypothetical = base.clone();
+    record.apply(hypothetical.status.get_or_insert_default());
+    match next_move(&hypothetical) {
+        Move::Enter { phase, cancelled } => {
+            record.and(MigrationStatusPatch::enter(phase, cancelled))
+        }
+        _ => record,
     }
-    record
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     fn migration(status: Value, spec: Value) -> VirtualMachineMigration {
         let mut spec_v = json!({"vmName": "demo", "mode": "PeerToPeer"});
-        runner::merge(&mut spec_v, spec);
+        if let (Some(into), Value::Object(spec)) = (spec_v.as_object_mut(), spec) {
+            into.extend(spec);
+        }
         serde_json::from_value(json!({
             "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
             "metadata": {"name": "m", "namespace": "default", "uid": "u"},
@@ -491,24 +444,39 @@ mod tests {
         assert_eq!(next_move(&m), Move::Stop);
     }
 
+    fn ended(outcome: StepOutcome) -> Step {
+        Step::ended(
+            "node-a",
+            MicroTime("2026-01-01T00:00:00.000001Z".parse().unwrap()),
+            outcome,
+            Reason::Locked,
+            "m",
+        )
+    }
+
     #[test]
     fn a_step_is_written_with_the_phase_it_leads_to() {
         let m = migration(json!({"phase": "Begin"}), json!({}));
-        let record = json!({"steps": {"begin": step("Succeeded")}, "cookies": {"begin": "<c/>"}});
+        let record = MigrationStatusPatch::default()
+            .with_cookie(P::Begin, Some("<c/>".into()))
+            .with_step(P::Begin, ended(StepOutcome::Succeeded));
         let w = with_next(&m, record);
-        assert_eq!(w["phase"], "Prepare");
-        assert_eq!(w["cancelled"], false);
-        assert_eq!(w["cookies"]["begin"], "<c/>");
+        assert_eq!(w.phase, Some(P::Prepare));
+        assert_eq!(w.cancelled, Some(false));
+        assert_eq!(w.cookies.unwrap().begin.as_deref(), Some("<c/>"));
         // A failed Prepare rolls back through Confirm.
         let m = migration(json!({"phase": "Prepare"}), json!({}));
-        let w = with_next(&m, json!({"steps": {"prepare": step("Failed")}}));
-        assert_eq!(
-            (w["phase"].as_str(), w["cancelled"].as_bool()),
-            (Some("Confirm"), Some(true))
+        let w = with_next(
+            &m,
+            MigrationStatusPatch::default().with_step(P::Prepare, ended(StepOutcome::Failed)),
         );
+        assert_eq!((w.phase, w.cancelled), (Some(P::Confirm), Some(true)));
         // Confirm done: no phase; the operator ends the migration.
         let m = migration(json!({"phase": "Confirm"}), json!({}));
-        let w = with_next(&m, json!({"steps": {"confirm": step("Succeeded")}}));
-        assert!(w.get("phase").is_none());
+        let w = with_next(
+            &m,
+            MigrationStatusPatch::default().with_step(P::Confirm, ended(StepOutcome::Succeeded)),
+        );
+        assert!(w.phase.is_none());
     }
 }

@@ -4,7 +4,7 @@
 //! Every call is checked against the migration as the API server has it: it must be a
 //! peer-to-peer migration (the uid the caller names) whose target is this node, whose
 //! source is the node the caller's certificate names, and which is in the phase called.
-//! The phase then runs exactly as a managed one would (`runner::execute`), with the
+//! The phase then runs exactly as a managed one would (`phase::execute`), with the
 //! cookies the caller handed over; the answer is the step, which the source records.
 
 use std::sync::Arc;
@@ -25,11 +25,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::wire::{self, FINISH_PATH, MAX_REQUEST_BYTES, PREPARE_PATH, PeerRequest, PeerStep};
-use crate::k8s::{Agent, runner};
+use crate::k8s::Agent;
+use crate::k8s::phase::{self, Inputs};
+use crate::k8s::tasks::Task;
 
 /// A TLS handshake must end within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -178,18 +179,18 @@ pub fn admit(
     Ok(())
 }
 
-/// `m` as the phase sees it: the inputs handed over in the call, not the status's copy.
-fn with_inputs(m: &VirtualMachineMigration, request: &PeerRequest) -> VirtualMachineMigration {
-    let mut m = m.clone();
-    let status = m.status.get_or_insert_default();
-    status.cancelled = request.cancelled;
-    status
-        .target_domain_xml
-        .clone_from(&request.target_domain_xml);
-    let cookies = status.cookies.get_or_insert_default();
-    cookies.begin.clone_from(&request.begin_cookie);
-    cookies.perform.clone_from(&request.perform_cookie);
-    m
+/// What the phase takes: the inputs handed over in the call, not the status's copy.
+fn inputs_of(request: &PeerRequest) -> Inputs {
+    Inputs {
+        cancelled: request.cancelled,
+        target_domain_xml: request.target_domain_xml.clone(),
+        migration_uri: None,
+        cookies: ferry_crds::Cookies {
+            begin: request.begin_cookie.clone(),
+            perform: request.perform_cookie.clone(),
+            ..Default::default()
+        },
+    }
 }
 
 async fn handle(agent: Arc<Agent>, caller: Caller, phase: MigrationPhase, body: Bytes) -> Response {
@@ -226,67 +227,50 @@ async fn handle(agent: Arc<Agent>, caller: Caller, phase: MigrationPhase, body: 
             return (r.status, r.message).into_response();
         }
         let span = info_span!("phase", vm = %m.spec.vm_name);
-        let key = (request.uid.clone(), phase);
-        let token = CancellationToken::new();
-        {
-            let mut tasks = agent
-                .tasks
-                .lock()
-                .expect("the task table is never poisoned");
-            if tasks.contains_key(&key) {
-                return (
-                    StatusCode::CONFLICT,
-                    format!("{phase:?} of this migration is already running here; ask again"),
-                )
-                    .into_response();
-            }
-            tasks.insert(key.clone(), token.clone());
-        }
+        let Some(running) = agent.tasks.start(&request.uid, Task::Phase(phase)) else {
+            return (
+                StatusCode::CONFLICT,
+                format!("{phase:?} of this migration is already running here; ask again"),
+            )
+                .into_response();
+        };
         let start = MicroTime(Timestamp::now());
-        let m = with_inputs(&m, &request);
+        let inputs = inputs_of(&request);
         // The phase runs in a task of its own: a caller that goes away (its agent
         // restarted) must not cut a phase short; it calls again and finds it done.
         let task = {
             let agent = agent.clone();
-            let key = key.clone();
             tokio::spawn(
                 async move {
                     info!("running for the source");
-                    let done = runner::execute(&agent, &m, phase, &token).await;
+                    let done = phase::execute(&agent, &m, phase, inputs, &running.cancel).await;
                     fault::pause(&format!("during-{}", phase.key())).await;
-                    agent
-                        .tasks
-                        .lock()
-                        .expect("the task table is never poisoned")
-                        .remove(&key);
+                    drop(running);
                     done
                 }
                 .instrument(span),
             )
         };
-        let (outcome, message, outputs) = match task.await {
-            Ok(done) => done,
+        let report = match task.await {
+            Ok(report) => report,
             Err(e) => {
-                agent
-                    .tasks
-                    .lock()
-                    .expect("the task table is never poisoned")
-                    .remove(&key);
-                (
-                    ferry_crds::StepOutcome::Failed,
-                    format!("{phase:?} ended abnormally: {e}"),
-                    serde_json::Value::Null,
-                )
+                phase::Report {
+                    outcome: ferry_crds::StepOutcome::Failed,
+                    reason: ferry_crds::Reason::Invalid,
+                    message: format!("{phase:?} ended abnormally: {e}"),
+                    outputs: Default::default(),
+                }
             }
         };
-        agent.metrics.phase_done(phase, outcome);
-        info!(?outcome, %message, "answered");
+        agent.metrics.phase_done(phase, report.outcome);
+        info!(outcome = ?report.outcome, reason = %report.reason, message = %report.message, "answered");
         let step = PeerStep {
-            outcome,
-            message,
+            outcome: report.outcome,
+            reason: Some(report.reason),
+            message: report.message,
             start,
             end: MicroTime(Timestamp::now()),
-            outputs,
+            outputs: report.outputs,
         };
         (
             StatusCode::OK,
@@ -351,17 +335,13 @@ mod tests {
 
     #[test]
     fn the_phase_takes_the_inputs_handed_over() {
-        let mut m = migration("PeerToPeer", "Finish");
-        m.status.as_mut().unwrap().cookies = Some(ferry_crds::Cookies {
-            perform: Some("<old/>".into()),
-            ..Default::default()
-        });
         let mut req = request("u1");
         req.perform_cookie = Some("<perform/>".into());
         req.cancelled = true;
-        let s = with_inputs(&m, &req).status.unwrap();
-        assert!(s.cancelled);
-        assert_eq!(s.cookies.unwrap().perform.as_deref(), Some("<perform/>"));
-        assert_eq!(s.target_domain_xml.as_deref(), Some("<domain/>"));
+        let inputs = inputs_of(&req);
+        assert!(inputs.cancelled);
+        assert_eq!(inputs.cookies.perform.as_deref(), Some("<perform/>"));
+        assert_eq!(inputs.cookies.begin.as_deref(), Some("<cookie/>"));
+        assert_eq!(inputs.target_domain_xml.as_deref(), Some("<domain/>"));
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ferry_agent::tls::Credentials;
-use ferry_crds::StepOutcome;
+use ferry_crds::{MigrationStatusPatch, Reason, StepOutcome};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -49,12 +49,15 @@ pub struct PeerRequest {
 #[serde(rename_all = "camelCase")]
 pub struct PeerStep {
     pub outcome: StepOutcome,
+    /// Why it ended so (absent from an agent older than the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
     pub message: String,
     pub start: MicroTime,
     pub end: MicroTime,
     /// Status fields the phase gives: `cookies.<phase>`, `migrationURI`.
     #[serde(default)]
-    pub outputs: serde_json::Value,
+    pub outputs: MigrationStatusPatch,
 }
 
 /// Why TLS material could not be used.
@@ -149,6 +152,28 @@ mod tests {
         assert_eq!(json["targetDomainXML"], "<domain/>");
         assert!(json.get("performCookie").is_none());
         assert_eq!(serde_json::from_value::<PeerRequest>(json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_step_carries_typed_outputs() {
+        let step = PeerStep {
+            outcome: StepOutcome::Succeeded,
+            reason: Some(Reason::Listening),
+            message: "m".into(),
+            start: MicroTime("2026-01-01T00:00:00.000001Z".parse().unwrap()),
+            end: MicroTime("2026-01-01T00:00:01.000001Z".parse().unwrap()),
+            outputs: MigrationStatusPatch {
+                migration_uri: Some("tcp:127.0.0.3:4444".into()),
+                ..Default::default()
+            },
+        };
+        let json = serde_json::to_value(&step).unwrap();
+        assert_eq!(
+            json["outputs"],
+            serde_json::json!({"migrationURI": "tcp:127.0.0.3:4444"})
+        );
+        assert_eq!(json["reason"], "Listening");
+        assert_eq!(serde_json::from_value::<PeerStep>(json).unwrap(), step);
     }
 
     fn creds(node: &str) -> Credentials {

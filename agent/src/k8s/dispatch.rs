@@ -1,22 +1,21 @@
-//! Watches the migrations labelled with this node and runs the phase each one asks of
-//! it, once at a time per migration and phase.
+//! The dispatcher: watches the migrations labelled with this node and starts the work
+//! each one asks of it (a phase, a peer-to-peer driver, a watcher of the incoming
+//! QEMU), once at a time per migration and kind ([`super::tasks`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_agent::recover::TargetReport;
 use ferry_crds::{
     ControlMode, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration,
-    VirtualMachineMigrationStatus,
 };
 use futures::StreamExt;
 use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Agent, peer, recovery, runner};
+use super::tasks::Task;
+use super::{Agent, peer, phase, recovery, runner};
 
 /// Runs until the process ends.
 pub async fn run(agent: Arc<Agent>) {
@@ -105,52 +104,24 @@ pub fn given_up(status: &ferry_crds::VirtualMachineMigrationStatus, phase: Migra
             .is_some_and(|s| s.outcome.is_some())
 }
 
-/// What the target says in `status` to a source running Perform.
-pub fn target_report(status: &VirtualMachineMigrationStatus) -> TargetReport {
-    TargetReport {
-        listens_at: status.recovery_uri.clone(),
-        lost: status.target_lost.clone(),
-    }
-}
-
 fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
     let status = m.status.clone().unwrap_or_default();
-    let mut tasks = agent
-        .tasks
-        .lock()
-        .expect("the task table is never poisoned");
     // A running Perform stops when the operator asks for a cancel or has moved on.
-    if let Some(token) = tasks.get(&(uid.clone(), MigrationPhase::Perform))
-        && stops_perform(&status)
-    {
-        token.cancel();
+    if stops_perform(&status) {
+        agent
+            .tasks
+            .cancel(&uid, |t| t == Task::Phase(MigrationPhase::Perform));
     }
     // A running Perform learns where the target listens again after a cut.
-    if let Some(tx) = agent
-        .recovery_uris
-        .lock()
-        .expect("the recovery table is never poisoned")
-        .get(&uid)
-    {
-        let report = target_report(&status);
-        tx.send_if_modified(|current| {
-            let changed = *current != report;
-            if changed {
-                *current = report;
-            }
-            changed
-        });
-    }
+    agent.tasks.report(&uid, &phase::target_report(&status));
     recovery::dispatch(agent, &m);
     if m.spec.mode == ControlMode::PeerToPeer {
         // A phase the operator gave up on (recorded it Failed) stops here.
-        for (key, token) in tasks.iter() {
-            if key.0 == uid && given_up(&status, key.1) {
-                token.cancel();
-            }
-        }
-        drop(tasks);
+        agent.tasks.cancel(
+            &uid,
+            |t| matches!(t, Task::Phase(p) if given_up(&status, p)),
+        );
         if status.source_node.as_deref() == Some(agent.node.as_str()) {
             peer::driver::ensure(agent, &m);
         }
@@ -159,21 +130,13 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
     let Some(phase) = phase_to_run(&m, &agent.node) else {
         return;
     };
-    let key = (uid, phase);
-    if tasks.contains_key(&key) {
+    let Some(running) = agent.tasks.start(&uid, Task::Phase(phase)) else {
         return;
-    }
-    let token = CancellationToken::new();
-    tasks.insert(key.clone(), token.clone());
-    drop(tasks);
+    };
     let agent = agent.clone();
     tokio::spawn(async move {
-        runner::run(agent.clone(), m, phase, token).await;
-        agent
-            .tasks
-            .lock()
-            .expect("the task table is never poisoned")
-            .remove(&key);
+        runner::run(agent.clone(), m, phase, running.cancel.clone()).await;
+        drop(running);
     });
 }
 

@@ -8,9 +8,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_agent::perform::Progress;
+use ferry_agent::perform::Progress as Sample;
 use ferry_agent::save;
-use ferry_crds::{SavedState, VmPhase};
+use ferry_crds::{MigrationStatusPatch, Progress, Reason, SavedState, VmPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -18,21 +18,32 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Outcome, Run, progress_json};
+use super::{Done, Run, StepError, progress_of};
 
 impl Run<'_> {
-    pub(super) async fn save(&self, cancel: &CancellationToken) -> Outcome {
-        if self.status().cancelled {
-            return Err("migration cancelled before the save started".into());
+    pub(super) async fn save(&self, cancel: &CancellationToken) -> Result<Done, StepError> {
+        if self.inputs.cancelled {
+            return Err(StepError::Cancelled(
+                "migration cancelled before the save started",
+            ));
         }
-        let file = self.m.spec.to_file.clone().ok_or("no spec.toFile")?;
+        let file = self
+            .m
+            .spec
+            .to_file
+            .clone()
+            .ok_or(StepError::MissingInput("no spec.toFile"))?;
         let (_, domain) = self.vm().await?;
         let (tx, writer) = self.progress_writer();
         let mut last = Instant::now() - Duration::from_secs(1);
-        let on_progress = |p: &Progress| {
+        let mut last_sent: Option<Progress> = None;
+        let on_progress = |p: &Sample| {
             if last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
-                let _ = tx.try_send(progress_json(p));
+                let progress = progress_of(p);
+                if tx.try_send(progress.clone()).is_ok() {
+                    last_sent = Some(progress);
+                }
             }
         };
         let result = save::save(
@@ -47,7 +58,7 @@ impl Run<'_> {
         .await;
         drop(tx);
         let _ = writer.await;
-        let out = result.map_err(|e| e.to_string())?;
+        let out = result?;
         let saved = SavedState {
             path: out.path.clone(),
             compression: file.compression,
@@ -58,37 +69,38 @@ impl Run<'_> {
             migration: Some(self.m.name_any()),
             saved_at: None,
         };
-        Ok((
-            format!(
-                "saved {} MiB of guest state into {} ({:?}, {} KiB) in {} ms",
-                out.stream_bytes >> 20,
-                out.path,
-                file.compression,
-                out.file_bytes >> 10,
-                out.save_time_ms
-            ),
-            json!({
-                "savedState": saved,
-                "totalTimeMs": out.save_time_ms,
-                "progress": {
-                    "bytesTotal": out.stream_bytes,
-                    "bytesTransferred": out.stream_bytes,
-                    "bytesRemaining": 0,
-                    "percent": "100%",
-                },
-            }),
-        ))
+        let message = format!(
+            "saved {} MiB of guest state into {} ({:?}, {} KiB) in {} ms",
+            out.stream_bytes >> 20,
+            out.path,
+            file.compression,
+            out.file_bytes >> 10,
+            out.save_time_ms
+        );
+        // The last progress written, completed.
+        let progress = Progress {
+            bytes_total: out.stream_bytes as i64,
+            bytes_transferred: out.stream_bytes as i64,
+            bytes_remaining: 0,
+            percent: Some("100%".into()),
+            ..last_sent.unwrap_or_default()
+        };
+        let outputs = MigrationStatusPatch {
+            saved_state: Some(saved),
+            total_time_ms: Some(out.save_time_ms as i64),
+            progress: Some(progress),
+            ..Default::default()
+        };
+        Ok(Done::new(Reason::Saved, message).with(outputs))
     }
 
-    pub(super) async fn confirm_save(&self) -> Outcome {
+    pub(super) async fn confirm_save(&self) -> Result<Done, StepError> {
         let (vm, domain) = self.vm().await?;
-        let done = save::confirm_saved(&self.agent.sup, &domain.name, &self.id)
-            .await
-            .map_err(|e| e.to_string())?;
+        let done = save::confirm_saved(&self.agent.sup, &domain.name, &self.id).await?;
         let mut saved = self
             .status()
             .saved_state
-            .ok_or("Perform recorded no savedState")?;
+            .ok_or(StepError::MissingInput("Perform recorded no savedState"))?;
         if let Some(out) = done {
             saved.path = out.path;
         }
@@ -102,12 +114,12 @@ impl Run<'_> {
         self.mark_vm_gone(&vm, VmPhase::Stopped, "Saved", &message, extra)
             .await?;
         info!(path = %saved.path, "the saved guest's QEMU is gone");
-        Ok((
+        Ok(Done::new(
+            Reason::Saved,
             format!(
                 "the guest is stopped; its state is in {} on {}",
                 saved.path, self.agent.node
             ),
-            json!({}),
         ))
     }
 }

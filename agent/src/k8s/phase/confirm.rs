@@ -4,21 +4,20 @@
 //! after the switch to post-copy).
 
 use ferry_agent::confirm::{self, Confirmed};
-use ferry_crds::{MigrationPhase, VmPhase};
+use ferry_crds::{MigrationStatusPatch, Reason, VmPhase};
 use kube::ResourceExt;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{DiskLocks, Outcome, Run};
+use super::{Done, Run, StepError};
 use crate::k8s::ownership::{Claim, Owner};
 
 impl Run<'_> {
-    pub(super) async fn confirm(&self) -> Outcome {
+    pub(super) async fn confirm(&self) -> Result<Done, StepError> {
         let (_, domain) = self.vm().await?;
         let (source, target) = self.claim();
-        let mut cancelled = self.status().cancelled;
+        let mut cancelled = self.inputs.cancelled;
         let name = self.m.name_any();
-        let ns = self.m.namespace().unwrap_or_default();
         if cancelled {
             // Fence the target out before resuming here; if it already took the guest,
             // going forward is the only way to keep one guest.
@@ -30,8 +29,7 @@ impl Run<'_> {
                 target: &target,
             }
             .fence()
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             if owner == Owner::Target {
                 info!("the target took over before the rollback; removing the source guest");
                 cancelled = false;
@@ -42,20 +40,16 @@ impl Run<'_> {
             // rollback ends here; the VM reconciler marks the VM Failed (GuestDied) once
             // the migration releases it.
             warn!("the source guest's QEMU is gone: the guest died during the migration");
-            return Ok((
-                "rolled back, but the guest's QEMU on the source is gone: the guest died".into(),
-                json!({}),
+            return Ok(Done::new(
+                Reason::GuestDied,
+                "rolled back, but the guest's QEMU on the source is gone: the guest died",
             ));
         }
-        let finish_cookie = self.cookie(MigrationPhase::Finish);
+        let finish_cookie = self.inputs.cookies.finish.clone();
         let confirmed = if !cancelled && finish_cookie.is_none() {
             // The target took over but its Finish never reported: nothing to check
             // against, but the old guest must go all the same.
-            self.agent
-                .sup
-                .destroy(&domain.name)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.agent.sup.destroy(&domain.name).await?;
             Confirmed::TargetRuns(None)
         } else {
             confirm::confirm(
@@ -65,52 +59,51 @@ impl Run<'_> {
                 finish_cookie.as_deref(),
                 cancelled,
             )
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
         };
         let statistics = match confirmed {
             Confirmed::TargetRuns(statistics) => statistics,
             Confirmed::SourceRuns => {
-                return Ok((
-                    "rolled back: the guest runs on the source".into(),
-                    json!({}),
+                return Ok(Done::new(
+                    Reason::SourceResumed,
+                    "rolled back: the guest runs on the source",
                 ));
             }
             Confirmed::GuestLost(why) => {
                 warn!(%why, "the guest is lost");
                 self.mark_vm_lost(&why).await?;
-                return Ok((
+                return Ok(Done::new(
+                    Reason::GuestLost,
                     format!("rolled back, but the guest is lost: {why}; its QEMU here was removed"),
-                    json!({}),
                 ));
             }
         };
-        let _ = DiskLocks::new(
-            self.agent.client.clone(),
-            &self.agent.namespace,
-            &ns,
-            &self.m.spec.vm_name,
-        )
-        .release(&source)
-        .await;
+        let _ = self.disk_locks().release(&source).await;
         // QEMU's downtime (written in Perform) ends with the stream; the guest's
         // ends when the target resumed it.
         match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {
-            Some(ms) => Ok((
+            Some(ms) => Ok(Done::new(
+                Reason::SourceRemoved,
                 format!(
                     "the old guest on the source is gone; the guest was paused {ms} ms \
                      (paused here → resumed on {target})"
                 ),
-                json!({"downtimeMs": ms}),
+            )
+            .with(MigrationStatusPatch {
+                downtime_ms: Some(ms as i64),
+                ..Default::default()
+            })),
+            None => Ok(Done::new(
+                Reason::SourceRemoved,
+                "the old guest on the source is gone",
             )),
-            None => Ok(("the old guest on the source is gone".into(), json!({}))),
         }
     }
 
     /// Marks the VM Failed, reason GuestLost, and releases its disk locks: its QEMU here
     /// was removed because the guest's state was split with a target QEMU that is gone.
     /// (The VM reconciler would call it GuestDied, as if the QEMU had exited by itself.)
-    async fn mark_vm_lost(&self, why: &str) -> Result<(), String> {
+    async fn mark_vm_lost(&self, why: &str) -> Result<(), StepError> {
         let (vm, _) = self.vm().await?;
         let message = format!(
             "the guest is lost: {why}; its QEMU on {} was removed. Ferry does not restart it \

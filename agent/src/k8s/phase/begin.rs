@@ -1,0 +1,30 @@
+//! Begin on the source: checks the guest can migrate, takes the migration lock, and
+//! gives the target's definition (`targetDomainXML`) and Begin's cookie.
+
+use ferry_agent::begin;
+use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
+
+use super::{Done, Run, StepError};
+
+impl Run<'_> {
+    pub(super) async fn begin(&self) -> Result<Done, StepError> {
+        let (_, domain) = self.vm().await?;
+        let out = begin::begin(
+            &self.agent.sup,
+            &domain.name,
+            &self.id,
+            self.m.spec.target_domain_xml.as_deref(),
+        )
+        .await?;
+        let outputs = MigrationStatusPatch {
+            target_domain_xml: Some(out.domain_xml),
+            ..Default::default()
+        }
+        .with_cookie(MigrationPhase::Begin, Some(out.cookie));
+        Ok(Done::new(
+            Reason::Locked,
+            "the guest can migrate; migration lock taken",
+        )
+        .with(outputs))
+    }
+}

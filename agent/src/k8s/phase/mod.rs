@@ -1,0 +1,459 @@
+//! One phase of one migration on this node, between the status and the data plane: per
+//! phase, how its inputs are read ([`Inputs`], from the status or from a peer call) and
+//! how its output becomes a typed status patch ([`Done`]), or why it failed
+//! ([`StepError`], with the [`Reason`] the step records). Recording the step is the
+//! caller's: the managed runner (`runner`), the peer-to-peer driver, the peer server.
+//!
+//! | phase | file | reads | writes |
+//! | --- | --- | --- | --- |
+//! | Begin | `begin.rs` | the VM, `spec.targetDomainXML` | `cookies.begin`, `targetDomainXML` |
+//! | Prepare | `prepare.rs` | `targetDomainXML`, `cookies.begin`, the policy | `cookies.prepare`, `migrationURI` |
+//! | Perform | `perform.rs` (`to_file.rs` for a save) | `migrationURI`, `cookies.prepare`, the policy | `cookies.perform`, `progress`, `downtimeMs`, `totalTimeMs` (`savedState`) |
+//! | Finish | `finish.rs` | `cookies.perform`, `cancelled` | `cookies.finish` |
+//! | Confirm | `confirm.rs` (`to_file.rs` for a save) | `cookies.finish`, `cancelled` | `downtimeMs` |
+
+use ferry_agent::domain::{Device, Domain, DomainError};
+use ferry_agent::error::{ErrorKind, PhaseError};
+use ferry_crds::{
+    Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VirtualMachine,
+    VirtualMachineMigration, VirtualMachineMigrationStatus, VmPhase, set_condition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Agent;
+use super::locks::DiskLocks;
+use super::ownership::OwnershipError;
+use super::status::StatusWriter;
+
+mod begin;
+mod confirm;
+mod finish;
+mod perform;
+mod prepare;
+mod to_file;
+
+pub use perform::{progress_of, target_report};
+
+/// What a phase takes from the phases before it. The managed runner and the driver
+/// read it from the status; the target's peer server from the source's call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    /// The rollback flag: Finish and Confirm undo their side.
+    pub cancelled: bool,
+    /// Begin's definition for the target (Prepare).
+    pub target_domain_xml: Option<String>,
+    /// Where the target listens (Perform).
+    pub migration_uri: Option<String>,
+    pub cookies: Cookies,
+}
+
+impl Inputs {
+    /// The inputs as the status has them.
+    pub fn of(status: &VirtualMachineMigrationStatus) -> Inputs {
+        Inputs {
+            cancelled: status.cancelled,
+            target_domain_xml: status.target_domain_xml.clone(),
+            migration_uri: status.migration_uri.clone(),
+            cookies: status.cookies.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A phase that did its work: why (the step's reason), what it says, and the status
+/// fields it gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    pub reason: Reason,
+    pub message: String,
+    pub outputs: MigrationStatusPatch,
+}
+
+impl Done {
+    fn new(reason: Reason, message: impl Into<String>) -> Done {
+        Done {
+            reason,
+            message: message.into(),
+            outputs: MigrationStatusPatch::default(),
+        }
+    }
+
+    fn with(mut self, outputs: MigrationStatusPatch) -> Done {
+        self.outputs = outputs;
+        self
+    }
+}
+
+/// Why a phase failed on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Phase(Box<PhaseError>),
+    /// An earlier phase left no input this one takes.
+    #[error("{0}")]
+    MissingInput(&'static str),
+    #[error("reading VirtualMachine {vm}: {source}")]
+    ReadVm { vm: String, source: kube::Error },
+    #[error("VirtualMachine {0} does not exist")]
+    NoVm(String),
+    #[error("VirtualMachine {vm}: {source}")]
+    Domain { vm: String, source: DomainError },
+    #[error("no free migration port in the configured range")]
+    NoPort,
+    #[error(
+        "spec.transport.tls is on but node {node} has no migration certificate yet ({why}); \
+         set transport.tls: false to migrate in plain TCP"
+    )]
+    NoCertificate { node: String, why: String },
+    #[error(transparent)]
+    Policy(#[from] ferry_agent::policy::PolicyError),
+    /// The migration was cancelled before this phase could do anything.
+    #[error("{0}")]
+    Cancelled(&'static str),
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    #[error(transparent)]
+    Supervisor(#[from] ferry_agent::supervisor::SupervisorError),
+    #[error("writing the status of VirtualMachine {vm}: {source}")]
+    VmStatus { vm: String, source: kube::Error },
+    /// `phase` is not one an agent runs.
+    #[error("{0:?} is not a phase an agent runs")]
+    NotAPhase(MigrationPhase),
+}
+
+impl From<PhaseError> for StepError {
+    fn from(e: PhaseError) -> Self {
+        StepError::Phase(Box::new(e))
+    }
+}
+
+impl StepError {
+    /// The reason the step records.
+    pub fn reason(&self) -> Reason {
+        match self {
+            StepError::Phase(e) => reason_of(&e.kind),
+            StepError::MissingInput(_) => Reason::MissingInput,
+            StepError::ReadVm { .. } | StepError::VmStatus { .. } => Reason::ApiError,
+            StepError::NoVm(_) => Reason::VMNotFound,
+            StepError::Domain { .. } => Reason::InvalidDomain,
+            StepError::NoPort => Reason::NoPort,
+            StepError::NoCertificate { .. } => Reason::TlsUnavailable,
+            StepError::Policy(_) => Reason::PolicyRefused,
+            StepError::Cancelled(_) => Reason::Cancelled,
+            StepError::Ownership(_) => Reason::OwnershipFailed,
+            StepError::Supervisor(_) => Reason::QemuFailed,
+            StepError::NotAPhase(_) => Reason::Invalid,
+        }
+    }
+}
+
+/// The reason of a data-plane error.
+fn reason_of(kind: &ErrorKind) -> Reason {
+    match kind {
+        ErrorKind::Domain(_) => Reason::InvalidDomain,
+        ErrorKind::Abi(_) => Reason::AbiUnstable,
+        ErrorKind::Cookie(_) => Reason::InvalidCookie,
+        ErrorKind::Qmp(_) => Reason::QmpFailed,
+        ErrorKind::Supervisor(_) => Reason::QemuFailed,
+        ErrorKind::PolicyRefused(_) | ErrorKind::Unsupported(_) => Reason::PolicyRefused,
+        ErrorKind::Refused(_) => Reason::Refused,
+        ErrorKind::MigrationFailed(_) => Reason::TransferFailed,
+        ErrorKind::Cancelled => Reason::Cancelled,
+        ErrorKind::LimitExceeded(_) => Reason::LimitExceeded,
+        ErrorKind::Ownership(_) => Reason::OwnershipFailed,
+        ErrorKind::NotArrived(_) => Reason::NotArrived,
+        ErrorKind::GuestLost(_) => Reason::GuestLost,
+        ErrorKind::Record(_) => Reason::RecordFailed,
+        ErrorKind::StateFile(_) => Reason::StateFileInvalid,
+    }
+}
+
+/// How a phase ended, as a step records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub outcome: StepOutcome,
+    pub reason: Reason,
+    pub message: String,
+    pub outputs: MigrationStatusPatch,
+}
+
+impl From<Result<Done, StepError>> for Report {
+    fn from(result: Result<Done, StepError>) -> Report {
+        match result {
+            Ok(done) => Report {
+                outcome: StepOutcome::Succeeded,
+                reason: done.reason,
+                message: done.message,
+                outputs: done.outputs,
+            },
+            Err(e) => {
+                let message = e.to_string();
+                warn!(%message, reason = %e.reason(), "failed");
+                Report {
+                    outcome: StepOutcome::Failed,
+                    reason: e.reason(),
+                    message,
+                    outputs: MigrationStatusPatch::default(),
+                }
+            }
+        }
+    }
+}
+
+/// Runs `phase` of `m` on this node with `inputs`, without recording anything.
+pub async fn execute(
+    agent: &Agent,
+    m: &VirtualMachineMigration,
+    phase: MigrationPhase,
+    inputs: Inputs,
+    cancel: &CancellationToken,
+) -> Report {
+    Run::new(agent, m, phase, inputs)
+        .execute(cancel)
+        .await
+        .into()
+}
+
+/// One phase of one migration, with what it reads.
+pub(crate) struct Run<'a> {
+    agent: &'a Agent,
+    m: &'a VirtualMachineMigration,
+    phase: MigrationPhase,
+    inputs: Inputs,
+    api: Api<VirtualMachineMigration>,
+    vms: Api<VirtualMachine>,
+    /// The data plane's name for this migration: unique even if a migration of the
+    /// same name is created again.
+    id: String,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        agent: &'a Agent,
+        m: &'a VirtualMachineMigration,
+        phase: MigrationPhase,
+        inputs: Inputs,
+    ) -> Self {
+        let ns = m.namespace().unwrap_or_default();
+        Run {
+            agent,
+            m,
+            phase,
+            inputs,
+            api: Api::namespaced(agent.client.clone(), &ns),
+            vms: Api::namespaced(agent.client.clone(), &ns),
+            id: format!("{ns}/{}@{}", m.name_any(), m.uid().unwrap_or_default()),
+        }
+    }
+
+    async fn execute(&self, cancel: &CancellationToken) -> Result<Done, StepError> {
+        let to_file = self.m.spec.to_file.is_some();
+        match self.phase {
+            MigrationPhase::Begin => self.begin().await,
+            MigrationPhase::Prepare => self.prepare().await,
+            MigrationPhase::Perform if to_file => self.save(cancel).await,
+            MigrationPhase::Perform => self.perform(cancel).await,
+            MigrationPhase::Finish => self.finish().await,
+            MigrationPhase::Confirm if to_file && !self.inputs.cancelled => {
+                self.confirm_save().await
+            }
+            MigrationPhase::Confirm => self.confirm().await,
+            other => Err(StepError::NotAPhase(other)),
+        }
+    }
+
+    fn status(&self) -> VirtualMachineMigrationStatus {
+        self.m.status.clone().unwrap_or_default()
+    }
+
+    /// The policy the operator fixed at admission (`spec.policy` for a migration admitted
+    /// before there was one).
+    fn policy(&self) -> Result<ferry_agent::policy::Policy, StepError> {
+        let policy = self
+            .status()
+            .policy
+            .unwrap_or_else(|| self.m.spec.policy.clone());
+        Ok(ferry_agent::policy::resolve(&policy)?)
+    }
+
+    /// The source and target nodes.
+    fn claim(&self) -> (String, String) {
+        let (source, target) = self.m.nodes();
+        (source.to_string(), target.to_string())
+    }
+
+    /// The VM object and its domain.
+    async fn vm(&self) -> Result<(VirtualMachine, Domain), StepError> {
+        let vm = &self.m.spec.vm_name;
+        let object = self
+            .vms
+            .get_opt(vm)
+            .await
+            .map_err(|source| StepError::ReadVm {
+                vm: vm.clone(),
+                source,
+            })?
+            .ok_or_else(|| StepError::NoVm(vm.clone()))?;
+        let domain =
+            Domain::parse(&object.spec.domain_xml).map_err(|source| StepError::Domain {
+                vm: vm.clone(),
+                source,
+            })?;
+        Ok((object, domain))
+    }
+
+    /// This node's credentials when the migration's stream is TLS (`spec.transport.tls`);
+    /// an error, not plain TCP, when the node has no certificate yet.
+    fn tls(&self) -> Result<Option<ferry_agent::tls::Credentials>, StepError> {
+        if !self.m.spec.transport.tls {
+            return Ok(None);
+        }
+        self.agent
+            .certs
+            .current()
+            .map(Some)
+            .ok_or_else(|| StepError::NoCertificate {
+                node: self.agent.node.clone(),
+                why: self.agent.certs.why_none(),
+            })
+    }
+
+    /// The writer of this migration's status.
+    fn writer(&self) -> StatusWriter {
+        StatusWriter::new(
+            self.api.clone(),
+            &self.m.name_any(),
+            self.agent.metrics.status_writes(),
+        )
+    }
+
+    fn disk_locks(&self) -> DiskLocks {
+        DiskLocks::new(
+            self.agent.client.clone(),
+            &self.agent.namespace,
+            &self.m.namespace().unwrap_or_default(),
+            &self.m.spec.vm_name,
+        )
+    }
+
+    /// Writes into `vm`'s status that its guest no longer runs on this node: `phase`
+    /// (Stopped after a save, Failed when lost), Ready False for `reason` with
+    /// `message`, no graphics, and the `extra` status fields; then releases the VM's
+    /// disk locks held here. A plain merge patch: what this says wins over what the VM
+    /// reconciler last wrote, and its own writes of this kind are guarded (vms.rs).
+    async fn mark_vm_gone(
+        &self,
+        vm: &VirtualMachine,
+        phase: VmPhase,
+        reason: &str,
+        message: &str,
+        extra: Value,
+    ) -> Result<(), StepError> {
+        let mut conditions = vm
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let now = Time(Timestamp::now());
+        let generation = vm.metadata.generation;
+        set_condition(
+            &mut conditions,
+            "Ready",
+            false,
+            reason,
+            message,
+            generation,
+            now,
+        );
+        let mut status = json!({"phase": phase, "graphics": null, "conditions": conditions});
+        if let (Some(status), Value::Object(extra)) = (status.as_object_mut(), extra) {
+            status.extend(extra);
+        }
+        let name = &self.m.spec.vm_name;
+        self.vms
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .map_err(|source| StepError::VmStatus {
+                vm: name.clone(),
+                source,
+            })?;
+        let _ = self.disk_locks().release(&self.agent.node).await;
+        Ok(())
+    }
+}
+
+/// The target devs of a domain's disks: what the disk locks are named by.
+pub fn disks(domain: &Domain) -> Vec<String> {
+    domain
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            Device::Disk(disk) => Some(disk.target_dev.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How a step message says whether the stream is encrypted, and who the peer must be.
+fn tls_words(tls: bool, peer: &str) -> String {
+    if tls {
+        format!("TLS, peer certificate {peer} verified")
+    } else {
+        "plain TCP, transport.tls false".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_its_reason_up_to_the_step() {
+        let report: Report = Err(StepError::NoPort).into();
+        assert_eq!(report.outcome, StepOutcome::Failed);
+        assert_eq!(report.reason, Reason::NoPort);
+        assert_eq!(
+            report.message,
+            "no free migration port in the configured range"
+        );
+        let lost = PhaseError {
+            phase: ferry_agent::phases::Phase::Perform,
+            vm: "demo".into(),
+            migration: "m".into(),
+            kind: ErrorKind::GuestLost("the target QEMU is gone".into()),
+        };
+        let report: Report = Err(StepError::from(lost)).into();
+        assert_eq!(report.reason, Reason::GuestLost);
+        assert!(
+            report.message.contains("the guest is lost"),
+            "{}",
+            report.message
+        );
+    }
+
+    #[test]
+    fn inputs_are_read_from_the_status() {
+        let status = VirtualMachineMigrationStatus {
+            cancelled: true,
+            migration_uri: Some("tcp:127.0.0.3:4444".into()),
+            cookies: Some(Cookies {
+                prepare: Some("<p/>".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let inputs = Inputs::of(&status);
+        assert!(inputs.cancelled);
+        assert_eq!(inputs.migration_uri.as_deref(), Some("tcp:127.0.0.3:4444"));
+        assert_eq!(inputs.cookies.prepare.as_deref(), Some("<p/>"));
+    }
+}
