@@ -1,6 +1,7 @@
 //! The guests of this node: starts the VirtualMachines that name it, reports their phase
 //! and console, stops them when asked, marks a guest that died as Failed (never a silent
-//! restart), and removes stray QEMUs that no VM or migration accounts for.
+//! restart), and removes stray QEMUs that no VM or migration accounts for. What to do
+//! about a guest is decided in `decide`, a pure function of the facts gathered here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,10 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
+mod decide;
 mod restore;
+
+use decide::{Act, Then};
 
 use super::Agent;
 use super::locks::DiskLocks;
@@ -110,84 +114,57 @@ impl Reconcile<'_> {
         )
     }
 
+    /// Gathers the facts, asks [`decide::decide`], and carries the decision out.
     async fn run(&self) -> Result<Action, VmError> {
         let status = self.status();
-        let domain = match Domain::parse(&self.vm.spec.domain_xml) {
-            Ok(d) => d,
-            Err(e) => {
-                self.report(
-                    VmPhase::Failed,
-                    false,
-                    "InvalidDomain",
-                    &e.to_string(),
-                    None,
-                )
-                .await?;
-                return Ok(Action::await_change());
-            }
+        let parsed = Domain::parse(&self.vm.spec.domain_xml);
+        let domain = parsed.as_ref().ok();
+        let name = domain.map(|d| d.name.as_str()).unwrap_or_default();
+        let running = domain.is_some() && self.agent.sup.running_pid(name).is_some();
+        let name_taken_by = domain
+            .filter(|_| running)
+            .and_then(|d| self.agent.sup.definition(&d.name).ok().map(|r| (d, r)))
+            .filter(|(d, r)| r.uuid != d.uuid)
+            .map(|(_, r)| r.uuid.to_string());
+        let graphics = if running && self.vm.spec.running && status.migration.is_none() {
+            self.graphics(name).await
+        } else {
+            None
         };
-        // The domain name keys the guest on this node; another VM may not take it.
-        if let Ok(running) = self.agent.sup.definition(&domain.name)
-            && running.uuid != domain.uuid
-            && self.agent.sup.running_pid(&domain.name).is_some()
-        {
-            let message = format!(
-                "domain name {} is already used on node {} by a guest with uuid {}",
-                domain.name, self.agent.node, running.uuid
-            );
-            self.report(VmPhase::Failed, false, "NameInUse", &message, None)
-                .await?;
-            return Ok(Action::await_change());
-        }
-        let running = self.agent.sup.running_pid(&domain.name).is_some();
-        if status.migration.is_some() {
-            // A migration holds the guest; its phases act, this only reports.
-            if running && status.phase != Some(VmPhase::Migrating) {
-                let message = format!("held by migration {}", status.migration.unwrap_or_default());
-                self.report(VmPhase::Migrating, true, "Migrating", &message, None)
-                    .await?;
+        let facts = decide::Facts {
+            node: &self.agent.node,
+            spec_running: self.vm.spec.running,
+            status: &status,
+            invalid_domain: parsed.as_ref().err().map(|e| e.to_string()),
+            domain_name: name,
+            name_taken_by,
+            running,
+            graphics,
+        };
+        let (act, then) = decide::decide(&facts);
+        match act {
+            Act::Nothing => {}
+            Act::Report(r) => {
+                self.write_status(
+                    r.phase, r.ready, r.reason, &r.message, r.graphics, r.guarded,
+                )
+                .await?
             }
-            return Ok(Action::requeue(RESYNC));
-        }
-        match (self.vm.spec.running, running) {
-            (true, true) => {
-                let graphics = self.graphics(&domain.name).await;
-                let message = format!("running on {}", self.agent.node);
-                if status.phase != Some(VmPhase::Running)
-                    || status.graphics != graphics
-                    || status.node_name.is_none()
-                {
-                    self.report_guarded(VmPhase::Running, true, "Running", &message, graphics)
-                        .await?;
+            Act::Start => {
+                if let Some(domain) = domain {
+                    self.start_or_restore(domain).await?
                 }
             }
-            (true, false) => match status.phase {
-                None | Some(VmPhase::Pending | VmPhase::Starting | VmPhase::Stopped) => {
-                    self.start_or_restore(&domain).await?
-                }
-                Some(VmPhase::Failed) => return Ok(Action::await_change()),
-                Some(phase) => {
-                    let message = format!(
-                        "the guest's QEMU exited unexpectedly on {} while {phase:?}; Ferry does not restart it (set spec.running to false and back to true to start it again)",
-                        self.agent.node
-                    );
-                    warn!(%message);
-                    let _ = self.locks().release(&self.agent.node).await;
-                    self.report_guarded(VmPhase::Failed, false, "GuestDied", &message, None)
-                        .await?;
-                    return Ok(Action::await_change());
-                }
-            },
-            (false, true) => {
+            Act::Stop => {
                 info!("stopping the guest");
                 if let Err(e) = self
                     .agent
                     .sup
-                    .stop(&domain.name, StopMode::Powerdown(Duration::from_secs(30)))
+                    .stop(name, StopMode::Powerdown(Duration::from_secs(30)))
                     .await
                 {
                     warn!(error = %e, "graceful stop failed; forcing it");
-                    let _ = self.agent.sup.destroy(&domain.name).await;
+                    let _ = self.agent.sup.destroy(name).await;
                 }
                 let _ = self.locks().release(&self.agent.node).await;
                 self.report(
@@ -199,20 +176,17 @@ impl Reconcile<'_> {
                 )
                 .await?;
             }
-            (false, false) => {
-                if status.phase != Some(VmPhase::Stopped) {
-                    self.report(
-                        VmPhase::Stopped,
-                        false,
-                        "Stopped",
-                        "spec.running is false",
-                        None,
-                    )
+            Act::Died(message) => {
+                warn!(%message);
+                let _ = self.locks().release(&self.agent.node).await;
+                self.report_guarded(VmPhase::Failed, false, "GuestDied", &message, None)
                     .await?;
-                }
             }
         }
-        Ok(Action::requeue(RESYNC))
+        Ok(match then {
+            Then::AwaitChange => Action::await_change(),
+            Then::Resync => Action::requeue(RESYNC),
+        })
     }
 
     async fn start(&self, domain: &Domain) -> Result<(), VmError> {
