@@ -64,13 +64,7 @@ fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
 
 #[tokio::main]
 async fn main() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ferry_runtime::init_tracing("info");
     let args = Args::parse();
     if let Err(e) = run(args).await {
         error!("{e}");
@@ -118,7 +112,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ready.clone(),
     ));
     let peer = tokio::spawn(k8s::peer::server::serve(agent.clone(), peer));
-    let http = tokio::spawn(k8s::metrics::serve(args.metrics_addr, agent.clone(), ready));
+    let encode: ferry_runtime::Encode = {
+        let agent = agent.clone();
+        Arc::new(move || agent.metrics.encode())
+    };
+    let http = tokio::spawn(ferry_runtime::serve(args.metrics_addr, encode, ready));
     tokio::spawn(k8s::vms::sweep(agent.clone()));
     tokio::spawn(k8s::certs::run(agent.clone()));
     let vms = tokio::spawn(k8s::vms::run(agent.clone()));

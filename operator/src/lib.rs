@@ -20,7 +20,6 @@ pub mod evacuator;
 pub mod events;
 pub mod fault;
 pub mod history;
-pub mod http;
 pub mod metrics;
 pub mod nodes;
 pub mod policy;

@@ -89,14 +89,7 @@ fn parse_policy(s: &str) -> Result<ferry_crds::MigrationPolicy, String> {
 
 #[tokio::main]
 async fn main() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_lease_manager=warn".into()),
-        )
-        .init();
+    ferry_runtime::init_tracing("info,kube_lease_manager=warn");
     let args = Args::parse();
     if let Err(e) = run(args).await {
         error!("{e}");
@@ -111,7 +104,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn({
         let (metrics, ready) = (metrics.clone(), ready.clone());
         async move {
-            if let Err(e) = ferry_operator::http::serve(args.metrics_addr, metrics, ready).await {
+            let encode: ferry_runtime::Encode = Arc::new(move || metrics.encode());
+            if let Err(e) = ferry_runtime::serve(args.metrics_addr, encode, ready).await {
                 error!("metrics server on {}: {e}", args.metrics_addr);
                 std::process::exit(1);
             }

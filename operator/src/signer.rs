@@ -20,7 +20,7 @@
 use k8s_openapi::api::certificates::v1::CertificateSigningRequestSpec;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::time::Duration;
 
@@ -103,22 +103,9 @@ impl Ca {
     }
 }
 
-/// The certificate profile of a node: subject `CN=<node>`, SAN `DNS:<node>`, the
-/// [`USAGES`]. Agents request it, the operator issues it, tests reuse it.
-pub fn node_params(node: &str) -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(vec![node.to_string()])?;
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, node);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    Ok(params)
-}
+/// The certificate profile of a node (one definition, shared with the agents that
+/// request it).
+pub use ferry_runtime::node_cert_params as node_params;
 
 /// A request the signer approves: for node `node`, with the requester's public key.
 #[derive(Debug)]

@@ -21,9 +21,7 @@ use k8s_openapi::api::certificates::v1::{
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose,
-};
+use rcgen::KeyPair;
 use tracing::{info, warn};
 
 use super::Agent;
@@ -231,20 +229,11 @@ pub fn check(cert: &str, key: &str, ca: &str) -> Result<Validity, String> {
     })
 }
 
-/// The request an agent files: the operator's node profile.
+/// The request an agent files: the node profile the operator issues.
 pub fn request_pem(node: &str, key: &KeyPair) -> Result<String, rcgen::Error> {
-    let mut params = CertificateParams::new(vec![node.to_string()])?;
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, node);
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.serialize_request(key)?.pem()
+    ferry_runtime::node_cert_params(node)?
+        .serialize_request(key)?
+        .pem()
 }
 
 fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
@@ -352,6 +341,7 @@ async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::CertificateParams;
 
     #[test]
     fn renewal_starts_with_a_third_of_the_life_left() {

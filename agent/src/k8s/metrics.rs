@@ -1,14 +1,6 @@
-//! The agent's metrics and probes: `/metrics`, `/healthz`, `/readyz` (ready once the
-//! node's heartbeat Lease has been written).
+//! The agent's metrics (served with the probes by `ferry_runtime::serve`; `/readyz` is
+//! ready once the node's heartbeat Lease has been written).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use ferry_crds::{MigrationPhase, StepOutcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +49,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
     pub fn phase_done(&self, phase: MigrationPhase, outcome: StepOutcome) {
         self.phases
             .get_or_create(&PhaseLabels {
@@ -84,40 +84,5 @@ impl WriteCounter {
                 result: result.into(),
             })
             .inc();
-    }
-}
-
-#[derive(Clone)]
-struct Shared {
-    agent: Arc<super::Agent>,
-    ready: Arc<AtomicBool>,
-}
-
-/// Serves the probes and metrics on `addr`.
-pub async fn serve(
-    addr: SocketAddr,
-    agent: Arc<super::Agent>,
-    ready: Arc<AtomicBool>,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(Shared { agent, ready });
-    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
-}
-
-async fn metrics_text(State(s): State<Shared>) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &s.agent.metrics.registry)
-        .expect("writing to a String cannot fail");
-    out
-}
-
-async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "heartbeat not written yet")
     }
 }
