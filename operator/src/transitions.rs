@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use ferry_crds::conditions::{POST_COPY_PAUSED, ROLLING_BACK};
 use ferry_crds::sequence::{Next, View, after};
 use ferry_crds::{
     ControlMode, MigrationMode, MigrationPhase as P, Reason, VirtualMachineMigration,
@@ -200,7 +201,7 @@ pub fn post_copy_pause(
     let current = status
         .conditions
         .iter()
-        .find(|c| c.type_ == "PostCopyPaused");
+        .find(|c| c.type_ == POST_COPY_PAUSED);
     let was_paused = current.is_some_and(|c| c.status == "True");
     let paused = status.phase == Some(P::Perform)
         && status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopyPaused);
@@ -278,7 +279,7 @@ fn rolled_back(
     let (reason, message) = status
         .conditions
         .iter()
-        .find(|c| c.type_ == "RollingBack")
+        .find(|c| c.type_ == ROLLING_BACK)
         // Only this module writes RollingBack, always with one of its reasons.
         .map(|c| {
             (

@@ -243,7 +243,7 @@ mod tests {
         ));
         let mut done = save(P::Confirm, true, Some(S));
         done.status.as_mut().unwrap().conditions.push(Condition {
-            type_: "RollingBack".into(),
+            type_: ferry_crds::conditions::ROLLING_BACK.into(),
             status: "True".into(),
             reason: "PerformFailed".into(),
             message: "no space left".into(),

@@ -1,5 +1,6 @@
 use super::*;
 use ferry_crds::Reason;
+use ferry_crds::conditions::{POST_COPY_PAUSED, ROLLING_BACK};
 use ferry_crds::{
     Condition, Step, StepOutcome, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
 };
@@ -54,7 +55,7 @@ fn migration(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> Virtual
 fn rolling_back(mut m: VirtualMachineMigration, reason: &str) -> VirtualMachineMigration {
     let status = m.status.as_mut().unwrap();
     status.conditions.push(Condition {
-        type_: "RollingBack".into(),
+        type_: ROLLING_BACK.into(),
         status: "True".into(),
         reason: reason.into(),
         message: "target QEMU died".into(),
@@ -334,7 +335,7 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
     assert_eq!(first.reason, Reason::WaitingForPath);
     ferry_crds::set_condition(
         &mut paused.status.as_mut().unwrap().conditions,
-        "PostCopyPaused",
+        POST_COPY_PAUSED,
         true,
         first.reason,
         &first.message,
