@@ -346,7 +346,7 @@ impl Reconciler<'_> {
                 warn!(reason = %why.reason, message = %why.message, "Confirm failed; running it again");
                 self.event(EventType::Warning, why.reason.as_str(), &why.message)
                     .await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                // `decide` waited until the failed step had ended a while ago.
                 self.write(patches::retry_confirm(now()), Guard::None)
                     .await?;
                 Ok(Action::requeue(Duration::from_secs(2)))
