@@ -9,6 +9,7 @@
 //! template the chart ships; the `crdgen` binary writes it and a test keeps it current.
 
 mod condition;
+pub mod conditions;
 mod migration;
 mod patch;
 mod policy;
@@ -16,6 +17,7 @@ mod reason;
 pub mod sequence;
 pub mod tls;
 mod vm;
+mod vm_patch;
 
 pub use condition::{Condition, set_condition};
 pub use migration::*;
@@ -24,6 +26,7 @@ pub use policy::*;
 pub use reason::{Reason, UnknownReason};
 pub use sequence::ControlMode;
 pub use vm::*;
+pub use vm_patch::VirtualMachineStatusPatch;
 
 use kube::CustomResourceExt;
 

@@ -174,7 +174,7 @@ impl Attempt {
                     failure: status
                         .conditions
                         .iter()
-                        .find(|c| c.type_ == "Failed" && c.status == "True")
+                        .find(|c| c.type_ == ferry_crds::conditions::FAILED && c.status == "True")
                         .map(|c| (c.reason.clone(), c.message.clone())),
                 }
             })

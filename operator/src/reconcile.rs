@@ -6,20 +6,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_crds::conditions::{ADMITTED, ROLLING_BACK};
 use ferry_crds::{
-    ControlMode, MigrationPhase, ROLLBACK_FINALIZER, Reason, SOURCE_NODE_LABEL, TARGET_NODE_LABEL,
-    VirtualMachine, VirtualMachineMigration, set_condition,
+    ControlMode, MigrationPhase, MigrationStatusPatch, ROLLBACK_FINALIZER, Reason,
+    SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine, VirtualMachineMigration, set_condition,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::admission::{self, Admission, Facts};
@@ -30,8 +30,11 @@ use crate::nodes;
 use crate::transitions::{self, Decision, Observation, Why};
 
 mod end;
+mod patches;
 mod peer;
 mod report;
+
+use patches::MetadataPatch;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -209,19 +212,15 @@ impl Reconciler<'_> {
                 let mut conditions = self.conditions();
                 set_condition(
                     &mut conditions,
-                    "Admitted",
+                    ADMITTED,
                     false,
                     reason,
                     &message,
                     self.m.metadata.generation,
                     now(),
                 );
-                self.patch_status(json!({
-                    "phase": MigrationPhase::Pending,
-                    "conditions": conditions,
-                    "observedGeneration": self.m.metadata.generation,
-                }))
-                .await?;
+                let patch = patches::pending(conditions, self.m.metadata.generation);
+                self.write(patch, Guard::None).await?;
                 // The VM and the limits are not watched from here: look again soon.
                 Ok(Action::requeue(Duration::from_millis(500)))
             }
@@ -244,22 +243,20 @@ impl Reconciler<'_> {
         source: String,
         target: Option<String>,
     ) -> Result<Action> {
-        let mut labels = json!({ SOURCE_NODE_LABEL: source });
+        let mut labels = BTreeMap::from([(SOURCE_NODE_LABEL.to_string(), source.clone())]);
         if let Some(target) = &target {
-            labels[TARGET_NODE_LABEL] = json!(target);
+            labels.insert(TARGET_NODE_LABEL.to_string(), target.clone());
         }
         // The finalizer first: from the moment the VM is held, a deletion must wait for
         // the release.
+        let metadata = MetadataPatch {
+            labels: Some(labels),
+            finalizers: Some(self.finalizers_with_ours()),
+            ..Default::default()
+        };
         let latest = self
             .api()
-            .patch(
-                &self.name(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {
-                    "labels": labels,
-                    "finalizers": self.finalizers_with_ours(),
-                }})),
-            )
+            .patch(&self.name(), &PatchParams::default(), &metadata.to_patch())
             .await?;
         if !is_pending(&latest) {
             info!("admitted already; this reconcile saw an older version");
@@ -279,30 +276,27 @@ impl Reconciler<'_> {
         let mut conditions = self.conditions();
         set_condition(
             &mut conditions,
-            "Admitted",
+            ADMITTED,
             true,
-            "Admitted",
+            Reason::Admitted,
             &message,
             self.m.metadata.generation,
             now(),
         );
-        let mut status = json!({
-            "phase": MigrationPhase::Begin,
-            "phaseTransitionTime": now(),
-            "sourceNode": source,
-            "conditions": conditions,
-            "observedGeneration": self.m.metadata.generation,
-        });
-        if let Some(target) = &target {
-            status["targetNode"] = json!(target);
-            status["policy"] = json!(crate::policy::effective(
-                &self.ctx.default_policy,
-                &self.m.spec.policy
-            ));
-        }
+        let policy = || crate::policy::effective(&self.ctx.default_policy, &self.m.spec.policy);
+        let patch = patches::begin(
+            &source,
+            target.as_deref().map(|t| (t, policy())),
+            conditions,
+            self.m.metadata.generation,
+            now(),
+        );
         // Only over the version just checked to be Pending.
-        self.patch_status_at(latest.metadata.resource_version.as_deref(), status)
-            .await?;
+        let guard = match latest.metadata.resource_version.as_deref() {
+            Some(rv) => Guard::At(rv),
+            None => Guard::None,
+        };
+        self.write(patch, guard).await?;
         info!(%source, ?target, "admitted; Begin");
         self.event(EventType::Normal, "Begin", &message).await;
         Ok(Action::requeue(Duration::from_secs(2)))
@@ -331,14 +325,14 @@ impl Reconciler<'_> {
                 Ok(Action::requeue(after))
             }
             Decision::RequestCancel => {
-                if self.m.spec.mode == ControlMode::PeerToPeer {
-                    // Only while the Perform it saw still runs: the source agent may
-                    // have moved on meanwhile.
-                    self.patch_status_guarded(json!({"cancelled": true}))
-                        .await?;
+                // Peer-to-peer, only while the Perform it saw still runs: the source
+                // agent may have moved on meanwhile.
+                let guard = if self.m.spec.mode == ControlMode::PeerToPeer {
+                    Guard::Read
                 } else {
-                    self.patch_status(json!({"cancelled": true})).await?;
-                }
+                    Guard::None
+                };
+                self.write(patches::cancel(), guard).await?;
                 info!("cancel requested during Perform");
                 self.event(
                     EventType::Normal,
@@ -352,11 +346,9 @@ impl Reconciler<'_> {
                 warn!(reason = %why.reason, message = %why.message, "Confirm failed; running it again");
                 self.event(EventType::Warning, why.reason.as_str(), &why.message)
                     .await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                self.patch_status(
-                    json!({"steps": {"confirm": null}, "phaseTransitionTime": now()}),
-                )
-                .await?;
+                // `decide` waited until the failed step had ended a while ago.
+                self.write(patches::retry_confirm(now()), Guard::None)
+                    .await?;
                 Ok(Action::requeue(Duration::from_secs(2)))
             }
             Decision::Enter {
@@ -372,14 +364,9 @@ impl Reconciler<'_> {
                     Some(why) => self.conditions_rolling_back(why),
                     None => self.conditions(),
                 };
-                self.patch_status(json!({
-                    "phase": phase,
-                    "cancelled": cancelled,
-                    "phaseTransitionTime": now(),
-                    "conditions": conditions,
-                    "observedGeneration": self.m.metadata.generation,
-                }))
-                .await?;
+                let generation = self.m.metadata.generation;
+                let patch = patches::enter(phase, cancelled, conditions, generation, now());
+                self.write(patch, Guard::None).await?;
                 let note = match &rollback {
                     Some(why) => format!("{phase:?} (rolling back: {})", why.message),
                     None => format!("{phase:?}"),
@@ -414,7 +401,7 @@ impl Reconciler<'_> {
         let mut conditions = self.conditions();
         set_condition(
             &mut conditions,
-            "RollingBack",
+            ROLLING_BACK,
             true,
             why.reason,
             &why.message,
@@ -432,12 +419,20 @@ impl Reconciler<'_> {
             .unwrap_or_default()
     }
 
-    async fn patch_status(&self, status: Value) -> Result<()> {
+    /// Writes `patch` into the migration's status, over the version `guard` names (a
+    /// conflict fails the reconcile, which runs again on the newer version). Every
+    /// write of the status goes through here.
+    async fn write(&self, patch: MigrationStatusPatch, guard: Guard<'_>) -> Result<()> {
+        let resource_version = match guard {
+            Guard::None => None,
+            Guard::Read => self.m.metadata.resource_version.as_deref(),
+            Guard::At(rv) => Some(rv),
+        };
         self.api()
             .patch_status(
                 &self.name(),
                 &PatchParams::default(),
-                &Patch::Merge(json!({ "status": status })),
+                &patch.to_patch(resource_version),
             )
             .await?;
         Ok(())
@@ -445,7 +440,7 @@ impl Reconciler<'_> {
 
     /// Marks the VM as held by this migration, unless another holds it.
     async fn hold_vm(&self, vm: &VirtualMachine) -> Result<()> {
-        self.set_vm_holder(vm, json!(self.name())).await
+        self.set_vm_holder(vm, Some(self.name())).await
     }
 
     /// Clears the VM's `status.migration` if it still names this migration.
@@ -457,20 +452,17 @@ impl Reconciler<'_> {
         if holder != Some(self.name().as_str()) {
             return Ok(());
         }
-        self.set_vm_holder(&vm, Value::Null).await
+        self.set_vm_holder(&vm, None).await
     }
 
     /// Writes the VM's `status.migration`. The resourceVersion precondition makes two
     /// operators (or reconciles, or an agent's fence) agree on who holds the VM.
-    async fn set_vm_holder(&self, vm: &VirtualMachine, holder: Value) -> Result<()> {
-        let patch = json!({
-            "metadata": {"resourceVersion": vm.resource_version()},
-            "status": {"migration": holder},
-        });
+    async fn set_vm_holder(&self, vm: &VirtualMachine, holder: Option<String>) -> Result<()> {
+        let patch = patches::vm_holder(holder).to_patch(vm.metadata.resource_version.as_deref());
         let params = PatchParams::default();
         match self
             .vms()
-            .patch_status(&vm.name_any(), &params, &Patch::Merge(patch))
+            .patch_status(&vm.name_any(), &params, &patch)
             .await
         {
             Ok(_) => Ok(()),
@@ -532,13 +524,14 @@ impl Reconciler<'_> {
 
     async fn set_finalizers(&self, finalizers: Vec<String>) -> Result<()> {
         // resourceVersion guards against dropping a finalizer someone else just added.
-        let patch = json!({"metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": self.m.resource_version(),
-        }});
+        let patch = MetadataPatch {
+            finalizers: Some(finalizers),
+            resource_version: self.m.resource_version(),
+            ..Default::default()
+        };
         match self
             .api()
-            .patch(&self.name(), &PatchParams::default(), &Patch::Merge(patch))
+            .patch(&self.name(), &PatchParams::default(), &patch.to_patch())
             .await
         {
             Ok(_) => Ok(()),
@@ -558,6 +551,17 @@ impl Reconciler<'_> {
         };
         self.ctx.events.publish(event, self.m.object_ref(&()));
     }
+}
+
+/// Which version of the migration a status write applies to.
+#[derive(Debug, Clone, Copy)]
+enum Guard<'a> {
+    /// Whatever version the API server has: the merge patch goes over it.
+    None,
+    /// Only the version this reconcile read (`Reconciler::m`).
+    Read,
+    /// Only this resourceVersion.
+    At(&'a str),
 }
 
 /// Whether `m` still waits for admission.

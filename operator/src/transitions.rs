@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use ferry_crds::conditions::{POST_COPY_PAUSED, ROLLING_BACK};
 use ferry_crds::sequence::{Next, View, after};
 use ferry_crds::{
     ControlMode, MigrationMode, MigrationPhase as P, Reason, VirtualMachineMigration,
@@ -45,7 +46,8 @@ pub enum Decision {
     },
     /// Perform is running and a cancel was asked for: tell the source to stop.
     RequestCancel,
-    /// Confirm failed: clear its step so the source runs it again.
+    /// Confirm failed, [`CONFIRM_RETRY_DELAY`] ago or longer: clear its step so the
+    /// source runs it again.
     RetryConfirm(Why),
     /// The migration is over.
     End { phase: P, why: Why },
@@ -57,6 +59,9 @@ pub enum Decision {
 }
 
 const POLL: Duration = Duration::from_secs(2);
+
+/// How long after a failed Confirm ended it runs again.
+pub const CONFIRM_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Decides what comes after the current phase of `m`.
 pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeouts) -> Decision {
@@ -97,7 +102,7 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
             } => enter(phase, cancelled, rollback),
             Next::End { phase, why } => Decision::End { phase, why },
             Next::Confirmed => end_after_confirm(m, obs, cancel_asked),
-            Next::RetryConfirm(why) => Decision::RetryConfirm(why),
+            Next::RetryConfirm(why) => retry_confirm(m, obs, why),
         };
     }
 
@@ -200,7 +205,7 @@ pub fn post_copy_pause(
     let current = status
         .conditions
         .iter()
-        .find(|c| c.type_ == "PostCopyPaused");
+        .find(|c| c.type_ == POST_COPY_PAUSED);
     let was_paused = current.is_some_and(|c| c.status == "True");
     let paused = status.phase == Some(P::Perform)
         && status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopyPaused);
@@ -244,6 +249,21 @@ pub fn post_copy_pause(
     (!same).then_some(wanted)
 }
 
+/// Confirm failed: it runs again once its step ended [`CONFIRM_RETRY_DELAY`] ago (the
+/// operator's clock against the agent's `end`); until then the operator waits, so no
+/// reconcile sleeps. A step without an end runs again at once.
+fn retry_confirm(m: &VirtualMachineMigration, obs: &Observation, why: Why) -> Decision {
+    let Some(end) = m.step(P::Confirm).and_then(|s| s.end.as_ref()) else {
+        return Decision::RetryConfirm(why);
+    };
+    // An end ahead of the operator's clock counts as just now.
+    let since = Duration::try_from(obs.now.duration_since(end.0)).unwrap_or_default();
+    match CONFIRM_RETRY_DELAY.checked_sub(since) {
+        Some(left) if !left.is_zero() => Decision::Wait(left),
+        _ => Decision::RetryConfirm(why),
+    }
+}
+
 fn end_after_confirm(
     m: &VirtualMachineMigration,
     obs: &Observation,
@@ -278,7 +298,7 @@ fn rolled_back(
     let (reason, message) = status
         .conditions
         .iter()
-        .find(|c| c.type_ == "RollingBack")
+        .find(|c| c.type_ == ROLLING_BACK)
         // Only this module writes RollingBack, always with one of its reasons.
         .map(|c| {
             (

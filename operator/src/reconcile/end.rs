@@ -1,12 +1,12 @@
 //! How a migration ends: its terminal phase, the `Complete` and `Failed` conditions,
 //! the VM released, metrics and an Event.
 
+use ferry_crds::conditions::{ADMITTED, COMPLETE, FAILED};
 use ferry_crds::{ControlMode, MigrationPhase, set_condition};
 use kube::runtime::events::EventType;
-use serde_json::json;
 use tracing::info;
 
-use super::{Reconciler, now};
+use super::{Guard, Reconciler, now, patches};
 use crate::error::Result;
 use crate::metrics::{OutcomeLabels, PhaseLabels};
 use crate::transitions::Why;
@@ -19,7 +19,7 @@ impl Reconciler<'_> {
         let succeeded = phase == MigrationPhase::Succeeded;
         set_condition(
             &mut conditions,
-            "Complete",
+            COMPLETE,
             succeeded,
             why.reason,
             &why.message,
@@ -28,7 +28,7 @@ impl Reconciler<'_> {
         );
         set_condition(
             &mut conditions,
-            "Failed",
+            FAILED,
             !succeeded,
             why.reason,
             &why.message,
@@ -37,26 +37,21 @@ impl Reconciler<'_> {
         );
         if let Some(c) = conditions
             .iter_mut()
-            .find(|c| c.type_ == "Admitted" && c.status == "False")
+            .find(|c| c.type_ == ADMITTED && c.status == "False")
         {
             c.message = format!("never admitted: {}", c.message);
         }
-        let status = json!({
-            "phase": phase,
-            "phaseTransitionTime": now(),
-            "conditions": conditions,
-            "observedGeneration": generation,
-        });
+        let patch = patches::end(phase, conditions, generation, now());
         if self.m.spec.mode == ControlMode::PeerToPeer {
             // The source agent writes phases too: end only the version read (a result
             // it wrote meanwhile wins), then release the VM.
-            self.patch_status_guarded(status).await?;
+            self.write(patch, Guard::Read).await?;
             self.release_vm().await?;
         } else {
             // The VM first: whoever sees the migration ended may start the next one at
             // once.
             self.release_vm().await?;
-            self.patch_status(status).await?;
+            self.write(patch, Guard::None).await?;
         }
         let status = self.m.status.clone().unwrap_or_default();
         let metrics = &self.ctx.metrics;

@@ -1,14 +1,14 @@
 //! What the reconciler reports while a migration waits: the `Converging` and
 //! `PostCopyPaused` conditions, from what the source agent writes in `status.progress`.
 
-use ferry_crds::{MigrationPhase, set_condition};
+use ferry_crds::conditions::{CONVERGING, POST_COPY_PAUSED};
+use ferry_crds::{MigrationPhase, Reason, set_condition};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::runtime::events::{Event, EventType};
-use serde_json::json;
 use tracing::{info, warn};
 
-use super::{Reconciler, now};
+use super::{Guard, Reconciler, now, patches};
 use crate::error::Result;
 use crate::transitions;
 
@@ -20,7 +20,8 @@ impl Reconciler<'_> {
         let converging = self.report_convergence(&mut conditions);
         let paused = self.report_pause(&mut conditions);
         if converging || paused {
-            self.patch_status(json!({"conditions": conditions})).await?;
+            self.write(patches::conditions(conditions), Guard::None)
+                .await?;
         }
         Ok(())
     }
@@ -38,22 +39,22 @@ impl Reconciler<'_> {
         let Some(converging) = progress.converging else {
             return false;
         };
-        let current = status.conditions.iter().find(|c| c.type_ == "Converging");
+        let current = status.conditions.iter().find(|c| c.type_ == CONVERGING);
         let wanted = if converging { "True" } else { "False" };
         if current.is_some_and(|c| c.status == wanted) {
             return false;
         }
         let reason = if converging {
-            "Converging"
+            Reason::Converging
         } else {
-            "NotConverging"
+            Reason::NotConverging
         };
         let message = progress
             .convergence
             .unwrap_or_else(|| format!("{reason} (pass {})", progress.iteration));
         set_condition(
             conditions,
-            "Converging",
+            CONVERGING,
             converging,
             reason,
             &message,
@@ -76,7 +77,7 @@ impl Reconciler<'_> {
         };
         set_condition(
             conditions,
-            "PostCopyPaused",
+            POST_COPY_PAUSED,
             pause.paused,
             pause.reason,
             &pause.message,

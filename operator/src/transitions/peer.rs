@@ -12,6 +12,7 @@
 //! - The source agent set `status.cancelled`: the operator records why in the
 //!   `RollingBack` condition, from the step that failed.
 
+use ferry_crds::conditions::ROLLING_BACK;
 use ferry_crds::sequence::{Next, Why, why};
 use ferry_crds::{MigrationPhase as P, Reason, StepOutcome, VirtualMachineMigrationStatus};
 
@@ -46,7 +47,8 @@ pub(super) fn rollback_to_note(
     status: &VirtualMachineMigrationStatus,
     cancel_asked: bool,
 ) -> Option<Why> {
-    if !status.cancelled || status.conditions.iter().any(|c| c.type_ == "RollingBack") {
+    let noted = status.conditions.iter().any(|c| c.type_ == ROLLING_BACK);
+    if !status.cancelled || noted {
         return None;
     }
     let steps = status.steps.clone().unwrap_or_default();

@@ -9,9 +9,9 @@
 //! | Perform | Succeeded | Confirm (the file is in place: a late cancel no longer applies) |
 //! | Perform | Failed, agent lost, timeout, cancelled | Confirm with `cancelled` |
 //! | Confirm | Succeeded | Succeeded (`Saved`), or Failed / Cancelled when `cancelled` |
-//! | Confirm | Failed | run again |
+//! | Confirm | Failed | run again, 2 s after it ended |
 
-use super::{Decision, Observation, POLL, rolled_back, why};
+use super::{Decision, Observation, POLL, retry_confirm, rolled_back, why};
 use crate::config::Timeouts;
 use ferry_crds::sequence::{Next, View, after};
 use ferry_crds::{MigrationPhase as P, Reason, VirtualMachineMigration};
@@ -45,7 +45,7 @@ pub(super) fn decide(m: &VirtualMachineMigration, obs: &Observation, t: &Timeout
             }) => enter(phase, cancelled, rollback),
             Some(Next::End { phase, why }) => Decision::End { phase, why },
             Some(Next::Confirmed) => end(m, cancel_asked, &source, &path),
-            Some(Next::RetryConfirm(why)) => Decision::RetryConfirm(why),
+            Some(Next::RetryConfirm(why)) => retry_confirm(m, obs, why),
             None => Decision::Wait(POLL),
         };
     }
@@ -237,13 +237,18 @@ mod tests {
             entered(decide(&save(P::Perform, false, Some(F)), &o, &T)),
             (P::Confirm, true, Some("PerformFailed"))
         );
-        assert!(matches!(
+        // Its step ended at 1: it runs again from 3 on.
+        assert_eq!(
             decide(&save(P::Confirm, false, Some(F)), &o, &T),
+            Decision::Wait(super::super::CONFIRM_RETRY_DELAY)
+        );
+        assert!(matches!(
+            decide(&save(P::Confirm, false, Some(F)), &obs(3), &T),
             Decision::RetryConfirm(_)
         ));
         let mut done = save(P::Confirm, true, Some(S));
         done.status.as_mut().unwrap().conditions.push(Condition {
-            type_: "RollingBack".into(),
+            type_: ferry_crds::conditions::ROLLING_BACK.into(),
             status: "True".into(),
             reason: "PerformFailed".into(),
             message: "no space left".into(),

@@ -1,5 +1,6 @@
 use super::*;
 use ferry_crds::Reason;
+use ferry_crds::conditions::{POST_COPY_PAUSED, ROLLING_BACK};
 use ferry_crds::{
     Condition, Step, StepOutcome, Steps, VirtualMachineMigrationSpec, VirtualMachineMigrationStatus,
 };
@@ -54,7 +55,7 @@ fn migration(phase: P, cancelled: bool, outcome: Option<StepOutcome>) -> Virtual
 fn rolling_back(mut m: VirtualMachineMigration, reason: &str) -> VirtualMachineMigration {
     let status = m.status.as_mut().unwrap();
     status.conditions.push(Condition {
-        type_: "RollingBack".into(),
+        type_: ROLLING_BACK.into(),
         status: "True".into(),
         reason: reason.into(),
         message: "target QEMU died".into(),
@@ -155,8 +156,9 @@ fn failure_paths_follow_the_design() {
         entered(decide(&migration(P::Finish, false, Some(F)), &o, &T)),
         enter(P::Confirm, true)
     );
+    // A failed Confirm runs again (see the tests below for when).
     assert!(matches!(
-        decide(&migration(P::Confirm, false, Some(F)), &o, &T),
+        decide(&migration(P::Confirm, false, Some(F)), &obs(3), &T),
         Decision::RetryConfirm(_)
     ));
     let done = rolling_back(migration(P::Confirm, true, Some(S)), "PerformFailed");
@@ -334,7 +336,7 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
     assert_eq!(first.reason, Reason::WaitingForPath);
     ferry_crds::set_condition(
         &mut paused.status.as_mut().unwrap().conditions,
-        "PostCopyPaused",
+        POST_COPY_PAUSED,
         true,
         first.reason,
         &first.message,
@@ -366,6 +368,67 @@ fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
         .mode = Some(PostCopy);
     let back = post_copy_pause(&recovered, at(400).0, bound).unwrap();
     assert_eq!((back.paused, back.reason), (false, Reason::Recovered));
+}
+
+/// A failed Confirm whose step ended at `end` (seconds).
+fn confirm_failed_at(end: Option<i64>) -> VirtualMachineMigration {
+    let mut m = migration(P::Confirm, false, Some(F));
+    let steps = m.status.as_mut().unwrap().steps.as_mut().unwrap();
+    steps.confirm.as_mut().unwrap().end = end.map(|e| MicroTime(at(e).0));
+    m
+}
+
+#[test]
+fn a_failed_confirm_waits_until_it_ended_two_seconds_ago() {
+    let m = confirm_failed_at(Some(10));
+    // Ended just now, or ahead of the operator's clock: the whole delay is left.
+    assert_eq!(
+        decide(&m, &obs(10), &T),
+        Decision::Wait(CONFIRM_RETRY_DELAY)
+    );
+    assert_eq!(decide(&m, &obs(8), &T), Decision::Wait(CONFIRM_RETRY_DELAY));
+    let mut o = obs(10);
+    o.now = o.now.checked_add(Duration::from_millis(1500)).unwrap();
+    assert_eq!(
+        decide(&m, &o, &T),
+        Decision::Wait(Duration::from_millis(500))
+    );
+    // The same migration to a file.
+    let mut save = m.clone();
+    save.spec.to_file = Some(serde_json::from_value(serde_json::json!({"path": "/s/f"})).unwrap());
+    assert_eq!(
+        decide(&save, &o, &T),
+        Decision::Wait(Duration::from_millis(500))
+    );
+}
+
+#[test]
+fn a_failed_confirm_runs_again_once_it_ended_two_seconds_ago() {
+    let m = confirm_failed_at(Some(10));
+    for now in [12, 13, 1_000] {
+        match decide(&m, &obs(now), &T) {
+            Decision::RetryConfirm(why) => {
+                assert_eq!(why.reason, Reason::ConfirmFailed);
+                assert_eq!(why.message, "it broke");
+            }
+            other => panic!("at {now}: expected RetryConfirm, got {other:?}"),
+        }
+    }
+    let mut save = m.clone();
+    save.spec.to_file = Some(serde_json::from_value(serde_json::json!({"path": "/s/f"})).unwrap());
+    assert!(matches!(
+        decide(&save, &obs(12), &T),
+        Decision::RetryConfirm(_)
+    ));
+    // No end to count from: at once.
+    assert!(matches!(
+        decide(&confirm_failed_at(None), &obs(1), &T),
+        Decision::RetryConfirm(_)
+    ));
+    // Peer-to-peer the source agent runs it again itself, whenever it ended.
+    let peer = peer_to_peer(m);
+    assert_eq!(decide(&peer, &obs(10), &T), Decision::Wait(POLL));
+    assert_eq!(decide(&peer, &obs(12), &T), Decision::Wait(POLL));
 }
 
 fn peer_to_peer(mut m: VirtualMachineMigration) -> VirtualMachineMigration {
