@@ -3,13 +3,13 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::error::ErrorKind;
-use ferry_agent::finish::finish;
-use ferry_agent::perform::perform;
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::confirm;
+use ferry_agent::phases::finish::finish;
+use ferry_agent::phases::perform::perform;
+use ferry_agent::phases::prepare::{PrepareOutput, prepare};
 use ferry_agent::policy::Policy;
-use ferry_agent::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::StatusInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,14 +2,14 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::cookie::{Cookie, LockState};
-use ferry_agent::finish::finish;
-use ferry_agent::perform::perform;
 use ferry_agent::phases::Phase;
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::confirm;
+use ferry_agent::phases::finish::finish;
+use ferry_agent::phases::perform::perform;
+use ferry_agent::phases::prepare::prepare;
 use ferry_agent::policy::Policy;
-use ferry_agent::prepare::prepare;
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::supervisor::Supervisor;
 use std::sync::Arc;

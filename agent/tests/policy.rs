@@ -5,13 +5,13 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::error::{ErrorKind, PhaseError};
-use ferry_agent::finish::finish;
-use ferry_agent::perform::{PerformOutput, Progress, perform};
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::confirm;
+use ferry_agent::phases::finish::finish;
+use ferry_agent::phases::perform::{PerformOutput, Progress, perform};
+use ferry_agent::phases::prepare::{PrepareOutput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::StatusInfo;
 use ferry_crds::{Compression, MigrationPolicy, Preset};
 use std::sync::{Arc, Mutex};

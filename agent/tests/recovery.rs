@@ -7,12 +7,12 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::{Confirmed, confirm};
-use ferry_agent::finish::finish;
-use ferry_agent::perform::{Progress, perform_with_recovery};
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::{Confirmed, confirm};
+use ferry_agent::phases::finish::finish;
+use ferry_agent::phases::perform::{Progress, perform_with_recovery};
+use ferry_agent::phases::prepare::prepare;
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::prepare::prepare;
 use ferry_agent::qmp::MigrationInfo;
 use ferry_agent::recover::{self, TargetReport};
 use ferry_agent::supervisor::Supervisor;

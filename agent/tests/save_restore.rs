@@ -5,12 +5,12 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::domain::Domain;
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::confirm;
+use ferry_agent::phases::save::{confirm_saved, save};
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::restore::{RestoreError, restore};
-use ferry_agent::save::{confirm_saved, save};
 use ferry_agent::statefile::Compression;
 use std::path::Path;
 use std::time::Duration;
@@ -23,7 +23,7 @@ async fn save_on_a(
     m: &str,
     path: &Path,
     c: Compression,
-) -> (ferry_agent::save::SaveOutput, String) {
+) -> (ferry_agent::phases::save::SaveOutput, String) {
     let vm = lab.vm.as_str();
     begin(&lab.a, vm, m, None).await.unwrap();
     let out = within(save(

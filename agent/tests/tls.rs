@@ -6,11 +6,11 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
-use ferry_agent::finish::finish;
-use ferry_agent::perform::perform;
-use ferry_agent::prepare::{PrepareOutput, prepare};
+use ferry_agent::phases::begin::begin;
+use ferry_agent::phases::confirm::confirm;
+use ferry_agent::phases::finish::finish;
+use ferry_agent::phases::perform::perform;
+use ferry_agent::phases::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::{MigrationInfo, StatusInfo};
 use ferry_agent::supervisor::Supervisor;
 use ferry_agent::tls::{AUTHZ_ID, CREDS_ID, Credentials};

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::domain::{Device, Domain};
 use ferry_agent::error::BoxError;
-use ferry_agent::perform::Progress;
+use ferry_agent::fault;
+use ferry_agent::phases::perform::Progress;
+use ferry_agent::phases::{begin, finish, perform, prepare};
 use ferry_agent::policy;
-use ferry_agent::{begin, fault, finish, perform, prepare};
 use ferry_crds::{
     MigrationPhase, StepOutcome, VirtualMachine, VirtualMachineMigration, VmPhase, set_condition,
 };

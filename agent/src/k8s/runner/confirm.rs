@@ -3,7 +3,7 @@
 //! the guest here, or says it is lost (the source's QEMU died, or the target's died
 //! after the switch to post-copy).
 
-use ferry_agent::confirm::{self, Confirmed};
+use ferry_agent::phases::confirm::{self, Confirmed};
 use ferry_crds::{MigrationPhase, VmPhase};
 use kube::ResourceExt;
 use serde_json::json;

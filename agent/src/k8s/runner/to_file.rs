@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_agent::perform::Progress;
-use ferry_agent::save;
+use ferry_agent::phases::perform::Progress;
+use ferry_agent::phases::save;
 use ferry_crds::{SavedState, VmPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;

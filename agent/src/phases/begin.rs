@@ -9,16 +9,8 @@ use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase, check_vm_name, may_begin};
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
-use serde::{Deserialize, Serialize};
 
-/// What Begin hands to Prepare.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BeginOutput {
-    /// The definition the target starts QEMU with.
-    pub domain_xml: String,
-    /// The Begin cookie (guest and source identity, lock state).
-    pub cookie: String,
-}
+pub use super::record::BeginOutput;
 
 /// Runs Begin for `vm` as part of migration `migration` (its unique name).
 #[tracing::instrument(skip_all, fields(vm, migration))]

@@ -7,20 +7,11 @@ use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
 use crate::phases::{Arrival, MigrationRecord, Phase, arrival, check_vm_name};
 use crate::qmp::{Event, MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
-use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-/// What Finish hands to Confirm.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FinishOutput {
-    /// The Finish cookie (target identity, lock state now held by the target, statistics);
-    /// `None` when Finish ran cancelled.
-    pub cookie: Option<String>,
-    /// Whether the guest now runs here.
-    pub resumed: bool,
-}
+pub use super::record::FinishOutput;
 
 /// Runs Finish. `take_ownership` is awaited only when the guest arrived, before `cont`;
 /// its error fails Finish (and the new QEMU is killed).

@@ -1,9 +1,9 @@
 //! Prepare (target): refuses a migration to its own host, starts QEMU paused with
 //! `-incoming defer` from the target definition, applies the target side of the migration
 //! [`Policy`] (events, multifd channels and compression, post-copy) and, with `tls`, the
-//! node's certificate with only the source node's certificate accepted ([`tls`]), and
-//! listens with `migrate-incoming` on this node's address. Any failure removes the new
-//! QEMU.
+//! node's certificate with only the source node's certificate accepted
+//! ([`tls`](crate::tls)), and listens with `migrate-incoming` on this node's address. Any
+//! failure removes the new QEMU.
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo};
 use crate::domain::Domain;
@@ -13,18 +13,10 @@ use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::net::IpAddr;
 
-/// What Prepare hands to Perform.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareOutput {
-    /// Where the source sends the stream: `tcp:<target address>:<port>`.
-    pub uri: String,
-    /// The Prepare cookie (target identity, graphics of the new QEMU).
-    pub cookie: String,
-}
+pub use super::record::PrepareOutput;
 
 /// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
 /// one Perform will use). `port` picks the listening port (`None`: any free port).
@@ -127,7 +119,7 @@ async fn start_incoming(
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
     let guest = sup.start(domain, true).await?;
-    crate::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
+    crate::phases::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;
     }

@@ -7,18 +7,21 @@
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
-use crate::phases::{MigrationRecord, Outcome, Phase, check_uri, check_vm_name, outcome};
+use crate::phases::{
+    MigrationRecord, Phase, TransferState, check_uri, check_vm_name, transfer_state,
+};
 use crate::policy::{self, Action, Convergence, Judgement, Policy, Sample, Settings, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::recover::TargetReport;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+pub use super::record::PerformOutput;
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -85,24 +88,6 @@ pub fn sample(info: &MigrationInfo) -> Sample {
             .is_some_and(|s| s.starts_with("postcopy")),
         elapsed: Duration::from_millis(info.total_time.unwrap_or(0)),
     }
-}
-
-/// What Perform hands to Finish.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PerformOutput {
-    /// The Perform cookie (source identity, statistics).
-    pub cookie: String,
-    pub total_time_ms: u64,
-    pub downtime_ms: u64,
-    pub transferred_bytes: u64,
-    /// Where console clients connect now (from Prepare's cookie).
-    pub graphics: Option<(String, u16)>,
-    /// Whether the migration switched to post-copy.
-    #[serde(default)]
-    pub post_copy: bool,
-    /// The most auto-converge throttled the vCPUs, in percent.
-    #[serde(default)]
-    pub max_cpu_throttle_percent: u64,
 }
 
 /// Runs Perform: migrates `vm` to `uri` (from Prepare) under `policy` (the same policy
@@ -201,13 +186,13 @@ pub async fn perform_with_recovery(
         .execute("query-migrate", None)
         .await
         .map_err(|e| cx.err(e))?;
-    let status = match outcome(info.status.as_deref()) {
+    let status = match transfer_state(info.status.as_deref()) {
         // The status of an earlier (e.g. incoming) migration, not of this one.
-        Outcome::Completed if !record.perform_started => Outcome::NotStarted,
+        TransferState::Completed if !record.perform_started => TransferState::NotStarted,
         other => other,
     };
     match status {
-        Outcome::NotStarted | Outcome::Failed | Outcome::Cancelled => {
+        TransferState::NotStarted | TransferState::Failed | TransferState::Cancelled => {
             record.perform_started = true;
             record.save(&dir).map_err(|e| cx.err(e))?;
             apply(qmp, &policy.settings(Side::Source))
@@ -228,7 +213,7 @@ pub async fn perform_with_recovery(
                 .map_err(|e| cx.err(e))?;
             tracing::info!(vm, migration, uri, ?policy, "migration started");
         }
-        Outcome::InProgress => {
+        TransferState::InProgress => {
             // A re-run (e.g. after an agent restart) follows the running migration, with
             // the parameters of this call.
             let live = serde_json::Value::Object(policy.live_parameters());
@@ -237,7 +222,7 @@ pub async fn perform_with_recovery(
                 .map_err(|e| cx.err(e))?;
             tracing::info!(vm, migration, "following the running migration");
         }
-        Outcome::Completed => {}
+        TransferState::Completed => {}
     }
     let mut cancel_sent = false;
     let mut cancel_ignored = false;
@@ -269,7 +254,7 @@ pub async fn perform_with_recovery(
                 Ok(ev) if ev.event == "MIGRATION" => {
                     let status = ev.data["status"].as_str().unwrap_or("");
                     tracing::debug!(vm, migration, status, "MIGRATION event");
-                    if outcome(Some(status)) == Outcome::InProgress {
+                    if transfer_state(Some(status)) == TransferState::InProgress {
                         continue;
                     }
                 }
@@ -286,9 +271,9 @@ pub async fn perform_with_recovery(
             .execute("query-migrate", None)
             .await
             .map_err(|e| cx.err(e))?;
-        match outcome(info.status.as_deref()) {
-            Outcome::InProgress => {}
-            Outcome::NotStarted => continue,
+        match transfer_state(info.status.as_deref()) {
+            TransferState::InProgress => {}
+            TransferState::NotStarted => continue,
             _ => break info,
         }
         let s = sample(&info);
@@ -365,13 +350,15 @@ pub async fn perform_with_recovery(
             }
         }
     };
-    let ended = outcome(info.status.as_deref());
+    let ended = transfer_state(info.status.as_deref());
     match ended {
-        Outcome::Completed => {}
+        TransferState::Completed => {}
         // A migration this Perform cancelled may end `failed` rather than `cancelled`:
         // the cancel shuts the socket down under a write in flight ("Unable to write to
         // socket: Bad file descriptor"). It is still the cancel.
-        Outcome::Cancelled | Outcome::Failed if ended == Outcome::Cancelled || cancel_sent => {
+        TransferState::Cancelled | TransferState::Failed
+            if ended == TransferState::Cancelled || cancel_sent =>
+        {
             return Err(cx.err(match aborted {
                 Some(limit) => ErrorKind::LimitExceeded(limit.to_string()),
                 None => ErrorKind::Cancelled,

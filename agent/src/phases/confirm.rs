@@ -7,7 +7,7 @@
 use crate::cookie::{Cookie, Expect, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{
-    MigrationRecord, Outcome, Phase, check_vm_name, outcome, should_resume_source,
+    MigrationRecord, Phase, TransferState, check_vm_name, should_resume_source, transfer_state,
 };
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::{StopMode, Supervisor};
@@ -103,7 +103,7 @@ pub async fn confirm(
             .execute("query-migrate", None)
             .await
             .map_err(|e| cx.err(e))?;
-        if outcome(info.status.as_deref()) != Outcome::InProgress {
+        if transfer_state(info.status.as_deref()) != TransferState::InProgress {
             break;
         }
         if tokio::time::Instant::now() > deadline {
