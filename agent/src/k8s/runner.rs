@@ -216,9 +216,11 @@ impl<'a> Run<'a> {
                 let (_, domain) = self.vm().await?;
                 let out = begin::begin(
                     sup,
-                    &domain.name,
-                    id,
-                    self.m.spec.target_domain_xml.as_deref(),
+                    begin::BeginInput {
+                        vm: &domain.name,
+                        migration: id,
+                        target_xml: self.m.spec.target_domain_xml.as_deref(),
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -243,12 +245,14 @@ impl<'a> Run<'a> {
                 let tls = self.tls()?;
                 let out = prepare::prepare(
                     sup,
-                    id,
-                    &xml,
-                    &cookie,
-                    Some(port.port),
-                    &policy,
-                    tls.as_ref(),
+                    prepare::PrepareInput {
+                        migration: id,
+                        domain_xml: &xml,
+                        begin_cookie: &cookie,
+                        port: Some(port.port),
+                        policy: &policy,
+                        tls: tls.as_ref(),
+                    },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -296,10 +300,12 @@ impl<'a> Run<'a> {
                 let perform_cookie = self.cookie(MigrationPhase::Perform);
                 let out = finish::finish(
                     sup,
-                    &domain.name,
-                    id,
-                    perform_cookie.as_deref(),
-                    status.cancelled,
+                    finish::FinishInput {
+                        vm: &domain.name,
+                        migration: id,
+                        perform_cookie: perform_cookie.as_deref(),
+                        cancelled: status.cancelled,
+                    },
                     take,
                 )
                 .await
@@ -383,13 +389,15 @@ impl<'a> Run<'a> {
             .insert(uid.clone(), recovery_tx);
         let result = perform::perform_with_recovery(
             &self.agent.sup,
-            &domain.name,
-            &self.id,
-            &uri,
-            &cookie,
-            &params,
-            tls.as_ref(),
-            cancel,
+            perform::PerformInput {
+                vm: &domain.name,
+                migration: &self.id,
+                uri: &uri,
+                prepare_cookie: &cookie,
+                policy: &params,
+                tls: tls.as_ref(),
+                cancel,
+            },
             recovery,
             on_progress,
         )

@@ -12,14 +12,25 @@ use crate::supervisor::Supervisor;
 
 pub use super::record::BeginOutput;
 
+/// What Begin needs.
+#[derive(Debug, Clone, Copy)]
+pub struct BeginInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// An app-supplied target definition, checked for ABI stability against the running
+    /// one; `None`: the target runs the source's definition.
+    pub target_xml: Option<&'a str>,
+}
+
 /// Runs Begin for `vm` as part of migration `migration` (its unique name).
-#[tracing::instrument(skip_all, fields(vm, migration))]
-pub async fn begin(
-    sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    target_xml: Option<&str>,
-) -> Result<BeginOutput, PhaseError> {
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
+pub async fn begin(sup: &Supervisor, input: BeginInput<'_>) -> Result<BeginOutput, PhaseError> {
+    let BeginInput {
+        vm,
+        migration,
+        target_xml,
+    } = input;
     let cx = Ctx {
         phase: Phase::Begin,
         vm,

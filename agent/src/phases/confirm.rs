@@ -29,15 +29,30 @@ pub enum Confirmed {
     GuestLost(String),
 }
 
+/// What Confirm needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfirmInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Finish's cookie; required unless `cancelled`.
+    pub finish_cookie: Option<&'a str>,
+    /// Roll back: the guest carries on here (if it can).
+    pub cancelled: bool,
+}
+
 /// Runs Confirm. `finish_cookie` is required when not `cancelled`.
-#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
-pub async fn confirm(
-    sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    finish_cookie: Option<&str>,
-    cancelled: bool,
-) -> Result<Confirmed, PhaseError> {
+#[tracing::instrument(
+    skip_all,
+    fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
+)]
+pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confirmed, PhaseError> {
+    let ConfirmInput {
+        vm,
+        migration,
+        finish_cookie,
+        cancelled,
+    } = input;
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,

@@ -13,20 +13,38 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 pub use super::record::FinishOutput;
 
+/// What Finish needs.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Perform's cookie; required unless `cancelled`.
+    pub perform_cookie: Option<&'a str>,
+    /// Roll back: remove the incoming QEMU instead of resuming it.
+    pub cancelled: bool,
+}
+
 /// Runs Finish. `take_ownership` is awaited only when the guest arrived, before `cont`;
 /// its error fails Finish (and the new QEMU is killed).
-#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
+#[tracing::instrument(
+    skip_all,
+    fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
+)]
 pub async fn finish<F>(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    perform_cookie: Option<&str>,
-    cancelled: bool,
+    input: FinishInput<'_>,
     take_ownership: F,
 ) -> Result<FinishOutput, PhaseError>
 where
     F: Future<Output = Result<(), BoxError>>,
 {
+    let FinishInput {
+        vm,
+        migration,
+        perform_cookie,
+        cancelled,
+    } = input;
     let cx = Ctx {
         phase: Phase::Finish,
         vm,

@@ -18,20 +18,39 @@ use std::net::IpAddr;
 
 pub use super::record::PrepareOutput;
 
+/// What Prepare needs: Begin's definition and cookie, and how to listen.
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareInput<'a> {
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Begin's `domain_xml`: the definition the target starts.
+    pub domain_xml: &'a str,
+    pub begin_cookie: &'a str,
+    /// The listening port (`None`: any free port).
+    pub port: Option<u16>,
+    /// The migration's policy (the one Perform will use).
+    pub policy: &'a Policy,
+    /// This node's credentials when the stream is encrypted, `None` for plain TCP.
+    pub tls: Option<&'a Credentials>,
+}
+
 /// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
 /// one Perform will use). `port` picks the listening port (`None`: any free port).
 /// `tls`: this node's credentials when the stream is encrypted (Perform must get the
 /// source node's then), `None` for plain TCP.
-#[tracing::instrument(skip_all, fields(migration))]
+#[tracing::instrument(skip_all, fields(migration = input.migration))]
 pub async fn prepare(
     sup: &Supervisor,
-    migration: &str,
-    domain_xml: &str,
-    begin_cookie: &str,
-    port: Option<u16>,
-    policy: &Policy,
-    tls: Option<&Credentials>,
+    input: PrepareInput<'_>,
 ) -> Result<PrepareOutput, PhaseError> {
+    let PrepareInput {
+        migration,
+        domain_xml,
+        begin_cookie,
+        port,
+        policy,
+        tls,
+    } = input;
     let unknown = Ctx {
         phase: Phase::Prepare,
         vm: "<unparsed>",

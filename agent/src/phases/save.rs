@@ -67,20 +67,34 @@ pub fn check_path(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What a save needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name (its Begin ran).
+    pub migration: &'a str,
+    /// The file to write ([`check_path`]); never overwritten.
+    pub path: &'a Path,
+    pub compression: Compression,
+    pub cancel: &'a CancellationToken,
+}
+
 /// Saves `vm` into `path` as migration `migration` (after its Begin), calling
 /// `on_progress` about four times a second. Idempotent: a re-run returns the recorded
 /// result; a re-run after a crash mid-save starts the save again.
-#[allow(clippy::too_many_arguments)]
-#[tracing::instrument(skip_all, fields(vm, migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn save(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    path: &Path,
-    compression: Compression,
-    cancel: &CancellationToken,
+    input: SaveInput<'_>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<SaveOutput, PhaseError> {
+    let SaveInput {
+        vm,
+        migration,
+        path,
+        compression,
+        cancel,
+    } = input;
     let cx = Ctx {
         phase: Phase::Perform,
         vm,
@@ -227,17 +241,25 @@ pub async fn save(
     Ok(out)
 }
 
+/// What the Confirm of a save that succeeded needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfirmSavedInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name (its save completed).
+    pub migration: &'a str,
+}
+
 /// Confirm of a save that succeeded: the state is in the file, so the paused source
 /// guest is stopped and its state dir removed. Idempotent: `None` when an earlier run
 /// already removed it. (A failed or cancelled save
 /// is confirmed by [`confirm`](crate::phases::confirm::confirm) with `cancelled`, which resumes
 /// the guest.)
-#[tracing::instrument(skip_all, fields(vm, migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn confirm_saved(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
+    input: ConfirmSavedInput<'_>,
 ) -> Result<Option<SaveOutput>, PhaseError> {
+    let ConfirmSavedInput { vm, migration } = input;
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,

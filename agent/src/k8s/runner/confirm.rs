@@ -60,10 +60,12 @@ impl Run<'_> {
         } else {
             confirm::confirm(
                 &self.agent.sup,
-                &domain.name,
-                &self.id,
-                finish_cookie.as_deref(),
-                cancelled,
+                confirm::ConfirmInput {
+                    vm: &domain.name,
+                    migration: &self.id,
+                    finish_cookie: finish_cookie.as_deref(),
+                    cancelled,
+                },
             )
             .await
             .map_err(|e| e.to_string())?

@@ -37,11 +37,13 @@ impl Run<'_> {
         };
         let result = save::save(
             &self.agent.sup,
-            &domain.name,
-            &self.id,
-            Path::new(&file.path),
-            file.compression.into(),
-            cancel,
+            save::SaveInput {
+                vm: &domain.name,
+                migration: &self.id,
+                path: Path::new(&file.path),
+                compression: file.compression.into(),
+                cancel,
+            },
             on_progress,
         )
         .await;
@@ -82,7 +84,11 @@ impl Run<'_> {
 
     pub(super) async fn confirm_save(&self) -> Outcome {
         let (vm, domain) = self.vm().await?;
-        let done = save::confirm_saved(&self.agent.sup, &domain.name, &self.id)
+        let input = save::ConfirmSavedInput {
+            vm: &domain.name,
+            migration: &self.id,
+        };
+        let done = save::confirm_saved(&self.agent.sup, input)
             .await
             .map_err(|e| e.to_string())?;
         let mut saved = self
