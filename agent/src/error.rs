@@ -51,6 +51,9 @@ pub enum ErrorKind {
     Record(#[from] std::io::Error),
     #[error(transparent)]
     StateFile(#[from] crate::statefile::StateFileError),
+    /// Turning TLS on or off in a QEMU failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl ErrorKind {
@@ -73,6 +76,7 @@ impl ErrorKind {
             ErrorKind::GuestLost(_) => "guest_lost",
             ErrorKind::Record(_) => "record",
             ErrorKind::StateFile(_) => "state_file",
+            ErrorKind::Tls(_) => "tls",
         }
     }
 }
