@@ -160,7 +160,7 @@ pub async fn restore_verified(
 }
 
 async fn load(qmp: &crate::qmp::Qmp, verified: Verified) -> Result<(), RestoreError> {
-    crate::phases::perform::apply(
+    crate::policy::apply(
         qmp,
         &crate::phases::save::save_policy().settings(Side::Target),
     )

@@ -10,7 +10,7 @@ use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{
     MigrationRecord, Phase, TransferState, check_uri, check_vm_name, transfer_state,
 };
-use crate::policy::{self, Action, Convergence, Judgement, Limit, Policy, Sample, Settings, Side};
+use crate::policy::{self, Action, Convergence, Judgement, Limit, Policy, Sample, Side, apply};
 use crate::qmp::{Event, MigrationInfo, Qmp, QmpError};
 use crate::recover::TargetReport;
 use crate::supervisor::Supervisor;
@@ -520,29 +520,5 @@ impl<'a> Transfer<'a> {
             stats.downtime_ms = stats.downtime_ms.max(paused);
         }
         Ok(stats)
-    }
-}
-
-/// Applies one side's [`Settings`]: capabilities, then parameters. A parameter value this
-/// QEMU does not know (e.g. a compression it was built without) is refused by name.
-pub(crate) async fn apply(qmp: &Qmp, settings: &Settings) -> Result<(), ErrorKind> {
-    qmp.run(
-        "migrate-set-capabilities",
-        Some(settings.capabilities_args()),
-    )
-    .await
-    .map_err(|e| unsupported(qmp, "capabilities", &settings.capabilities_args(), e))?;
-    qmp.run("migrate-set-parameters", Some(settings.parameters_args()))
-        .await
-        .map_err(|e| unsupported(qmp, "parameters", &settings.parameters_args(), e))
-}
-
-fn unsupported(qmp: &Qmp, what: &str, args: &serde_json::Value, e: QmpError) -> ErrorKind {
-    match e {
-        QmpError::Command { desc, .. } => ErrorKind::Unsupported(format!(
-            "QEMU {} refused the migration {what} {args}: {desc}",
-            qmp.version
-        )),
-        e => ErrorKind::Qmp(e),
     }
 }

@@ -138,7 +138,7 @@ async fn start_incoming(
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
     let guest = sup.start(domain, true).await?;
-    crate::phases::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
+    crate::policy::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;
     }

@@ -135,7 +135,7 @@ pub async fn save(
     }
     record.perform_started = true;
     record.save(&dir).map_err(|e| cx.err(e))?;
-    crate::phases::perform::apply(qmp, &save_policy().settings(Side::Source))
+    crate::policy::apply(qmp, &save_policy().settings(Side::Source))
         .await
         .map_err(|e| cx.err(e))?;
     let meta = Meta {
