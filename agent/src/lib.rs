@@ -70,7 +70,7 @@
 //! [`CancellationToken`](tokio_util::sync::CancellationToken)) →
 //! `finish(cancelled=true)` then `confirm(cancelled=true)`; Finish fails →
 //! `confirm(cancelled=true)`. A post-copy stream cut during Perform is recovered, not
-//! rolled back ([`recover`]: the target's [`recover::listen_again`] and
+//! rolled back ([`postcopy`]: the target's [`postcopy::listen_again`] and
 //! [`perform::perform_with_recovery`](phases::perform::perform_with_recovery) on the
 //! source). Pure decisions (may a migration begin, did the guest arrive, should the
 //! source resume, is a URI acceptable) are in [`phases`] itself.
@@ -109,8 +109,8 @@ pub mod fault;
 pub mod node;
 pub mod phases;
 pub mod policy;
+pub mod postcopy;
 pub mod qmp;
-pub mod recover;
 pub mod restore;
 pub mod statefile;
 pub mod statistics;

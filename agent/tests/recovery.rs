@@ -1,7 +1,7 @@
 //! Post-copy recovery against real QEMU: the stream, through a relay, is cut while the
 //! migration is in post-copy; both QEMUs pause; a resume while the path is still down
 //! leaves them paused; once the path is back the target listens again
-//! (`recover::listen_again`) and the source resumes to it (`perform_with_recovery`),
+//! (`postcopy::listen_again`) and the source resumes to it (`perform_with_recovery`),
 //! and the guest arrives whole. And the case no recovery helps: the target's QEMU dies
 //! after the switch.
 
@@ -13,8 +13,8 @@ use ferry_agent::phases::finish::{FinishInput, finish};
 use ferry_agent::phases::perform::{PerformInput, Progress, perform_with_recovery};
 use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
+use ferry_agent::postcopy::{self, TargetReport};
 use ferry_agent::qmp::MigrationInfo;
-use ferry_agent::recover::{self, TargetReport};
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPolicy;
 use std::net::SocketAddr;
@@ -85,8 +85,8 @@ async fn migration_status(sup: &Supervisor, vm: &str) -> String {
 }
 
 async fn both_paused(lab: &Lab) -> bool {
-    migration_status(&lab.a, &lab.vm).await == recover::PAUSED
-        && migration_status(&lab.b, &lab.vm).await == recover::PAUSED
+    migration_status(&lab.a, &lab.vm).await == postcopy::PAUSED
+        && migration_status(&lab.b, &lab.vm).await == postcopy::PAUSED
 }
 
 fn free_port(ip: &str) -> u16 {
@@ -179,7 +179,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         // The target listens again, but the path is still down: the source's resumes
         // fail and both stay paused.
         let port = free_port("127.0.0.3");
-        let target = recover::listen_again(&lab.b, &lab.vm, m, port)
+        let target = postcopy::listen_again(&lab.b, &lab.vm, m, port)
             .await
             .unwrap()
             .expect("the paused target listens again");
@@ -187,7 +187,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
             listens_at: Some(relay_uri.clone()),
             lost: None,
         });
-        tokio::time::sleep(recover::RESUME_EVERY * 3).await;
+        tokio::time::sleep(postcopy::RESUME_EVERY * 3).await;
         assert!(
             both_paused(&lab).await,
             "a resume over a dead path leaves both QEMUs paused"
@@ -293,14 +293,14 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
         // The source pauses and waits for a recovery that cannot come; a cancel does
         // not move it either (post-copy).
         for _ in 0..100 {
-            if migration_status(&lab.a, &lab.vm).await == recover::PAUSED {
+            if migration_status(&lab.a, &lab.vm).await == postcopy::PAUSED {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(migration_status(&lab.a, &lab.vm).await, recover::PAUSED);
+        assert_eq!(migration_status(&lab.a, &lab.vm).await, postcopy::PAUSED);
         cancel.cancel();
-        tokio::time::sleep(recover::RESUME_EVERY).await;
+        tokio::time::sleep(postcopy::RESUME_EVERY).await;
         // What the target agent writes into status.targetLost.
         report_tx.send_replace(TargetReport {
             listens_at: None,

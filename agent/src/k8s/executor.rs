@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_agent::recover::TargetReport;
+use ferry_agent::postcopy::TargetReport;
 use ferry_crds::{
     ControlMode, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachineMigration,
     VirtualMachineMigrationStatus,

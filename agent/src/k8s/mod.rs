@@ -19,7 +19,7 @@ use std::net::{IpAddr, TcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Mutex;
 
-use ferry_agent::recover::TargetReport;
+use ferry_agent::postcopy::TargetReport;
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPhase;
 use tokio::sync::watch;

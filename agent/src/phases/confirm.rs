@@ -101,7 +101,7 @@ pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confir
         .execute("query-migrate", None)
         .await
         .map_err(|e| cx.err(e))?;
-    if crate::recover::in_post_copy(info.status.as_deref()) {
+    if crate::postcopy::in_post_copy(info.status.as_deref()) {
         let why = format!(
             "the outgoing migration is {} (after the switch to post-copy): the guest's state \
              was split with the target's QEMU, which is gone, and QEMU cannot resume it here",

@@ -11,8 +11,8 @@ use crate::phases::{
     MigrationRecord, Phase, TransferState, check_uri, check_vm_name, transfer_state,
 };
 use crate::policy::{self, Action, Convergence, Judgement, Limit, Policy, Sample, Side, apply};
+use crate::postcopy::TargetReport;
 use crate::qmp::{Event, MigrationInfo, Qmp, QmpError};
-use crate::recover::TargetReport;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde_json::json;
@@ -64,7 +64,7 @@ impl Progress {
             pass: s.pass,
             expected_downtime_ms: info.expected_downtime.unwrap_or(0),
             post_copy: s.post_copy,
-            paused: crate::recover::is_paused(info.status.as_deref()),
+            paused: crate::postcopy::is_paused(info.status.as_deref()),
             cpu_throttle_percent: s.cpu_throttle_percent,
             converging: None,
             convergence: String::new(),
@@ -127,9 +127,9 @@ pub async fn perform(
 }
 
 /// [`perform`], recovering a cut post-copy stream: while QEMU reports `postcopy-paused`,
-/// every [`recover::RESUME_EVERY`](crate::recover::RESUME_EVERY) it resumes the
+/// every [`postcopy::RESUME_EVERY`](crate::postcopy::RESUME_EVERY) it resumes the
 /// migration to the latest URI `recovery` holds (where the target listens again, see
-/// [`crate::recover`]), until the path is back and the migration goes on. If `recovery`
+/// [`crate::postcopy`]), until the path is back and the migration goes on. If `recovery`
 /// says the target lost its QEMU after the switch, it fails with
 /// [`ErrorKind::GuestLost`]: nothing can finish the migration, and the guest cannot run
 /// here again.
@@ -386,11 +386,11 @@ impl<'a> Transfer<'a> {
     /// The post-copy recovery wait. After the switch the guest cannot come back here: if
     /// the target reports its QEMU lost, Perform fails ([`ErrorKind::GuestLost`]); while
     /// the stream is cut (`postcopy-paused`), it resumes to where the target listens again,
-    /// at most every [`RESUME_EVERY`](crate::recover::RESUME_EVERY).
+    /// at most every [`RESUME_EVERY`](crate::postcopy::RESUME_EVERY).
     async fn recover_post_copy(&mut self, info: &MigrationInfo) -> Result<(), PhaseError> {
         let Transfer { cx, qmp, .. } = *self;
         let (vm, migration) = (cx.vm, cx.migration);
-        if crate::recover::in_post_copy(info.status.as_deref())
+        if crate::postcopy::in_post_copy(info.status.as_deref())
             && let Some(why) = self.recovery.borrow().lost.clone()
         {
             // Nothing can take the stream back, and QEMU cannot resume the guest here:
@@ -398,14 +398,14 @@ impl<'a> Transfer<'a> {
             tracing::error!(vm, migration, %why, "the target lost the guest during post-copy");
             return Err(cx.err(ErrorKind::GuestLost(why)));
         }
-        if crate::recover::is_paused(info.status.as_deref()) {
+        if crate::postcopy::is_paused(info.status.as_deref()) {
             let target = self.recovery.borrow().listens_at.clone();
             let due = self
                 .last_resume
-                .is_none_or(|t| t.elapsed() >= crate::recover::RESUME_EVERY);
+                .is_none_or(|t| t.elapsed() >= crate::postcopy::RESUME_EVERY);
             if let Some(target) = target.filter(|t| due && check_uri(t).is_ok()) {
                 self.last_resume = Some(Instant::now());
-                match crate::recover::resume(qmp, &target).await {
+                match crate::postcopy::resume(qmp, &target).await {
                     Ok(()) => {
                         tracing::info!(vm, migration, uri = %target, "post-copy paused: resuming to the target")
                     }
