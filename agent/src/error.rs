@@ -4,6 +4,7 @@ use crate::abi::AbiError;
 use crate::cookie::CookieError;
 use crate::domain::DomainError;
 use crate::phases::Phase;
+use crate::policy::ApplyError;
 use crate::qmp::QmpError;
 use crate::supervisor::SupervisorError;
 
@@ -33,9 +34,10 @@ pub enum ErrorKind {
     MigrationFailed(String),
     #[error("migration cancelled")]
     Cancelled,
-    /// This QEMU cannot apply the policy (e.g. lacks a compression method).
-    #[error("this QEMU cannot apply the migration policy: {0}")]
-    Unsupported(String),
+    /// This QEMU did not take the policy's settings ([`ApplyError::Unsupported`]: it
+    /// cannot apply them, e.g. it lacks a compression method).
+    #[error(transparent)]
+    PolicyApply(#[from] ApplyError),
     /// A limit of the policy was hit and the migration was aborted.
     #[error("migration aborted by the policy: {0}")]
     LimitExceeded(String),
@@ -51,6 +53,9 @@ pub enum ErrorKind {
     Record(#[from] std::io::Error),
     #[error(transparent)]
     StateFile(#[from] crate::statefile::StateFileError),
+    /// Turning TLS on or off in a QEMU failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl ErrorKind {
@@ -66,13 +71,14 @@ impl ErrorKind {
             ErrorKind::Refused(_) => "refused",
             ErrorKind::MigrationFailed(_) => "migration_failed",
             ErrorKind::Cancelled => "cancelled",
-            ErrorKind::Unsupported(_) => "unsupported",
+            ErrorKind::PolicyApply(e) => e.label(),
             ErrorKind::LimitExceeded(_) => "limit_exceeded",
             ErrorKind::Ownership(_) => "ownership",
             ErrorKind::NotArrived(_) => "not_arrived",
             ErrorKind::GuestLost(_) => "guest_lost",
             ErrorKind::Record(_) => "record",
             ErrorKind::StateFile(_) => "state_file",
+            ErrorKind::Tls(_) => "tls",
         }
     }
 }

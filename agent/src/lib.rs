@@ -31,24 +31,30 @@
 //!
 //! - [`statefile`]: the saved-state file (header, compressed stream, trailer with length
 //!   and SHA-256), [`statefile::verify`] refusing a truncated, corrupted or foreign file.
-//! - [`save`]: the Perform of a migration to a file ([`save::save`]: pipe, QMP `getfd`,
-//!   `migrate fd:`, compression on a blocking thread) and its Confirm
-//!   ([`save::confirm_saved`]); [`restore`]: [`restore::verify`] before any QEMU, then
-//!   [`restore::restore_verified`] (`-incoming defer`, `migrate-incoming fd:`, `cont`).
+//! - [`phases::save`]: the Perform of a migration to a file
+//!   ([`save::save`](phases::save::save): pipe, QMP `getfd`, `migrate fd:`, compression
+//!   on a blocking thread) and its Confirm
+//!   ([`save::confirm_saved`](phases::save::confirm_saved)); [`restore`]:
+//!   [`restore::verify`] before any QEMU, then [`restore::restore_verified`]
+//!   (`-incoming defer`, `migrate-incoming fd:`, `cont`).
 //!
 //! # The phases
-//! Each takes the previous phase's output, returns the next, and is idempotent: a re-run
-//! for the same migration name returns the recorded result (`migration.json` in the VM's
-//! state dir). Errors are [`error::PhaseError`] (phase, VM, migration, and an
-//! [`error::ErrorKind`] with a stable [`label`](error::ErrorKind::label)).
+//! Each takes the node's [`Supervisor`](supervisor::Supervisor) and one input struct
+//! (`<Phase>Input`: the VM, the migration and the previous phase's output; a callback
+//! or future of the caller's stays a parameter of its own), returns the next phase's
+//! output, and is idempotent: a re-run for the same migration name returns the recorded
+//! result (`migration.json` in the VM's state dir, [`phases::MigrationRecord`]). Errors
+//! are [`error::PhaseError`] (phase, VM, migration, and an [`error::ErrorKind`] with a
+//! stable [`label`](error::ErrorKind::label)). The phase functions are in [`phases`],
+//! one module per phase.
 //!
 //! | phase | node | call | status fields to write |
 //! | --- | --- | --- | --- |
-//! | Begin | source | [`begin::begin`]`(sup, vm, migration, target_xml)` | [`begin::BeginOutput`]: `domain_xml`, `cookies.begin` |
-//! | Prepare | target | [`prepare::prepare`]`(sup, migration, &begin.domain_xml, &begin.cookie, port, &policy, tls)` | [`prepare::PrepareOutput`]: `migrationURI`, `cookies.prepare` |
-//! | Perform | source | [`perform::perform`]`(sup, vm, migration, &uri, &prepare.cookie, &policy, tls, &cancel, on_progress)` | [`perform::PerformOutput`]: `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
-//! | Finish | target | [`finish::finish`]`(sup, vm, migration, perform_cookie, cancelled, take_ownership)` | [`finish::FinishOutput`]: `cookies.finish` |
-//! | Confirm | source | [`confirm::confirm`]`(sup, vm, migration, finish_cookie, cancelled)` | [`confirm::Confirmed`]: `downtimeMs` again, the guest's ([`statistics::Statistics::guest_downtime_ms`]), when the target runs it; whether the guest runs here or is lost |
+//! | Begin | source | [`begin::begin`](phases::begin::begin)`(sup, BeginInput { vm, migration, target_xml })` | [`begin::BeginOutput`](phases::begin::BeginOutput): `domain_xml`, `cookies.begin` |
+//! | Prepare | target | [`prepare::prepare`](phases::prepare::prepare)`(sup, PrepareInput { migration, domain_xml, begin_cookie, port, policy, tls })` | [`prepare::PrepareOutput`](phases::prepare::PrepareOutput): `migrationURI`, `cookies.prepare` |
+//! | Perform | source | [`perform::perform`](phases::perform::perform)`(sup, PerformInput { vm, migration, uri, prepare_cookie, policy, tls, cancel }, on_progress)` | [`perform::PerformOutput`](phases::perform::PerformOutput): `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
+//! | Finish | target | [`finish::finish`](phases::finish::finish)`(sup, FinishInput { vm, migration, perform_cookie, cancelled }, take_ownership)` | [`finish::FinishOutput`](phases::finish::FinishOutput): `cookies.finish` |
+//! | Confirm | source | [`confirm::confirm`](phases::confirm::confirm)`(sup, ConfirmInput { vm, migration, finish_cookie, cancelled })` | [`confirm::Confirmed`](phases::confirm::Confirmed): `downtimeMs` again, the guest's ([`statistics::Statistics::guest_downtime_ms`]), when the target runs it; whether the guest runs here or is lost |
 //!
 //! `policy` is the effective [`policy::Policy`] from [`policy::resolve`] of the spec's
 //! `policy` (preset plus explicit fields); Prepare and Perform must get the same one
@@ -64,43 +70,48 @@
 //! [`CancellationToken`](tokio_util::sync::CancellationToken)) →
 //! `finish(cancelled=true)` then `confirm(cancelled=true)`; Finish fails →
 //! `confirm(cancelled=true)`. A post-copy stream cut during Perform is recovered, not
-//! rolled back ([`recover`]: the target's [`recover::listen_again`] and
-//! [`perform::perform_with_recovery`] on the source). Pure decisions (may a migration begin, did the guest arrive,
-//! should the source resume, is a URI acceptable) are in [`phases`].
+//! rolled back ([`postcopy`]: the target's [`postcopy::listen_again`] and
+//! [`perform::perform_with_recovery`](phases::perform::perform_with_recovery) on the
+//! source). Pure decisions (may a migration begin, did the guest arrive, should the
+//! source resume, is a URI acceptable) are in [`phases`] itself.
 //!
 //! ```no_run
 //! # async fn demo(src: &ferry_agent::supervisor::Supervisor, dst: &ferry_agent::supervisor::Supervisor)
 //! # -> Result<(), ferry_agent::error::PhaseError> {
-//! use ferry_agent::{begin, confirm, finish, perform, prepare};
-//! let m = "default/move-guest-1";
-//! let b = begin::begin(src, "guest-1", m, None).await?;
+//! use ferry_agent::phases::{begin, confirm, finish, perform, prepare};
+//! let (vm, migration) = ("guest-1", "default/move-guest-1");
+//! let b = begin::begin(src, begin::BeginInput { vm, migration, target_xml: None }).await?;
 //! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
-//! let p = prepare::prepare(dst, m, &b.domain_xml, &b.cookie, None, &policy, None).await?;
+//! let p = prepare::prepare(dst, prepare::PrepareInput {
+//!     migration, domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
+//!     port: None, policy: &policy, tls: None,
+//! }).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
-//! let r = perform::perform(src, "guest-1", m, &p.uri, &p.cookie, &policy, None, &cancel, |_| {}).await?;
-//! let f = finish::finish(dst, "guest-1", m, Some(&r.cookie), false, async { Ok(()) }).await?;
-//! confirm::confirm(src, "guest-1", m, f.cookie.as_deref(), false).await?;
+//! let r = perform::perform(src, perform::PerformInput {
+//!     vm, migration, uri: &p.uri, prepare_cookie: &p.cookie,
+//!     policy: &policy, tls: None, cancel: &cancel,
+//! }, |_| {}).await?;
+//! let f = finish::finish(dst, finish::FinishInput {
+//!     vm, migration, perform_cookie: Some(&r.cookie), cancelled: false,
+//! }, async { Ok(()) }).await?;
+//! confirm::confirm(src, confirm::ConfirmInput {
+//!     vm, migration, finish_cookie: f.cookie.as_deref(), cancelled: false,
+//! }).await?;
 //! # Ok(()) }
 //! ```
 
 pub mod abi;
-pub mod begin;
 pub mod cmdline;
-pub mod confirm;
 pub mod cookie;
 pub mod domain;
 pub mod error;
 pub mod fault;
-pub mod finish;
 pub mod node;
-pub mod perform;
 pub mod phases;
 pub mod policy;
-pub mod prepare;
+pub mod postcopy;
 pub mod qmp;
-pub mod recover;
 pub mod restore;
-pub mod save;
 pub mod statefile;
 pub mod statistics;
 pub mod supervisor;

@@ -160,9 +160,12 @@ pub async fn restore_verified(
 }
 
 async fn load(qmp: &crate::qmp::Qmp, verified: Verified) -> Result<(), RestoreError> {
-    crate::perform::apply(qmp, &crate::save::save_policy().settings(Side::Target))
-        .await
-        .map_err(|e| RestoreError::Load(e.to_string()))?;
+    crate::policy::apply(
+        qmp,
+        &crate::phases::save::save_policy().settings(Side::Target),
+    )
+    .await
+    .map_err(|e| RestoreError::Load(e.to_string()))?;
     let (reader, mut writer) = std::io::pipe().map_err(|e| RestoreError::Load(e.to_string()))?;
     qmp.run_with_fd("getfd", Some(json!({ "fdname": FD_NAME })), reader.as_fd())
         .await?;

@@ -20,7 +20,6 @@
 //! resets the parameters and deletes the objects; [`apply`] clears first, so re-runs
 //! are idempotent. Post-copy recovery can call [`apply`] again on a paused migration.
 
-use crate::error::ErrorKind;
 use crate::qmp::{Qmp, QmpError};
 use serde::Deserialize;
 use serde_json::json;
@@ -34,6 +33,20 @@ pub const CREDS_ID: &str = "ferry-migration-tls";
 pub const AUTHZ_ID: &str = "ferry-migration-authz";
 /// Directory (in the VM's state dir) the credentials are written to for `object-add`.
 pub const CREDS_DIR: &str = "tls";
+
+/// Why TLS could not be turned on or off in a QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// QEMU refused a TLS object: what was being done, and QEMU's reason.
+    #[error("{what}: {desc}")]
+    Refused { what: &'static str, desc: String },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// The credentials could not be written for QEMU to read. (The text is the one this
+    /// error had as a phase's `ErrorKind::Record`.)
+    #[error("migration record: {0}")]
+    Write(#[from] io::Error),
+}
 
 /// A node's TLS material, PEM. Debug output leaves the key out.
 #[derive(Clone, PartialEq, Eq)]
@@ -113,7 +126,7 @@ pub async fn apply(
     vm_dir: &Path,
     creds: &Credentials,
     endpoint: Endpoint<'_>,
-) -> Result<(), ErrorKind> {
+) -> Result<(), TlsError> {
     clear(qmp).await?;
     let dir = vm_dir.join(CREDS_DIR);
     write_dir(&dir, creds)?;
@@ -141,7 +154,7 @@ pub async fn apply(
 }
 
 /// Turns TLS off on this QEMU: empty TLS parameters, no Ferry TLS objects. Idempotent.
-pub async fn clear(qmp: &Qmp) -> Result<(), ErrorKind> {
+pub async fn clear(qmp: &Qmp) -> Result<(), TlsError> {
     qmp.run(
         "migrate-set-parameters",
         Some(json!({ "tls-creds": "", "tls-hostname": "", "tls-authz": "" })),
@@ -162,10 +175,10 @@ pub async fn clear(qmp: &Qmp) -> Result<(), ErrorKind> {
     Ok(())
 }
 
-fn refused(what: &str, e: QmpError) -> ErrorKind {
+fn refused(what: &'static str, e: QmpError) -> TlsError {
     match e {
-        QmpError::Command { desc, .. } => ErrorKind::Refused(format!("{what}: {desc}")),
-        e => ErrorKind::Qmp(e),
+        QmpError::Command { desc, .. } => TlsError::Refused { what, desc },
+        e => TlsError::Qmp(e),
     }
 }
 

@@ -3,13 +3,13 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::error::ErrorKind;
-use ferry_agent::finish::finish;
-use ferry_agent::perform::perform;
+use ferry_agent::phases::begin::{BeginInput, begin};
+use ferry_agent::phases::confirm::{ConfirmInput, confirm};
+use ferry_agent::phases::finish::{FinishInput, finish};
+use ferry_agent::phases::perform::{PerformInput, perform};
+use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::Policy;
-use ferry_agent::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::StatusInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,10 +27,29 @@ fn lab(vm: &str) -> Lab {
 }
 
 async fn begin_and_prepare(lab: &Lab, m: &str) -> PrepareOutput {
-    let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    prepare(&lab.b, m, &out.domain_xml, &out.cookie, None, &slow(), None)
-        .await
-        .unwrap()
+    let out = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
+    prepare(
+        &lab.b,
+        PrepareInput {
+            migration: m,
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: None,
+            policy: &slow(),
+            tls: None,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// The source guest runs, alone, and its counter moves on without BAD pages.
@@ -52,21 +71,42 @@ async fn prepare_fails_when_the_target_port_is_taken() {
     lab.start_source().await;
     let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let out = begin(&lab.a, &lab.vm, "m1", None).await.unwrap();
+    let out = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: "m1",
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
     let err = prepare(
         &lab.b,
-        "m1",
-        &out.domain_xml,
-        &out.cookie,
-        Some(port),
-        &slow(),
-        None,
+        PrepareInput {
+            migration: "m1",
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: Some(port),
+            policy: &slow(),
+            tls: None,
+        },
     )
     .await
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Qmp(_)), "{err}");
     assert!(lab.b.running_pid(&lab.vm).is_none());
-    confirm(&lab.a, &lab.vm, "m1", None, true).await.unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: "m1",
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -82,13 +122,15 @@ where
     let slow = slow();
     let run = perform(
         &lab.a,
-        &lab.vm,
-        m,
-        &prep.uri,
-        &prep.cookie,
-        &slow,
-        None,
-        &cancel,
+        PerformInput {
+            vm: &lab.vm,
+            migration: m,
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy: &slow,
+            tls: None,
+            cancel: &cancel,
+        },
         move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
     );
     let act = async {
@@ -116,10 +158,29 @@ async fn perform_fails_when_the_target_qemu_dies_mid_transfer() {
     })
     .await;
     assert!(matches!(kind, ErrorKind::MigrationFailed(_)), "{kind}");
-    finish(&lab.b, &lab.vm, "m2", None, true, async { Ok(()) })
-        .await
-        .unwrap();
-    confirm(&lab.a, &lab.vm, "m2", None, true).await.unwrap();
+    finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: "m2",
+            perform_cookie: None,
+            cancelled: true,
+        },
+        async { Ok(()) },
+    )
+    .await
+    .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: "m2",
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -130,10 +191,29 @@ async fn perform_cancelled_rolls_back_to_the_source() {
     let prep = begin_and_prepare(&lab, "m3").await;
     let kind = perform_with(&lab, "m3", &prep, |cancel| async move { cancel.cancel() }).await;
     assert!(matches!(kind, ErrorKind::Cancelled), "{kind}");
-    finish(&lab.b, &lab.vm, "m3", None, true, async { Ok(()) })
-        .await
-        .unwrap();
-    confirm(&lab.a, &lab.vm, "m3", None, true).await.unwrap();
+    finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: "m3",
+            perform_cookie: None,
+            cancelled: true,
+        },
+        async { Ok(()) },
+    )
+    .await
+    .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: "m3",
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -144,27 +224,46 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
     let prep = begin_and_prepare(&lab, "m4").await;
     let perf = within(perform(
         &lab.a,
-        &lab.vm,
-        "m4",
-        &prep.uri,
-        &prep.cookie,
-        &policy(None, 2000),
-        None,
-        &CancellationToken::new(),
+        PerformInput {
+            vm: &lab.vm,
+            migration: "m4",
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy: &policy(None, 2000),
+            tls: None,
+            cancel: &CancellationToken::new(),
+        },
         |_| {},
     ))
     .await
     .unwrap();
     // The source is paused (postmigrate) with its memory sent; the target waits for cont.
     let stopped_at = last_pass(&lab.serial_a()).unwrap();
-    let err = finish(&lab.b, &lab.vm, "m4", Some(&perf.cookie), false, async {
-        Err("VM status.nodeName was changed by someone else".into())
-    })
+    let err = finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: "m4",
+            perform_cookie: Some(&perf.cookie),
+            cancelled: false,
+        },
+        async { Err("VM status.nodeName was changed by someone else".into()) },
+    )
     .await
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Ownership(_)), "{err}");
     assert!(lab.b.running_pid(&lab.vm).is_none(), "target QEMU killed");
-    confirm(&lab.a, &lab.vm, "m4", None, true).await.unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: "m4",
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     assert_source_runs_alone(&lab).await;
     assert!(last_pass(&lab.serial_a()).unwrap() > stopped_at);
 }

@@ -5,13 +5,13 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
 use ferry_agent::error::{ErrorKind, PhaseError};
-use ferry_agent::finish::finish;
-use ferry_agent::perform::{PerformOutput, Progress, perform};
+use ferry_agent::phases::begin::{BeginInput, begin};
+use ferry_agent::phases::confirm::{ConfirmInput, confirm};
+use ferry_agent::phases::finish::{FinishInput, finish};
+use ferry_agent::phases::perform::{PerformInput, PerformOutput, Progress, perform};
+use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::prepare::{PrepareOutput, prepare};
 use ferry_agent::qmp::StatusInfo;
 use ferry_crds::{Compression, MigrationPolicy, Preset};
 use std::sync::{Arc, Mutex};
@@ -44,15 +44,26 @@ fn limited(spec: MigrationPolicy) -> Policy {
 }
 
 async fn begin_and_prepare(lab: &Lab, m: &str, policy: &Policy) -> PrepareOutput {
-    let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    let out = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
     prepare(
         &lab.b,
-        m,
-        &out.domain_xml,
-        &out.cookie,
-        None,
-        policy,
-        lab.tls_b(),
+        PrepareInput {
+            migration: m,
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: None,
+            policy,
+            tls: lab.tls_b(),
+        },
     )
     .await
     .unwrap()
@@ -72,13 +83,15 @@ async fn run_perform(
     let sink = reports.clone();
     let res = within(perform(
         &lab.a,
-        &lab.vm,
-        m,
-        &prep.uri,
-        &prep.cookie,
-        policy,
-        lab.tls_a(),
-        cancel,
+        PerformInput {
+            vm: &lab.vm,
+            migration: m,
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy,
+            tls: lab.tls_a(),
+            cancel,
+        },
         move |p| sink.lock().unwrap().push(p.clone()),
     ))
     .await;
@@ -90,15 +103,30 @@ async fn run_perform(
 /// from where it stopped, without a BAD page.
 async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(&lab.b, &lab.vm, m, Some(&perf.cookie), false, async {
-        Ok(())
-    })
+    let fin = finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: m,
+            perform_cookie: Some(&perf.cookie),
+            cancelled: false,
+        },
+        async { Ok(()) },
+    )
     .await
     .unwrap();
     assert!(fin.resumed);
-    confirm(&lab.a, &lab.vm, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: m,
+            finish_cookie: fin.cookie.as_deref(),
+            cancelled: false,
+        },
+    )
+    .await
+    .unwrap();
     lab.assert_one_guest_on(&lab.b);
     let last_before = passes(&before).last().copied().unwrap();
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
@@ -109,10 +137,29 @@ async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
 /// Finish(cancelled) and Confirm(cancelled) after a failed Perform; the guest runs on the
 /// source, alone, and its counter goes on without a BAD page.
 async fn roll_back(lab: &Lab, m: &str) {
-    finish(&lab.b, &lab.vm, m, None, true, async { Ok(()) })
-        .await
-        .unwrap();
-    confirm(&lab.a, &lab.vm, m, None, true).await.unwrap();
+    finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: m,
+            perform_cookie: None,
+            cancelled: true,
+        },
+        async { Ok(()) },
+    )
+    .await
+    .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: m,
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     lab.assert_one_guest_on(&lab.a);
     let guest = lab.a.require(&lab.vm).await.unwrap();
     let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
@@ -167,13 +214,15 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
     let stopper = cancel.clone();
     let res = within(perform(
         &lab.a,
-        &lab.vm,
-        "m-plain",
-        &prep.uri,
-        &prep.cookie,
-        &plain,
-        None,
-        &cancel,
+        PerformInput {
+            vm: &lab.vm,
+            migration: "m-plain",
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy: &plain,
+            tls: None,
+            cancel: &cancel,
+        },
         move |p| {
             if p.pass >= 8 {
                 stopper.cancel();

@@ -1,20 +1,20 @@
 //! Post-copy recovery against real QEMU: the stream, through a relay, is cut while the
 //! migration is in post-copy; both QEMUs pause; a resume while the path is still down
 //! leaves them paused; once the path is back the target listens again
-//! (`recover::listen_again`) and the source resumes to it (`perform_with_recovery`),
+//! (`postcopy::listen_again`) and the source resumes to it (`perform_with_recovery`),
 //! and the guest arrives whole. And the case no recovery helps: the target's QEMU dies
 //! after the switch.
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::{Confirmed, confirm};
-use ferry_agent::finish::finish;
-use ferry_agent::perform::{Progress, perform_with_recovery};
+use ferry_agent::phases::begin::{BeginInput, begin};
+use ferry_agent::phases::confirm::{ConfirmInput, Confirmed, confirm};
+use ferry_agent::phases::finish::{FinishInput, finish};
+use ferry_agent::phases::perform::{PerformInput, Progress, perform_with_recovery};
+use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::prepare::prepare;
+use ferry_agent::postcopy::{self, TargetReport};
 use ferry_agent::qmp::MigrationInfo;
-use ferry_agent::recover::{self, TargetReport};
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPolicy;
 use std::net::SocketAddr;
@@ -85,8 +85,8 @@ async fn migration_status(sup: &Supervisor, vm: &str) -> String {
 }
 
 async fn both_paused(lab: &Lab) -> bool {
-    migration_status(&lab.a, &lab.vm).await == recover::PAUSED
-        && migration_status(&lab.b, &lab.vm).await == recover::PAUSED
+    migration_status(&lab.a, &lab.vm).await == postcopy::PAUSED
+        && migration_status(&lab.b, &lab.vm).await == postcopy::PAUSED
 }
 
 fn free_port(ip: &str) -> u16 {
@@ -121,15 +121,26 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     lab.start_source().await;
     let policy = slow_post_copy();
     let m = "m-pc-recover";
-    let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    let b = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
     let prep = prepare(
         &lab.b,
-        m,
-        &b.domain_xml,
-        &b.cookie,
-        None,
-        &policy,
-        lab.tls_b(),
+        PrepareInput {
+            migration: m,
+            domain_xml: &b.domain_xml,
+            begin_cookie: &b.cookie,
+            port: None,
+            policy: &policy,
+            tls: lab.tls_b(),
+        },
     )
     .await
     .unwrap();
@@ -141,13 +152,15 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let relay_uri = relay.uri();
     let perform = perform_with_recovery(
         &lab.a,
-        &lab.vm,
-        m,
-        &relay_uri,
-        &prep.cookie,
-        &policy,
-        lab.tls_a(),
-        &cancel,
+        PerformInput {
+            vm: &lab.vm,
+            migration: m,
+            uri: &relay_uri,
+            prepare_cookie: &prep.cookie,
+            policy: &policy,
+            tls: lab.tls_a(),
+            cancel: &cancel,
+        },
         recovery_rx,
         move |p| sink.lock().unwrap().push(p.clone()),
     );
@@ -166,7 +179,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         // The target listens again, but the path is still down: the source's resumes
         // fail and both stay paused.
         let port = free_port("127.0.0.3");
-        let target = recover::listen_again(&lab.b, &lab.vm, m, port)
+        let target = postcopy::listen_again(&lab.b, &lab.vm, m, port)
             .await
             .unwrap()
             .expect("the paused target listens again");
@@ -174,7 +187,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
             listens_at: Some(relay_uri.clone()),
             lost: None,
         });
-        tokio::time::sleep(recover::RESUME_EVERY * 3).await;
+        tokio::time::sleep(postcopy::RESUME_EVERY * 3).await;
         assert!(
             both_paused(&lab).await,
             "a resume over a dead path leaves both QEMUs paused"
@@ -191,15 +204,30 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let perf = res.expect("the recovered migration completes");
     assert!(perf.post_copy);
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(&lab.b, &lab.vm, m, Some(&perf.cookie), false, async {
-        Ok(())
-    })
+    let fin = finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: m,
+            perform_cookie: Some(&perf.cookie),
+            cancelled: false,
+        },
+        async { Ok(()) },
+    )
     .await
     .unwrap();
     assert!(fin.resumed);
-    confirm(&lab.a, &lab.vm, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: m,
+            finish_cookie: fin.cookie.as_deref(),
+            cancelled: false,
+        },
+    )
+    .await
+    .unwrap();
     lab.assert_one_guest_on(&lab.b);
     let last_before = passes(&before).last().copied().unwrap();
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
@@ -213,23 +241,44 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
     lab.start_source().await;
     let policy = slow_post_copy();
     let m = "m-pc-lost";
-    let b = begin(&lab.a, &lab.vm, m, None).await.unwrap();
-    let prep = prepare(&lab.b, m, &b.domain_xml, &b.cookie, None, &policy, None)
-        .await
-        .unwrap();
+    let b = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
+    let prep = prepare(
+        &lab.b,
+        PrepareInput {
+            migration: m,
+            domain_xml: &b.domain_xml,
+            begin_cookie: &b.cookie,
+            port: None,
+            policy: &policy,
+            tls: None,
+        },
+    )
+    .await
+    .unwrap();
     let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
     let sink = reports.clone();
     let (report_tx, report_rx) = watch::channel(TargetReport::default());
     let cancel = CancellationToken::new();
     let perform = perform_with_recovery(
         &lab.a,
-        &lab.vm,
-        m,
-        &prep.uri,
-        &prep.cookie,
-        &policy,
-        None,
-        &cancel,
+        PerformInput {
+            vm: &lab.vm,
+            migration: m,
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy: &policy,
+            tls: None,
+            cancel: &cancel,
+        },
         report_rx,
         move |p| sink.lock().unwrap().push(p.clone()),
     );
@@ -244,14 +293,14 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
         // The source pauses and waits for a recovery that cannot come; a cancel does
         // not move it either (post-copy).
         for _ in 0..100 {
-            if migration_status(&lab.a, &lab.vm).await == recover::PAUSED {
+            if migration_status(&lab.a, &lab.vm).await == postcopy::PAUSED {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(migration_status(&lab.a, &lab.vm).await, recover::PAUSED);
+        assert_eq!(migration_status(&lab.a, &lab.vm).await, postcopy::PAUSED);
         cancel.cancel();
-        tokio::time::sleep(recover::RESUME_EVERY).await;
+        tokio::time::sleep(postcopy::RESUME_EVERY).await;
         // What the target agent writes into status.targetLost.
         report_tx.send_replace(TargetReport {
             listens_at: None,
@@ -267,11 +316,30 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
     );
     // The rollback, as the operator runs it: Finish(cancelled) on the target, then
     // Confirm(cancelled) on the source, which cannot resume the guest.
-    let fin = finish(&lab.b, &lab.vm, m, None, true, async { Ok(()) })
-        .await
-        .unwrap();
+    let fin = finish(
+        &lab.b,
+        FinishInput {
+            vm: &lab.vm,
+            migration: m,
+            perform_cookie: None,
+            cancelled: true,
+        },
+        async { Ok(()) },
+    )
+    .await
+    .unwrap();
     assert!(!fin.resumed);
-    let confirmed = confirm(&lab.a, &lab.vm, m, None, true).await.unwrap();
+    let confirmed = confirm(
+        &lab.a,
+        ConfirmInput {
+            vm: &lab.vm,
+            migration: m,
+            finish_cookie: None,
+            cancelled: true,
+        },
+    )
+    .await
+    .unwrap();
     match confirmed {
         Confirmed::GuestLost(why) => assert!(why.contains("postcopy-paused"), "{why}"),
         other => panic!("expected the guest lost, got {other:?}"),

@@ -6,11 +6,11 @@
 
 mod support;
 
-use ferry_agent::begin::begin;
-use ferry_agent::confirm::confirm;
-use ferry_agent::finish::finish;
-use ferry_agent::perform::perform;
-use ferry_agent::prepare::{PrepareOutput, prepare};
+use ferry_agent::phases::begin::{BeginInput, begin};
+use ferry_agent::phases::confirm::{ConfirmInput, confirm};
+use ferry_agent::phases::finish::{FinishInput, finish};
+use ferry_agent::phases::perform::{PerformInput, perform};
+use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::qmp::{MigrationInfo, StatusInfo};
 use ferry_agent::supervisor::Supervisor;
 use ferry_agent::tls::{AUTHZ_ID, CREDS_ID, Credentials};
@@ -107,15 +107,26 @@ async fn only_the_source_node_gets_through_and_the_guest_migrates_intact() {
     let vm = lab.vm.as_str();
     let m = "m-tls";
     let params = policy(None, 2000);
-    let out = begin(&lab.a, vm, m, None).await.unwrap();
+    let out = begin(
+        &lab.a,
+        BeginInput {
+            vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
     let prep = prepare(
         &lab.b,
-        m,
-        &out.domain_xml,
-        &out.cookie,
-        None,
-        &params,
-        Some(&tls_b),
+        PrepareInput {
+            migration: m,
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: None,
+            policy: &params,
+            tls: Some(&tls_b),
+        },
     )
     .await
     .unwrap();
@@ -163,30 +174,49 @@ async fn only_the_source_node_gets_through_and_the_guest_migrates_intact() {
     // The real source still gets through, and the guest arrives whole.
     let perf = within(perform(
         &lab.a,
-        vm,
-        m,
-        &prep.uri,
-        &prep.cookie,
-        &params,
-        Some(&tls_a),
-        &CancellationToken::new(),
+        PerformInput {
+            vm,
+            migration: m,
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy: &params,
+            tls: Some(&tls_a),
+            cancel: &CancellationToken::new(),
+        },
         |_| {},
     ))
     .await
     .unwrap();
     assert!(perf.transferred_bytes > 0);
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(&lab.b, vm, m, Some(&perf.cookie), false, async { Ok(()) })
-        .await
-        .unwrap();
+    let fin = finish(
+        &lab.b,
+        FinishInput {
+            vm,
+            migration: m,
+            perform_cookie: Some(&perf.cookie),
+            cancelled: false,
+        },
+        async { Ok(()) },
+    )
+    .await
+    .unwrap();
     assert!(fin.resumed);
     assert!(
         tls_objects(&lab.b, vm).await.is_empty(),
         "the target guest keeps no TLS objects"
     );
-    confirm(&lab.a, vm, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
+    confirm(
+        &lab.a,
+        ConfirmInput {
+            vm,
+            migration: m,
+            finish_cookie: fin.cookie.as_deref(),
+            cancelled: false,
+        },
+    )
+    .await
+    .unwrap();
     lab.assert_one_guest_on(&lab.b);
     let last_before = passes(&before).last().copied().unwrap();
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
@@ -214,15 +244,26 @@ async fn the_source_certificate_is_let_through_to_the_stream() {
     let (tls_a, tls_b) = lab.tls.clone().unwrap();
     lab.start_source().await;
     let m = "m-tls-ctl";
-    let out = begin(&lab.a, &lab.vm, m, None).await.unwrap();
+    let out = begin(
+        &lab.a,
+        BeginInput {
+            vm: &lab.vm,
+            migration: m,
+            target_xml: None,
+        },
+    )
+    .await
+    .unwrap();
     let prep = prepare(
         &lab.b,
-        m,
-        &out.domain_xml,
-        &out.cookie,
-        None,
-        &policy(None, 2000),
-        Some(&tls_b),
+        PrepareInput {
+            migration: m,
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: None,
+            policy: &policy(None, 2000),
+            tls: Some(&tls_b),
+        },
     )
     .await
     .unwrap();

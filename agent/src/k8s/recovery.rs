@@ -1,7 +1,7 @@
 //! The target's part of post-copy recovery. Between Prepare and Finish the target agent
 //! has no phase to run, but while the source runs Perform it watches its incoming QEMU:
 //! when a cut stream pauses a post-copy migration there, it listens again on a fresh
-//! port (`migrate-recover`, [`ferry_agent::recover::listen_again`]) and publishes the
+//! port (`migrate-recover`, [`ferry_agent::postcopy::listen_again`]) and publishes the
 //! URI as `status.recoveryURI`; the source's Perform resumes to it. Once the migration
 //! runs again the URI is cleared, so a later pause never sends the source to a port that
 //! may meanwhile belong to another migration.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_agent::domain::Domain;
-use ferry_agent::{fault, recover};
+use ferry_agent::{fault, postcopy};
 use ferry_crds::{MigrationMode, MigrationPhase, MigrationStatusPatch, VirtualMachineMigration};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +93,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(POLL) => {}
         }
-        let Ok(state) = recover::migration_status(&agent.sup, &vm).await else {
+        let Ok(state) = postcopy::migration_status(&agent.sup, &vm).await else {
             if agent.sup.running_pid(&vm).is_none()
                 && let Ok(now) = api.get(&name).await
                 && let Some(why) = lost(&now, &agent.node, &vm)
@@ -109,7 +109,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
             }
             continue;
         };
-        let paused = recover::is_paused(state.as_deref());
+        let paused = postcopy::is_paused(state.as_deref());
         if !paused {
             listened = None;
             if published && state.as_deref() != Some("postcopy-recover") {
@@ -121,14 +121,14 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
             }
             continue;
         }
-        if !recover::should_listen(paused, listened.map(|t| t.elapsed())) {
+        if !postcopy::should_listen(paused, listened.map(|t| t.elapsed())) {
             continue;
         }
         let Some(port) = agent.reserve_port() else {
             warn!("post-copy paused, but no free migration port to listen on");
             continue;
         };
-        match recover::listen_again(&agent.sup, &vm, &id, port.port).await {
+        match postcopy::listen_again(&agent.sup, &vm, &id, port.port).await {
             Ok(Some(uri)) => {
                 drop(port);
                 listened = Some(Instant::now());

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ferry_agent::recover::TargetReport;
+use ferry_agent::postcopy::TargetReport;
 use ferry_crds::MigrationPhase;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

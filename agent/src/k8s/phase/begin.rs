@@ -1,7 +1,7 @@
 //! Begin on the source: checks the guest can migrate, takes the migration lock, and
 //! gives the target's definition (`targetDomainXML`) and Begin's cookie.
 
-use ferry_agent::begin;
+use ferry_agent::phases::begin;
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
 
 use super::{Done, Run, StepError};
@@ -9,13 +9,12 @@ use super::{Done, Run, StepError};
 impl Run<'_> {
     pub(super) async fn begin(&self) -> Result<Done, StepError> {
         let (_, domain) = self.vm().await?;
-        let out = begin::begin(
-            &self.agent.sup,
-            &domain.name,
-            &self.id,
-            self.m.spec.target_domain_xml.as_deref(),
-        )
-        .await?;
+        let input = begin::BeginInput {
+            vm: &domain.name,
+            migration: &self.id,
+            target_xml: self.m.spec.target_domain_xml.as_deref(),
+        };
+        let out = begin::begin(&self.agent.sup, input).await?;
         let outputs = MigrationStatusPatch {
             target_domain_xml: Some(out.domain_xml),
             ..Default::default()

@@ -3,7 +3,7 @@
 //! the guest here, or says it is lost (the source's QEMU died, or the target's died
 //! after the switch to post-copy).
 
-use ferry_agent::confirm::{self, Confirmed};
+use ferry_agent::phases::confirm::{self, Confirmed};
 use ferry_crds::{MigrationStatusPatch, Reason, VmPhase};
 use kube::ResourceExt;
 use serde_json::json;
@@ -52,14 +52,13 @@ impl Run<'_> {
             self.agent.sup.destroy(&domain.name).await?;
             Confirmed::TargetRuns(None)
         } else {
-            confirm::confirm(
-                &self.agent.sup,
-                &domain.name,
-                &self.id,
-                finish_cookie.as_deref(),
+            let input = confirm::ConfirmInput {
+                vm: &domain.name,
+                migration: &self.id,
+                finish_cookie: finish_cookie.as_deref(),
                 cancelled,
-            )
-            .await?
+            };
+            confirm::confirm(&self.agent.sup, input).await?
         };
         let statistics = match confirmed {
             Confirmed::TargetRuns(statistics) => statistics,

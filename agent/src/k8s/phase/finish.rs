@@ -3,7 +3,7 @@
 //! Finish's cookie.
 
 use ferry_agent::error::BoxError;
-use ferry_agent::finish;
+use ferry_agent::phases::finish;
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
 use kube::ResourceExt;
 
@@ -31,15 +31,13 @@ impl Run<'_> {
                 .await?;
             Ok::<(), BoxError>(())
         };
-        let out = finish::finish(
-            &self.agent.sup,
-            &domain.name,
-            &self.id,
-            self.inputs.cookies.perform.as_deref(),
-            self.inputs.cancelled,
-            take,
-        )
-        .await?;
+        let input = finish::FinishInput {
+            vm: &domain.name,
+            migration: &self.id,
+            perform_cookie: self.inputs.cookies.perform.as_deref(),
+            cancelled: self.inputs.cancelled,
+        };
+        let out = finish::finish(&self.agent.sup, input, take).await?;
         let done = if out.resumed {
             Done::new(Reason::Resumed, format!("the guest runs on {target}"))
         } else {

@@ -14,6 +14,7 @@
 
 use ferry_agent::domain::{Device, Domain, DomainError};
 use ferry_agent::error::{ErrorKind, PhaseError};
+use ferry_agent::policy::ApplyError;
 use ferry_crds::{
     Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VirtualMachine,
     VirtualMachineMigration, VirtualMachineMigrationStatus, VmPhase, set_condition,
@@ -160,7 +161,11 @@ fn reason_of(kind: &ErrorKind) -> Reason {
         ErrorKind::Cookie(_) => Reason::InvalidCookie,
         ErrorKind::Qmp(_) => Reason::QmpFailed,
         ErrorKind::Supervisor(_) => Reason::QemuFailed,
-        ErrorKind::PolicyRefused(_) | ErrorKind::Unsupported(_) => Reason::PolicyRefused,
+        ErrorKind::PolicyRefused(_) | ErrorKind::PolicyApply(ApplyError::Unsupported(_)) => {
+            Reason::PolicyRefused
+        }
+        ErrorKind::PolicyApply(ApplyError::Qmp(_)) => Reason::QmpFailed,
+        ErrorKind::Tls(_) => Reason::TlsUnavailable,
         ErrorKind::Refused(_) => Reason::Refused,
         ErrorKind::MigrationFailed(_) => Reason::TransferFailed,
         ErrorKind::Cancelled => Reason::Cancelled,

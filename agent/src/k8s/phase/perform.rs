@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use ferry_agent::fault;
-use ferry_agent::perform::{self, Progress as Sample};
-use ferry_agent::recover::TargetReport;
+use ferry_agent::phases::perform::{self, Progress as Sample};
+use ferry_agent::postcopy::TargetReport;
 use ferry_crds::{
     MigrationMode, MigrationPhase, MigrationStatusPatch, Progress, Reason,
     VirtualMachineMigrationStatus,
@@ -64,19 +64,17 @@ impl Run<'_> {
             &self.m.uid().unwrap_or_default(),
             target_report(&self.status()),
         );
-        let result = perform::perform_with_recovery(
-            &self.agent.sup,
-            &domain.name,
-            &self.id,
+        let input = perform::PerformInput {
+            vm: &domain.name,
+            migration: &self.id,
             uri,
-            cookie,
-            &params,
-            tls.as_ref(),
+            prepare_cookie: cookie,
+            policy: &params,
+            tls: tls.as_ref(),
             cancel,
-            recovery,
-            on_progress,
-        )
-        .await;
+        };
+        let result =
+            perform::perform_with_recovery(&self.agent.sup, input, recovery, on_progress).await;
         drop(tx);
         let _ = writer.await;
         let out = result?;

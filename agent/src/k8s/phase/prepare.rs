@@ -1,7 +1,8 @@
 //! Prepare on the target: starts the incoming QEMU from Begin's definition and cookie on
 //! a reserved port, and gives the migration URI and Prepare's cookie.
 
-use ferry_agent::{fault, prepare};
+use ferry_agent::fault;
+use ferry_agent::phases::prepare;
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
 
 use super::{Done, Run, StepError, tls_words};
@@ -25,16 +26,15 @@ impl Run<'_> {
         let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
         let policy = self.policy()?;
         let tls = self.tls()?;
-        let out = prepare::prepare(
-            &self.agent.sup,
-            &self.id,
-            xml,
-            cookie,
-            Some(port.port),
-            &policy,
-            tls.as_ref(),
-        )
-        .await?;
+        let input = prepare::PrepareInput {
+            migration: &self.id,
+            domain_xml: xml,
+            begin_cookie: cookie,
+            port: Some(port.port),
+            policy: &policy,
+            tls: tls.as_ref(),
+        };
+        let out = prepare::prepare(&self.agent.sup, input).await?;
         let uri = fault::advertised_uri(&out.uri);
         let (source, _) = self.claim();
         let message = format!(

@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_agent::perform::Progress as Sample;
-use ferry_agent::save;
+use ferry_agent::phases::perform::Progress as Sample;
+use ferry_agent::phases::save;
 use ferry_crds::{MigrationStatusPatch, Progress, Reason, SavedState, VmPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -46,16 +46,14 @@ impl Run<'_> {
                 }
             }
         };
-        let result = save::save(
-            &self.agent.sup,
-            &domain.name,
-            &self.id,
-            Path::new(&file.path),
-            file.compression.into(),
+        let input = save::SaveInput {
+            vm: &domain.name,
+            migration: &self.id,
+            path: Path::new(&file.path),
+            compression: file.compression.into(),
             cancel,
-            on_progress,
-        )
-        .await;
+        };
+        let result = save::save(&self.agent.sup, input, on_progress).await;
         drop(tx);
         let _ = writer.await;
         let out = result?;
@@ -96,7 +94,11 @@ impl Run<'_> {
 
     pub(super) async fn confirm_save(&self) -> Result<Done, StepError> {
         let (vm, domain) = self.vm().await?;
-        let done = save::confirm_saved(&self.agent.sup, &domain.name, &self.id).await?;
+        let input = save::ConfirmSavedInput {
+            vm: &domain.name,
+            migration: &self.id,
+        };
+        let done = save::confirm_saved(&self.agent.sup, input).await?;
         let mut saved = self
             .status()
             .saved_state

@@ -7,35 +7,44 @@ use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
 use crate::phases::{Arrival, MigrationRecord, Phase, arrival, check_vm_name};
 use crate::qmp::{Event, MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
-use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-/// What Finish hands to Confirm.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FinishOutput {
-    /// The Finish cookie (target identity, lock state now held by the target, statistics);
-    /// `None` when Finish ran cancelled.
-    pub cookie: Option<String>,
-    /// Whether the guest now runs here.
-    pub resumed: bool,
+pub use super::record::FinishOutput;
+
+/// What Finish needs.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Perform's cookie; required unless `cancelled`.
+    pub perform_cookie: Option<&'a str>,
+    /// Roll back: remove the incoming QEMU instead of resuming it.
+    pub cancelled: bool,
 }
 
 /// Runs Finish. `take_ownership` is awaited only when the guest arrived, before `cont`;
 /// its error fails Finish (and the new QEMU is killed).
-#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
+#[tracing::instrument(
+    skip_all,
+    fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
+)]
 pub async fn finish<F>(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    perform_cookie: Option<&str>,
-    cancelled: bool,
+    input: FinishInput<'_>,
     take_ownership: F,
 ) -> Result<FinishOutput, PhaseError>
 where
     F: Future<Output = Result<(), BoxError>>,
 {
+    let FinishInput {
+        vm,
+        migration,
+        perform_cookie,
+        cancelled,
+    } = input;
     let cx = Ctx {
         phase: Phase::Finish,
         vm,

@@ -1,9 +1,21 @@
-//! What the five phases share: the phase names, the decisions that say how a migration
-//! ends, and the per-migration record that makes each phase idempotent.
+//! The five phases and what they share: the phase names and the pure rules that say how
+//! a migration ends (no QEMU, no I/O). One file per phase ([`begin`], [`prepare`],
+//! [`perform`], [`finish`], [`confirm`], and [`save`], the Perform and Confirm of a
+//! migration to a file); [`record`] holds the per-migration record that makes each phase
+//! idempotent, and the phase outputs it keeps.
+
+pub mod begin;
+pub mod confirm;
+pub mod finish;
+pub mod perform;
+pub mod prepare;
+pub mod record;
+pub mod save;
+
+pub use record::{MigrationRecord, RECORD_FILE};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::Path;
 
 /// The five phases of the v3 migration protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,71 +40,9 @@ impl fmt::Display for Phase {
     }
 }
 
-/// Per-migration record in the VM's state dir: what each phase already produced, so a
-/// re-run after a crash returns the same result. Its presence on the source is also the
-/// migration lock on the VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct MigrationRecord {
-    pub migration: String,
-    /// Whether the source vCPUs ran when Begin started (Confirm(cancelled) resumes only then).
-    #[serde(default)]
-    pub source_was_running: Option<bool>,
-    /// Whether this migration's Perform issued `migrate`. A guest that once arrived here
-    /// by migration reports that incoming migration as `completed`, which says nothing
-    /// about an outgoing one that was never started.
-    #[serde(default)]
-    pub perform_started: bool,
-    pub begin: Option<crate::begin::BeginOutput>,
-    pub prepare: Option<crate::prepare::PrepareOutput>,
-    pub perform: Option<crate::perform::PerformOutput>,
-    pub finish: Option<crate::finish::FinishOutput>,
-    /// What a migration to a file saved (its Perform).
-    #[serde(default)]
-    pub save: Option<crate::save::SaveOutput>,
-}
-
-pub const RECORD_FILE: &str = "migration.json";
-
-impl MigrationRecord {
-    pub fn new(migration: &str) -> Self {
-        MigrationRecord {
-            migration: migration.to_string(),
-            ..Default::default()
-        }
-    }
-
-    /// The record in `vm_dir`, if any.
-    pub fn load(vm_dir: &Path) -> std::io::Result<Option<MigrationRecord>> {
-        match std::fs::read(vm_dir.join(RECORD_FILE)) {
-            Ok(data) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The record of `migration` (a record of another migration is ignored).
-    pub fn load_for(vm_dir: &Path, migration: &str) -> std::io::Result<Option<MigrationRecord>> {
-        Ok(Self::load(vm_dir)?.filter(|r| r.migration == migration))
-    }
-
-    pub fn save(&self, vm_dir: &Path) -> std::io::Result<()> {
-        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        crate::node::write_atomic(&vm_dir.join(RECORD_FILE), &data)
-    }
-
-    pub fn remove(vm_dir: &Path) -> std::io::Result<()> {
-        match std::fs::remove_file(vm_dir.join(RECORD_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// How a migration stands, from QEMU's `query-migrate` status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum TransferState {
     /// No migration was started (or the last one ended before this attempt).
     NotStarted,
     InProgress,
@@ -101,15 +51,15 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Maps QEMU's MigrationStatus to an [`Outcome`].
-pub fn outcome(status: Option<&str>) -> Outcome {
+/// Maps QEMU's MigrationStatus to a [`TransferState`].
+pub fn transfer_state(status: Option<&str>) -> TransferState {
     match status {
-        None | Some("none") => Outcome::NotStarted,
-        Some("completed") => Outcome::Completed,
-        Some("failed") => Outcome::Failed,
-        Some("cancelled") => Outcome::Cancelled,
+        None | Some("none") => TransferState::NotStarted,
+        Some("completed") => TransferState::Completed,
+        Some("failed") => TransferState::Failed,
+        Some("cancelled") => TransferState::Cancelled,
         // setup, active, cancelling, pre-switchover, device, postcopy-*, wait-unplug, ...
-        Some(_) => Outcome::InProgress,
+        Some(_) => TransferState::InProgress,
     }
 }
 
@@ -132,7 +82,7 @@ pub fn may_begin(
     if !matches!(run_status, "running" | "paused") {
         return Err(format!("VM cannot migrate in state '{run_status}'"));
     }
-    if outcome(migration_status) == Outcome::InProgress {
+    if transfer_state(migration_status) == TransferState::InProgress {
         return Err("a migration of this VM is already in progress".to_string());
     }
     Ok(())
@@ -152,18 +102,18 @@ pub enum Arrival {
 
 /// Judges the target guest from `query-status` and `query-migrate`.
 pub fn arrival(run_status: &str, migration_status: Option<&str>) -> Arrival {
-    match (outcome(migration_status), run_status) {
-        (Outcome::Completed, "paused" | "postmigrate") => Arrival::Arrived,
-        (Outcome::Completed, "running") => Arrival::AlreadyResumed,
-        (Outcome::Completed | Outcome::InProgress, "inmigrate") => Arrival::Arriving,
+    match (transfer_state(migration_status), run_status) {
+        (TransferState::Completed, "paused" | "postmigrate") => Arrival::Arrived,
+        (TransferState::Completed, "running") => Arrival::AlreadyResumed,
+        (TransferState::Completed | TransferState::InProgress, "inmigrate") => Arrival::Arriving,
         (o, s) => Arrival::NotArrived(format!(
             "incoming migration is {}, guest is '{s}'",
             match o {
-                Outcome::NotStarted => "not started",
-                Outcome::InProgress => "still in progress",
-                Outcome::Completed => "completed",
-                Outcome::Failed => "failed",
-                Outcome::Cancelled => "cancelled",
+                TransferState::NotStarted => "not started",
+                TransferState::InProgress => "still in progress",
+                TransferState::Completed => "completed",
+                TransferState::Failed => "failed",
+                TransferState::Cancelled => "cancelled",
             }
         )),
     }
@@ -220,7 +170,7 @@ mod tests {
         );
         // The record of the migration that brought the guest here does not hold it.
         let arrived = MigrationRecord {
-            finish: Some(crate::finish::FinishOutput {
+            finish: Some(record::FinishOutput {
                 cookie: None,
                 resumed: true,
             }),
@@ -230,11 +180,14 @@ mod tests {
     }
 
     #[test]
-    fn outcomes_and_arrival() {
-        assert_eq!(outcome(Some("active")), Outcome::InProgress);
-        assert_eq!(outcome(Some("cancelling")), Outcome::InProgress);
-        assert_eq!(outcome(Some("completed")), Outcome::Completed);
-        assert_eq!(outcome(None), Outcome::NotStarted);
+    fn transfer_states_and_arrival() {
+        assert_eq!(transfer_state(Some("active")), TransferState::InProgress);
+        assert_eq!(
+            transfer_state(Some("cancelling")),
+            TransferState::InProgress
+        );
+        assert_eq!(transfer_state(Some("completed")), TransferState::Completed);
+        assert_eq!(transfer_state(None), TransferState::NotStarted);
         assert_eq!(arrival("paused", Some("completed")), Arrival::Arrived);
         assert_eq!(
             arrival("running", Some("completed")),

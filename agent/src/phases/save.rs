@@ -7,17 +7,16 @@
 //! resumes it). QEMU's own compression, multifd, post-copy and auto-converge are off
 //! and the bandwidth is unlimited ([`save_policy`]).
 //!
-//! Begin is the ordinary [`begin`](crate::begin::begin) (checks, migration lock); there
+//! Begin is the ordinary [`begin`](crate::phases::begin::begin) (checks, migration lock); there
 //! is no Prepare or Finish.
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
-use crate::perform::Progress;
-use crate::phases::{MigrationRecord, Outcome, Phase, check_vm_name, outcome};
+use crate::phases::perform::Progress;
+use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{Policy, PostCopy, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
 use crate::statefile::{self, Compression, Meta};
 use crate::supervisor::Supervisor;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::os::fd::AsFd;
 use std::path::{Component, Path};
@@ -25,25 +24,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+pub use super::record::SaveOutput;
+
 /// The name QEMU knows the pipe by.
 const FD_NAME: &str = "ferry-save";
 const POLL: Duration = Duration::from_millis(250);
-
-/// What a save produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SaveOutput {
-    pub path: String,
-    pub compression: Compression,
-    /// Bytes of QEMU's migration stream.
-    pub stream_bytes: u64,
-    /// Bytes of the file.
-    pub file_bytes: u64,
-    /// From pausing the guest to the file in place.
-    pub save_time_ms: u64,
-    /// QEMU's own time for the migration.
-    pub qemu_time_ms: u64,
-    pub sha256: String,
-}
 
 /// The settings of a save: one plain stream, nothing QEMU-side that a file cannot hold.
 pub fn save_policy() -> Policy {
@@ -82,20 +67,34 @@ pub fn check_path(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What a save needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name (its Begin ran).
+    pub migration: &'a str,
+    /// The file to write ([`check_path`]); never overwritten.
+    pub path: &'a Path,
+    pub compression: Compression,
+    pub cancel: &'a CancellationToken,
+}
+
 /// Saves `vm` into `path` as migration `migration` (after its Begin), calling
 /// `on_progress` about four times a second. Idempotent: a re-run returns the recorded
 /// result; a re-run after a crash mid-save starts the save again.
-#[allow(clippy::too_many_arguments)]
-#[tracing::instrument(skip_all, fields(vm, migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn save(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    path: &Path,
-    compression: Compression,
-    cancel: &CancellationToken,
+    input: SaveInput<'_>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<SaveOutput, PhaseError> {
+    let SaveInput {
+        vm,
+        migration,
+        path,
+        compression,
+        cancel,
+    } = input;
     let cx = Ctx {
         phase: Phase::Perform,
         vm,
@@ -136,7 +135,7 @@ pub async fn save(
     }
     record.perform_started = true;
     record.save(&dir).map_err(|e| cx.err(e))?;
-    crate::perform::apply(qmp, &save_policy().settings(Side::Source))
+    crate::policy::apply(qmp, &save_policy().settings(Side::Source))
         .await
         .map_err(|e| cx.err(e))?;
     let meta = Meta {
@@ -181,7 +180,7 @@ pub async fn save(
             }
             ev = events.recv() => match ev {
                 Ok(ev) if ev.event == "MIGRATION" => {
-                    if outcome(ev.data["status"].as_str()) == Outcome::InProgress {
+                    if transfer_state(ev.data["status"].as_str()) == TransferState::InProgress {
                         continue;
                     }
                 }
@@ -194,20 +193,20 @@ pub async fn save(
             .execute("query-migrate", None)
             .await
             .map_err(|e| cx.err(e))?;
-        match outcome(info.status.as_deref()) {
-            Outcome::InProgress => on_progress(&Progress::from_info(&info)),
-            Outcome::NotStarted => {}
+        match transfer_state(info.status.as_deref()) {
+            TransferState::InProgress => on_progress(&Progress::from_info(&info)),
+            TransferState::NotStarted => {}
             _ => break info,
         }
     };
     let written = write
         .await
         .map_err(|e| cx.err(ErrorKind::Refused(format!("the file writer died: {e}"))))?;
-    let written = match (outcome(info.status.as_deref()), written) {
-        (Outcome::Completed, Ok(pending)) => pending.commit().map_err(|e| cx.err(e))?,
+    let written = match (transfer_state(info.status.as_deref()), written) {
+        (TransferState::Completed, Ok(pending)) => pending.commit().map_err(|e| cx.err(e))?,
         // The writer's error is why QEMU's stream broke.
         (_, Err(e)) => return Err(cx.err(e)),
-        (Outcome::Cancelled, Ok(pending)) => {
+        (TransferState::Cancelled, Ok(pending)) => {
             pending.discard();
             return Err(cx.err(ErrorKind::Cancelled));
         }
@@ -242,17 +241,25 @@ pub async fn save(
     Ok(out)
 }
 
+/// What the Confirm of a save that succeeded needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfirmSavedInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name (its save completed).
+    pub migration: &'a str,
+}
+
 /// Confirm of a save that succeeded: the state is in the file, so the paused source
 /// guest is stopped and its state dir removed. Idempotent: `None` when an earlier run
 /// already removed it. (A failed or cancelled save
-/// is confirmed by [`confirm`](crate::confirm::confirm) with `cancelled`, which resumes
+/// is confirmed by [`confirm`](crate::phases::confirm::confirm) with `cancelled`, which resumes
 /// the guest.)
-#[tracing::instrument(skip_all, fields(vm, migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn confirm_saved(
     sup: &Supervisor,
-    vm: &str,
-    migration: &str,
+    input: ConfirmSavedInput<'_>,
 ) -> Result<Option<SaveOutput>, PhaseError> {
+    let ConfirmSavedInput { vm, migration } = input;
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,
@@ -286,7 +293,7 @@ async fn stop_outgoing(qmp: &Qmp) -> Result<(), ErrorKind> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let info: MigrationInfo = qmp.execute("query-migrate", None).await?;
-        if outcome(info.status.as_deref()) != Outcome::InProgress {
+        if transfer_state(info.status.as_deref()) != TransferState::InProgress {
             return Ok(());
         }
         if Instant::now() > deadline {

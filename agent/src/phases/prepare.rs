@@ -1,9 +1,9 @@
 //! Prepare (target): refuses a migration to its own host, starts QEMU paused with
 //! `-incoming defer` from the target definition, applies the target side of the migration
 //! [`Policy`] (events, multifd channels and compression, post-copy) and, with `tls`, the
-//! node's certificate with only the source node's certificate accepted ([`tls`]), and
-//! listens with `migrate-incoming` on this node's address. Any failure removes the new
-//! QEMU.
+//! node's certificate with only the source node's certificate accepted
+//! ([`tls`](crate::tls)), and listens with `migrate-incoming` on this node's address. Any
+//! failure removes the new QEMU.
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo};
 use crate::domain::Domain;
@@ -13,33 +13,44 @@ use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::net::IpAddr;
 
-/// What Prepare hands to Perform.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareOutput {
-    /// Where the source sends the stream: `tcp:<target address>:<port>`.
-    pub uri: String,
-    /// The Prepare cookie (target identity, graphics of the new QEMU).
-    pub cookie: String,
+pub use super::record::PrepareOutput;
+
+/// What Prepare needs: Begin's definition and cookie, and how to listen.
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareInput<'a> {
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Begin's `domain_xml`: the definition the target starts.
+    pub domain_xml: &'a str,
+    pub begin_cookie: &'a str,
+    /// The listening port (`None`: any free port).
+    pub port: Option<u16>,
+    /// The migration's policy (the one Perform will use).
+    pub policy: &'a Policy,
+    /// This node's credentials when the stream is encrypted, `None` for plain TCP.
+    pub tls: Option<&'a Credentials>,
 }
 
 /// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
 /// one Perform will use). `port` picks the listening port (`None`: any free port).
 /// `tls`: this node's credentials when the stream is encrypted (Perform must get the
 /// source node's then), `None` for plain TCP.
-#[tracing::instrument(skip_all, fields(migration))]
+#[tracing::instrument(skip_all, fields(migration = input.migration))]
 pub async fn prepare(
     sup: &Supervisor,
-    migration: &str,
-    domain_xml: &str,
-    begin_cookie: &str,
-    port: Option<u16>,
-    policy: &Policy,
-    tls: Option<&Credentials>,
+    input: PrepareInput<'_>,
 ) -> Result<PrepareOutput, PhaseError> {
+    let PrepareInput {
+        migration,
+        domain_xml,
+        begin_cookie,
+        port,
+        policy,
+        tls,
+    } = input;
     let unknown = Ctx {
         phase: Phase::Prepare,
         vm: "<unparsed>",
@@ -127,7 +138,7 @@ async fn start_incoming(
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
     let guest = sup.start(domain, true).await?;
-    crate::perform::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
+    crate::policy::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;
     }

@@ -3,7 +3,13 @@
 //! [`Policy::settings`] lists the QMP capabilities and parameters each side gets before
 //! the transfer; [`Convergence`] judges from the last passes whether pre-copy converges;
 //! [`decide`] says, on every progress sample, whether to go on, switch to post-copy or
-//! abort because a limit was hit.
+//! abort because a limit was hit. Only `apply` (policy/apply.rs) talks to QEMU: it sets
+//! one side's [`Settings`] over QMP, failing with an [`ApplyError`].
+
+mod apply;
+
+pub use apply::ApplyError;
+pub(crate) use apply::apply;
 
 use ferry_crds::{Compression, MigrationPolicy, PostCopyMode, Preset};
 use serde_json::{Map, Value, json};
@@ -539,5 +545,4 @@ pub fn explain(policy: &Policy, judgement: Judgement, s: &Sample) -> String {
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
 mod tests;

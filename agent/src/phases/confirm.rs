@@ -7,7 +7,7 @@
 use crate::cookie::{Cookie, Expect, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{
-    MigrationRecord, Outcome, Phase, check_vm_name, outcome, should_resume_source,
+    MigrationRecord, Phase, TransferState, check_vm_name, should_resume_source, transfer_state,
 };
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::{StopMode, Supervisor};
@@ -29,15 +29,30 @@ pub enum Confirmed {
     GuestLost(String),
 }
 
+/// What Confirm needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfirmInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// Finish's cookie; required unless `cancelled`.
+    pub finish_cookie: Option<&'a str>,
+    /// Roll back: the guest carries on here (if it can).
+    pub cancelled: bool,
+}
+
 /// Runs Confirm. `finish_cookie` is required when not `cancelled`.
-#[tracing::instrument(skip_all, fields(vm, migration, cancelled))]
-pub async fn confirm(
-    sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    finish_cookie: Option<&str>,
-    cancelled: bool,
-) -> Result<Confirmed, PhaseError> {
+#[tracing::instrument(
+    skip_all,
+    fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
+)]
+pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confirmed, PhaseError> {
+    let ConfirmInput {
+        vm,
+        migration,
+        finish_cookie,
+        cancelled,
+    } = input;
     let cx = Ctx {
         phase: Phase::Confirm,
         vm,
@@ -86,7 +101,7 @@ pub async fn confirm(
         .execute("query-migrate", None)
         .await
         .map_err(|e| cx.err(e))?;
-    if crate::recover::in_post_copy(info.status.as_deref()) {
+    if crate::postcopy::in_post_copy(info.status.as_deref()) {
         let why = format!(
             "the outgoing migration is {} (after the switch to post-copy): the guest's state \
              was split with the target's QEMU, which is gone, and QEMU cannot resume it here",
@@ -103,7 +118,7 @@ pub async fn confirm(
             .execute("query-migrate", None)
             .await
             .map_err(|e| cx.err(e))?;
-        if outcome(info.status.as_deref()) != Outcome::InProgress {
+        if transfer_state(info.status.as_deref()) != TransferState::InProgress {
             break;
         }
         if tokio::time::Instant::now() > deadline {

@@ -9,25 +9,28 @@ use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase, check_vm_name, may_begin};
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
-use serde::{Deserialize, Serialize};
 
-/// What Begin hands to Prepare.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BeginOutput {
-    /// The definition the target starts QEMU with.
-    pub domain_xml: String,
-    /// The Begin cookie (guest and source identity, lock state).
-    pub cookie: String,
+pub use super::record::BeginOutput;
+
+/// What Begin needs.
+#[derive(Debug, Clone, Copy)]
+pub struct BeginInput<'a> {
+    pub vm: &'a str,
+    /// The migration's unique name.
+    pub migration: &'a str,
+    /// An app-supplied target definition, checked for ABI stability against the running
+    /// one; `None`: the target runs the source's definition.
+    pub target_xml: Option<&'a str>,
 }
 
 /// Runs Begin for `vm` as part of migration `migration` (its unique name).
-#[tracing::instrument(skip_all, fields(vm, migration))]
-pub async fn begin(
-    sup: &Supervisor,
-    vm: &str,
-    migration: &str,
-    target_xml: Option<&str>,
-) -> Result<BeginOutput, PhaseError> {
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
+pub async fn begin(sup: &Supervisor, input: BeginInput<'_>) -> Result<BeginOutput, PhaseError> {
+    let BeginInput {
+        vm,
+        migration,
+        target_xml,
+    } = input;
     let cx = Ctx {
         phase: Phase::Begin,
         vm,
