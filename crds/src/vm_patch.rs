@@ -15,8 +15,10 @@ use crate::{Condition, Graphics, SavedState, VmPhase};
 pub struct VirtualMachineStatusPatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<VmPhase>,
+    /// The one node allowed to run the guest; `Some(None)` clears it (a saved guest
+    /// runs nowhere).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
+    pub node_name: Option<Option<String>>,
     /// The migration holding the VM; `Some(None)` releases it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Option<String>>,
@@ -83,7 +85,7 @@ mod tests {
         );
         let p = VirtualMachineStatusPatch {
             phase: Some(VmPhase::Running),
-            node_name: Some("node-b".into()),
+            node_name: Some(Some("node-b".into())),
             graphics: Some(None),
             saved_state: Some(None),
             restored_from: Some(Some("/s/demo.fsav".into())),
@@ -102,7 +104,7 @@ mod tests {
         // Every field a patch can write is a field of VirtualMachineStatus, by name.
         let p = VirtualMachineStatusPatch {
             phase: Some(VmPhase::Stopped),
-            node_name: Some("n".into()),
+            node_name: Some(Some("n".into())),
             migration: Some(Some("m".into())),
             graphics: Some(Some(Graphics {
                 type_: "vnc".into(),

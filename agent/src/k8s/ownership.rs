@@ -4,10 +4,9 @@
 //! migration. Both writes carry a resourceVersion precondition, so exactly one of them
 //! wins and at most one guest ever runs.
 
-use ferry_crds::VirtualMachine;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, ResourceExt};
-use serde_json::json;
+use ferry_crds::{VirtualMachine, VirtualMachineStatusPatch};
+use kube::Api;
+use kube::api::PatchParams;
 
 /// Why ownership could not be taken or checked.
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +81,11 @@ impl Claim<'_> {
                     migration: self.migration.into(),
                 });
             }
-            let patch = json!({
-                "metadata": {"resourceVersion": vm.resource_version()},
-                "status": {"nodeName": self.target},
-            });
-            match self.patch(patch).await {
+            let patch = VirtualMachineStatusPatch {
+                node_name: Some(Some(self.target.to_string())),
+                ..Default::default()
+            };
+            match self.patch(&patch, &vm).await {
                 Ok(()) => return Ok(()),
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
                 Err(e) => return Err(self.kube()(e)),
@@ -110,11 +109,8 @@ impl Claim<'_> {
             if status.migration.as_deref() != Some(self.migration) {
                 return Ok(Owner::Source);
             }
-            let patch = json!({
-                "metadata": {"resourceVersion": vm.resource_version()},
-                "status": {"migration": null},
-            });
-            match self.patch(patch).await {
+            let patch = VirtualMachineStatusPatch::holder(None);
+            match self.patch(&patch, &vm).await {
                 Ok(()) => return Ok(Owner::Source),
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
                 Err(e) => return Err(self.kube()(e)),
@@ -134,9 +130,15 @@ impl Claim<'_> {
             .ok_or_else(|| OwnershipError::VmGone { vm: self.vm.into() })
     }
 
-    async fn patch(&self, patch: serde_json::Value) -> Result<(), kube::Error> {
+    /// Writes `patch` over the version of `vm` it was decided on.
+    async fn patch(
+        &self,
+        patch: &VirtualMachineStatusPatch,
+        vm: &VirtualMachine,
+    ) -> Result<(), kube::Error> {
+        let body = patch.to_patch(vm.metadata.resource_version.as_deref());
         self.vms
-            .patch_status(self.vm, &PatchParams::default(), &Patch::Merge(patch))
+            .patch_status(self.vm, &PatchParams::default(), &body)
             .await
             .map(|_| ())
     }

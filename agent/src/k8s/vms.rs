@@ -12,16 +12,15 @@ use ferry_agent::qmp::VncInfo;
 use ferry_agent::supervisor::StopMode;
 use ferry_crds::{
     Condition, Graphics, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
-    VirtualMachineMigration, VmPhase, set_condition,
+    VirtualMachineMigration, VirtualMachineStatusPatch, VmPhase, set_condition,
 };
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
 use tracing::{Instrument, info, info_span, warn};
 
 mod decide;
@@ -271,24 +270,27 @@ impl Reconcile<'_> {
             self.vm.metadata.generation,
             Time(Timestamp::now()),
         );
-        let mut patch = json!({"status": {
-            "phase": phase,
-            "conditions": conditions,
-            "graphics": graphics,
-            "observedGeneration": self.vm.metadata.generation,
-        }});
-        if status.node_name.is_none() {
-            patch["status"]["nodeName"] = Value::from(self.agent.node.clone());
-        }
-        if guarded || status.node_name.is_none() {
-            patch["metadata"] = json!({"resourceVersion": self.vm.resource_version()});
-        }
+        let patch = VirtualMachineStatusPatch {
+            phase: Some(phase),
+            conditions: Some(conditions),
+            graphics: Some(graphics),
+            observed_generation: self.vm.metadata.generation,
+            // The first write claims the guest for this node.
+            node_name: status
+                .node_name
+                .is_none()
+                .then(|| Some(self.agent.node.clone())),
+            ..Default::default()
+        };
+        let guard = (guarded || status.node_name.is_none())
+            .then_some(self.vm.metadata.resource_version.as_deref())
+            .flatten();
         match self
             .api()
             .patch_status(
                 &self.vm.name_any(),
                 &PatchParams::default(),
-                &Patch::Merge(patch),
+                &patch.to_patch(guard),
             )
             .await
         {

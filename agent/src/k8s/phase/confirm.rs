@@ -6,7 +6,6 @@
 use ferry_agent::phases::confirm::{self, Confirmed};
 use ferry_crds::{MigrationStatusPatch, Reason, VmPhase};
 use kube::ResourceExt;
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Done, Run, StepError};
@@ -109,7 +108,13 @@ impl Run<'_> {
              (set spec.running to false and back to true to start it again)",
             self.agent.node
         );
-        self.mark_vm_gone(&vm, VmPhase::Failed, "GuestLost", &message, json!({}))
-            .await
+        self.mark_vm_gone(
+            &vm,
+            VmPhase::Failed,
+            "GuestLost",
+            &message,
+            Default::default(),
+        )
+        .await
     }
 }

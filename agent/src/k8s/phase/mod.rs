@@ -17,13 +17,13 @@ use ferry_agent::error::{ErrorKind, PhaseError};
 use ferry_agent::policy::ApplyError;
 use ferry_crds::{
     Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VirtualMachine,
-    VirtualMachineMigration, VirtualMachineMigrationStatus, VmPhase, set_condition,
+    VirtualMachineMigration, VirtualMachineMigrationStatus, VirtualMachineStatusPatch, VmPhase,
+    set_condition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::PatchParams;
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -357,7 +357,7 @@ impl<'a> Run<'a> {
         phase: VmPhase,
         reason: &str,
         message: &str,
-        extra: Value,
+        extra: VirtualMachineStatusPatch,
     ) -> Result<(), StepError> {
         let mut conditions = vm
             .status
@@ -375,17 +375,15 @@ impl<'a> Run<'a> {
             generation,
             now,
         );
-        let mut status = json!({"phase": phase, "graphics": null, "conditions": conditions});
-        if let (Some(status), Value::Object(extra)) = (status.as_object_mut(), extra) {
-            status.extend(extra);
-        }
+        let patch = VirtualMachineStatusPatch {
+            phase: Some(phase),
+            graphics: Some(None),
+            conditions: Some(conditions),
+            ..extra
+        };
         let name = &self.m.spec.vm_name;
         self.vms
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
+            .patch_status(name, &PatchParams::default(), &patch.to_patch(None))
             .await
             .map_err(|source| StepError::VmStatus {
                 vm: name.clone(),

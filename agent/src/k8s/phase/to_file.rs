@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::phases::perform::Progress as Sample;
 use ferry_agent::phases::save;
-use ferry_crds::{MigrationStatusPatch, Progress, Reason, SavedState, VmPhase};
+use ferry_crds::{
+    MigrationStatusPatch, Progress, Reason, SavedState, VirtualMachineStatusPatch, VmPhase,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -112,7 +113,11 @@ impl Run<'_> {
             saved.path, self.agent.node
         );
         // The migration still holds the VM, so nobody else writes its status now.
-        let extra = json!({"savedState": saved, "nodeName": null});
+        let extra = VirtualMachineStatusPatch {
+            saved_state: Some(Some(saved.clone())),
+            node_name: Some(None),
+            ..Default::default()
+        };
         self.mark_vm_gone(&vm, VmPhase::Stopped, "Saved", &message, extra)
             .await?;
         info!(path = %saved.path, "the saved guest's QEMU is gone");

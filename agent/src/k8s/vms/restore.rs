@@ -11,13 +11,12 @@ use std::path::Path;
 
 use ferry_agent::domain::Domain;
 use ferry_agent::restore::{self, RestoreError};
-use ferry_crds::{VirtualMachine, VmPhase, set_condition};
+use ferry_crds::{VirtualMachine, VirtualMachineStatusPatch, VmPhase, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::PatchParams;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Reconcile, VmError, disks};
@@ -130,8 +129,12 @@ impl Reconcile<'_> {
                     out.load_ms
                 );
                 info!(%message);
-                self.patch(json!({"status": {"restoredFrom": path, "savedState": null}}))
-                    .await?;
+                self.patch(VirtualMachineStatusPatch {
+                    restored_from: Some(Some(path.to_string())),
+                    saved_state: Some(None),
+                    ..Default::default()
+                })
+                .await?;
                 self.event(EventType::Normal, "Restored", &message).await;
                 self.report(VmPhase::Running, true, "Restored", &message, graphics)
                     .await
@@ -160,20 +163,21 @@ impl Reconcile<'_> {
             self.vm.metadata.generation,
             Time(Timestamp::now()),
         );
-        self.patch(json!({"status": {
-            "phase": phase,
-            "conditions": conditions,
-            "observedGeneration": self.vm.metadata.generation,
-        }}))
+        self.patch(VirtualMachineStatusPatch {
+            phase: Some(phase),
+            conditions: Some(conditions),
+            observed_generation: self.vm.metadata.generation,
+            ..Default::default()
+        })
         .await
     }
 
-    async fn patch(&self, patch: serde_json::Value) -> Result<(), VmError> {
+    async fn patch(&self, patch: VirtualMachineStatusPatch) -> Result<(), VmError> {
         self.api()
             .patch_status(
                 &self.vm.name_any(),
                 &PatchParams::default(),
-                &Patch::Merge(patch),
+                &patch.to_patch(None),
             )
             .await?;
         Ok(())
@@ -206,7 +210,7 @@ mod tests {
     use ferry_crds::{Condition, SaveCompression, SavedState, VirtualMachineStatus};
 
     fn vm(restore_from: Option<&str>, status: VirtualMachineStatus) -> VirtualMachine {
-        let mut vm: VirtualMachine = serde_json::from_value(json!({
+        let mut vm: VirtualMachine = serde_json::from_value(serde_json::json!({
             "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
             "metadata": {"name": "demo", "namespace": "default", "generation": 3},
             "spec": {"domainXML": "<domain/>", "nodeName": "node-b"},
