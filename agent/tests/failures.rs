@@ -5,7 +5,6 @@ mod support;
 
 use ferry_agent::error::ErrorKind;
 use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
 use ferry_agent::phases::finish::{FinishInput, finish};
 use ferry_agent::phases::perform::{PerformInput, perform};
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
@@ -96,17 +95,7 @@ async fn prepare_fails_when_the_target_port_is_taken() {
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Qmp(_)), "{err}");
     assert!(lab.b.running_pid(&lab.vm).is_none());
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: "m1",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, "m1", None, true).await.unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -158,29 +147,8 @@ async fn perform_fails_when_the_target_qemu_dies_mid_transfer() {
     })
     .await;
     assert!(matches!(kind, ErrorKind::MigrationFailed(_)), "{kind}");
-    finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: "m2",
-            perform_cookie: None,
-            cancelled: true,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: "m2",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.finish(&lab.b, "m2", None, true).await.unwrap();
+    lab.confirm(&lab.a, "m2", None, true).await.unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -191,29 +159,8 @@ async fn perform_cancelled_rolls_back_to_the_source() {
     let prep = begin_and_prepare(&lab, "m3").await;
     let kind = perform_with(&lab, "m3", &prep, |cancel| async move { cancel.cancel() }).await;
     assert!(matches!(kind, ErrorKind::Cancelled), "{kind}");
-    finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: "m3",
-            perform_cookie: None,
-            cancelled: true,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: "m3",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.finish(&lab.b, "m3", None, true).await.unwrap();
+    lab.confirm(&lab.a, "m3", None, true).await.unwrap();
     assert_source_runs_alone(&lab).await;
 }
 
@@ -253,17 +200,7 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Ownership(_)), "{err}");
     assert!(lab.b.running_pid(&lab.vm).is_none(), "target QEMU killed");
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: "m4",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, "m4", None, true).await.unwrap();
     assert_source_runs_alone(&lab).await;
     assert!(last_pass(&lab.serial_a()).unwrap() > stopped_at);
 }

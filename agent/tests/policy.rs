@@ -7,8 +7,6 @@ mod support;
 
 use ferry_agent::error::{ErrorKind, PhaseError};
 use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
-use ferry_agent::phases::finish::{FinishInput, finish};
 use ferry_agent::phases::perform::{PerformInput, PerformOutput, Progress, perform};
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
@@ -103,30 +101,14 @@ async fn run_perform(
 /// from where it stopped, without a BAD page.
 async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: m,
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
+    let fin = lab
+        .finish(&lab.b, m, Some(&perf.cookie), false)
+        .await
+        .unwrap();
     assert!(fin.resumed);
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: m,
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     lab.assert_one_guest_on(&lab.b);
     let last_before = passes(&before).last().copied().unwrap();
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
@@ -137,29 +119,8 @@ async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
 /// Finish(cancelled) and Confirm(cancelled) after a failed Perform; the guest runs on the
 /// source, alone, and its counter goes on without a BAD page.
 async fn roll_back(lab: &Lab, m: &str) {
-    finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: m,
-            perform_cookie: None,
-            cancelled: true,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: m,
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.finish(&lab.b, m, None, true).await.unwrap();
+    lab.confirm(&lab.a, m, None, true).await.unwrap();
     lab.assert_one_guest_on(&lab.a);
     let guest = lab.a.require(&lab.vm).await.unwrap();
     let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();

@@ -8,8 +8,7 @@
 mod support;
 
 use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, Confirmed, confirm};
-use ferry_agent::phases::finish::{FinishInput, finish};
+use ferry_agent::phases::confirm::Confirmed;
 use ferry_agent::phases::perform::{PerformInput, Progress, perform_with_recovery};
 use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
@@ -204,30 +203,14 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let perf = res.expect("the recovered migration completes");
     assert!(perf.post_copy);
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: m,
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
+    let fin = lab
+        .finish(&lab.b, m, Some(&perf.cookie), false)
+        .await
+        .unwrap();
     assert!(fin.resumed);
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: m,
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     lab.assert_one_guest_on(&lab.b);
     let last_before = passes(&before).last().copied().unwrap();
     wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
@@ -316,30 +299,9 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
     );
     // The rollback, as the operator runs it: Finish(cancelled) on the target, then
     // Confirm(cancelled) on the source, which cannot resume the guest.
-    let fin = finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: m,
-            perform_cookie: None,
-            cancelled: true,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
+    let fin = lab.finish(&lab.b, m, None, true).await.unwrap();
     assert!(!fin.resumed);
-    let confirmed = confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &lab.vm,
-            migration: m,
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    let confirmed = lab.confirm(&lab.a, m, None, true).await.unwrap();
     match confirmed {
         Confirmed::GuestLost(why) => assert!(why.contains("postcopy-paused"), "{why}"),
         other => panic!("expected the guest lost, got {other:?}"),

@@ -172,12 +172,7 @@ impl MigrationStatusPatch {
     /// The merge patch to send, guarded by `resource_version` when given (the API
     /// server then refuses it with 409 if the object changed since).
     pub fn to_patch(&self, resource_version: Option<&str>) -> Patch<serde_json::Value> {
-        let status = serde_json::to_value(self).expect("a status patch always serializes");
-        let mut body = serde_json::json!({ "status": status });
-        if let Some(rv) = resource_version {
-            body["metadata"] = serde_json::json!({ "resourceVersion": rv });
-        }
-        Patch::Merge(body)
+        status_merge_patch(self, resource_version)
     }
 
     /// What `status` becomes once the API server merged this patch into it: the same
@@ -247,6 +242,20 @@ impl MigrationStatusPatch {
             }
         }
     }
+}
+
+/// The merge patch that writes `status` (a typed status patch), guarded by
+/// `resource_version` when given.
+pub(crate) fn status_merge_patch(
+    status: &impl Serialize,
+    resource_version: Option<&str>,
+) -> Patch<serde_json::Value> {
+    let status = serde_json::to_value(status).expect("a status patch always serializes");
+    let mut body = serde_json::json!({ "status": status });
+    if let Some(rv) = resource_version {
+        body["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
+    Patch::Merge(body)
 }
 
 fn merge_cookies(into: &mut Cookies, from: Cookies) {

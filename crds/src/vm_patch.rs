@@ -47,12 +47,7 @@ impl VirtualMachineStatusPatch {
     /// The merge patch to send, guarded by `resource_version` when given (the API
     /// server then refuses it with 409 if the object changed since).
     pub fn to_patch(&self, resource_version: Option<&str>) -> Patch<serde_json::Value> {
-        let status = serde_json::to_value(self).expect("a status patch always serializes");
-        let mut body = serde_json::json!({ "status": status });
-        if let Some(rv) = resource_version {
-            body["metadata"] = serde_json::json!({ "resourceVersion": rv });
-        }
-        Patch::Merge(body)
+        crate::patch::status_merge_patch(self, resource_version)
     }
 }
 

@@ -4,7 +4,10 @@
 
 pub mod pki;
 
+use ferry_agent::error::PhaseError;
 use ferry_agent::node::Node;
+use ferry_agent::phases::confirm::{ConfirmInput, Confirmed, confirm};
+use ferry_agent::phases::finish::{FinishInput, FinishOutput, finish};
 use ferry_agent::policy::Policy;
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
@@ -58,6 +61,40 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// Finish of migration `m` of the lab's guest on `sup`, its ownership granted.
+    pub async fn finish(
+        &self,
+        sup: &Supervisor,
+        m: &str,
+        perform_cookie: Option<&str>,
+        cancelled: bool,
+    ) -> Result<FinishOutput, PhaseError> {
+        let input = FinishInput {
+            vm: &self.vm,
+            migration: m,
+            perform_cookie,
+            cancelled,
+        };
+        finish(sup, input, async { Ok(()) }).await
+    }
+
+    /// Confirm of migration `m` of the lab's guest on `sup`.
+    pub async fn confirm(
+        &self,
+        sup: &Supervisor,
+        m: &str,
+        finish_cookie: Option<&str>,
+        cancelled: bool,
+    ) -> Result<Confirmed, PhaseError> {
+        let input = ConfirmInput {
+            vm: &self.vm,
+            migration: m,
+            finish_cookie,
+            cancelled,
+        };
+        confirm(sup, input).await
+    }
+
     pub fn new(vm: &str, memory_mib: u32, region_end_mib: u32, delay: u32) -> Lab {
         init_tracing();
         let serial = QEMU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
