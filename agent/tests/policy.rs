@@ -7,7 +7,7 @@ mod support;
 
 use ferry_agent::error::{ErrorKind, PhaseError};
 use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::perform::{PerformInput, PerformOutput, Progress, perform};
+use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress, perform};
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
 use ferry_agent::qmp::StatusInfo;
@@ -68,7 +68,7 @@ async fn begin_and_prepare(lab: &Lab, m: &str, policy: &Policy) -> PrepareOutput
 }
 
 /// Every progress report of one Perform.
-type Reports = Arc<Mutex<Vec<Progress>>>;
+type Reports = Arc<Mutex<Vec<TransferProgress>>>;
 
 async fn run_perform(
     lab: &Lab,
@@ -76,7 +76,7 @@ async fn run_perform(
     prep: &PrepareOutput,
     policy: &Policy,
     cancel: &CancellationToken,
-) -> (Result<PerformOutput, PhaseError>, Vec<Progress>) {
+) -> (Result<PerformOutput, PhaseError>, Vec<TransferProgress>) {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
     let res = within(perform(
@@ -131,7 +131,7 @@ async fn roll_back(lab: &Lab, m: &str) {
     assert_counter_continues(&text, "", 0);
 }
 
-fn summary(reports: &[Progress]) -> String {
+fn summary(reports: &[TransferProgress]) -> String {
     let last = reports.last().cloned().unwrap_or_default();
     let max_throttle = reports
         .iter()

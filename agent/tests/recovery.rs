@@ -9,7 +9,7 @@ mod support;
 
 use ferry_agent::phases::begin::{BeginInput, begin};
 use ferry_agent::phases::confirm::Confirmed;
-use ferry_agent::phases::perform::{PerformInput, Progress, perform_with_recovery};
+use ferry_agent::phases::perform::{PerformInput, TransferProgress, perform_with_recovery};
 use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
 use ferry_agent::postcopy::{self, TargetReport};
@@ -144,7 +144,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     .await
     .unwrap();
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
-    let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
     let (recovery_tx, recovery_rx) = watch::channel(TargetReport::default());
     let cancel = CancellationToken::new();
@@ -247,7 +247,7 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
     )
     .await
     .unwrap();
-    let reports: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
     let (report_tx, report_rx) = watch::channel(TargetReport::default());
     let cancel = CancellationToken::new();
@@ -322,7 +322,7 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
 }
 
 /// Waits until Perform reports post-copy with more than 8 MiB still to send.
-async fn well_into_post_copy(reports: &Mutex<Vec<Progress>>) {
+async fn well_into_post_copy(reports: &Mutex<Vec<TransferProgress>>) {
     eventually("post-copy", || {
         let r = reports.lock().unwrap();
         r.iter().any(|p| p.post_copy && p.remaining_bytes > 8 << 20)

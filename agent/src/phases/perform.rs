@@ -28,7 +28,7 @@ const POLL: Duration = Duration::from_millis(250);
 
 /// A progress report, from `query-migrate` and the policy's judgement.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Progress {
+pub struct TransferProgress {
     pub total_bytes: u64,
     pub transferred_bytes: u64,
     pub remaining_bytes: u64,
@@ -51,11 +51,11 @@ pub struct Progress {
     pub eta: Option<Duration>,
 }
 
-impl Progress {
+impl TransferProgress {
     /// The report of `query-migrate` alone (no judgement).
-    pub fn from_info(info: &MigrationInfo) -> Progress {
+    pub fn from_info(info: &MigrationInfo) -> TransferProgress {
         let s = sample(info);
-        Progress {
+        TransferProgress {
             total_bytes: s.total_bytes,
             transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
             remaining_bytes: s.remaining_bytes,
@@ -120,7 +120,7 @@ pub struct PerformInput<'a> {
 pub async fn perform(
     sup: &Supervisor,
     input: PerformInput<'_>,
-    on_progress: impl FnMut(&Progress),
+    on_progress: impl FnMut(&TransferProgress),
 ) -> Result<PerformOutput, PhaseError> {
     let (_never, recovery) = watch::channel(TargetReport::default());
     perform_with_recovery(sup, input, recovery, on_progress).await
@@ -138,7 +138,7 @@ pub async fn perform_with_recovery(
     sup: &Supervisor,
     input: PerformInput<'_>,
     recovery: watch::Receiver<TargetReport>,
-    mut on_progress: impl FnMut(&Progress),
+    mut on_progress: impl FnMut(&TransferProgress),
 ) -> Result<PerformOutput, PhaseError> {
     let PerformInput {
         vm,
@@ -322,7 +322,7 @@ impl<'a> Transfer<'a> {
     /// `query-migrate`.
     async fn follow(
         &mut self,
-        on_progress: &mut impl FnMut(&Progress),
+        on_progress: &mut impl FnMut(&TransferProgress),
     ) -> Result<MigrationInfo, PhaseError> {
         let Transfer { cx, qmp, .. } = *self;
         let (vm, migration) = (cx.vm, cx.migration);
@@ -419,22 +419,27 @@ impl<'a> Transfer<'a> {
     }
 
     /// Reports the progress of `info` (sampled as `s`) with the policy's judgement.
-    fn report(&self, info: &MigrationInfo, s: &Sample, on_progress: &mut impl FnMut(&Progress)) {
+    fn report(
+        &self,
+        info: &MigrationInfo,
+        s: &Sample,
+        on_progress: &mut impl FnMut(&TransferProgress),
+    ) {
         let policy = self.input.policy;
         let judgement = if s.post_copy {
             Judgement::Converging
         } else {
             self.conv.judge()
         };
-        let report = Progress::from_info(info);
+        let report = TransferProgress::from_info(info);
         on_progress(&if report.paused {
-            Progress {
+            TransferProgress {
                 converging: judgement.converging(),
                 convergence: "post-copy paused: the stream was cut; the guest's memory is split between the two nodes, so the migration waits for the path and resumes (it cannot roll back)".into(),
                 ..report
             }
         } else {
-            Progress {
+            TransferProgress {
                 converging: judgement.converging(),
                 convergence: policy::explain(policy, judgement, s),
                 eta: policy::eta(s, judgement),
@@ -477,7 +482,7 @@ impl<'a> Transfer<'a> {
     async fn conclude(
         &mut self,
         info: MigrationInfo,
-        on_progress: &mut impl FnMut(&Progress),
+        on_progress: &mut impl FnMut(&TransferProgress),
     ) -> Result<Statistics, PhaseError> {
         let Transfer { cx, qmp, .. } = *self;
         let (vm, migration) = (cx.vm, cx.migration);
@@ -500,7 +505,7 @@ impl<'a> Transfer<'a> {
                 return Err(cx.err(ErrorKind::MigrationFailed(why)));
             }
         }
-        on_progress(&Progress::from_info(&info));
+        on_progress(&TransferProgress::from_info(&info));
         // The STOP came before the completion, but the poll may have seen the completion
         // before the loop read the event.
         while let Ok(ev) = self.events.try_recv() {

@@ -11,7 +11,7 @@
 //! is no Prepare or Finish.
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
-use crate::phases::perform::Progress;
+use crate::phases::perform::TransferProgress;
 use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{Policy, PostCopy, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
@@ -86,7 +86,7 @@ pub struct SaveInput<'a> {
 pub async fn save(
     sup: &Supervisor,
     input: SaveInput<'_>,
-    mut on_progress: impl FnMut(&Progress),
+    mut on_progress: impl FnMut(&TransferProgress),
 ) -> Result<SaveOutput, PhaseError> {
     let SaveInput {
         vm,
@@ -194,7 +194,7 @@ pub async fn save(
             .await
             .map_err(|e| cx.err(e))?;
         match transfer_state(info.status.as_deref()) {
-            TransferState::InProgress => on_progress(&Progress::from_info(&info)),
+            TransferState::InProgress => on_progress(&TransferProgress::from_info(&info)),
             TransferState::NotStarted => {}
             _ => break info,
         }
@@ -216,7 +216,7 @@ pub async fn save(
             return Err(cx.err(ErrorKind::MigrationFailed(why)));
         }
     };
-    on_progress(&Progress::from_info(&info));
+    on_progress(&TransferProgress::from_info(&info));
     let out = SaveOutput {
         path: path.display().to_string(),
         compression,

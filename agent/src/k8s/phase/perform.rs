@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_agent::fault;
-use ferry_agent::phases::perform::{self, Progress as Sample};
+use ferry_agent::phases::perform::{self, TransferProgress as Sample};
 use ferry_agent::postcopy::TargetReport;
 use ferry_crds::{
     MigrationMode, MigrationPhase, MigrationStatusPatch, Progress, Reason,

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_agent::phases::perform::Progress as Sample;
+use ferry_agent::phases::perform::TransferProgress as Sample;
 use ferry_agent::phases::save;
 use ferry_crds::{
     MigrationStatusPatch, Progress, Reason, SavedState, VirtualMachineStatusPatch, VmPhase,
