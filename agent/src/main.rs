@@ -91,6 +91,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         reserved_ports: Default::default(),
         certs: Default::default(),
     });
+    // The metrics port first: a peer port left to the system (`--peer-port 0`) can then
+    // never be the one the metrics address names.
+    let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("metrics server on {}: {e}", args.metrics_addr))?;
     let peer = tokio::net::TcpListener::bind((args.migration_address, args.peer_port))
         .await
         .map_err(|e| {
@@ -116,7 +121,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let agent = agent.clone();
         Arc::new(move || agent.metrics.encode())
     };
-    let http = tokio::spawn(ferry_runtime::serve(args.metrics_addr, encode, ready));
+    let http = tokio::spawn(ferry_runtime::serve_on(metrics, encode, ready));
     tokio::spawn(k8s::vms::sweep(agent.clone()));
     tokio::spawn(k8s::certs::run(agent.clone()));
     let vms = tokio::spawn(k8s::vms::run(agent.clone()));

@@ -53,6 +53,16 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(listener, encode, ready).await
+}
+
+/// Serves [`router`] on a listener already bound (so a port the system picks for
+/// another listener afterwards can never be this one).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    encode: Encode,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     axum::serve(listener, router(encode, ready)).await
 }
 
