@@ -44,6 +44,9 @@ pub const SOURCE_NODE_LABEL: &str = "ferry.dev/source-node";
 pub const TARGET_NODE_LABEL: &str = "ferry.dev/target-node";
 /// Finalizer that holds a deleted migration until its rollback is done.
 pub const ROLLBACK_FINALIZER: &str = "ferry.dev/rollback";
+/// Finalizer that holds a deleted VirtualMachine until the agent of its node has
+/// stopped its guest, released its disk locks and removed its state.
+pub const GUEST_FINALIZER: &str = "ferry.dev/guest";
 
 /// Name of the heartbeat Lease of the agent on `node`, in Ferry's namespace.
 pub fn node_lease_name(node: &str) -> String {

@@ -65,6 +65,26 @@ pub struct VirtualMachineSpec {
     #[schemars(length(min = 2, max = 4096))]
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./')").message("restoreFrom must be an absolute file path without '.' or '..' components"))]
     pub restore_from: Option<String>,
+
+    /// How long a deleted VM's guest is given to power off after the ACPI request
+    /// before its QEMU is stopped. Defaults to 30 seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+/// The grace period a deleted VM's guest gets when the spec names none.
+pub const DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS: i64 = 30;
+
+impl VirtualMachineSpec {
+    /// `terminationGracePeriodSeconds`, or its default.
+    pub fn termination_grace_period(&self) -> std::time::Duration {
+        let secs = self
+            .termination_grace_period_seconds
+            .unwrap_or(DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS)
+            .max(0);
+        std::time::Duration::from_secs(secs as u64)
+    }
 }
 
 fn default_true() -> bool {
@@ -83,6 +103,12 @@ pub struct VirtualMachineStatus {
     /// target in its Finish phase, guarded by resourceVersion, before the guest resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+
+    /// The definition the running guest started with (or that a migration moved it
+    /// with, `targetDomainXML` when one was given). A running guest keeps it whatever
+    /// `spec.domainXML` says meanwhile: a changed spec applies at the next start.
+    #[serde(rename = "domainXML", default, skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<String>,
 
     /// The name of the VirtualMachineMigration holding the guest, if one is running.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -19,6 +19,9 @@ pub struct VirtualMachineStatusPatch {
     /// runs nowhere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_name: Option<Option<String>>,
+    /// The definition the running guest runs with; `Some(None)` clears it.
+    #[serde(rename = "domainXML", skip_serializing_if = "Option::is_none")]
+    pub domain_xml: Option<Option<String>>,
     /// The migration holding the VM; `Some(None)` releases it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Option<String>>,

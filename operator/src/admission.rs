@@ -235,6 +235,7 @@ mod tests {
                 node_name: node.into(),
                 running: true,
                 restore_from: None,
+                termination_grace_period_seconds: None,
             },
         );
         vm.metadata.namespace = Some("default".into());
