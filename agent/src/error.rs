@@ -45,6 +45,10 @@ pub enum ErrorKind {
     Ownership(BoxError),
     #[error("guest did not arrive: {0}")]
     NotArrived(String),
+    /// Target, after the commit point: its QEMU exited before Finish sent `cont`, so the
+    /// guest never ran here and the source's paused copy is whole.
+    #[error("the incoming QEMU exited before it ran the guest: {0}")]
+    NeverRan(String),
     /// The target's QEMU died after the switch to post-copy: the guest's state was split
     /// between the two QEMUs and QEMU cannot resume it on the source.
     #[error("the guest is lost: {0}")]
@@ -75,6 +79,7 @@ impl ErrorKind {
             ErrorKind::LimitExceeded(_) => "limit_exceeded",
             ErrorKind::Ownership(_) => "ownership",
             ErrorKind::NotArrived(_) => "not_arrived",
+            ErrorKind::NeverRan(_) => "never_ran",
             ErrorKind::GuestLost(_) => "guest_lost",
             ErrorKind::Record(_) => "record",
             ErrorKind::StateFile(_) => "state_file",

@@ -4,9 +4,10 @@
 mod support;
 
 use ferry_agent::error::ErrorKind;
+use ferry_agent::phases::MigrationRecord;
 use ferry_agent::phases::begin::{BeginInput, begin};
 use ferry_agent::phases::finish::{FinishInput, finish};
-use ferry_agent::phases::perform::{PerformInput, perform};
+use ferry_agent::phases::perform::{PerformInput, PerformOutput, perform};
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::Policy;
 use ferry_agent::qmp::StatusInfo;
@@ -164,16 +165,15 @@ async fn perform_cancelled_rolls_back_to_the_source() {
     assert_source_runs_alone(&lab).await;
 }
 
-#[tokio::test]
-async fn finish_fails_when_ownership_cannot_be_taken() {
-    let lab = lab("finish-fail");
-    lab.start_source().await;
-    let prep = begin_and_prepare(&lab, "m4").await;
-    let perf = within(perform(
+/// Begin, Prepare and Perform of `m`: the source is paused with its memory sent, the
+/// target waits for `cont`.
+async fn transferred(lab: &Lab, m: &str) -> PerformOutput {
+    let prep = begin_and_prepare(lab, m).await;
+    within(perform(
         &lab.a,
         PerformInput {
             vm: &lab.vm,
-            migration: "m4",
+            migration: m,
             uri: &prep.uri,
             prepare_cookie: &prep.cookie,
             policy: &policy(None, 2000),
@@ -183,19 +183,32 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
         |_| {},
     ))
     .await
-    .unwrap();
-    // The source is paused (postmigrate) with its memory sent; the target waits for cont.
+    .unwrap()
+}
+
+fn finish_input<'a>(
+    lab: &'a Lab,
+    m: &'a str,
+    perf: &'a PerformOutput,
+    cancelled: bool,
+) -> FinishInput<'a> {
+    FinishInput {
+        vm: &lab.vm,
+        migration: m,
+        perform_cookie: Some(&perf.cookie),
+        cancelled,
+    }
+}
+
+#[tokio::test]
+async fn finish_fails_when_ownership_cannot_be_taken() {
+    let lab = lab("finish-fail");
+    lab.start_source().await;
+    let perf = transferred(&lab, "m4").await;
     let stopped_at = last_pass(&lab.serial_a()).unwrap();
-    let err = finish(
-        &lab.b,
-        FinishInput {
-            vm: &lab.vm,
-            migration: "m4",
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
-        async { Err("VM status.nodeName was changed by someone else".into()) },
-    )
+    let err = finish(&lab.b, finish_input(&lab, "m4", &perf, false), async {
+        Err("VM status.nodeName was changed by someone else".into())
+    })
     .await
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Ownership(_)), "{err}");
@@ -203,4 +216,70 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
     lab.confirm(&lab.a, "m4", None, true).await.unwrap();
     assert_source_runs_alone(&lab).await;
     assert!(last_pass(&lab.serial_a()).unwrap() > stopped_at);
+}
+
+/// The commit point: the target owns the guest, then its QEMU dies before `cont`. The
+/// guest never ran there, so the source's paused copy is whole and the rollback
+/// resumes it.
+#[tokio::test]
+async fn a_target_qemu_lost_after_the_commit_but_before_cont_never_ran_the_guest() {
+    let lab = lab("never-ran");
+    lab.start_source().await;
+    let perf = transferred(&lab, "m5").await;
+    let stopped_at = last_pass(&lab.serial_a()).unwrap();
+    let target_pid = lab.b.running_pid(&lab.vm).unwrap();
+    let err = finish(&lab.b, finish_input(&lab, "m5", &perf, false), async {
+        // The ownership write landed; the QEMU is killed before Finish can resume it.
+        kill(target_pid);
+        Ok(())
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::NeverRan(_)), "{err}");
+    lab.confirm(&lab.a, "m5", None, true).await.unwrap();
+    assert_source_runs_alone(&lab).await;
+    assert!(last_pass(&lab.serial_a()).unwrap() > stopped_at);
+}
+
+/// After the commit Finish only goes forward: a Finish that committed and was cut short
+/// (its agent restarted) resumes the guest on the target even when a rollback was
+/// decided meanwhile, and the source's Confirm then removes its copy.
+#[tokio::test]
+async fn a_committed_finish_goes_forward_even_when_cancelled() {
+    let lab = lab("committed");
+    lab.start_source().await;
+    let perf = transferred(&lab, "m6").await;
+    // What the restarted agent finds: the commit recorded, the guest still paused.
+    let mut record = MigrationRecord::load_for(&lab.b.vm_dir(&lab.vm), "m6")
+        .unwrap()
+        .unwrap_or_else(|| MigrationRecord::new("m6"));
+    record.committed = true;
+    record.save(&lab.b.vm_dir(&lab.vm)).unwrap();
+    let out = finish(&lab.b, finish_input(&lab, "m6", &perf, true), async {
+        panic!("a committed Finish does not commit again")
+    })
+    .await
+    .unwrap();
+    assert!(out.resumed, "the guest resumed on the target");
+    lab.confirm(&lab.a, "m6", out.cookie.as_deref(), false)
+        .await
+        .unwrap();
+    lab.assert_one_guest_on(&lab.b);
+    let at = last_pass(&lab.serial_b()).unwrap_or(0);
+    wait_for_pass(&lab.serial_b(), at + 2, Duration::from_secs(60)).await;
+}
+
+fn kill(pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -9 {pid}");
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

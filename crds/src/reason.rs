@@ -67,6 +67,12 @@ reasons! {
     Resumed,
     /// Finish removed the incoming QEMU (rollback).
     IncomingRemoved,
+    /// The target took the guest but its QEMU exited before it ran the guest's vCPUs:
+    /// it gave the VM back to the source, whose paused copy is whole.
+    TargetNeverRan,
+    /// The target owns the guest but has not reported it running yet; the source keeps
+    /// its paused copy and Confirm runs again.
+    AwaitingTarget,
     /// Confirm removed the old guest on the source.
     SourceRemoved,
     /// Confirm resumed the guest on the source (rollback).

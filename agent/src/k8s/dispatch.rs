@@ -63,6 +63,23 @@ pub fn phase_to_run(m: &VirtualMachineMigration, node: &str) -> Option<Migration
     if matches!(phase, MigrationPhase::Pending) || phase.is_terminal() {
         return None;
     }
+    let done = |phase| {
+        status
+            .steps
+            .as_ref()
+            .and_then(|s| s.get(phase))
+            .is_some_and(|s| s.outcome.is_some())
+    };
+    // A target that may have committed (the guest arrived: Perform gave its cookie)
+    // but never recorded its Finish goes on with it while the source waits in Confirm.
+    let perform_gave = status.cookies.as_ref().is_some_and(|c| c.perform.is_some());
+    if phase == MigrationPhase::Confirm
+        && status.target_node.as_deref() == Some(node)
+        && perform_gave
+        && !done(MigrationPhase::Finish)
+    {
+        return Some(MigrationPhase::Finish);
+    }
     let runner = if phase.runs_on_source() {
         status.source_node.as_deref()
     } else {
@@ -71,12 +88,7 @@ pub fn phase_to_run(m: &VirtualMachineMigration, node: &str) -> Option<Migration
     if runner != Some(node) {
         return None;
     }
-    let done = status
-        .steps
-        .as_ref()
-        .and_then(|s| s.get(phase))
-        .is_some_and(|s| s.outcome.is_some());
-    (!done).then_some(phase)
+    (!done(phase)).then_some(phase)
 }
 
 /// Whether a running Perform must stop, given a version of the migration's status.
@@ -201,5 +213,29 @@ mod tests {
         for phase in [Pending, Succeeded, Failed, Cancelled] {
             assert_eq!(phase_to_run(&migration(phase, None), "node-a"), None);
         }
+    }
+
+    #[test]
+    fn a_target_that_may_have_committed_finishes_while_the_source_waits_in_confirm() {
+        use MigrationPhase::*;
+        let mut m = migration(Confirm, None);
+        // No Perform cookie: the guest never arrived, so there is nothing to finish.
+        assert_eq!(phase_to_run(&m, "node-b"), None);
+        let status = m.status.as_mut().unwrap();
+        status.cookies = Some(ferry_crds::Cookies {
+            perform: Some("cookie".into()),
+            ..Default::default()
+        });
+        assert_eq!(phase_to_run(&m, "node-b"), Some(Finish));
+        assert_eq!(phase_to_run(&m, "node-a"), Some(Confirm));
+        // Once Finish has an outcome the target has nothing left to do.
+        let finished: ferry_crds::Step = serde_json::from_value(serde_json::json!({
+            "node": "node-b", "start": "2026-01-01T00:00:00Z", "outcome": "Succeeded"
+        }))
+        .unwrap();
+        ferry_crds::MigrationStatusPatch::default()
+            .with_step(Finish, finished)
+            .apply(m.status.as_mut().unwrap());
+        assert_eq!(phase_to_run(&m, "node-b"), None);
     }
 }

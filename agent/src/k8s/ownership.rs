@@ -2,7 +2,8 @@
 //! migration: the target takes it in Finish before resuming the guest; the source, before
 //! resuming its guest on a rollback, fences the target out by releasing the VM from the
 //! migration. Both writes carry a resourceVersion precondition, so exactly one of them
-//! wins and at most one guest ever runs.
+//! wins and at most one guest ever runs. When the target's QEMU died after the commit but
+//! before it ran the guest, the source takes the VM back ([`Claim::reclaim`]).
 
 use ferry_crds::{VirtualMachine, VirtualMachineStatusPatch};
 use kube::Api;
@@ -51,6 +52,10 @@ pub struct Claim<'a> {
     pub target: &'a str,
 }
 
+/// How long the target waits between attempts to learn whether its ownership write
+/// landed.
+const SETTLE_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Claim<'_> {
     fn kube(&self) -> impl Fn(kube::Error) -> OwnershipError + '_ {
         |source| OwnershipError::Kube {
@@ -59,9 +64,10 @@ impl Claim<'_> {
         }
     }
 
-    /// Target, in Finish: moves `status.nodeName` to the target if it still names the
-    /// source and the VM is still held by this migration. Idempotent.
-    pub async fn take(&self) -> Result<(), OwnershipError> {
+    /// Target, in Finish: moves `status.nodeName` to the target (and `status.domainXML`
+    /// to the definition it runs) if it still names the source and the VM is still held
+    /// by this migration. Idempotent.
+    async fn take_with(&self, domain_xml: &str) -> Result<(), OwnershipError> {
         for _ in 0..TRIES {
             let vm = self.get().await?;
             let status = vm.status.clone().unwrap_or_default();
@@ -83,6 +89,74 @@ impl Claim<'_> {
             }
             let patch = VirtualMachineStatusPatch {
                 node_name: Some(Some(self.target.to_string())),
+                domain_xml: Some(Some(domain_xml.to_string())),
+                ..Default::default()
+            };
+            match self.patch(&patch, &vm).await {
+                Ok(()) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(self.kube()(e)),
+            }
+        }
+        Err(OwnershipError::Contended {
+            vm: self.vm.into(),
+            tries: TRIES,
+        })
+    }
+
+    /// Target, in Finish: [`Self::take`], tried until its result is certain. An answer
+    /// lost to the network or a server error says nothing about whether the write
+    /// landed, so it is tried again (a landed write reads back as taken); `Err` only
+    /// when the VM is certainly not the target's: it moved elsewhere, the source fenced
+    /// the target out, or the VM is gone. `domain_xml` is the definition the target
+    /// runs, written in the same write.
+    pub async fn commit(&self, domain_xml: &str) -> Result<(), OwnershipError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.take_with(domain_xml).await {
+                Ok(()) => return Ok(()),
+                Err(
+                    e @ (OwnershipError::Moved { .. }
+                    | OwnershipError::Released { .. }
+                    | OwnershipError::VmGone { .. }),
+                ) => return Err(e),
+                Err(e) => {
+                    if attempt == 1 || attempt.is_multiple_of(20) {
+                        tracing::warn!(vm = self.vm, migration = self.migration, attempt, error = %e, "ownership not settled; asking again");
+                    }
+                    tokio::time::sleep(SETTLE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Source, in a cancelled Confirm, when the target's Finish reported that its QEMU
+    /// exited after the commit but before it ran the guest: takes `status.nodeName`
+    /// back (the paused copy here is whole), if it still names the target and the VM
+    /// is still held by this migration. Idempotent.
+    pub async fn reclaim(&self) -> Result<(), OwnershipError> {
+        for _ in 0..TRIES {
+            let vm = self.get().await?;
+            let status = vm.status.clone().unwrap_or_default();
+            if status.node_name.as_deref() == Some(self.source) {
+                return Ok(());
+            }
+            if status.node_name.as_deref() != Some(self.target) {
+                return Err(OwnershipError::Moved {
+                    vm: self.vm.into(),
+                    node: status.node_name,
+                    source_node: self.source.into(),
+                });
+            }
+            if status.migration.as_deref() != Some(self.migration) {
+                return Err(OwnershipError::Released {
+                    vm: self.vm.into(),
+                    migration: self.migration.into(),
+                });
+            }
+            let patch = VirtualMachineStatusPatch {
+                node_name: Some(Some(self.source.to_string())),
                 ..Default::default()
             };
             match self.patch(&patch, &vm).await {

@@ -48,7 +48,12 @@ pub async fn run(
             report.message,
         );
         let patch = report.outputs.with_step(phase, step);
-        land(&writer, &patch).await;
+        if phase == MigrationPhase::Finish {
+            // The source keeps its paused copy until it reads what Finish did.
+            land_for_sure(&writer, &patch).await;
+        } else {
+            land(&writer, &patch).await;
+        }
         info!(outcome = ?report.outcome, reason = %report.reason, "done");
     }
     .instrument(span)
@@ -76,6 +81,17 @@ async fn record_start(
         land(writer, &patch).await;
     }
     start
+}
+
+/// Writes `patch` until it lands (or the migration is gone), however long the API
+/// server fails.
+async fn land_for_sure(writer: &StatusWriter, patch: &MigrationStatusPatch) {
+    loop {
+        match writer.write(patch, None).await {
+            Ok(_) | Err(Unwritten::Gone) => return,
+            Err(e) => warn!(?e, "the step was not recorded yet; writing it again"),
+        }
+    }
 }
 
 /// Writes `patch`, retried for a while: the step result must land.

@@ -1,6 +1,9 @@
-//! Finish (target): if the guest arrived whole, lets the caller take ownership (move the
-//! VM's `status.nodeName` and the disk lock here) and only then resumes the vCPUs with
-//! `cont`. If cancelled, or anything fails, kills the new QEMU and removes its state.
+//! Finish (target): if the guest arrived whole, lets the caller commit (hand the disk
+//! locks over, then move the VM's `status.nodeName` here: the commit point) and only
+//! then resumes the vCPUs with `cont`. Before the commit, a cancel or any failure kills
+//! the new QEMU and removes its state; after it Finish only goes forward — it never
+//! removes the incoming QEMU — and retries `cont` until the guest runs here
+//! (docs/protocol.md, "The commit point").
 
 use crate::cookie::{Cookie, Expect, LockState, Statistics};
 use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
@@ -8,7 +11,7 @@ use crate::phases::{Arrival, MigrationRecord, Phase, arrival, check_vm_name};
 use crate::qmp::{Event, MigrationInfo, StatusInfo};
 use crate::supervisor::Supervisor;
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 pub use super::record::FinishOutput;
@@ -21,12 +24,15 @@ pub struct FinishInput<'a> {
     pub migration: &'a str,
     /// Perform's cookie; required unless `cancelled`.
     pub perform_cookie: Option<&'a str>,
-    /// Roll back: remove the incoming QEMU instead of resuming it.
+    /// Roll back: remove the incoming QEMU instead of resuming it. Ignored once this
+    /// node committed (its record says so): then only going forward keeps one guest.
     pub cancelled: bool,
 }
 
-/// Runs Finish. `take_ownership` is awaited only when the guest arrived, before `cont`;
-/// its error fails Finish (and the new QEMU is killed).
+/// Runs Finish. `commit` is awaited once the guest arrived, before `cont`: it does
+/// everything that can fail before the guest may run here, then takes ownership. Its
+/// `Err` must mean this node certainly does not own the guest (the incoming QEMU is
+/// then killed); an ownership write whose answer was lost is the caller's to settle.
 #[tracing::instrument(
     skip_all,
     fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
@@ -34,7 +40,7 @@ pub struct FinishInput<'a> {
 pub async fn finish<F>(
     sup: &Supervisor,
     input: FinishInput<'_>,
-    take_ownership: F,
+    commit: F,
 ) -> Result<FinishOutput, PhaseError>
 where
     F: Future<Output = Result<(), BoxError>>,
@@ -57,35 +63,56 @@ where
         tracing::info!(vm, migration, "Finish already done");
         return Ok(out);
     }
-    if cancelled {
+    let mut rec = record.unwrap_or_else(|| MigrationRecord::new(migration));
+    if cancelled && !rec.committed {
         abort(sup, &cx).await?;
         return Ok(FinishOutput {
             cookie: None,
             resumed: false,
         });
     }
-    match take_over(sup, &cx, perform_cookie, take_ownership).await {
-        Ok(cookie) => {
-            let out = FinishOutput {
-                cookie: Some(cookie),
-                resumed: true,
-            };
-            let mut rec = record.unwrap_or_else(|| MigrationRecord::new(migration));
-            rec.finish = Some(out.clone());
-            rec.save(&dir).map_err(|e| cx.err(e))?;
-            tracing::info!(vm, migration, "Finish done: guest runs here");
-            Ok(out)
-        }
-        Err(kind) => {
+    let source = source_cookie(sup, &cx, perform_cookie).map_err(|k| cx.err(k))?;
+    // Whether a `cont` may have reached the QEMU already: an earlier run committed and
+    // may have sent it (this run has not).
+    let cont_sent = rec.committed;
+    if !rec.committed {
+        if let Err(kind) = commit_here(sup, &cx, commit).await {
             let err = cx.err(kind);
             abort(sup, &cx).await?;
-            Err(err)
+            return Err(err);
         }
+        rec.committed = true;
+        if let Err(e) = rec.save(&dir) {
+            // The VM names this node now: going forward is the only way left.
+            tracing::error!(vm, migration, error = %e, "could not record the commit; resuming all the same");
+        }
+        crate::fault::pause("after-commit").await;
     }
+    let resumed_at = match resume_here(sup, &cx, cont_sent).await {
+        Ok(at) => at,
+        Err(kind) => {
+            // The QEMU is gone: what is left of it here goes too.
+            let err = cx.err(kind);
+            abort(sup, &cx).await?;
+            return Err(err);
+        }
+    };
+    let cookie = finish_cookie(sup, &cx, source, resumed_at).map_err(|k| cx.err(k))?;
+    let out = FinishOutput {
+        cookie: Some(cookie),
+        resumed: true,
+    };
+    rec.finish = Some(out.clone());
+    rec.save(&dir).map_err(|e| cx.err(e))?;
+    tracing::info!(vm, migration, "Finish done: guest runs here");
+    Ok(out)
 }
 
 /// How long Finish waits for a guest whose stream has arrived to finish loading.
-const ARRIVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
+
+/// How soon a `cont` that failed on a QEMU still running is sent again.
+const CONT_RETRY: Duration = Duration::from_millis(200);
 
 /// Kills the incoming QEMU (if any) and removes its state dir.
 async fn abort(sup: &Supervisor, cx: &Ctx<'_>) -> Result<(), PhaseError> {
@@ -97,48 +124,44 @@ async fn abort(sup: &Supervisor, cx: &Ctx<'_>) -> Result<(), PhaseError> {
     sup.destroy(cx.vm).await.map_err(|e| cx.err(e))
 }
 
-async fn take_over<F>(
+/// Perform's cookie, checked against this guest and host.
+fn source_cookie(
     sup: &Supervisor,
     cx: &Ctx<'_>,
     perform_cookie: Option<&str>,
-    take_ownership: F,
-) -> Result<String, ErrorKind>
+) -> Result<Cookie, ErrorKind> {
+    let domain = sup.definition(cx.vm)?;
+    let perform_cookie =
+        perform_cookie.ok_or_else(|| ErrorKind::Refused("no Perform cookie".into()))?;
+    Ok(Cookie::decode(
+        perform_cookie,
+        &Expect {
+            vm_name: cx.vm,
+            vm_uuid: domain.uuid,
+            writer: Phase::Perform,
+            own_host_uuid: sup.node().host_uuid,
+        },
+    )?)
+}
+
+/// Waits for the guest to finish loading, then runs `commit`. Every error here comes
+/// before the commit point.
+async fn commit_here<F>(sup: &Supervisor, cx: &Ctx<'_>, commit: F) -> Result<(), ErrorKind>
 where
     F: Future<Output = Result<(), BoxError>>,
 {
-    let vm = cx.vm;
-    let domain = sup.definition(vm)?;
-    let node = sup.node();
-    let perform_cookie =
-        perform_cookie.ok_or_else(|| ErrorKind::Refused("no Perform cookie".into()))?;
-    let source = Cookie::decode(
-        perform_cookie,
-        &Expect {
-            vm_name: vm,
-            vm_uuid: domain.uuid,
-            writer: Phase::Perform,
-            own_host_uuid: node.host_uuid,
-        },
-    )?;
-    let guest = sup.require(vm).await?;
-    let mut events = guest.qmp.subscribe();
-    let mut resumed_at = None;
+    let guest = sup.require(cx.vm).await?;
     // The source saw the stream complete a moment before this QEMU finishes loading it.
     let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
     loop {
         let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
         let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
         match arrival(&status.status, info.status.as_deref()) {
-            Arrival::Arrived => {
-                take_ownership.await.map_err(ErrorKind::Ownership)?;
-                tracing::info!(vm, migration = cx.migration, "ownership taken, resuming");
-                guest.qmp.run("cont", None).await?;
-                resumed_at = resumed(&mut events).await;
-                break;
-            }
-            Arrival::AlreadyResumed => break,
+            // A guest already running here was resumed by an earlier run whose record
+            // was lost; the commit is idempotent.
+            Arrival::Arrived | Arrival::AlreadyResumed => break,
             Arrival::Arriving if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Arrival::Arriving => {
                 return Err(ErrorKind::NotArrived(format!(
@@ -149,11 +172,89 @@ where
             Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
         }
     }
-    // The stream is over: the guest keeps no TLS objects of this migration.
-    if let Err(e) = crate::tls::clear(&guest.qmp).await {
-        tracing::warn!(vm, migration = cx.migration, error = %e, "could not remove the TLS objects");
+    commit.await.map_err(ErrorKind::Ownership)?;
+    tracing::info!(
+        vm = cx.vm,
+        migration = cx.migration,
+        "committed: the guest is this node's; resuming"
+    );
+    Ok(())
+}
+
+/// After the commit: sends `cont` until the guest runs here; when it resumed (the
+/// `RESUME` event's time, `None` if an earlier run resumed it). Should the QEMU be
+/// gone, the guest never ran here unless a `cont` may have reached it (`cont_sent`).
+async fn resume_here(
+    sup: &Supervisor,
+    cx: &Ctx<'_>,
+    mut cont_sent: bool,
+) -> Result<Option<u64>, ErrorKind> {
+    let vm = cx.vm;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let guest = match sup.attach(vm).await {
+            Ok(Some(guest)) => guest,
+            Ok(None) if cont_sent => {
+                return Err(ErrorKind::GuestLost(
+                    "the target's QEMU exited after the guest was resumed there (or may have \
+                     been): its copy on the source is stale"
+                        .into(),
+                ));
+            }
+            Ok(None) => {
+                return Err(ErrorKind::NeverRan(
+                    "it exited after the commit, before `cont`".into(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(vm, migration = cx.migration, attempt, error = %e, "cannot reach the incoming QEMU; trying again");
+                tokio::time::sleep(CONT_RETRY).await;
+                continue;
+            }
+        };
+        let mut events = guest.qmp.subscribe();
+        let status: Result<StatusInfo, _> = guest.qmp.execute("query-status", None).await;
+        if let Ok(s) = &status
+            && s.status == "running"
+        {
+            // The guest is already running here; clear the stream's TLS objects again.
+            clear_tls(&guest, cx).await;
+            return Ok(None);
+        }
+        cont_sent = true;
+        match guest.qmp.run("cont", None).await {
+            Ok(()) => {
+                let at = resumed(&mut events).await;
+                clear_tls(&guest, cx).await;
+                return Ok(at);
+            }
+            Err(e) => {
+                tracing::warn!(vm, migration = cx.migration, attempt, error = %e, "cont failed; sending it again");
+                tokio::time::sleep(CONT_RETRY).await;
+            }
+        }
     }
-    let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
+}
+
+/// The stream is over: the guest keeps no TLS objects of this migration.
+async fn clear_tls(guest: &crate::supervisor::Guest, cx: &Ctx<'_>) {
+    if let Err(e) = crate::tls::clear(&guest.qmp).await {
+        tracing::warn!(vm = cx.vm, migration = cx.migration, error = %e, "could not remove the TLS objects");
+    }
+}
+
+/// The Finish cookie: this host holds the guest and its disks; the source's statistics
+/// with the moment the guest resumed here.
+fn finish_cookie(
+    sup: &Supervisor,
+    cx: &Ctx<'_>,
+    source: Cookie,
+    resumed_at: Option<u64>,
+) -> Result<String, ErrorKind> {
+    let domain = sup.definition(cx.vm)?;
+    let node = sup.node();
+    let mut cookie = Cookie::new(cx.vm, domain.uuid, &node.name, node.host_uuid);
     cookie.lock = Some(LockState {
         holder: node.name.clone(),
         disks: domain.disks().map(|d| d.source.clone()).collect(),

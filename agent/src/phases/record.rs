@@ -19,6 +19,11 @@ pub struct MigrationRecord {
     /// about an outgoing one that was never started.
     #[serde(default)]
     pub perform_started: bool,
+    /// Target: Finish took ownership of the VM (the commit point) and may have sent
+    /// `cont`. From here on Finish only goes forward; should this QEMU be found gone,
+    /// the guest may have run here and its copy on the source is stale.
+    #[serde(default)]
+    pub committed: bool,
     pub begin: Option<BeginOutput>,
     pub prepare: Option<PrepareOutput>,
     pub perform: Option<PerformOutput>,

@@ -108,6 +108,40 @@ pub async fn endpoint(leases: &Api<Lease>, node: &str) -> Result<String, CallErr
         })
 }
 
+/// Source, in Confirm: asks the target's Finish of `m` once more, for its result. Finish
+/// is idempotent: one that ended answers with its record; one that committed and was
+/// cut short (its agent restarted) goes on until the guest runs there.
+pub async fn ask_finish_again(
+    agent: &crate::k8s::Agent,
+    m: &ferry_crds::VirtualMachineMigration,
+) -> Result<PeerStep, String> {
+    let target = m
+        .status
+        .as_ref()
+        .and_then(|s| s.target_node.clone())
+        .unwrap_or_default();
+    let creds = agent.certs.current().ok_or_else(|| {
+        format!(
+            "node {} has no migration certificate for the peer API yet ({})",
+            agent.node,
+            agent.certs.why_none()
+        )
+    })?;
+    let leases: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.namespace);
+    let endpoint = endpoint(&leases, &target)
+        .await
+        .map_err(|e| e.to_string())?;
+    call(
+        &creds,
+        &target,
+        &endpoint,
+        wire::FINISH_PATH,
+        &PeerRequest::of(m),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// POSTs `request` to `path` of `node`'s agent at `endpoint`, which must show a
 /// certificate of the migration CA naming `node`; this node shows its own.
 pub async fn call(

@@ -253,18 +253,8 @@ impl<'a> Driver<'a> {
         token: &CancellationToken,
     ) -> PeerStep {
         let start = MicroTime(Timestamp::now());
-        let status = m.status.clone().unwrap_or_default();
-        let cookies = status.cookies.clone().unwrap_or_default();
         let target = target_of(m);
-        let request = PeerRequest {
-            namespace: m.namespace().unwrap_or_default(),
-            name: self.name.clone(),
-            uid: self.uid.clone(),
-            cancelled: status.cancelled,
-            begin_cookie: cookies.begin,
-            target_domain_xml: status.target_domain_xml,
-            perform_cookie: cookies.perform,
-        };
+        let request = PeerRequest::of(m);
         let path = if phase == P::Prepare {
             PREPARE_PATH
         } else {

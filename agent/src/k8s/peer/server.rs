@@ -170,7 +170,10 @@ pub fn admit(
             format!("migration {name} targets {target}, not {me}"),
         ));
     }
-    if status.phase != Some(phase) {
+    // Finish is asked again during Confirm by a source that has no result of it yet.
+    let asked_again =
+        phase == MigrationPhase::Finish && status.phase == Some(MigrationPhase::Confirm);
+    if status.phase != Some(phase) && !asked_again {
         return Err(refuse(
             StatusCode::CONFLICT,
             format!("migration {name} is in {:?}, not {phase:?}", status.phase),
@@ -331,6 +334,28 @@ mod tests {
             let r = admit(&m, &req, phase, me, "node-a").unwrap_err();
             assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.message);
         }
+    }
+
+    #[test]
+    fn finish_may_be_asked_again_while_the_source_confirms() {
+        let finish = MigrationPhase::Finish;
+        let confirming = migration("PeerToPeer", "Confirm");
+        assert_eq!(
+            admit(&confirming, &request("u1"), finish, "node-b", "node-a"),
+            Ok(())
+        );
+        // Prepare is not; nor is Finish once the migration ended.
+        let r = admit(
+            &confirming,
+            &request("u1"),
+            MigrationPhase::Prepare,
+            "node-b",
+            "node-a",
+        );
+        assert_eq!(r.unwrap_err().status, StatusCode::CONFLICT);
+        let ended = migration("PeerToPeer", "Succeeded");
+        let r = admit(&ended, &request("u1"), finish, "node-b", "node-a");
+        assert_eq!(r.unwrap_err().status, StatusCode::CONFLICT);
     }
 
     #[test]

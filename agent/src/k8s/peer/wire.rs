@@ -43,6 +43,24 @@ pub struct PeerRequest {
     pub perform_cookie: Option<String>,
 }
 
+impl PeerRequest {
+    /// The request for `m`'s Prepare or Finish, with the inputs its status holds.
+    pub fn of(m: &ferry_crds::VirtualMachineMigration) -> PeerRequest {
+        use kube::ResourceExt;
+        let status = m.status.clone().unwrap_or_default();
+        let cookies = status.cookies.clone().unwrap_or_default();
+        PeerRequest {
+            namespace: m.namespace().unwrap_or_default(),
+            name: m.name_any(),
+            uid: m.uid().unwrap_or_default(),
+            cancelled: status.cancelled,
+            begin_cookie: cookies.begin,
+            target_domain_xml: status.target_domain_xml,
+            perform_cookie: cookies.perform,
+        }
+    }
+}
+
 /// The target's step, as the source records it in `status.steps` (plus the phase's
 /// outputs: its cookie, and Prepare's migration URI).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

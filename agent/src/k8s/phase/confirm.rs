@@ -1,15 +1,26 @@
-//! The source's Confirm: after the target took over, removes the old guest here and
-//! reports the guest's downtime; after a rollback, fences the target out and resumes
-//! the guest here, or says it is lost (the source's QEMU died, or the target's died
-//! after the switch to post-copy).
+//! The source's Confirm: once the target reported the guest running there, removes the
+//! old guest here and reports the guest's downtime; after a rollback, fences the target
+//! out, takes the disk locks back and resumes the guest here, or says it is lost (the
+//! source's QEMU died, or the target's died after the switch to post-copy). The copy
+//! here is removed only when the target resumed the guest or lost it after running it
+//! (docs/protocol.md, "The commit point").
 
 use ferry_agent::phases::confirm::{self, Confirmed};
-use ferry_crds::{MigrationStatusPatch, Reason, VmPhase};
+use ferry_crds::{ControlMode, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VmPhase};
 use kube::ResourceExt;
 use tracing::{info, warn};
 
-use super::{Done, Run, StepError};
+use super::{Done, Run, StepError, disks};
 use crate::k8s::ownership::{Claim, Owner};
+use crate::k8s::peer::client;
+
+/// What the target said of its Finish, as far as this Confirm knows.
+enum TargetSaid {
+    /// Its cookie: the guest runs there.
+    Resumed(String),
+    /// Its QEMU is gone after it may have run the guest: the copy here is stale.
+    Lost(String),
+}
 
 impl Run<'_> {
     pub(super) async fn confirm(&self) -> Result<Done, StepError> {
@@ -19,18 +30,27 @@ impl Run<'_> {
         let name = self.m.name_any();
         if cancelled {
             // Fence the target out before resuming here; if it already took the guest,
-            // going forward is the only way to keep one guest.
-            let owner = Claim {
+            // going forward is the only way to keep one guest — unless its QEMU died
+            // before it ran the guest: then the copy here is whole, and taken back.
+            let claim = Claim {
                 vms: &self.vms,
                 vm: &self.m.spec.vm_name,
                 migration: &name,
                 source: &source,
                 target: &target,
+            };
+            let mut owner = claim.fence().await?;
+            let never_ran = self
+                .m
+                .step(MigrationPhase::Finish)
+                .is_some_and(|s| s.reason == Some(Reason::TargetNeverRan));
+            if owner == Owner::Target && never_ran {
+                info!("the target's QEMU died before it ran the guest; taking the VM back");
+                claim.reclaim().await?;
+                owner = claim.fence().await?;
             }
-            .fence()
-            .await?;
             if owner == Owner::Target {
-                info!("the target took over before the rollback; removing the source guest");
+                info!("the target took over before the rollback; going forward");
                 cancelled = false;
             }
         }
@@ -44,24 +64,40 @@ impl Run<'_> {
                 "rolled back, but the guest's QEMU on the source is gone: the guest died",
             ));
         }
-        let finish_cookie = self.inputs.cookies.finish.clone();
-        let confirmed = if !cancelled && finish_cookie.is_none() {
-            // The target took over but its Finish never reported: nothing to check
-            // against, but the old guest must go all the same.
-            self.agent.sup.destroy(&domain.name).await?;
-            Confirmed::TargetRuns(None)
-        } else {
-            let input = confirm::ConfirmInput {
-                vm: &domain.name,
-                migration: &self.id,
-                finish_cookie: finish_cookie.as_deref(),
-                cancelled,
-            };
-            confirm::confirm(&self.agent.sup, input).await?
+        let mut outputs = MigrationStatusPatch::default();
+        let finish_cookie = match (cancelled, self.inputs.cookies.finish.clone()) {
+            (false, None) => match self.target_said(&target).await? {
+                TargetSaid::Resumed(cookie) => {
+                    outputs = outputs.with_cookie(MigrationPhase::Finish, Some(cookie.clone()));
+                    Some(cookie)
+                }
+                TargetSaid::Lost(why) => {
+                    warn!(%why, "the guest was lost on the target after it took it; removing the stale copy here");
+                    self.agent.sup.destroy(&domain.name).await?;
+                    return Ok(Done::new(
+                        Reason::GuestLost,
+                        format!(
+                            "the guest is lost on {target}: {why}; its stale copy on the source was removed"
+                        ),
+                    ));
+                }
+            },
+            (_, cookie) => cookie,
         };
-        let statistics = match confirmed {
+        let input = confirm::ConfirmInput {
+            vm: &domain.name,
+            migration: &self.id,
+            finish_cookie: finish_cookie.as_deref(),
+            cancelled,
+        };
+        let statistics = match confirm::confirm(&self.agent.sup, input).await? {
             Confirmed::TargetRuns(statistics) => statistics,
             Confirmed::SourceRuns => {
+                // A Finish that handed the disk locks over and then could not commit
+                // left them with the target: they are the source's again.
+                self.disk_locks()
+                    .hand_over(&disks(&domain), &target, &source)
+                    .await?;
                 return Ok(Done::new(
                     Reason::SourceResumed,
                     "rolled back: the guest runs on the source",
@@ -89,12 +125,38 @@ impl Run<'_> {
             )
             .with(MigrationStatusPatch {
                 downtime_ms: Some(ms as i64),
-                ..Default::default()
+                ..outputs
             })),
-            None => Ok(Done::new(
-                Reason::SourceRemoved,
-                "the old guest on the source is gone",
-            )),
+            None => Ok(
+                Done::new(Reason::SourceRemoved, "the old guest on the source is gone")
+                    .with(outputs),
+            ),
+        }
+    }
+
+    /// The target owns the guest but no Finish cookie reached this Confirm: what its
+    /// Finish says (peer-to-peer: asked again over the peer API), or
+    /// [`StepError::AwaitingTarget`] while it says nothing.
+    async fn target_said(&self, target: &str) -> Result<TargetSaid, StepError> {
+        let finish = self.m.step(MigrationPhase::Finish);
+        if let Some(step) = finish.filter(|s| s.reason == Some(Reason::GuestLost)) {
+            return Ok(TargetSaid::Lost(step.message.clone().unwrap_or_default()));
+        }
+        let awaiting = |why: String| StepError::AwaitingTarget {
+            target: target.to_string(),
+            why,
+        };
+        if self.m.spec.mode != ControlMode::PeerToPeer {
+            return Err(awaiting(String::new()));
+        }
+        let step = client::ask_finish_again(self.agent, self.m)
+            .await
+            .map_err(|e| awaiting(format!(" (asking its Finish again: {e})")))?;
+        let cookie = step.outputs.cookies.as_ref().and_then(|c| c.finish.clone());
+        match (step.outcome, step.reason, cookie) {
+            (StepOutcome::Succeeded, _, Some(cookie)) => Ok(TargetSaid::Resumed(cookie)),
+            (StepOutcome::Failed, Some(Reason::GuestLost), _) => Ok(TargetSaid::Lost(step.message)),
+            _ => Err(awaiting(format!(" (its Finish says: {})", step.message))),
         }
     }
 

@@ -1,44 +1,100 @@
-//! Finish on the target: takes ownership of the guest (the VM's `status.nodeName`, then
-//! its disk locks) and resumes it, or removes the incoming QEMU on a rollback; gives
-//! Finish's cookie.
+//! Finish on the target: the commit point. It hands the disk locks over, then takes the
+//! VM (`status.nodeName` := this node, the last fallible step), then resumes the guest;
+//! or, on a rollback this node never committed to, removes the incoming QEMU. Gives
+//! Finish's cookie (docs/protocol.md, "The commit point").
 
-use ferry_agent::error::BoxError;
+use ferry_agent::error::{BoxError, ErrorKind};
 use ferry_agent::phases::finish;
-use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
+use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason, VmPhase};
 use kube::ResourceExt;
+use tracing::{info, warn};
 
 use super::{Done, Run, StepError, disks};
+use crate::k8s::locks::LockError;
 use crate::k8s::ownership::Claim;
+
+/// How many times a disk lock hand-over that the API server failed is tried, before
+/// the commit (a failure then rolls the migration back, which is safe).
+const HAND_OVER_TRIES: u32 = 3;
 
 impl Run<'_> {
     pub(super) async fn finish(&self) -> Result<Done, StepError> {
-        let (_, domain) = self.vm().await?;
+        let (vm, domain) = self.vm().await?;
         let (source, target) = self.claim();
         let disks = disks(&domain);
         let name = self.m.name_any();
-        let take = async {
-            Claim {
-                vms: &self.vms,
-                vm: &self.m.spec.vm_name,
-                migration: &name,
-                source: &source,
-                target: &target,
-            }
-            .take()
-            .await?;
-            self.disk_locks()
-                .hand_over(&disks, &source, &target)
-                .await?;
+        let claim = Claim {
+            vms: &self.vms,
+            vm: &self.m.spec.vm_name,
+            migration: &name,
+            source: &source,
+            target: &target,
+        };
+        // A VM that names this node is this node's: a rollback decided meanwhile is
+        // too late for it, and only going forward keeps one guest.
+        let owned_here = vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&target);
+        let definition = self
+            .inputs
+            .target_domain_xml
+            .clone()
+            .unwrap_or_else(|| vm.spec.domain_xml.clone());
+        let commit = async {
+            self.hand_over(&disks, &source, &target).await?;
+            claim.commit(&definition).await?;
             Ok::<(), BoxError>(())
         };
         let input = finish::FinishInput {
             vm: &domain.name,
             migration: &self.id,
             perform_cookie: self.inputs.cookies.perform.as_deref(),
-            cancelled: self.inputs.cancelled,
+            cancelled: self.inputs.cancelled && !owned_here,
         };
-        let out = finish::finish(&self.agent.sup, input, take).await?;
+        let out = match finish::finish(&self.agent.sup, input, commit).await {
+            Ok(out) => out,
+            Err(e) => {
+                match &e.kind {
+                    // Before the commit: the disks are the source's again.
+                    ErrorKind::Ownership(_) | ErrorKind::NotArrived(_) => {
+                        if let Err(err) =
+                            self.disk_locks().hand_over(&disks, &target, &source).await
+                        {
+                            warn!(error = %err, "could not hand the disk locks back; the source's Confirm does");
+                        }
+                    }
+                    // After the commit, the guest never ran here: the step's reason
+                    // (TargetNeverRan) lets the source take the VM back and resume it.
+                    ErrorKind::NeverRan(_) => {
+                        warn!(
+                            "the incoming QEMU exited before it ran the guest; the source's copy is whole"
+                        );
+                        if let Err(err) =
+                            self.disk_locks().hand_over(&disks, &target, &source).await
+                        {
+                            warn!(error = %err, "could not hand the disk locks back; the source's Confirm does");
+                        }
+                    }
+                    // After the commit, the guest may have run here and its QEMU is gone.
+                    ErrorKind::GuestLost(why) => {
+                        let message = format!(
+                            "the guest is lost: {why}. Ferry does not restart it (set spec.running \
+                             to false and back to true to start it again)"
+                        );
+                        self.mark_vm_gone(
+                            &vm,
+                            VmPhase::Failed,
+                            "GuestLost",
+                            &message,
+                            Default::default(),
+                        )
+                        .await?;
+                    }
+                    _ => {}
+                }
+                return Err(e.into());
+            }
+        };
         let done = if out.resumed {
+            info!("the guest runs here");
             Done::new(Reason::Resumed, format!("the guest runs on {target}"))
         } else {
             Done::new(Reason::IncomingRemoved, "the incoming QEMU was removed")
@@ -46,5 +102,25 @@ impl Run<'_> {
         let outputs =
             MigrationStatusPatch::default().with_cookie(MigrationPhase::Finish, out.cookie);
         Ok(done.with(outputs))
+    }
+
+    /// Moves the disk locks to the target, trying again while the API server fails.
+    async fn hand_over(
+        &self,
+        disks: &[String],
+        source: &str,
+        target: &str,
+    ) -> Result<(), LockError> {
+        let locks = self.disk_locks();
+        let mut attempt = 1;
+        loop {
+            match locks.hand_over(disks, source, target).await {
+                Err(LockError::Kube { .. }) if attempt < HAND_OVER_TRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
     }
 }

@@ -119,6 +119,15 @@ pub enum StepError {
     #[error(transparent)]
     Ownership(#[from] OwnershipError),
     #[error(transparent)]
+    Locks(#[from] crate::k8s::locks::LockError),
+    /// Source, in Confirm: the target owns the guest but has not reported it running,
+    /// so the paused copy here stays (it is the guest, should the target never run it).
+    #[error(
+        "the target {target} owns the guest but has not reported it running yet{why}; the \
+         paused copy on the source stays until it does"
+    )]
+    AwaitingTarget { target: String, why: String },
+    #[error(transparent)]
     Supervisor(#[from] ferry_agent::supervisor::SupervisorError),
     #[error("writing the status of VirtualMachine {vm}: {source}")]
     VmStatus { vm: String, source: kube::Error },
@@ -147,6 +156,8 @@ impl StepError {
             StepError::Policy(_) => Reason::PolicyRefused,
             StepError::Cancelled(_) => Reason::Cancelled,
             StepError::Ownership(_) => Reason::OwnershipFailed,
+            StepError::Locks(_) => Reason::ApiError,
+            StepError::AwaitingTarget { .. } => Reason::AwaitingTarget,
             StepError::Supervisor(_) => Reason::QemuFailed,
             StepError::NotAPhase(_) => Reason::Invalid,
         }
@@ -172,6 +183,7 @@ fn reason_of(kind: &ErrorKind) -> Reason {
         ErrorKind::LimitExceeded(_) => Reason::LimitExceeded,
         ErrorKind::Ownership(_) => Reason::OwnershipFailed,
         ErrorKind::NotArrived(_) => Reason::NotArrived,
+        ErrorKind::NeverRan(_) => Reason::TargetNeverRan,
         ErrorKind::GuestLost(_) => Reason::GuestLost,
         ErrorKind::Record(_) => Reason::RecordFailed,
         ErrorKind::StateFile(_) => Reason::StateFileInvalid,
