@@ -21,7 +21,7 @@ mod vm_patch;
 
 pub use condition::{Condition, set_condition};
 pub use migration::*;
-pub use patch::{MigrationStatusPatch, StepsPatch};
+pub use patch::{MigrationStatusPatch, StepsPatch, cancel_request};
 pub use policy::*;
 pub use reason::{Reason, UnknownReason};
 pub use sequence::ControlMode;

@@ -250,12 +250,46 @@ pub(crate) fn status_merge_patch(
     status: &impl Serialize,
     resource_version: Option<&str>,
 ) -> Patch<serde_json::Value> {
-    let status = serde_json::to_value(status).expect("a status patch always serializes");
-    let mut body = serde_json::json!({ "status": status });
-    if let Some(rv) = resource_version {
-        body["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    merge_patch("status", status, resource_version)
+}
+
+/// The merge patch writing `value` under the object's `key` (`spec`, `status`), guarded
+/// by `resource_version` when given.
+fn merge_patch(
+    key: &str,
+    value: &impl Serialize,
+    resource_version: Option<&str>,
+) -> Patch<serde_json::Value> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Guard<'a> {
+        resource_version: &'a str,
     }
-    Patch::Merge(body)
+    let mut body = serde_json::Map::new();
+    body.insert(
+        key.to_string(),
+        serde_json::to_value(value).expect("a patch always serializes"),
+    );
+    if let Some(rv) = resource_version {
+        let guard = Guard {
+            resource_version: rv,
+        };
+        body.insert(
+            "metadata".into(),
+            serde_json::to_value(guard).expect("a guard always serializes"),
+        );
+    }
+    Patch::Merge(serde_json::Value::Object(body))
+}
+
+/// The spec write that asks a migration to cancel (`spec.cancel: true`), guarded by
+/// `resource_version` when given.
+pub fn cancel_request(resource_version: Option<&str>) -> Patch<serde_json::Value> {
+    #[derive(Serialize)]
+    struct Cancel {
+        cancel: bool,
+    }
+    merge_patch("spec", &Cancel { cancel: true }, resource_version)
 }
 
 fn merge_cookies(into: &mut Cookies, from: Cookies) {
@@ -338,6 +372,22 @@ impl Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_request_writes_only_spec_cancel() {
+        let body = |p: Patch<serde_json::Value>| match p {
+            Patch::Merge(v) => v,
+            other => panic!("expected a merge patch, got {other:?}"),
+        };
+        assert_eq!(
+            body(cancel_request(None)),
+            serde_json::json!({"spec": {"cancel": true}})
+        );
+        assert_eq!(
+            body(cancel_request(Some("9"))),
+            serde_json::json!({"metadata": {"resourceVersion": "9"}, "spec": {"cancel": true}})
+        );
+    }
     use crate::MigrationMode;
     use serde_json::{Value, json};
 

@@ -13,12 +13,14 @@ use std::time::Duration;
 use crate::signer::{self, Ca, SIGNER_NAME};
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestStatus,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 pub use ferry_crds::tls::{CA_CERT_KEY, CA_NAME};
@@ -109,7 +111,10 @@ async fn publish(client: &Client, namespace: &str, cert_pem: &str) -> Result<(),
     {
         Some(m) if m.data.as_ref() == Some(&want) => Ok(()),
         Some(_) => {
-            let patch = Patch::Merge(json!({ "data": want }));
+            let patch = Patch::Merge(ConfigMap {
+                data: Some(want),
+                ..Default::default()
+            });
             maps.patch(CA_NAME, &PatchParams::default(), &patch)
                 .await
                 .map_err(kube_err("updating the CA ConfigMap"))?;
@@ -218,17 +223,23 @@ async fn handle(
         time::OffsetDateTime::now_utc(),
         signer::lifetime(&csr.spec),
     )?;
-    let certificate =
-        serde_json::to_value(ByteString(pem.into_bytes())).expect("bytes serialize as base64");
-    api.patch_status(
-        &name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": { "certificate": certificate } })),
-    )
-    .await
-    .map_err(kube_err(format!("writing the certificate of CSR {name}")))?;
+    let issued = StatusOnly {
+        status: CertificateSigningRequestStatus {
+            certificate: Some(ByteString(pem.into_bytes())),
+            ..Default::default()
+        },
+    };
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&issued))
+        .await
+        .map_err(kube_err(format!("writing the certificate of CSR {name}")))?;
     info!(csr = %name, node = %approved.node, "issued a node certificate");
     Ok(())
+}
+
+/// A patch of an object's status alone (a CSR's `status` or `approval` subresource).
+#[derive(serde::Serialize, Debug)]
+struct StatusOnly<T> {
+    status: T,
 }
 
 async fn set_approval(
@@ -238,15 +249,20 @@ async fn set_approval(
     reason: &str,
     message: &str,
 ) -> Result<(), CertsError> {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let patch = json!({ "status": { "conditions": [{
-        "type": kind,
-        "status": "True",
-        "reason": reason,
-        "message": message,
-        "lastUpdateTime": now.to_string(),
-    }]}});
-    api.patch_approval(name, &PatchParams::default(), &Patch::Merge(patch))
+    let decided = StatusOnly {
+        status: CertificateSigningRequestStatus {
+            conditions: Some(vec![CertificateSigningRequestCondition {
+                type_: kind.to_string(),
+                status: "True".into(),
+                reason: Some(reason.to_string()),
+                message: Some(message.to_string()),
+                last_update_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    };
+    api.patch_approval(name, &PatchParams::default(), &Patch::Merge(&decided))
         .await
         .map_err(kube_err(format!("{kind} on CSR {name}")))?;
     Ok(())

@@ -10,7 +10,7 @@ use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -161,11 +161,8 @@ impl Evacuator {
     /// may have been admitted: then it runs to its end).
     async fn cancel(&self, namespace: &str, migration: &str, rv: Option<String>) {
         let api: Api<VirtualMachineMigration> = Api::namespaced(self.client.clone(), namespace);
-        let patch = json!({"metadata": {"resourceVersion": rv}, "spec": {"cancel": true}});
-        match api
-            .patch(migration, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
+        let patch = ferry_crds::cancel_request(rv.as_deref());
+        match api.patch(migration, &PatchParams::default(), &patch).await {
             Ok(_) => {
                 info!(%migration, %namespace, "evacuation: cancelled a migration that had not started")
             }

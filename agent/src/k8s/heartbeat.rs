@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use serde_json::json;
 use tracing::warn;
 
 /// The label the operator finds heartbeat Leases by; its value is the node name.
@@ -30,20 +31,23 @@ pub async fn run(
     let params = PatchParams::apply(&format!("ferry-agent-{node}")).force();
     let attempt = (lasts / 2).max(every);
     loop {
-        let lease = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": name,
-                "labels": {NODE_LABEL: node},
-                "annotations": {ferry_crds::sequence::PEER_ENDPOINT_ANNOTATION: peer_endpoint},
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(NODE_LABEL.to_string(), node.clone())])),
+                annotations: Some(BTreeMap::from([(
+                    ferry_crds::sequence::PEER_ENDPOINT_ANNOTATION.to_string(),
+                    peer_endpoint.clone(),
+                )])),
+                ..Default::default()
             },
-            "spec": {
-                "holderIdentity": node,
-                "leaseDurationSeconds": lasts.as_secs(),
-                "renewTime": MicroTime(Timestamp::now()),
-            }
-        });
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.clone()),
+                lease_duration_seconds: Some(lasts.as_secs() as i32),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                ..Default::default()
+            }),
+        };
         // A renewal that hangs (a stalled connection) must not hold up the next one until
         // the Lease has run out: past half its validity it is dropped and the loop tries
         // again at once, with a fresh renewTime.
