@@ -14,11 +14,11 @@ use kube::api::PatchParams;
 pub enum OwnershipError {
     #[error("VirtualMachine {vm} is gone")]
     VmGone { vm: String },
-    #[error("VirtualMachine {vm} now runs on {node:?}, not on the source {source_node}")]
+    #[error("VirtualMachine {vm} now runs on {node:?}, not on {expected}")]
     Moved {
         vm: String,
         node: Option<String>,
-        source_node: String,
+        expected: String,
     },
     #[error("migration {migration} no longer holds VirtualMachine {vm} (it rolled back)")]
     Released { vm: String, migration: String },
@@ -68,17 +68,30 @@ impl Claim<'_> {
     /// to the definition it runs) if it still names the source and the VM is still held
     /// by this migration. Idempotent.
     async fn take_with(&self, domain_xml: &str) -> Result<(), OwnershipError> {
+        self.move_owner(self.source, self.target, Some(domain_xml))
+            .await
+    }
+
+    /// Moves `status.nodeName` from `from` to `to` (with `domain_xml`, when given) over
+    /// the version it read, while the VM is held by this migration; done if it already
+    /// names `to`.
+    async fn move_owner(
+        &self,
+        from: &str,
+        to: &str,
+        domain_xml: Option<&str>,
+    ) -> Result<(), OwnershipError> {
         for _ in 0..TRIES {
             let vm = self.get().await?;
             let status = vm.status.clone().unwrap_or_default();
-            if status.node_name.as_deref() == Some(self.target) {
+            if status.node_name.as_deref() == Some(to) {
                 return Ok(());
             }
-            if status.node_name.as_deref() != Some(self.source) {
+            if status.node_name.as_deref() != Some(from) {
                 return Err(OwnershipError::Moved {
                     vm: self.vm.into(),
                     node: status.node_name,
-                    source_node: self.source.into(),
+                    expected: from.into(),
                 });
             }
             if status.migration.as_deref() != Some(self.migration) {
@@ -88,8 +101,8 @@ impl Claim<'_> {
                 });
             }
             let patch = VirtualMachineStatusPatch {
-                node_name: Some(Some(self.target.to_string())),
-                domain_xml: Some(Some(domain_xml.to_string())),
+                node_name: Some(Some(to.to_string())),
+                domain_xml: domain_xml.map(|x| Some(x.to_string())),
                 ..Default::default()
             };
             match self.patch(&patch, &vm).await {
@@ -136,39 +149,7 @@ impl Claim<'_> {
     /// back (the paused copy here is whole), if it still names the target and the VM
     /// is still held by this migration. Idempotent.
     pub async fn reclaim(&self) -> Result<(), OwnershipError> {
-        for _ in 0..TRIES {
-            let vm = self.get().await?;
-            let status = vm.status.clone().unwrap_or_default();
-            if status.node_name.as_deref() == Some(self.source) {
-                return Ok(());
-            }
-            if status.node_name.as_deref() != Some(self.target) {
-                return Err(OwnershipError::Moved {
-                    vm: self.vm.into(),
-                    node: status.node_name,
-                    source_node: self.source.into(),
-                });
-            }
-            if status.migration.as_deref() != Some(self.migration) {
-                return Err(OwnershipError::Released {
-                    vm: self.vm.into(),
-                    migration: self.migration.into(),
-                });
-            }
-            let patch = VirtualMachineStatusPatch {
-                node_name: Some(Some(self.source.to_string())),
-                ..Default::default()
-            };
-            match self.patch(&patch, &vm).await {
-                Ok(()) => return Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                Err(e) => return Err(self.kube()(e)),
-            }
-        }
-        Err(OwnershipError::Contended {
-            vm: self.vm.into(),
-            tries: TRIES,
-        })
+        self.move_owner(self.target, self.source, None).await
     }
 
     /// Source, in a cancelled Confirm: releases the VM from the migration so the target

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use tracing::{info, warn};
 
 use super::{Done, Run, StepError, disks};
-use crate::k8s::ownership::{Claim, Owner};
+use crate::k8s::ownership::Owner;
 use crate::k8s::peer::client;
 
 /// What the target said of its Finish, as far as this Confirm knows.
@@ -32,13 +32,7 @@ impl Run<'_> {
             // Fence the target out before resuming here; if it already took the guest,
             // going forward is the only way to keep one guest — unless its QEMU died
             // before it ran the guest: then the copy here is whole, and taken back.
-            let claim = Claim {
-                vms: &self.vms,
-                vm: &self.m.spec.vm_name,
-                migration: &name,
-                source: &source,
-                target: &target,
-            };
+            let claim = self.ownership(&name, &source, &target);
             let mut owner = claim.fence().await?;
             let never_ran = self
                 .m

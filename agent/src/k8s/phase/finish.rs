@@ -11,7 +11,6 @@ use tracing::{info, warn};
 
 use super::{Done, Run, StepError, disks};
 use crate::k8s::locks::LockError;
-use crate::k8s::ownership::Claim;
 
 /// How many times a disk lock hand-over that the API server failed is tried, before
 /// the commit (a failure then rolls the migration back, which is safe).
@@ -23,13 +22,7 @@ impl Run<'_> {
         let (source, target) = self.claim();
         let disks = disks(&domain);
         let name = self.m.name_any();
-        let claim = Claim {
-            vms: &self.vms,
-            vm: &self.m.spec.vm_name,
-            migration: &name,
-            source: &source,
-            target: &target,
-        };
+        let claim = self.ownership(&name, &source, &target);
         // A VM that names this node is this node's: a rollback decided meanwhile is
         // too late for it, and only going forward keeps one guest.
         let owned_here = vm.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&target);

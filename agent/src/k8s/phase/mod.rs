@@ -29,7 +29,7 @@ use tracing::warn;
 
 use super::Agent;
 use super::locks::DiskLocks;
-use super::ownership::OwnershipError;
+use super::ownership::{Claim, OwnershipError};
 use super::status::StatusWriter;
 
 mod begin;
@@ -299,6 +299,17 @@ impl<'a> Run<'a> {
     }
 
     /// The source and target nodes.
+    /// Who owns the guest, as the ownership writes of Finish and Confirm see it.
+    fn ownership<'c>(&'c self, name: &'c str, source: &'c str, target: &'c str) -> Claim<'c> {
+        Claim {
+            vms: &self.vms,
+            vm: &self.m.spec.vm_name,
+            migration: name,
+            source,
+            target,
+        }
+    }
+
     fn claim(&self) -> (String, String) {
         let (source, target) = self.m.nodes();
         (source.to_string(), target.to_string())
