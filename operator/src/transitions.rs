@@ -271,6 +271,15 @@ fn end_after_confirm(
 ) -> Decision {
     let status = m.status.clone().unwrap_or_default();
     let target = status.target_node.clone().unwrap_or_default();
+    // The source's Confirm found no guest to keep: it says where and why.
+    if let Some(step) = m.step(P::Confirm)
+        && let Some(reason @ (Reason::GuestLost | Reason::GuestDied)) = step.reason
+    {
+        return Decision::End {
+            phase: P::Failed,
+            why: why(reason, step.message.clone().unwrap_or_default()),
+        };
+    }
     if !status.cancelled || obs.vm_node.as_deref() == Some(target.as_str()) {
         let message = if cancel_asked {
             format!("the guest runs on {target}; the cancel came after the hand-over")

@@ -168,6 +168,24 @@ fn failure_paths_follow_the_design() {
 }
 
 #[test]
+fn a_confirm_that_found_the_guest_lost_or_dead_ends_failed_saying_so() {
+    for (reason, owner) in [(Reason::GuestLost, "node-b"), (Reason::GuestDied, "node-a")] {
+        for cancelled in [false, true] {
+            let mut m = migration(P::Confirm, cancelled, Some(S));
+            let step = m.status.as_mut().unwrap().steps.as_mut().unwrap();
+            let confirm = step.confirm.as_mut().unwrap();
+            confirm.reason = Some(reason);
+            confirm.message = Some("the guest is lost on node-b".into());
+            let mut o = obs(1);
+            o.vm_node = Some(owner.into());
+            let (phase, said, message) = ended(decide(&m, &o, &T));
+            assert_eq!((phase, said), (P::Failed, reason.as_str()), "{reason:?}");
+            assert_eq!(message, "the guest is lost on node-b");
+        }
+    }
+}
+
+#[test]
 fn a_lost_agent_or_a_timeout_fails_the_phase() {
     let mut o = obs(1);
     o.target_live = false;
