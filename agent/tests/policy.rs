@@ -6,9 +6,8 @@
 mod support;
 
 use ferry_agent::error::{ErrorKind, PhaseError};
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress, perform};
-use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
+use ferry_agent::phases::perform::{PerformOutput, TransferProgress};
+use ferry_agent::phases::prepare::PrepareOutput;
 use ferry_agent::policy::{Policy, PostCopy, resolve};
 use ferry_agent::qmp::StatusInfo;
 use ferry_crds::{Compression, MigrationPolicy, Preset};
@@ -41,32 +40,6 @@ fn limited(spec: MigrationPolicy) -> Policy {
     .unwrap()
 }
 
-async fn begin_and_prepare(lab: &Lab, m: &str, policy: &Policy) -> PrepareOutput {
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy,
-            tls: lab.tls_b(),
-        },
-    )
-    .await
-    .unwrap()
-}
-
 /// Every progress report of one Perform.
 type Reports = Arc<Mutex<Vec<TransferProgress>>>;
 
@@ -79,19 +52,9 @@ async fn run_perform(
 ) -> (Result<PerformOutput, PhaseError>, Vec<TransferProgress>) {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
-    let res = within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy,
-            tls: lab.tls_a(),
-            cancel,
-        },
-        move |p| sink.lock().unwrap().push(p.clone()),
-    ))
+    let res = within(lab.perform(m, prep, policy, cancel, move |p| {
+        sink.lock().unwrap().push(p.clone())
+    }))
     .await;
     let reports = reports.lock().unwrap().clone();
     (res, reports)
@@ -165,7 +128,7 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
         progress_timeout: None,
         ..plain
     };
-    let prep = begin_and_prepare(&lab, "m-plain", &plain).await;
+    let prep = lab.begin_and_prepare("m-plain", &plain).await.unwrap();
     let cancel = CancellationToken::new();
     let started = Instant::now();
     let guest_passes_at_start = last_pass(&lab.serial_a()).unwrap();
@@ -173,24 +136,12 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
     let stopper = cancel.clone();
-    let res = within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: "m-plain",
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &plain,
-            tls: None,
-            cancel: &cancel,
-        },
-        move |p| {
-            if p.pass >= 8 {
-                stopper.cancel();
-            }
-            sink.lock().unwrap().push(p.clone());
-        },
-    ))
+    let res = within(lab.perform("m-plain", &prep, &plain, &cancel, move |p| {
+        if p.pass >= 8 {
+            stopper.cancel();
+        }
+        sink.lock().unwrap().push(p.clone());
+    }))
     .await;
     let reports = reports.lock().unwrap().clone();
     let guest_passes = last_pass(&lab.serial_a()).unwrap() - guest_passes_at_start;
@@ -218,7 +169,7 @@ async fn hot_guest_completes_under_the_default_policy() {
     let balanced = limited(MigrationPolicy::default());
     assert_eq!(balanced.post_copy, PostCopy::Allowed);
     assert!(balanced.auto_converge);
-    let prep = begin_and_prepare(&lab, "m-bal", &balanced).await;
+    let prep = lab.begin_and_prepare("m-bal", &balanced).await.unwrap();
     let started = Instant::now();
     let (res, reports) =
         run_perform(&lab, "m-bal", &prep, &balanced, &CancellationToken::new()).await;
@@ -255,7 +206,7 @@ async fn post_copy_case(vm: &str, post_copy: PostCopy) {
         auto_converge: false,
         ..limited(MigrationPolicy::default())
     };
-    let prep = begin_and_prepare(&lab, "m-pc", &policy).await;
+    let prep = lab.begin_and_prepare("m-pc", &policy).await.unwrap();
     let (res, reports) = run_perform(&lab, "m-pc", &prep, &policy, &CancellationToken::new()).await;
     let perf = res.unwrap();
     eprintln!(
@@ -290,7 +241,7 @@ async fn multifd_case(vm: &str, spec: MigrationPolicy, channels: u64, compressio
     let lab = calm_lab(vm).with_tls();
     lab.start_source().await;
     let policy = resolve(&spec).unwrap();
-    let prep = begin_and_prepare(&lab, "m-mfd", &policy).await;
+    let prep = lab.begin_and_prepare("m-mfd", &policy).await.unwrap();
     let target = lab.b.require(&lab.vm).await.unwrap();
     let (res, reports) =
         run_perform(&lab, "m-mfd", &prep, &policy, &CancellationToken::new()).await;
@@ -348,7 +299,7 @@ async fn zstd_compressed_multifd_migrates() {
 async fn timeout_case(vm: &str, policy: Policy, limit: &str) {
     let lab = hot_lab(vm);
     lab.start_source().await;
-    let prep = begin_and_prepare(&lab, "m-to", &policy).await;
+    let prep = lab.begin_and_prepare("m-to", &policy).await.unwrap();
     let (res, reports) = run_perform(&lab, "m-to", &prep, &policy, &CancellationToken::new()).await;
     let err = res.expect_err("the limit aborts the migration");
     eprintln!("{err}; {}", summary(&reports));

@@ -6,16 +6,12 @@
 mod support;
 
 use ferry_agent::domain::Domain;
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
-use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, confirm_saved, save};
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::restore::{RestoreError, restore};
 use ferry_agent::statefile::Compression;
 use std::path::Path;
 use std::time::Duration;
 use support::*;
-use tokio_util::sync::CancellationToken;
 
 /// Begin, save and Confirm on node-a; returns the save and the source's serial log.
 async fn save_on_a(
@@ -25,43 +21,10 @@ async fn save_on_a(
     c: Compression,
 ) -> (ferry_agent::phases::save::SaveOutput, String) {
     let vm = lab.vm.as_str();
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let out = within(save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: m,
-            path,
-            compression: c,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap();
+    lab.begin(m, None).await.unwrap();
+    let out = within(lab.save(m, path, c)).await.unwrap();
     // Idempotent: a re-run returns the recorded result.
-    let again = save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: m,
-            path,
-            compression: c,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let again = lab.save(m, path, c).await.unwrap();
     assert_eq!(again, out);
     // The source guest is paused, its serial log complete.
     let status: StatusInfo = lab
@@ -75,19 +38,8 @@ async fn save_on_a(
         .unwrap();
     assert_eq!(status.status, "postmigrate");
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_eq!(
-        confirm_saved(&lab.a, ConfirmSavedInput { vm, migration: m })
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(&out)
-    );
-    assert_eq!(
-        confirm_saved(&lab.a, ConfirmSavedInput { vm, migration: m })
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lab.confirm_saved(m).await.unwrap().as_ref(), Some(&out));
+    assert_eq!(lab.confirm_saved(m).await.unwrap(), None);
     assert!(lab.qemu_pids().is_empty(), "no QEMU runs once saved");
     assert!(!lab.a.vm_dir(vm).exists());
     (out, before)
@@ -204,95 +156,28 @@ async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
     // An existing file is never overwritten: refused before the guest pauses.
     let existing = lab.dir.path().join("exists.fsav");
     std::fs::write(&existing, b"keep me").unwrap();
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: "m-exists",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let err = save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: "m-exists",
-            path: &existing,
-            compression: Compression::Gzip,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap_err();
+    lab.begin("m-exists", None).await.unwrap();
+    let err = lab
+        .save("m-exists", &existing, Compression::Gzip)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("never overwrites"), "{err}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: "m-exists",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, "m-exists", None, true).await.unwrap();
 
     // A directory that does not exist: the writer fails, QEMU's stream breaks, the
     // save fails with the writer's error and Confirm(cancelled) resumes the guest.
     let nowhere = lab.dir.path().join("no/such/dir/guest.fsav");
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: "m-nowhere",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let err = within(save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: "m-nowhere",
-            path: &nowhere,
-            compression: Compression::Xz,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap_err();
+    lab.begin("m-nowhere", None).await.unwrap();
+    let err = within(lab.save("m-nowhere", &nowhere, Compression::Xz))
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("creating the temporary file"),
         "{err}"
     );
-    assert!(
-        confirm_saved(
-            &lab.a,
-            ConfirmSavedInput {
-                vm,
-                migration: "m-nowhere"
-            }
-        )
-        .await
-        .is_err()
-    );
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: "m-nowhere",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    assert!(lab.confirm_saved("m-nowhere").await.is_err());
+    lab.confirm(&lab.a, "m-nowhere", None, true).await.unwrap();
     let status: StatusInfo = lab
         .a
         .require(vm)
