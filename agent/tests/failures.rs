@@ -8,7 +8,6 @@ use ferry_agent::phases::MigrationRecord;
 use ferry_agent::phases::finish::finish;
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::Policy;
-use ferry_agent::qmp::StatusInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,13 +27,7 @@ fn lab(vm: &str) -> Lab {
 async fn assert_source_runs_alone(lab: &Lab) {
     lab.assert_one_guest_on(&lab.a);
     assert!(!lab.b.vm_dir(&lab.vm).exists(), "target state dir removed");
-    let guest = lab.a.require(&lab.vm).await.unwrap();
-    let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(status.status, "running");
-    let now = last_pass(&lab.serial_a()).unwrap();
-    wait_for_pass(&lab.serial_a(), now + 3, Duration::from_secs(120)).await;
-    let text = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_counter_continues(&text, "", 0);
+    lab.assert_runs_on_a().await;
 }
 
 #[tokio::test]

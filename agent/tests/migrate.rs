@@ -90,10 +90,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
         .unwrap();
     lab.assert_one_guest_on(&lab.b);
     assert!(!lab.a.vm_dir(vm).exists(), "source state dir removed");
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 5, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 5);
+    lab.assert_continues_on_b(&before, 5).await;
 }
 
 #[tokio::test]
@@ -266,8 +263,5 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
         .await
         .unwrap();
     lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
+    lab.assert_continues_on_b(&before, 3).await;
 }

@@ -9,7 +9,6 @@ use ferry_agent::error::{ErrorKind, PhaseError};
 use ferry_agent::phases::perform::{PerformOutput, TransferProgress};
 use ferry_agent::phases::prepare::PrepareOutput;
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::qmp::StatusInfo;
 use ferry_crds::{Compression, MigrationPolicy, Preset};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,38 +59,13 @@ async fn run_perform(
     (res, reports)
 }
 
-/// Finish and Confirm after a completed Perform; checks the guest on the target goes on
-/// from where it stopped, without a BAD page.
-async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
-    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = lab
-        .finish(&lab.b, m, Some(&perf.cookie), false)
-        .await
-        .unwrap();
-    assert!(fin.resumed);
-    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
-    lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
-}
-
 /// Finish(cancelled) and Confirm(cancelled) after a failed Perform; the guest runs on the
 /// source, alone, and its counter goes on without a BAD page.
 async fn roll_back(lab: &Lab, m: &str) {
     lab.finish(&lab.b, m, None, true).await.unwrap();
     lab.confirm(&lab.a, m, None, true).await.unwrap();
     lab.assert_one_guest_on(&lab.a);
-    let guest = lab.a.require(&lab.vm).await.unwrap();
-    let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(status.status, "running");
-    let now = last_pass(&lab.serial_a()).unwrap();
-    wait_for_pass(&lab.serial_a(), now + 3, Duration::from_secs(120)).await;
-    let text = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_counter_continues(&text, "", 0);
+    lab.assert_runs_on_a().await;
 }
 
 fn summary(reports: &[TransferProgress]) -> String {
@@ -194,7 +168,7 @@ async fn hot_guest_completes_under_the_default_policy() {
             "post-copy only after throttling at the maximum did not help"
         );
     }
-    complete(&lab, "m-bal", &perf).await;
+    lab.complete("m-bal", &perf).await;
 }
 
 /// Over TLS: the post-copy switch and its return path work through the encrypted stream.
@@ -223,7 +197,7 @@ async fn post_copy_case(vm: &str, post_copy: PostCopy) {
             "the switch followed a 'not converging' judgement"
         );
     }
-    complete(&lab, "m-pc", &perf).await;
+    lab.complete("m-pc", &perf).await;
 }
 
 #[tokio::test]
@@ -274,7 +248,7 @@ async fn multifd_case(vm: &str, spec: MigrationPolicy, channels: u64, compressio
         assert_eq!(multifd["state"], true);
     }
     drop(target);
-    complete(&lab, "m-mfd", &perf).await;
+    lab.complete("m-mfd", &perf).await;
 }
 
 #[tokio::test]

@@ -173,20 +173,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
     let perf = res.expect("the recovered migration completes");
     assert!(perf.post_copy);
-    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = lab
-        .finish(&lab.b, m, Some(&perf.cookie), false)
-        .await
-        .unwrap();
-    assert!(fin.resumed);
-    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
-    lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
+    lab.complete(m, &perf).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 mod support;
 
 use ferry_agent::domain::Domain;
-use ferry_agent::qmp::StatusInfo;
 use ferry_agent::restore::{RestoreError, restore};
 use ferry_agent::statefile::Compression;
 use std::path::Path;
@@ -27,16 +26,7 @@ async fn save_on_a(
     let again = lab.save(m, path, c).await.unwrap();
     assert_eq!(again, out);
     // The source guest is paused, its serial log complete.
-    let status: StatusInfo = lab
-        .a
-        .require(vm)
-        .await
-        .unwrap()
-        .qmp
-        .execute("query-status", None)
-        .await
-        .unwrap();
-    assert_eq!(status.status, "postmigrate");
+    assert_eq!(lab.run_status(&lab.a).await, "postmigrate");
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
     assert_eq!(lab.confirm_saved(m).await.unwrap().as_ref(), Some(&out));
     assert_eq!(lab.confirm_saved(m).await.unwrap(), None);
@@ -62,10 +52,7 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
         let restored = within(restore(&lab.b, &domain, &path)).await.unwrap();
         assert_eq!(restored.stream_bytes, out.stream_bytes);
         lab.assert_one_guest_on(&lab.b);
-        let last_before = passes(&before).last().copied().unwrap();
-        wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-        let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-        assert_counter_continues(&before, &after, 3);
+        lab.assert_continues_on_b(&before, 3).await;
         // The file is left as it was: it can be restored again elsewhere.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), out.file_bytes);
         rows.push((c, out, restored));
@@ -138,10 +125,7 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
     }
     // The good file still restores, and the guest goes on.
     within(restore(&lab.b, &domain, &path)).await.unwrap();
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 2, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 2);
+    lab.assert_continues_on_b(&before, 2).await;
     // A second restore while it runs is refused.
     let err = restore(&lab.b, &domain, &path).await.unwrap_err();
     assert_eq!(err.reason(), "AlreadyRunning", "{err}");
@@ -152,7 +136,6 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
 async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
     let lab = Lab::new("nowrite", 64, 32, 5_000_000);
     lab.start_source().await;
-    let vm = lab.vm.as_str();
     // An existing file is never overwritten: refused before the guest pauses.
     let existing = lab.dir.path().join("exists.fsav");
     std::fs::write(&existing, b"keep me").unwrap();
@@ -178,16 +161,7 @@ async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
     );
     assert!(lab.confirm_saved("m-nowhere").await.is_err());
     lab.confirm(&lab.a, "m-nowhere", None, true).await.unwrap();
-    let status: StatusInfo = lab
-        .a
-        .require(vm)
-        .await
-        .unwrap()
-        .qmp
-        .execute("query-status", None)
-        .await
-        .unwrap();
-    assert_eq!(status.status, "running");
+    assert_eq!(lab.run_status(&lab.a).await, "running");
     let last = last_pass(&lab.serial_a()).unwrap();
     wait_for_pass(&lab.serial_a(), last + 2, Duration::from_secs(120)).await;
     assert!(!nowhere.parent().unwrap().exists());

@@ -13,6 +13,7 @@ use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, SaveOutput, confirm_saved, save};
 use ferry_agent::policy::Policy;
+use ferry_agent::qmp::StatusInfo;
 use ferry_agent::statefile::Compression;
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
@@ -368,6 +369,50 @@ impl Lab {
             Some(pids[0]),
             "QEMU runs on the wrong node"
         );
+    }
+
+    /// The run status (`query-status`) of the lab's guest on `sup`.
+    pub async fn run_status(&self, sup: &Supervisor) -> String {
+        let guest = sup.require(&self.vm).await.unwrap();
+        let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
+        status.status
+    }
+
+    /// The guest on node-a runs and its counter moves on (three more passes) without a
+    /// BAD page.
+    pub async fn assert_runs_on_a(&self) {
+        assert_eq!(self.run_status(&self.a).await, "running");
+        let now = last_pass(&self.serial_a()).unwrap();
+        wait_for_pass(&self.serial_a(), now + 3, Duration::from_secs(120)).await;
+        let text = std::fs::read_to_string(self.serial_a()).unwrap();
+        assert_counter_continues(&text, "", 0);
+    }
+
+    /// Waits until the guest on node-b has made `n` passes more than the last one in
+    /// `before` (the source's serial log as the guest left it), and checks node-b's log
+    /// goes on from it: one unbroken run of passes, no BAD page.
+    pub async fn assert_continues_on_b(&self, before: &str, n: u64) {
+        let last_before = passes(before).last().copied().unwrap();
+        wait_for_pass(&self.serial_b(), last_before + n, Duration::from_secs(120)).await;
+        let after = std::fs::read_to_string(self.serial_b()).unwrap();
+        assert_counter_continues(before, &after, n as usize);
+    }
+
+    /// Finish and Confirm of migration `m` after its Perform completed (`perf`); checks
+    /// the guest resumed on node-b, alone, and goes on from where it stopped without a
+    /// BAD page.
+    pub async fn complete(&self, m: &str, perf: &PerformOutput) {
+        let before = std::fs::read_to_string(self.serial_a()).unwrap();
+        let fin = self
+            .finish(&self.b, m, Some(&perf.cookie), false)
+            .await
+            .unwrap();
+        assert!(fin.resumed);
+        self.confirm(&self.a, m, fin.cookie.as_deref(), false)
+            .await
+            .unwrap();
+        self.assert_one_guest_on(&self.b);
+        self.assert_continues_on_b(&before, 3).await;
     }
 }
 
