@@ -5,12 +5,9 @@ mod support;
 
 use ferry_agent::error::ErrorKind;
 use ferry_agent::phases::MigrationRecord;
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::finish::{FinishInput, finish};
-use ferry_agent::phases::perform::{PerformInput, PerformOutput, perform};
+use ferry_agent::phases::finish::finish;
 use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::policy::Policy;
-use ferry_agent::qmp::StatusInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,43 +23,11 @@ fn lab(vm: &str) -> Lab {
     Lab::new(vm, 128, 64, 5_000_000)
 }
 
-async fn begin_and_prepare(lab: &Lab, m: &str) -> PrepareOutput {
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &slow(),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap()
-}
-
 /// The source guest runs, alone, and its counter moves on without BAD pages.
 async fn assert_source_runs_alone(lab: &Lab) {
     lab.assert_one_guest_on(&lab.a);
     assert!(!lab.b.vm_dir(&lab.vm).exists(), "target state dir removed");
-    let guest = lab.a.require(&lab.vm).await.unwrap();
-    let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(status.status, "running");
-    let now = last_pass(&lab.serial_a()).unwrap();
-    wait_for_pass(&lab.serial_a(), now + 3, Duration::from_secs(120)).await;
-    let text = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_counter_continues(&text, "", 0);
+    lab.assert_runs_on_a().await;
 }
 
 #[tokio::test]
@@ -71,25 +36,12 @@ async fn prepare_fails_when_the_target_port_is_taken() {
     lab.start_source().await;
     let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: "m1",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
+    let out = lab.begin("m1", None).await.unwrap();
     let err = prepare(
         &lab.b,
         PrepareInput {
-            migration: "m1",
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
             port: Some(port),
-            policy: &slow(),
-            tls: None,
+            ..lab.prepare_input("m1", &out, &slow())
         },
     )
     .await
@@ -110,19 +62,9 @@ where
     let transferred = Arc::new(AtomicU64::new(0));
     let seen = transferred.clone();
     let slow = slow();
-    let run = perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &slow,
-            tls: None,
-            cancel: &cancel,
-        },
-        move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
-    );
+    let run = lab.perform(m, prep, &slow, &cancel, move |p| {
+        seen.store(p.transferred_bytes, Ordering::SeqCst)
+    });
     let act = async {
         while transferred.load(Ordering::SeqCst) < (4 << 20) {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -137,7 +79,7 @@ where
 async fn perform_fails_when_the_target_qemu_dies_mid_transfer() {
     let lab = lab("perf-fail");
     lab.start_source().await;
-    let prep = begin_and_prepare(&lab, "m2").await;
+    let prep = lab.begin_and_prepare("m2", &slow()).await.unwrap();
     let target_pid = lab.b.running_pid(&lab.vm).unwrap();
     let kind = perform_with(&lab, "m2", &prep, |_| async move {
         nix::sys::signal::kill(
@@ -157,7 +99,7 @@ async fn perform_fails_when_the_target_qemu_dies_mid_transfer() {
 async fn perform_cancelled_rolls_back_to_the_source() {
     let lab = lab("perf-cancel");
     lab.start_source().await;
-    let prep = begin_and_prepare(&lab, "m3").await;
+    let prep = lab.begin_and_prepare("m3", &slow()).await.unwrap();
     let kind = perform_with(&lab, "m3", &prep, |cancel| async move { cancel.cancel() }).await;
     assert!(matches!(kind, ErrorKind::Cancelled), "{kind}");
     lab.finish(&lab.b, "m3", None, true).await.unwrap();
@@ -165,50 +107,19 @@ async fn perform_cancelled_rolls_back_to_the_source() {
     assert_source_runs_alone(&lab).await;
 }
 
-/// Begin, Prepare and Perform of `m`: the source is paused with its memory sent, the
-/// target waits for `cont`.
-async fn transferred(lab: &Lab, m: &str) -> PerformOutput {
-    let prep = begin_and_prepare(lab, m).await;
-    within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &policy(None, 2000),
-            tls: None,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap()
-}
-
-fn finish_input<'a>(
-    lab: &'a Lab,
-    m: &'a str,
-    perf: &'a PerformOutput,
-    cancelled: bool,
-) -> FinishInput<'a> {
-    FinishInput {
-        vm: &lab.vm,
-        migration: m,
-        perform_cookie: Some(&perf.cookie),
-        cancelled,
-    }
-}
-
 #[tokio::test]
 async fn finish_fails_when_ownership_cannot_be_taken() {
     let lab = lab("finish-fail");
     lab.start_source().await;
-    let perf = transferred(&lab, "m4").await;
+    let perf = within(lab.migrate("m4", &policy(None, 2000)))
+        .await
+        .unwrap();
     let stopped_at = last_pass(&lab.serial_a()).unwrap();
-    let err = finish(&lab.b, finish_input(&lab, "m4", &perf, false), async {
-        Err("VM status.nodeName was changed by someone else".into())
-    })
+    let err = finish(
+        &lab.b,
+        lab.finish_input("m4", Some(&perf.cookie), false),
+        async { Err("VM status.nodeName was changed by someone else".into()) },
+    )
     .await
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Ownership(_)), "{err}");
@@ -225,14 +136,20 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
 async fn a_target_qemu_lost_after_the_commit_but_before_cont_never_ran_the_guest() {
     let lab = lab("never-ran");
     lab.start_source().await;
-    let perf = transferred(&lab, "m5").await;
+    let perf = within(lab.migrate("m5", &policy(None, 2000)))
+        .await
+        .unwrap();
     let stopped_at = last_pass(&lab.serial_a()).unwrap();
     let target_pid = lab.b.running_pid(&lab.vm).unwrap();
-    let err = finish(&lab.b, finish_input(&lab, "m5", &perf, false), async {
-        // The ownership write landed; the QEMU is killed before Finish can resume it.
-        kill(target_pid);
-        Ok(())
-    })
+    let err = finish(
+        &lab.b,
+        lab.finish_input("m5", Some(&perf.cookie), false),
+        async {
+            // The ownership write landed; the QEMU is killed before Finish can resume it.
+            kill(target_pid);
+            Ok(())
+        },
+    )
     .await
     .unwrap_err();
     assert!(matches!(err.kind, ErrorKind::NeverRan(_)), "{err}");
@@ -248,16 +165,20 @@ async fn a_target_qemu_lost_after_the_commit_but_before_cont_never_ran_the_guest
 async fn a_committed_finish_goes_forward_even_when_cancelled() {
     let lab = lab("committed");
     lab.start_source().await;
-    let perf = transferred(&lab, "m6").await;
+    let perf = within(lab.migrate("m6", &policy(None, 2000)))
+        .await
+        .unwrap();
     // What the restarted agent finds: the commit recorded, the guest still paused.
     let mut record = MigrationRecord::load_for(&lab.b.vm_dir(&lab.vm), "m6")
         .unwrap()
         .unwrap_or_else(|| MigrationRecord::new("m6"));
     record.committed = true;
     record.save(&lab.b.vm_dir(&lab.vm)).unwrap();
-    let out = finish(&lab.b, finish_input(&lab, "m6", &perf, true), async {
-        panic!("a committed Finish does not commit again")
-    })
+    let out = finish(
+        &lab.b,
+        lab.finish_input("m6", Some(&perf.cookie), true),
+        async { panic!("a committed Finish does not commit again") },
+    )
     .await
     .unwrap();
     assert!(out.resumed, "the guest resumed on the target");

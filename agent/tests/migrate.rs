@@ -4,10 +4,7 @@ mod support;
 
 use ferry_agent::cookie::{Cookie, LockState};
 use ferry_agent::phases::Phase;
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
-use ferry_agent::phases::finish::{FinishInput, finish};
-use ferry_agent::phases::perform::{PerformInput, perform};
+use ferry_agent::phases::finish::finish;
 use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::Policy;
 use ferry_agent::qmp::StatusInfo;
@@ -22,77 +19,19 @@ use tokio_util::sync::CancellationToken;
 async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) {
     let vm = lab.vm.as_str();
     let m = "m-ok";
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: m,
-            target_xml,
-        },
-    )
-    .await
-    .unwrap();
+    let out = lab.begin(m, target_xml).await.unwrap();
     // Idempotent: a re-run returns the same result.
-    assert_eq!(
-        begin(
-            &lab.a,
-            BeginInput {
-                vm,
-                migration: m,
-                target_xml
-            }
-        )
-        .await
-        .unwrap(),
-        out
-    );
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &params,
-            tls: None,
-        },
-    )
-    .await
-    .unwrap();
+    assert_eq!(lab.begin(m, target_xml).await.unwrap(), out);
+    let prep = lab.prepare(m, &out, &params).await.unwrap();
     assert!(prep.uri.starts_with("tcp:127.0.0.3:"), "{}", prep.uri);
-    assert_eq!(
-        prepare(
-            &lab.b,
-            PrepareInput {
-                migration: m,
-                domain_xml: &out.domain_xml,
-                begin_cookie: &out.cookie,
-                port: None,
-                policy: &params,
-                tls: None
-            }
-        )
-        .await
-        .unwrap(),
-        prep
-    );
+    assert_eq!(lab.prepare(m, &out, &params).await.unwrap(), prep);
     let max_pass = Arc::new(AtomicU64::new(0));
     let seen = max_pass.clone();
-    let perf = within(perform(
-        &lab.a,
-        PerformInput {
-            vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &params,
-            tls: None,
-            cancel: &CancellationToken::new(),
-        },
-        move |p| {
+    let perf = within(
+        lab.perform(m, &prep, &params, &CancellationToken::new(), move |p| {
             seen.fetch_max(p.pass, Ordering::SeqCst);
-        },
-    ))
+        }),
+    )
     .await
     .unwrap();
     assert!(
@@ -111,12 +50,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
     let target_guest = lab.b.require(vm).await.unwrap();
     let fin = finish(
         &lab.b,
-        FinishInput {
-            vm,
-            migration: m,
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
+        lab.finish_input(m, Some(&perf.cookie), false),
         async move {
             // The hook runs before the target's vCPUs resume.
             flag.store(true, Ordering::SeqCst);
@@ -128,30 +62,14 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
     assert!(owned.load(Ordering::SeqCst));
     assert!(fin.resumed);
     // Re-runs after a crash return the recorded results and do no harm.
-    let again = perform(
-        &lab.a,
-        PerformInput {
-            vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &params,
-            tls: None,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let again = lab
+        .perform(m, &prep, &params, &CancellationToken::new(), |_| {})
+        .await
+        .unwrap();
     assert_eq!(again, perf);
     let again = finish(
         &lab.b,
-        FinishInput {
-            vm,
-            migration: m,
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
+        lab.finish_input(m, Some(&perf.cookie), false),
         async { Err("the hook must not run again".into()) },
     )
     .await
@@ -163,35 +81,16 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
         .await
         .unwrap();
     assert_eq!(status.status, "running");
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: m,
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     // Confirm is idempotent too.
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: m,
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     lab.assert_one_guest_on(&lab.b);
     assert!(!lab.a.vm_dir(vm).exists(), "source state dir removed");
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 5, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 5);
+    lab.assert_continues_on_b(&before, 5).await;
 }
 
 #[tokio::test]
@@ -248,16 +147,10 @@ async fn abi_changes_are_refused_in_begin_and_the_source_never_pauses() {
         ),
     ];
     for (i, (xml, msg)) in cases.iter().enumerate() {
-        let err = begin(
-            &lab.a,
-            BeginInput {
-                vm: &lab.vm,
-                migration: &format!("m-abi-{i}"),
-                target_xml: Some(xml),
-            },
-        )
-        .await
-        .unwrap_err();
+        let err = lab
+            .begin(&format!("m-abi-{i}"), Some(xml))
+            .await
+            .unwrap_err();
         assert_eq!(err.phase, Phase::Begin);
         assert!(err.to_string().contains(msg), "{err}");
     }
@@ -274,31 +167,12 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
     let lab = Lab::new("cookies", 64, 32, 5_000_000);
     lab.start_source().await;
     let vm = lab.vm.as_str();
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: "m-c",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
+    let out = lab.begin("m-c", None).await.unwrap();
 
     // Same host: the source node's own Prepare refuses its cookie.
-    let err = prepare(
-        &lab.a,
-        PrepareInput {
-            migration: "m-c",
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &Policy::default(),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = prepare(&lab.a, lab.prepare_input("m-c", &out, &Policy::default()))
+        .await
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("attempt to migrate guest to the same host"),
@@ -334,12 +208,8 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
         let err = prepare(
             &lab.b,
             PrepareInput {
-                migration: "m-c",
-                domain_xml: &out.domain_xml,
                 begin_cookie: &cookie,
-                port: None,
-                policy: &Policy::default(),
-                tls: None,
+                ..lab.prepare_input("m-c", &out, &Policy::default())
             },
         )
         .await
@@ -350,17 +220,7 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
     // Nothing was started on the target, the source still runs.
     assert!(!lab.b.vm_dir(vm).exists());
     lab.assert_one_guest_on(&lab.a);
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: "m-c",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, "m-c", None, true).await.unwrap();
     lab.assert_one_guest_on(&lab.a);
 }
 
@@ -368,47 +228,17 @@ async fn bad_cookies_and_same_host_are_refused_in_prepare() {
 async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
     let mut lab = Lab::new("rerun", 64, 2, 50_000_000);
     lab.start_source().await;
-    let vm = lab.vm.clone();
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &vm,
-            migration: "m-r",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: "m-r",
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &Policy::default(),
-            tls: None,
-        },
-    )
-    .await
-    .unwrap();
+    let prep = lab
+        .begin_and_prepare("m-r", &Policy::default())
+        .await
+        .unwrap();
     let slow = policy(Some(1 << 20), 300);
     let transferred = Arc::new(AtomicU64::new(0));
     let seen = transferred.clone();
     let token = CancellationToken::new();
-    let first = perform(
-        &lab.a,
-        PerformInput {
-            vm: &vm,
-            migration: "m-r",
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &slow,
-            tls: None,
-            cancel: &token,
-        },
-        move |p| seen.store(p.transferred_bytes, Ordering::SeqCst),
-    );
+    let first = lab.perform("m-r", &prep, &slow, &token, move |p| {
+        seen.store(p.transferred_bytes, Ordering::SeqCst)
+    });
     // The agent dies while the stream flows: its Perform call is dropped mid-way...
     tokio::select! {
         r = first => panic!("Perform ended before the restart: {r:?}"),
@@ -421,48 +251,17 @@ async fn perform_rerun_after_an_agent_restart_follows_the_migration() {
     // ...and a new agent (new supervisor, new QMP connection) runs Perform again.
     lab.a = Supervisor::new(lab.a.node().clone());
     let fast = policy(None, 2000);
-    let perf = within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &vm,
-            migration: "m-r",
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &fast,
-            tls: None,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap();
+    let perf = within(lab.perform("m-r", &prep, &fast, &CancellationToken::new(), |_| {}))
+        .await
+        .unwrap();
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(
-        &lab.b,
-        FinishInput {
-            vm: &vm,
-            migration: "m-r",
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm: &vm,
-            migration: "m-r",
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    let fin = lab
+        .finish(&lab.b, "m-r", Some(&perf.cookie), false)
+        .await
+        .unwrap();
+    lab.confirm(&lab.a, "m-r", fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
+    lab.assert_continues_on_b(&before, 3).await;
 }

@@ -6,11 +6,9 @@
 mod support;
 
 use ferry_agent::error::{ErrorKind, PhaseError};
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress, perform};
-use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
+use ferry_agent::phases::perform::{PerformOutput, TransferProgress};
+use ferry_agent::phases::prepare::PrepareOutput;
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::qmp::StatusInfo;
 use ferry_crds::{Compression, MigrationPolicy, Preset};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,32 +39,6 @@ fn limited(spec: MigrationPolicy) -> Policy {
     .unwrap()
 }
 
-async fn begin_and_prepare(lab: &Lab, m: &str, policy: &Policy) -> PrepareOutput {
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy,
-            tls: lab.tls_b(),
-        },
-    )
-    .await
-    .unwrap()
-}
-
 /// Every progress report of one Perform.
 type Reports = Arc<Mutex<Vec<TransferProgress>>>;
 
@@ -79,41 +51,12 @@ async fn run_perform(
 ) -> (Result<PerformOutput, PhaseError>, Vec<TransferProgress>) {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
-    let res = within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy,
-            tls: lab.tls_a(),
-            cancel,
-        },
-        move |p| sink.lock().unwrap().push(p.clone()),
-    ))
+    let res = within(lab.perform(m, prep, policy, cancel, move |p| {
+        sink.lock().unwrap().push(p.clone())
+    }))
     .await;
     let reports = reports.lock().unwrap().clone();
     (res, reports)
-}
-
-/// Finish and Confirm after a completed Perform; checks the guest on the target goes on
-/// from where it stopped, without a BAD page.
-async fn complete(lab: &Lab, m: &str, perf: &PerformOutput) {
-    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = lab
-        .finish(&lab.b, m, Some(&perf.cookie), false)
-        .await
-        .unwrap();
-    assert!(fin.resumed);
-    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
-    lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
 }
 
 /// Finish(cancelled) and Confirm(cancelled) after a failed Perform; the guest runs on the
@@ -122,13 +65,7 @@ async fn roll_back(lab: &Lab, m: &str) {
     lab.finish(&lab.b, m, None, true).await.unwrap();
     lab.confirm(&lab.a, m, None, true).await.unwrap();
     lab.assert_one_guest_on(&lab.a);
-    let guest = lab.a.require(&lab.vm).await.unwrap();
-    let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(status.status, "running");
-    let now = last_pass(&lab.serial_a()).unwrap();
-    wait_for_pass(&lab.serial_a(), now + 3, Duration::from_secs(120)).await;
-    let text = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_counter_continues(&text, "", 0);
+    lab.assert_runs_on_a().await;
 }
 
 fn summary(reports: &[TransferProgress]) -> String {
@@ -165,7 +102,7 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
         progress_timeout: None,
         ..plain
     };
-    let prep = begin_and_prepare(&lab, "m-plain", &plain).await;
+    let prep = lab.begin_and_prepare("m-plain", &plain).await.unwrap();
     let cancel = CancellationToken::new();
     let started = Instant::now();
     let guest_passes_at_start = last_pass(&lab.serial_a()).unwrap();
@@ -173,24 +110,12 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
     let reports: Reports = Arc::default();
     let sink = reports.clone();
     let stopper = cancel.clone();
-    let res = within(perform(
-        &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: "m-plain",
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &plain,
-            tls: None,
-            cancel: &cancel,
-        },
-        move |p| {
-            if p.pass >= 8 {
-                stopper.cancel();
-            }
-            sink.lock().unwrap().push(p.clone());
-        },
-    ))
+    let res = within(lab.perform("m-plain", &prep, &plain, &cancel, move |p| {
+        if p.pass >= 8 {
+            stopper.cancel();
+        }
+        sink.lock().unwrap().push(p.clone());
+    }))
     .await;
     let reports = reports.lock().unwrap().clone();
     let guest_passes = last_pass(&lab.serial_a()).unwrap() - guest_passes_at_start;
@@ -218,7 +143,7 @@ async fn hot_guest_completes_under_the_default_policy() {
     let balanced = limited(MigrationPolicy::default());
     assert_eq!(balanced.post_copy, PostCopy::Allowed);
     assert!(balanced.auto_converge);
-    let prep = begin_and_prepare(&lab, "m-bal", &balanced).await;
+    let prep = lab.begin_and_prepare("m-bal", &balanced).await.unwrap();
     let started = Instant::now();
     let (res, reports) =
         run_perform(&lab, "m-bal", &prep, &balanced, &CancellationToken::new()).await;
@@ -243,7 +168,7 @@ async fn hot_guest_completes_under_the_default_policy() {
             "post-copy only after throttling at the maximum did not help"
         );
     }
-    complete(&lab, "m-bal", &perf).await;
+    lab.complete("m-bal", &perf).await;
 }
 
 /// Over TLS: the post-copy switch and its return path work through the encrypted stream.
@@ -255,7 +180,7 @@ async fn post_copy_case(vm: &str, post_copy: PostCopy) {
         auto_converge: false,
         ..limited(MigrationPolicy::default())
     };
-    let prep = begin_and_prepare(&lab, "m-pc", &policy).await;
+    let prep = lab.begin_and_prepare("m-pc", &policy).await.unwrap();
     let (res, reports) = run_perform(&lab, "m-pc", &prep, &policy, &CancellationToken::new()).await;
     let perf = res.unwrap();
     eprintln!(
@@ -272,7 +197,7 @@ async fn post_copy_case(vm: &str, post_copy: PostCopy) {
             "the switch followed a 'not converging' judgement"
         );
     }
-    complete(&lab, "m-pc", &perf).await;
+    lab.complete("m-pc", &perf).await;
 }
 
 #[tokio::test]
@@ -290,7 +215,7 @@ async fn multifd_case(vm: &str, spec: MigrationPolicy, channels: u64, compressio
     let lab = calm_lab(vm).with_tls();
     lab.start_source().await;
     let policy = resolve(&spec).unwrap();
-    let prep = begin_and_prepare(&lab, "m-mfd", &policy).await;
+    let prep = lab.begin_and_prepare("m-mfd", &policy).await.unwrap();
     let target = lab.b.require(&lab.vm).await.unwrap();
     let (res, reports) =
         run_perform(&lab, "m-mfd", &prep, &policy, &CancellationToken::new()).await;
@@ -323,7 +248,7 @@ async fn multifd_case(vm: &str, spec: MigrationPolicy, channels: u64, compressio
         assert_eq!(multifd["state"], true);
     }
     drop(target);
-    complete(&lab, "m-mfd", &perf).await;
+    lab.complete("m-mfd", &perf).await;
 }
 
 #[tokio::test]
@@ -348,7 +273,7 @@ async fn zstd_compressed_multifd_migrates() {
 async fn timeout_case(vm: &str, policy: Policy, limit: &str) {
     let lab = hot_lab(vm);
     lab.start_source().await;
-    let prep = begin_and_prepare(&lab, "m-to", &policy).await;
+    let prep = lab.begin_and_prepare("m-to", &policy).await.unwrap();
     let (res, reports) = run_perform(&lab, "m-to", &prep, &policy, &CancellationToken::new()).await;
     let err = res.expect_err("the limit aborts the migration");
     eprintln!("{err}; {}", summary(&reports));

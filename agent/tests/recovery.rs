@@ -7,10 +7,8 @@
 
 mod support;
 
-use ferry_agent::phases::begin::{BeginInput, begin};
 use ferry_agent::phases::confirm::Confirmed;
 use ferry_agent::phases::perform::{PerformInput, TransferProgress, perform_with_recovery};
-use ferry_agent::phases::prepare::{PrepareInput, prepare};
 use ferry_agent::policy::{Policy, PostCopy, resolve};
 use ferry_agent::postcopy::{self, TargetReport};
 use ferry_agent::qmp::MigrationInfo;
@@ -120,29 +118,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     lab.start_source().await;
     let policy = slow_post_copy();
     let m = "m-pc-recover";
-    let b = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &b.domain_xml,
-            begin_cookie: &b.cookie,
-            port: None,
-            policy: &policy,
-            tls: lab.tls_b(),
-        },
-    )
-    .await
-    .unwrap();
+    let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
     let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
@@ -152,13 +128,8 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let perform = perform_with_recovery(
         &lab.a,
         PerformInput {
-            vm: &lab.vm,
-            migration: m,
             uri: &relay_uri,
-            prepare_cookie: &prep.cookie,
-            policy: &policy,
-            tls: lab.tls_a(),
-            cancel: &cancel,
+            ..lab.perform_input(m, &prep, &policy, &cancel)
         },
         recovery_rx,
         move |p| sink.lock().unwrap().push(p.clone()),
@@ -202,20 +173,7 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
     let perf = res.expect("the recovered migration completes");
     assert!(perf.post_copy);
-    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = lab
-        .finish(&lab.b, m, Some(&perf.cookie), false)
-        .await
-        .unwrap();
-    assert!(fin.resumed);
-    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
-        .await
-        .unwrap();
-    lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
+    lab.complete(m, &perf).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,44 +182,14 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
     lab.start_source().await;
     let policy = slow_post_copy();
     let m = "m-pc-lost";
-    let b = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &b.domain_xml,
-            begin_cookie: &b.cookie,
-            port: None,
-            policy: &policy,
-            tls: None,
-        },
-    )
-    .await
-    .unwrap();
+    let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
     let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
     let (report_tx, report_rx) = watch::channel(TargetReport::default());
     let cancel = CancellationToken::new();
     let perform = perform_with_recovery(
         &lab.a,
-        PerformInput {
-            vm: &lab.vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &policy,
-            tls: None,
-            cancel: &cancel,
-        },
+        lab.perform_input(m, &prep, &policy, &cancel),
         report_rx,
         move |p| sink.lock().unwrap().push(p.clone()),
     );

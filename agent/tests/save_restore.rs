@@ -6,16 +6,11 @@
 mod support;
 
 use ferry_agent::domain::Domain;
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
-use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, confirm_saved, save};
-use ferry_agent::qmp::StatusInfo;
 use ferry_agent::restore::{RestoreError, restore};
 use ferry_agent::statefile::Compression;
 use std::path::Path;
 use std::time::Duration;
 use support::*;
-use tokio_util::sync::CancellationToken;
 
 /// Begin, save and Confirm on node-a; returns the save and the source's serial log.
 async fn save_on_a(
@@ -25,69 +20,16 @@ async fn save_on_a(
     c: Compression,
 ) -> (ferry_agent::phases::save::SaveOutput, String) {
     let vm = lab.vm.as_str();
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let out = within(save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: m,
-            path,
-            compression: c,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap();
+    lab.begin(m, None).await.unwrap();
+    let out = within(lab.save(m, path, c)).await.unwrap();
     // Idempotent: a re-run returns the recorded result.
-    let again = save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: m,
-            path,
-            compression: c,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let again = lab.save(m, path, c).await.unwrap();
     assert_eq!(again, out);
     // The source guest is paused, its serial log complete.
-    let status: StatusInfo = lab
-        .a
-        .require(vm)
-        .await
-        .unwrap()
-        .qmp
-        .execute("query-status", None)
-        .await
-        .unwrap();
-    assert_eq!(status.status, "postmigrate");
+    assert_eq!(lab.run_status(&lab.a).await, "postmigrate");
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    assert_eq!(
-        confirm_saved(&lab.a, ConfirmSavedInput { vm, migration: m })
-            .await
-            .unwrap()
-            .as_ref(),
-        Some(&out)
-    );
-    assert_eq!(
-        confirm_saved(&lab.a, ConfirmSavedInput { vm, migration: m })
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lab.confirm_saved(m).await.unwrap().as_ref(), Some(&out));
+    assert_eq!(lab.confirm_saved(m).await.unwrap(), None);
     assert!(lab.qemu_pids().is_empty(), "no QEMU runs once saved");
     assert!(!lab.a.vm_dir(vm).exists());
     (out, before)
@@ -110,10 +52,7 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
         let restored = within(restore(&lab.b, &domain, &path)).await.unwrap();
         assert_eq!(restored.stream_bytes, out.stream_bytes);
         lab.assert_one_guest_on(&lab.b);
-        let last_before = passes(&before).last().copied().unwrap();
-        wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-        let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-        assert_counter_continues(&before, &after, 3);
+        lab.assert_continues_on_b(&before, 3).await;
         // The file is left as it was: it can be restored again elsewhere.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), out.file_bytes);
         rows.push((c, out, restored));
@@ -186,10 +125,7 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
     }
     // The good file still restores, and the guest goes on.
     within(restore(&lab.b, &domain, &path)).await.unwrap();
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 2, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 2);
+    lab.assert_continues_on_b(&before, 2).await;
     // A second restore while it runs is refused.
     let err = restore(&lab.b, &domain, &path).await.unwrap_err();
     assert_eq!(err.reason(), "AlreadyRunning", "{err}");
@@ -200,109 +136,32 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
 async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
     let lab = Lab::new("nowrite", 64, 32, 5_000_000);
     lab.start_source().await;
-    let vm = lab.vm.as_str();
     // An existing file is never overwritten: refused before the guest pauses.
     let existing = lab.dir.path().join("exists.fsav");
     std::fs::write(&existing, b"keep me").unwrap();
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: "m-exists",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let err = save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: "m-exists",
-            path: &existing,
-            compression: Compression::Gzip,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap_err();
+    lab.begin("m-exists", None).await.unwrap();
+    let err = lab
+        .save("m-exists", &existing, Compression::Gzip)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("never overwrites"), "{err}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: "m-exists",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, "m-exists", None, true).await.unwrap();
 
     // A directory that does not exist: the writer fails, QEMU's stream breaks, the
     // save fails with the writer's error and Confirm(cancelled) resumes the guest.
     let nowhere = lab.dir.path().join("no/such/dir/guest.fsav");
-    begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: "m-nowhere",
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let err = within(save(
-        &lab.a,
-        SaveInput {
-            vm,
-            migration: "m-nowhere",
-            path: &nowhere,
-            compression: Compression::Xz,
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap_err();
+    lab.begin("m-nowhere", None).await.unwrap();
+    let err = within(lab.save("m-nowhere", &nowhere, Compression::Xz))
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("creating the temporary file"),
         "{err}"
     );
-    assert!(
-        confirm_saved(
-            &lab.a,
-            ConfirmSavedInput {
-                vm,
-                migration: "m-nowhere"
-            }
-        )
-        .await
-        .is_err()
-    );
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: "m-nowhere",
-            finish_cookie: None,
-            cancelled: true,
-        },
-    )
-    .await
-    .unwrap();
-    let status: StatusInfo = lab
-        .a
-        .require(vm)
-        .await
-        .unwrap()
-        .qmp
-        .execute("query-status", None)
-        .await
-        .unwrap();
-    assert_eq!(status.status, "running");
+    assert!(lab.confirm_saved("m-nowhere").await.is_err());
+    lab.confirm(&lab.a, "m-nowhere", None, true).await.unwrap();
+    assert_eq!(lab.run_status(&lab.a).await, "running");
     let last = last_pass(&lab.serial_a()).unwrap();
     wait_for_pass(&lab.serial_a(), last + 2, Duration::from_secs(120)).await;
     assert!(!nowhere.parent().unwrap().exists());

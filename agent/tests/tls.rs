@@ -6,11 +6,7 @@
 
 mod support;
 
-use ferry_agent::phases::begin::{BeginInput, begin};
-use ferry_agent::phases::confirm::{ConfirmInput, confirm};
-use ferry_agent::phases::finish::{FinishInput, finish};
-use ferry_agent::phases::perform::{PerformInput, perform};
-use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
+use ferry_agent::phases::prepare::PrepareOutput;
 use ferry_agent::qmp::{MigrationInfo, StatusInfo};
 use ferry_agent::supervisor::Supervisor;
 use ferry_agent::tls::{AUTHZ_ID, CREDS_ID, Credentials};
@@ -102,34 +98,13 @@ async fn tls_objects(sup: &Supervisor, vm: &str) -> Vec<String> {
 #[tokio::test]
 async fn only_the_source_node_gets_through_and_the_guest_migrates_intact() {
     let lab = Lab::new("tls", 128, 48, 5_000_000).with_tls();
-    let (tls_a, tls_b) = lab.tls.clone().unwrap();
+    let tls_a = lab.tls_a().unwrap();
     lab.start_source().await;
     let vm = lab.vm.as_str();
     let m = "m-tls";
     let params = policy(None, 2000);
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &params,
-            tls: Some(&tls_b),
-        },
-    )
-    .await
-    .unwrap();
+    // With the lab's TLS: node-b's credentials in Prepare, node-a's in Perform.
+    let prep = lab.begin_and_prepare(m, &params).await.unwrap();
     let port = port_of(&prep);
     assert_eq!(
         tls_objects(&lab.b, vm).await.len(),
@@ -172,56 +147,25 @@ async fn only_the_source_node_gets_through_and_the_guest_migrates_intact() {
     assert_still_waiting(&lab.b, vm).await;
 
     // The real source still gets through, and the guest arrives whole.
-    let perf = within(perform(
-        &lab.a,
-        PerformInput {
-            vm,
-            migration: m,
-            uri: &prep.uri,
-            prepare_cookie: &prep.cookie,
-            policy: &params,
-            tls: Some(&tls_a),
-            cancel: &CancellationToken::new(),
-        },
-        |_| {},
-    ))
-    .await
-    .unwrap();
+    let perf = within(lab.perform(m, &prep, &params, &CancellationToken::new(), |_| {}))
+        .await
+        .unwrap();
     assert!(perf.transferred_bytes > 0);
     let before = std::fs::read_to_string(lab.serial_a()).unwrap();
-    let fin = finish(
-        &lab.b,
-        FinishInput {
-            vm,
-            migration: m,
-            perform_cookie: Some(&perf.cookie),
-            cancelled: false,
-        },
-        async { Ok(()) },
-    )
-    .await
-    .unwrap();
+    let fin = lab
+        .finish(&lab.b, m, Some(&perf.cookie), false)
+        .await
+        .unwrap();
     assert!(fin.resumed);
     assert!(
         tls_objects(&lab.b, vm).await.is_empty(),
         "the target guest keeps no TLS objects"
     );
-    confirm(
-        &lab.a,
-        ConfirmInput {
-            vm,
-            migration: m,
-            finish_cookie: fin.cookie.as_deref(),
-            cancelled: false,
-        },
-    )
-    .await
-    .unwrap();
+    lab.confirm(&lab.a, m, fin.cookie.as_deref(), false)
+        .await
+        .unwrap();
     lab.assert_one_guest_on(&lab.b);
-    let last_before = passes(&before).last().copied().unwrap();
-    wait_for_pass(&lab.serial_b(), last_before + 3, Duration::from_secs(120)).await;
-    let after = std::fs::read_to_string(lab.serial_b()).unwrap();
-    assert_counter_continues(&before, &after, 3);
+    lab.assert_continues_on_b(&before, 3).await;
     // The target refused each stranger for its own reason (GnuTLS / QEMU 7.2 wording);
     // authz-simple compares the DN in GnuTLS's RFC 4514 form, "CN=<node>".
     let log = std::fs::read_to_string(lab.b.vm_dir(vm).join("qemu.log")).unwrap();
@@ -241,33 +185,11 @@ async fn only_the_source_node_gets_through_and_the_guest_migrates_intact() {
 #[tokio::test]
 async fn the_source_certificate_is_let_through_to_the_stream() {
     let lab = Lab::new("tls-ctl", 64, 16, 5_000_000).with_tls();
-    let (tls_a, tls_b) = lab.tls.clone().unwrap();
+    let tls_a = lab.tls_a().unwrap();
     lab.start_source().await;
     let m = "m-tls-ctl";
-    let out = begin(
-        &lab.a,
-        BeginInput {
-            vm: &lab.vm,
-            migration: m,
-            target_xml: None,
-        },
-    )
-    .await
-    .unwrap();
-    let prep = prepare(
-        &lab.b,
-        PrepareInput {
-            migration: m,
-            domain_xml: &out.domain_xml,
-            begin_cookie: &out.cookie,
-            port: None,
-            policy: &policy(None, 2000),
-            tls: Some(&tls_b),
-        },
-    )
-    .await
-    .unwrap();
-    let res = tls_client(&tls_a.ca, &tls_a, port_of(&prep)).await;
+    let prep = lab.begin_and_prepare(m, &policy(None, 2000)).await.unwrap();
+    let res = tls_client(&tls_a.ca, tls_a, port_of(&prep)).await;
     eprintln!("client with node-a's certificate: {res:?}");
     // QEMU read our garbage as a stream and gave up on the incoming migration.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -6,14 +6,21 @@ pub mod pki;
 
 use ferry_agent::error::PhaseError;
 use ferry_agent::node::Node;
+use ferry_agent::phases::begin::{BeginInput, BeginOutput, begin};
 use ferry_agent::phases::confirm::{ConfirmInput, Confirmed, confirm};
 use ferry_agent::phases::finish::{FinishInput, FinishOutput, finish};
+use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress, perform};
+use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
+use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, SaveOutput, confirm_saved, save};
 use ferry_agent::policy::Policy;
+use ferry_agent::qmp::StatusInfo;
+use ferry_agent::statefile::Compression;
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Tests that start QEMU run one at a time (the machine has two cores).
@@ -61,6 +68,124 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// Begin of migration `m` of the lab's guest on node-a, the source; `target_xml`: an
+    /// app-supplied target definition (`None`: the source's).
+    pub async fn begin(
+        &self,
+        m: &str,
+        target_xml: Option<&str>,
+    ) -> Result<BeginOutput, PhaseError> {
+        let input = BeginInput {
+            vm: &self.vm,
+            migration: m,
+            target_xml,
+        };
+        begin(&self.a, input).await
+    }
+
+    /// Prepare's input for migration `m` from Begin's `out`, under `policy`: any free
+    /// port, node-b's credentials when the lab uses TLS. Tests that change one field
+    /// start from it.
+    pub fn prepare_input<'a>(
+        &'a self,
+        m: &'a str,
+        out: &'a BeginOutput,
+        policy: &'a Policy,
+    ) -> PrepareInput<'a> {
+        PrepareInput {
+            migration: m,
+            domain_xml: &out.domain_xml,
+            begin_cookie: &out.cookie,
+            port: None,
+            policy,
+            tls: self.tls_b(),
+        }
+    }
+
+    /// Prepare of migration `m` on node-b, the target, from Begin's `out`
+    /// ([`Lab::prepare_input`]).
+    pub async fn prepare(
+        &self,
+        m: &str,
+        out: &BeginOutput,
+        policy: &Policy,
+    ) -> Result<PrepareOutput, PhaseError> {
+        prepare(&self.b, self.prepare_input(m, out, policy)).await
+    }
+
+    /// Begin (no target definition) and Prepare of migration `m` under `policy`.
+    pub async fn begin_and_prepare(
+        &self,
+        m: &str,
+        policy: &Policy,
+    ) -> Result<PrepareOutput, PhaseError> {
+        let out = self.begin(m, None).await?;
+        self.prepare(m, &out, policy).await
+    }
+
+    /// Perform's input for migration `m` to where Prepare's `prep` listens, under
+    /// `policy`, node-a's credentials when the lab uses TLS. Tests that change one field
+    /// start from it.
+    pub fn perform_input<'a>(
+        &'a self,
+        m: &'a str,
+        prep: &'a PrepareOutput,
+        policy: &'a Policy,
+        cancel: &'a CancellationToken,
+    ) -> PerformInput<'a> {
+        PerformInput {
+            vm: &self.vm,
+            migration: m,
+            uri: &prep.uri,
+            prepare_cookie: &prep.cookie,
+            policy,
+            tls: self.tls_a(),
+            cancel,
+        }
+    }
+
+    /// Perform of migration `m` on node-a ([`Lab::perform_input`]), reporting progress to
+    /// `on_progress`.
+    pub async fn perform(
+        &self,
+        m: &str,
+        prep: &PrepareOutput,
+        policy: &Policy,
+        cancel: &CancellationToken,
+        on_progress: impl FnMut(&TransferProgress),
+    ) -> Result<PerformOutput, PhaseError> {
+        perform(
+            &self.a,
+            self.perform_input(m, prep, policy, cancel),
+            on_progress,
+        )
+        .await
+    }
+
+    /// Begin, Prepare and Perform of migration `m` under `policy`, not cancelled: the
+    /// source is paused with its memory sent, the target waits for `cont`.
+    pub async fn migrate(&self, m: &str, policy: &Policy) -> Result<PerformOutput, PhaseError> {
+        let prep = self.begin_and_prepare(m, policy).await?;
+        self.perform(m, &prep, policy, &CancellationToken::new(), |_| {})
+            .await
+    }
+
+    /// Finish's input for migration `m` of the lab's guest, for tests with their own
+    /// ownership step.
+    pub fn finish_input<'a>(
+        &'a self,
+        m: &'a str,
+        perform_cookie: Option<&'a str>,
+        cancelled: bool,
+    ) -> FinishInput<'a> {
+        FinishInput {
+            vm: &self.vm,
+            migration: m,
+            perform_cookie,
+            cancelled,
+        }
+    }
+
     /// Finish of migration `m` of the lab's guest on `sup`, its ownership granted.
     pub async fn finish(
         &self,
@@ -69,12 +194,7 @@ impl Lab {
         perform_cookie: Option<&str>,
         cancelled: bool,
     ) -> Result<FinishOutput, PhaseError> {
-        let input = FinishInput {
-            vm: &self.vm,
-            migration: m,
-            perform_cookie,
-            cancelled,
-        };
+        let input = self.finish_input(m, perform_cookie, cancelled);
         finish(sup, input, async { Ok(()) }).await
     }
 
@@ -93,6 +213,33 @@ impl Lab {
             cancelled,
         };
         confirm(sup, input).await
+    }
+
+    /// Save of migration `m` (its Begin ran) on node-a into `path` with `compression`,
+    /// not cancelled.
+    pub async fn save(
+        &self,
+        m: &str,
+        path: &Path,
+        compression: Compression,
+    ) -> Result<SaveOutput, PhaseError> {
+        let input = SaveInput {
+            vm: &self.vm,
+            migration: m,
+            path,
+            compression,
+            cancel: &CancellationToken::new(),
+        };
+        save(&self.a, input, |_| {}).await
+    }
+
+    /// Confirm on node-a of the save of migration `m`.
+    pub async fn confirm_saved(&self, m: &str) -> Result<Option<SaveOutput>, PhaseError> {
+        let input = ConfirmSavedInput {
+            vm: &self.vm,
+            migration: m,
+        };
+        confirm_saved(&self.a, input).await
     }
 
     pub fn new(vm: &str, memory_mib: u32, region_end_mib: u32, delay: u32) -> Lab {
@@ -222,6 +369,50 @@ impl Lab {
             Some(pids[0]),
             "QEMU runs on the wrong node"
         );
+    }
+
+    /// The run status (`query-status`) of the lab's guest on `sup`.
+    pub async fn run_status(&self, sup: &Supervisor) -> String {
+        let guest = sup.require(&self.vm).await.unwrap();
+        let status: StatusInfo = guest.qmp.execute("query-status", None).await.unwrap();
+        status.status
+    }
+
+    /// The guest on node-a runs and its counter moves on (three more passes) without a
+    /// BAD page.
+    pub async fn assert_runs_on_a(&self) {
+        assert_eq!(self.run_status(&self.a).await, "running");
+        let now = last_pass(&self.serial_a()).unwrap();
+        wait_for_pass(&self.serial_a(), now + 3, Duration::from_secs(120)).await;
+        let text = std::fs::read_to_string(self.serial_a()).unwrap();
+        assert_counter_continues(&text, "", 0);
+    }
+
+    /// Waits until the guest on node-b has made `n` passes more than the last one in
+    /// `before` (the source's serial log as the guest left it), and checks node-b's log
+    /// goes on from it: one unbroken run of passes, no BAD page.
+    pub async fn assert_continues_on_b(&self, before: &str, n: u64) {
+        let last_before = passes(before).last().copied().unwrap();
+        wait_for_pass(&self.serial_b(), last_before + n, Duration::from_secs(120)).await;
+        let after = std::fs::read_to_string(self.serial_b()).unwrap();
+        assert_counter_continues(before, &after, n as usize);
+    }
+
+    /// Finish and Confirm of migration `m` after its Perform completed (`perf`); checks
+    /// the guest resumed on node-b, alone, and goes on from where it stopped without a
+    /// BAD page.
+    pub async fn complete(&self, m: &str, perf: &PerformOutput) {
+        let before = std::fs::read_to_string(self.serial_a()).unwrap();
+        let fin = self
+            .finish(&self.b, m, Some(&perf.cookie), false)
+            .await
+            .unwrap();
+        assert!(fin.resumed);
+        self.confirm(&self.a, m, fin.cookie.as_deref(), false)
+            .await
+            .unwrap();
+        self.assert_one_guest_on(&self.b);
+        self.assert_continues_on_b(&before, 3).await;
     }
 }
 
