@@ -401,6 +401,86 @@ async fn only_the_vms_node_writes_its_status() {
     assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-b"));
 }
 
+async fn patch_vm_object(client: &Client, body: Value) -> kube::Result<VirtualMachine> {
+    vms(client)
+        .patch("demo", &PatchParams::default(), &Patch::Merge(body))
+        .await
+}
+
+#[tokio::test]
+async fn only_the_vms_node_adds_or_removes_its_finalizer_and_nothing_else() {
+    let env = env().await;
+    let (a, b) = (
+        agent_on(&env, "node-a").await,
+        agent_on(&env, "node-b").await,
+    );
+    let finalizers = |f: &[&str]| json!({"metadata": {"finalizers": f}});
+
+    // Before the first start, the node the spec names adds it.
+    denied(
+        "node-b adds the finalizer to a VM meant for node-a",
+        "own-vm",
+        patch_vm_object(&b, finalizers(&["ferry.dev/guest"])).await,
+    );
+    allowed(
+        "node-a adds the finalizer before it starts the guest",
+        patch_vm_object(&a, finalizers(&["ferry.dev/guest"])).await,
+    );
+    // Nothing but that finalizer.
+    denied(
+        "node-a changes the spec",
+        "finalizer-only",
+        patch_vm_object(&a, json!({"spec": {"running": false}})).await,
+    );
+    denied(
+        "node-a labels the VM",
+        "finalizer-only",
+        patch_vm_object(&a, json!({"metadata": {"labels": {"x": "y"}}})).await,
+    );
+    denied(
+        "node-a adds another finalizer",
+        "finalizer-only",
+        patch_vm_object(&a, finalizers(&["ferry.dev/guest", "example.com/other"])).await,
+    );
+    allowed(
+        "the admin adds another finalizer",
+        patch_vm_object(
+            &env.admin,
+            finalizers(&["ferry.dev/guest", "example.com/other"]),
+        )
+        .await,
+    );
+    denied(
+        "node-a drops the admin's finalizer with its own",
+        "finalizer-only",
+        patch_vm_object(&a, finalizers(&[])).await,
+    );
+
+    // Once the guest runs on node-b (status.nodeName), node-b owns the VM, node-a no more.
+    allowed(
+        "the admin moves the VM to node-b",
+        patch_vm(
+            &env.admin,
+            json!({"nodeName": "node-b", "phase": "Running"}),
+        )
+        .await,
+    );
+    denied(
+        "node-a removes the finalizer of a VM that runs on node-b",
+        "own-vm",
+        patch_vm_object(&a, finalizers(&["example.com/other"])).await,
+    );
+    allowed(
+        "node-b removes its finalizer once the deleted VM's guest is gone",
+        patch_vm_object(&b, finalizers(&["example.com/other"])).await,
+    );
+    let vm = vms(&env.admin).get("demo").await.unwrap();
+    assert_eq!(
+        vm.metadata.finalizers,
+        Some(vec!["example.com/other".into()])
+    );
+}
+
 #[tokio::test]
 async fn a_spec_editor_cannot_forge_status() {
     let env = env().await;
