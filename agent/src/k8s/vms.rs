@@ -9,6 +9,7 @@
 //! what the next start will be (`spec`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_agent::domain::Domain;
@@ -100,6 +101,7 @@ async fn reconcile(vm: Arc<VirtualMachine>, agent: Arc<Agent>) -> Result<Action,
     Reconcile {
         vm: &vm,
         agent: &agent,
+        claimed: AtomicBool::new(false),
     }
     .run()
     .instrument(span)
@@ -109,6 +111,9 @@ async fn reconcile(vm: Arc<VirtualMachine>, agent: Arc<Agent>) -> Result<Action,
 struct Reconcile<'a> {
     vm: &'a VirtualMachine,
     agent: &'a Agent,
+    /// Whether this reconcile claimed `status.nodeName` (its first write at a first
+    /// start): the writes after it go over the claim, not over the version it read.
+    claimed: AtomicBool,
 }
 
 /// This VM's guest on this node: its state dir and the definition it runs with.
@@ -361,6 +366,7 @@ impl Reconcile<'_> {
     /// reconciler look again.
     async fn write_status(&self, r: &Report) -> Result<(), VmError> {
         let status = self.status();
+        let claim = status.node_name.is_none() && !self.claimed.load(Ordering::Relaxed);
         let mut conditions = status.conditions.clone();
         let now = Time(Timestamp::now());
         let generation = self.vm.metadata.generation;
@@ -382,16 +388,17 @@ impl Reconcile<'_> {
             domain_xml: r.domain_xml.clone(),
             observed_generation: generation,
             // The first write claims the guest for this node.
-            node_name: status
-                .node_name
-                .is_none()
-                .then(|| Some(self.agent.node.clone())),
+            node_name: claim.then(|| Some(self.agent.node.clone())),
             ..Default::default()
         };
-        let guard = (r.guarded || status.node_name.is_none())
+        let guard = (r.guarded || claim)
             .then_some(self.vm.metadata.resource_version.as_deref())
             .flatten();
-        self.patch_status(&patch, guard).await
+        self.patch_status(&patch, guard).await?;
+        if claim {
+            self.claimed.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Sends a status patch, over `guard` (a resourceVersion) when given.

@@ -196,6 +196,12 @@ mod tests {
             check(Some(&running), parse(XML).as_ref()),
             SpecCheck::Current
         );
+        // The copy in the state dir (written back by the supervisor) is the same.
+        let stored = parse(&running.to_xml()).unwrap();
+        assert_eq!(
+            check(Some(&stored), parse(XML).as_ref()),
+            SpecCheck::Current
+        );
         // The same definition written differently is the same.
         let quoted = XML.replace("<domain type='qemu'>", "<domain type=\"qemu\">\n  ");
         assert_eq!(
