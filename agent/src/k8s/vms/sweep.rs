@@ -127,6 +127,7 @@ fn may_run(vm: &VirtualMachine) -> bool {
 /// Every few seconds: removes the QEMUs [`strays`] names on their second sighting.
 pub async fn sweep(agent: Arc<Agent>) {
     let mut suspects: HashMap<String, u32> = HashMap::new();
+    let mut doubt: Option<String> = None;
     loop {
         tokio::time::sleep(RESYNC).await;
         let found = match look(&agent).await {
@@ -136,8 +137,14 @@ pub async fn sweep(agent: Arc<Agent>) {
                 continue;
             }
         };
-        if let Some(why) = &found.doubt {
-            info!(node = %agent.node, %why, "sweep: keeping every QEMU this time");
+        if found.doubt != doubt {
+            match &found.doubt {
+                Some(why) => {
+                    info!(node = %agent.node, %why, "sweep: keeping every QEMU while in doubt")
+                }
+                None => info!(node = %agent.node, "sweep: no longer in doubt"),
+            }
+            doubt = found.doubt.clone();
         }
         suspects.retain(|name, _| found.strays.contains(name));
         for name in found.strays {
