@@ -15,7 +15,6 @@ mod patch;
 mod policy;
 mod reason;
 pub mod sequence;
-mod spec_patch;
 pub mod tls;
 mod vm;
 mod vm_patch;
@@ -26,7 +25,6 @@ pub use patch::{MigrationStatusPatch, StepsPatch, cancel_request};
 pub use policy::*;
 pub use reason::{Reason, UnknownReason};
 pub use sequence::ControlMode;
-pub use spec_patch::MigrationSpecPatch;
 pub use vm::*;
 pub use vm_patch::VirtualMachineStatusPatch;
 
