@@ -37,7 +37,7 @@ test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 	$(CARGO) test --workspace --lib --bins
 
 test-k8s: tools ## The chart, CRDs, RBAC and the admission policies against a real etcd + kube-apiserver.
-	$(CARGO) test -p ferry-tests --test foundation --test rbac --test identity --test identity_peer -- --test-threads=2
+	$(CARGO) test -p ferry-tests --test foundation --test rbac --test identity --test identity_vm --test identity_peer -- --test-threads=2
 
 test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
 	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli

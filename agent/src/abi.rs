@@ -45,13 +45,24 @@ fn count(d: &Domain, k: &str) -> usize {
     d.devices.iter().filter(|x| kind(x) == k).count()
 }
 
-/// Compares `source` (running) with `target` (app-supplied); `Ok` when only host-side
-/// details differ.
-pub fn check(source: &Domain, target: &Domain) -> Result<(), AbiError> {
+/// One field that differs between two definitions: what, and its two values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Difference {
+    what: String,
+    source: String,
+    target: String,
+}
+
+/// The guest-visible fields in which `target` differs from `source`.
+fn guest_visible_differences(source: &Domain, target: &Domain) -> Vec<Difference> {
     let mut out = Vec::new();
     let mut cmp = |what: &str, t: String, s: String| {
         if t != s {
-            out.push(format!("target {what} '{t}' does not match source '{s}'"));
+            out.push(Difference {
+                what: what.to_string(),
+                source: s,
+                target: t,
+            });
         }
     };
     cmp("name", target.name.clone(), source.name.clone());
@@ -104,11 +115,78 @@ pub fn check(source: &Domain, target: &Domain) -> Result<(), AbiError> {
             count(source, k).to_string(),
         );
     }
+    out
+}
+
+/// The host-side fields of a device (those a migration may change), as (what, value).
+fn host_side(d: &Device) -> Vec<(&'static str, String)> {
+    let or_default = |p: &Option<String>| p.clone().unwrap_or_else(|| "(default)".into());
+    match d {
+        Device::Disk(d) => vec![
+            ("disk source", d.source.clone()),
+            ("disk format", d.format.clone()),
+        ],
+        Device::Interface(i) => vec![("interface backend", or_default(&i.backend))],
+        Device::Graphics(g) => vec![
+            ("graphics listen", g.listen.clone()),
+            (
+                "graphics port",
+                g.port.map_or_else(|| "auto".into(), |p| p.to_string()),
+            ),
+        ],
+        Device::Serial(c) => vec![("serial path", or_default(&c.path))],
+        Device::Console(c) => vec![("console path", or_default(&c.path))],
+    }
+}
+
+/// Compares `source` (running) with `target` (app-supplied); `Ok` when only host-side
+/// details differ.
+pub fn check(source: &Domain, target: &Domain) -> Result<(), AbiError> {
+    let out: Vec<String> = guest_visible_differences(source, target)
+        .into_iter()
+        .map(|d| {
+            format!(
+                "target {} '{}' does not match source '{}'",
+                d.what, d.target, d.source
+            )
+        })
+        .collect();
     if out.is_empty() {
         Ok(())
     } else {
         Err(AbiError(out))
     }
+}
+
+/// Every difference between the definition a guest runs with (`running`) and a new one
+/// (`new`), guest-visible or host-side, each `what 'old' → 'new'`; empty when they
+/// describe the same guest on the same host.
+pub fn changes(running: &Domain, new: &Domain) -> Vec<String> {
+    let mut out = guest_visible_differences(running, new);
+    if running.virt_type != new.virt_type {
+        out.push(Difference {
+            what: "domain type".into(),
+            source: format!("{:?}", running.virt_type).to_lowercase(),
+            target: format!("{:?}", new.virt_type).to_lowercase(),
+        });
+    }
+    for (r, n) in running.devices.iter().zip(&new.devices) {
+        if kind(r) != kind(n) {
+            continue;
+        }
+        for ((what, rv), (_, nv)) in host_side(r).into_iter().zip(host_side(n)) {
+            if rv != nv {
+                out.push(Difference {
+                    what: what.to_string(),
+                    source: rv,
+                    target: nv,
+                });
+            }
+        }
+    }
+    out.into_iter()
+        .map(|d| format!("{} '{}' → '{}'", d.what, d.source, d.target))
+        .collect()
 }
 
 #[cfg(test)]
@@ -166,6 +244,26 @@ mod tests {
             let err = check(&sample(), &target(&xml)).unwrap_err();
             assert!(err.0.contains(&msg.to_string()), "{err}");
         }
+    }
+
+    #[test]
+    fn changes_lists_every_difference_guest_visible_or_not() {
+        assert_eq!(changes(&sample(), &sample()), Vec::<String>::new());
+        let x = SAMPLE
+            .replace("'MiB'>256", "'MiB'>512")
+            .replace("/var/lib/ferry/disks/guest-1.img", "/mnt/other/guest-1.img");
+        assert_eq!(
+            changes(&sample(), &target(&x)),
+            vec![
+                "memory '262144 KiB' → '524288 KiB'".to_string(),
+                "disk source '/var/lib/ferry/disks/guest-1.img' → '/mnt/other/guest-1.img'"
+                    .to_string(),
+            ]
+        );
+        let x = SAMPLE.replace("<name>", "<name>x-");
+        let listed = changes(&sample(), &target(&x));
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].starts_with("name '"), "{listed:?}");
     }
 
     #[test]

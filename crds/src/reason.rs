@@ -43,6 +43,9 @@ reasons! {
     VMBusy,
     /// The VM moved to another node while the migration waited.
     VMMoved,
+    /// The VirtualMachine is being deleted: no migration starts, a running one is
+    /// cancelled.
+    VMDeleting,
     /// The target is the node the guest runs on.
     SameNode,
     /// The target's agent does not heart-beat.

@@ -39,7 +39,9 @@ pub struct VirtualMachineSpec {
     /// supports: name, uuid, memory, vcpu, os type (arch, machine), features, cpu mode,
     /// file disks, user-mode interfaces, a VNC graphics device and a serial console
     /// written to a file. Any other element or attribute is refused with a message
-    /// naming it.
+    /// naming it. A running guest keeps the definition it started with
+    /// (`status.domainXML`): a change here applies at its next start (condition
+    /// `RestartRequired`), and one that cannot apply is reported (`DomainRefused`).
     #[serde(rename = "domainXML")]
     #[schemars(length(min = 1, max = 65536))]
     pub domain_xml: String,
@@ -50,7 +52,8 @@ pub struct VirtualMachineSpec {
     pub node_name: String,
 
     /// Whether the guest should be running. Setting it to false stops the guest
-    /// gracefully (ACPI power-off, then a forced stop after a grace period).
+    /// gracefully (ACPI power-off, then a forced stop after
+    /// `terminationGracePeriodSeconds`).
     #[serde(default = "default_true")]
     pub running: bool,
 
@@ -66,8 +69,9 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./')").message("restoreFrom must be an absolute file path without '.' or '..' components"))]
     pub restore_from: Option<String>,
 
-    /// How long a deleted VM's guest is given to power off after the ACPI request
-    /// before its QEMU is stopped. Defaults to 30 seconds.
+    /// How long the guest is given to power off after the ACPI request — when the VM is
+    /// deleted, or stopped through `running: false` — before its QEMU is stopped.
+    /// Defaults to 30 seconds; 0 stops QEMU at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 3600))]
     pub termination_grace_period_seconds: Option<i64>,

@@ -64,6 +64,15 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
             format!("VirtualMachine {ns}/{} does not exist", spec.vm_name),
         );
     };
+    if vm.metadata.deletion_timestamp.is_some() {
+        return reject(
+            Reason::VMDeleting,
+            format!(
+                "VirtualMachine {ns}/{} is being deleted; a deleted VM does not migrate",
+                spec.vm_name
+            ),
+        );
+    }
     let status = vm.status.clone().unwrap_or_default();
     let source = match (status.phase, status.node_name) {
         (Some(VmPhase::Running | VmPhase::Migrating), Some(node)) => node,
@@ -311,6 +320,25 @@ mod tests {
                 target: "node-b".into()
             }
         );
+    }
+
+    #[test]
+    fn a_vm_being_deleted_does_not_migrate() {
+        let mut v = vm(VmPhase::Running, "node-a", None);
+        v.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+        ));
+        let m = migration("m", "demo", Some("node-b"));
+        match decide(&m, Some(&v), &[]) {
+            Admission::Reject { reason, message } => {
+                assert_eq!(reason, Reason::VMDeleting);
+                assert!(
+                    message.contains("default/demo is being deleted"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

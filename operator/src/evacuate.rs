@@ -115,7 +115,9 @@ impl Guest {
                 (status.node_name.as_deref() == Some(node)).then(|| Guest {
                     namespace: vm.namespace().unwrap_or_default(),
                     name: vm.name_any(),
-                    running: matches!(status.phase, Some(VmPhase::Running | VmPhase::Migrating)),
+                    // A VM being deleted is powered off where it is, not moved.
+                    running: matches!(status.phase, Some(VmPhase::Running | VmPhase::Migrating))
+                        && vm.metadata.deletion_timestamp.is_none(),
                     held_by: status.migration.clone(),
                 })
             })

@@ -29,6 +29,7 @@ use crate::metrics::{ErrorLabels, Metrics};
 use crate::nodes;
 use crate::transitions::{self, Decision, Observation, Why};
 
+mod deleted_vm;
 mod end;
 mod patches;
 mod peer;
@@ -303,6 +304,10 @@ impl Reconciler<'_> {
     }
 
     async fn running(&self) -> Result<Action> {
+        if !self.m.spec.cancel && self.vm_deleting() {
+            self.cancel_for_deleted_vm().await?;
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
         let status = self.m.status.clone().unwrap_or_default();
         let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
         let is_live = |n: &Option<String>| n.as_ref().is_some_and(|n| live.contains(n));

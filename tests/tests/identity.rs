@@ -2,7 +2,7 @@
 //! chart installed, tokens bound to Nodes carry the node's name, and the chart's admission
 //! policy lets an agent write only the status fields its node's phases own.
 
-use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_crds::VirtualMachineMigration;
 use ferry_tests::identity::{NODE_NAME_EXTRA, node_of, whoami};
 use ferry_tests::policy_check::*;
 use k8s_openapi::api::authentication::v1::TokenRequest;
@@ -33,24 +33,10 @@ fn migrations(client: &Client) -> Api<VirtualMachineMigration> {
     Api::namespaced(client.clone(), VMS)
 }
 
-fn vms(client: &Client) -> Api<VirtualMachine> {
-    Api::namespaced(client.clone(), VMS)
-}
-
 async fn patch_migration(client: &Client, status: Value) -> kube::Result<VirtualMachineMigration> {
     migrations(client)
         .patch_status(
             MIGRATION,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await
-}
-
-async fn patch_vm(client: &Client, status: Value) -> kube::Result<VirtualMachine> {
-    vms(client)
-        .patch_status(
-            "demo",
             &PatchParams::default(),
             &Patch::Merge(json!({ "status": status })),
         )
@@ -258,147 +244,6 @@ async fn only_the_migrations_own_agents_write_its_status() {
     assert_eq!(cookies.begin.as_deref(), Some("<ferry-migration/>"));
     assert_eq!(status.migration_uri.as_deref(), Some("tcp:127.0.0.3:49152"));
     assert_eq!(status.target_node.as_deref(), Some("node-b"));
-}
-
-#[tokio::test]
-async fn only_the_vms_node_writes_its_status() {
-    let env = env().await;
-    let (a, b, c) = (
-        agent_on(&env, "node-a").await,
-        agent_on(&env, "node-b").await,
-        agent_on(&env, "node-c").await,
-    );
-
-    // First start: only the agent of spec.nodeName (node-a) claims status.nodeName.
-    denied(
-        "node-b claims a VM meant for node-a",
-        "nodename-first-start",
-        patch_vm(&b, json!({"nodeName": "node-b", "phase": "Running"})).await,
-    );
-    denied(
-        "node-a claims it for node-b",
-        "nodename-own",
-        patch_vm(&a, json!({"nodeName": "node-b"})).await,
-    );
-    denied(
-        "node-b reports a VM meant for node-a",
-        "own-vm",
-        patch_vm(&b, json!({"phase": "Starting"})).await,
-    );
-    allowed(
-        "node-a starts the guest",
-        patch_vm(&a, json!({"nodeName": "node-a", "phase": "Running"})).await,
-    );
-
-    // Outside a migration, nobody moves it, not even to itself.
-    denied(
-        "node-b takes the VM without a migration",
-        "own-vm",
-        patch_vm(&b, json!({"phase": "Running"})).await,
-    );
-    denied(
-        "node-b takes status.nodeName without a migration",
-        "nodename-migration",
-        patch_vm(&b, json!({"nodeName": "node-b"})).await,
-    );
-    denied(
-        "node-a gives up status.nodeName without a migration",
-        "nodename-own",
-        patch_vm(&a, json!({"nodeName": null})).await,
-    );
-    denied(
-        "node-a names a migration on its own",
-        "migration-fence",
-        patch_vm(&a, json!({"migration": MIGRATION})).await,
-    );
-
-    // The operator admits the migration and marks the VM as held.
-    admit(&env).await;
-    allowed(
-        "the operator marks the VM as held",
-        patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
-    );
-    denied(
-        "node-c takes status.nodeName to itself",
-        "nodename-migration",
-        patch_vm(&c, json!({"nodeName": "node-c", "migration": null})).await,
-    );
-    denied(
-        "the target clears status.migration (only the source fences)",
-        "own-vm",
-        patch_vm(&b, json!({"migration": null})).await,
-    );
-    denied(
-        "node-a hands the VM to node-b",
-        "nodename-own",
-        patch_vm(&a, json!({"nodeName": "node-b"})).await,
-    );
-    denied(
-        "node-b clears node-a's status.nodeName",
-        "own-vm",
-        patch_vm(&b, json!({"nodeName": null})).await,
-    );
-    // A migration to a file: once saved, the source gives the VM up (no QEMU runs).
-    allowed(
-        "the source clears status.nodeName of the saved guest",
-        patch_vm(&a, json!({"nodeName": null, "phase": "Stopped"})).await,
-    );
-    allowed(
-        "the admin puts it back for the rest of the test",
-        patch_vm(
-            &env.admin,
-            json!({"nodeName": "node-a", "phase": "Running"}),
-        )
-        .await,
-    );
-
-    // Cancelled Confirm: the source fences the target out, then the operator retries.
-    allowed(
-        "the source clears status.migration",
-        patch_vm(&a, json!({"migration": null})).await,
-    );
-    denied(
-        "the target takes a VM no migration holds",
-        "nodename-migration",
-        patch_vm(&b, json!({"nodeName": "node-b"})).await,
-    );
-    allowed(
-        "the operator marks the VM as held again",
-        patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
-    );
-
-    // Finish: the target takes status.nodeName (guarded by resourceVersion, as the agent
-    // does it); from then on the source no longer writes the VM's status.
-    let rv = vms(&env.admin)
-        .get("demo")
-        .await
-        .unwrap()
-        .metadata
-        .resource_version;
-    allowed(
-        "the target takes status.nodeName in Finish",
-        vms(&b)
-            .patch_status(
-                "demo",
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "metadata": {"resourceVersion": rv},
-                    "status": {"nodeName": "node-b"},
-                })),
-            )
-            .await,
-    );
-    denied(
-        "the old source reports the VM",
-        "own-vm",
-        patch_vm(&a, json!({"phase": "Running"})).await,
-    );
-    allowed(
-        "the new node reports the VM",
-        patch_vm(&b, json!({"phase": "Running"})).await,
-    );
-    let vm = vms(&env.admin).get("demo").await.unwrap();
-    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-b"));
 }
 
 #[tokio::test]

@@ -199,6 +199,15 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
         )
         .await,
     );
+    allowed(
+        "add its finalizer to a VM of its node (the admission policy allows nothing else)",
+        vms.patch(
+            "demo",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"finalizers": ["ferry.dev/guest"]}})),
+        )
+        .await,
+    );
     let leases: Api<Lease> = Api::namespaced(agent.clone(), NS);
     allowed(
         "create its heartbeat Lease",
@@ -311,7 +320,7 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
             .await,
     );
     forbidden(
-        "change a VM's spec",
+        "change a VM's spec (RBAC lets it patch a VM for its finalizer; the policy refuses the rest)",
         vms.patch(
             "demo",
             &pp,

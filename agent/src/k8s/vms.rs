@@ -1,35 +1,44 @@
 //! The guests of this node: starts the VirtualMachines that name it, reports their phase
 //! and console, stops them when asked, marks a guest that died as Failed (never a silent
-//! restart), and removes stray QEMUs that no VM or migration accounts for. What to do
-//! about a guest is decided in `decide`, a pure function of the facts gathered here.
+//! restart), finishes deleted VMs (`delete`), and removes stray QEMUs that no VM or
+//! migration accounts for (`sweep`). What to do about a guest is decided in `decide`, a
+//! pure function of the facts gathered here.
+//!
+//! A running guest is found by the definition it started with (`status.domainXML`, the
+//! copy in its state dir), never by the spec alone: a spec edited meanwhile only says
+//! what the next start will be (`spec`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_agent::domain::Domain;
 use ferry_agent::qmp::VncInfo;
-use ferry_agent::supervisor::StopMode;
-use ferry_crds::{
-    Condition, Graphics, MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine,
-    VirtualMachineMigration, VirtualMachineStatusPatch, VmPhase, set_condition,
-};
+use ferry_agent::supervisor::{StopMode, SupervisorError};
+use ferry_crds::conditions::vm::READY;
+use ferry_crds::{GUEST_FINALIZER, Graphics, VirtualMachine, VirtualMachineStatusPatch, VmPhase};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, PatchParams};
+use kube::api::PatchParams;
 use kube::runtime::controller::Action;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
 mod decide;
+mod delete;
 mod restore;
+mod spec;
+mod sweep;
 
-use decide::{Act, Then};
+pub use sweep::sweep;
+
+use decide::{Act, Report, Then};
+use spec::SpecNote;
 
 use super::Agent;
-use super::locks::DiskLocks;
+use super::locks::{DiskLocks, LockError};
 use super::phase::disks;
 
 /// Why a VM reconcile failed (it is retried).
@@ -37,11 +46,21 @@ use super::phase::disks;
 pub enum VmError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("VirtualMachine {0}: its status changed meanwhile; retrying")]
+    #[error("VirtualMachine {0}: it changed meanwhile; retrying")]
     Conflict(String),
+    #[error("VirtualMachine {vm}: {source}")]
+    Supervisor {
+        vm: String,
+        #[source]
+        source: SupervisorError,
+    },
+    #[error(transparent)]
+    Locks(#[from] LockError),
 }
 
 const RESYNC: Duration = Duration::from_secs(5);
+/// How long QEMU is given to quit once the guest's grace period is over.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reconciles every VirtualMachine (those of other nodes are skipped at once).
 pub async fn run(agent: Arc<Agent>) {
@@ -53,15 +72,16 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 fn error_policy(vm: Arc<VirtualMachine>, error: &VmError, _: Arc<Agent>) -> Action {
+    let (name, namespace) = (vm.name_any(), vm.namespace().unwrap_or_default());
     if let VmError::Conflict(_) = error {
-        info!(vm = %vm.name_any(), "the VM's status changed meanwhile; looking again");
+        info!(vm = %name, %namespace, "the VM changed meanwhile; looking again");
         return Action::requeue(CONFLICT_RETRY);
     }
-    warn!(vm = %vm.name_any(), %error, "VM reconcile failed; retrying");
+    warn!(vm = %name, %namespace, %error, "VM reconcile failed; retrying");
     Action::requeue(RESYNC)
 }
 
-/// How soon a reconcile whose status write lost a race looks again.
+/// How soon a reconcile whose write lost a race looks again.
 const CONFLICT_RETRY: Duration = Duration::from_millis(200);
 
 /// Whether `vm` runs (or is to start) on `node`.
@@ -81,6 +101,7 @@ async fn reconcile(vm: Arc<VirtualMachine>, agent: Arc<Agent>) -> Result<Action,
     Reconcile {
         vm: &vm,
         agent: &agent,
+        claimed: AtomicBool::new(false),
     }
     .run()
     .instrument(span)
@@ -90,6 +111,21 @@ async fn reconcile(vm: Arc<VirtualMachine>, agent: Arc<Agent>) -> Result<Action,
 struct Reconcile<'a> {
     vm: &'a VirtualMachine,
     agent: &'a Agent,
+    /// Whether this reconcile claimed `status.nodeName` (its first write at a first
+    /// start): the writes after it go over the claim, not over the version it read.
+    claimed: AtomicBool,
+}
+
+/// This VM's guest on this node: its state dir and the definition it runs with.
+struct Located {
+    key: String,
+    definition: Domain,
+}
+
+/// The definitions a VM names: the running one (`status.domainXML`) and the spec's.
+struct Definitions {
+    recorded: Option<Domain>,
+    spec: Result<Domain, ferry_agent::domain::DomainError>,
 }
 
 impl Reconcile<'_> {
@@ -113,78 +149,123 @@ impl Reconcile<'_> {
         )
     }
 
+    fn definitions(&self) -> Definitions {
+        Definitions {
+            recorded: self
+                .vm
+                .status
+                .as_ref()
+                .and_then(|s| s.domain_xml.as_deref())
+                .and_then(|xml| Domain::parse(xml).ok()),
+            spec: Domain::parse(&self.vm.spec.domain_xml),
+        }
+    }
+
+    /// Finds the VM's running guest: by the definition it started with, else (a guest
+    /// started before that was recorded) by the spec's; only a QEMU whose own stored
+    /// definition has the same uuid is this VM's.
+    fn locate(&self, defs: &Definitions) -> Option<Located> {
+        let sup = &self.agent.sup;
+        for d in defs.recorded.iter().chain(defs.spec.as_ref().ok()) {
+            if sup.running_pid(&d.name).is_none() {
+                continue;
+            }
+            match sup.definition(&d.name) {
+                Ok(stored) if stored.uuid == d.uuid => {
+                    return Some(Located {
+                        key: d.name.clone(),
+                        definition: stored,
+                    });
+                }
+                // Another guest's.
+                Ok(_) => continue,
+                // Unreadable: it runs under this name; count it as this VM's.
+                Err(_) => {
+                    return Some(Located {
+                        key: d.name.clone(),
+                        definition: d.clone(),
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// Gathers the facts, asks [`decide::decide`], and carries the decision out.
     async fn run(&self) -> Result<Action, VmError> {
         let status = self.status();
-        let parsed = Domain::parse(&self.vm.spec.domain_xml);
-        let domain = parsed.as_ref().ok();
-        let name = domain.map(|d| d.name.as_str()).unwrap_or_default();
-        let running = domain.is_some() && self.agent.sup.running_pid(name).is_some();
-        let name_taken_by = domain
-            .filter(|_| running)
-            .and_then(|d| self.agent.sup.definition(&d.name).ok().map(|r| (d, r)))
-            .filter(|(d, r)| r.uuid != d.uuid)
-            .map(|(_, r)| r.uuid.to_string());
-        let graphics = if running && self.vm.spec.running && status.migration.is_none() {
-            self.graphics(name).await
-        } else {
-            None
+        let defs = self.definitions();
+        let guest = self.locate(&defs);
+        let spec = defs.spec.as_ref();
+        let name = spec.map(|d| d.name.as_str()).unwrap_or_default();
+        let name_taken_by = spec
+            .ok()
+            .filter(|_| guest.is_none())
+            .filter(|d| self.agent.sup.running_pid(&d.name).is_some())
+            .and_then(|d| {
+                let other = self.agent.sup.definition(&d.name).ok()?;
+                (other.uuid != d.uuid).then(|| other.uuid.to_string())
+            });
+        let held = status.migration.is_some();
+        let record_domain = guest
+            .as_ref()
+            .filter(|_| !held)
+            .filter(|g| defs.recorded.as_ref() != Some(&g.definition))
+            .map(|g| g.definition.to_xml());
+        let deleting = self.vm.metadata.deletion_timestamp.is_some();
+        let graphics = match &guest {
+            Some(g) if self.vm.spec.running && !held && !deleting => self.graphics(&g.key).await,
+            _ => None,
         };
         let facts = decide::Facts {
             node: &self.agent.node,
             spec_running: self.vm.spec.running,
             status: &status,
-            invalid_domain: parsed.as_ref().err().map(|e| e.to_string()),
+            spec: spec::check(guest.as_ref().map(|g| &g.definition), spec),
             domain_name: name,
             name_taken_by,
-            running,
+            running: guest.is_some(),
+            record_domain,
             graphics,
+            has_finalizer: self.vm.finalizers().iter().any(|f| f == GUEST_FINALIZER),
+            deleting,
+            grace: self.vm.spec.termination_grace_period(),
+            now: Timestamp::now(),
         };
         let (act, then) = decide::decide(&facts);
+        let key = guest.as_ref().map(|g| g.key.as_str());
         match act {
             Act::Nothing => {}
-            Act::Report(r) => {
-                self.write_status(
-                    r.phase, r.ready, r.reason, &r.message, r.graphics, r.guarded,
-                )
-                .await?
-            }
+            Act::Report(r) => self.write_status(&r).await?,
+            Act::AddFinalizer => self.add_finalizer().await?,
             Act::Start => {
-                if let Some(domain) = domain {
+                if let Ok(domain) = spec {
                     self.start_or_restore(domain).await?
                 }
             }
-            Act::Stop => {
-                info!("stopping the guest");
-                if let Err(e) = self
-                    .agent
-                    .sup
-                    .stop(name, StopMode::Powerdown(Duration::from_secs(30)))
-                    .await
-                {
-                    warn!(error = %e, "graceful stop failed; forcing it");
-                    let _ = self.agent.sup.destroy(name).await;
-                }
-                let _ = self.locks().release(&self.agent.node).await;
-                self.report(
-                    VmPhase::Stopped,
-                    false,
-                    "Stopped",
-                    "stopped as spec.running asks",
-                    None,
-                )
-                .await?;
+            Act::PowerOff(why) => {
+                self.power_off(key.unwrap_or(name), why, facts.grace)
+                    .await?
             }
+            Act::Stop => self.stop(key).await?,
             Act::Died(message) => {
                 warn!(%message);
                 let _ = self.locks().release(&self.agent.node).await;
-                self.report_guarded(VmPhase::Failed, false, "GuestDied", &message, None)
-                    .await?;
+                self.write_status(&Report {
+                    guarded: true,
+                    ..report(VmPhase::Failed, false, "GuestDied", &message, None)
+                })
+                .await?;
             }
+            Act::AwaitRelease(migration) => {
+                info!(%migration, "the VM is being deleted; waiting for its migration to end (the operator cancels it)");
+            }
+            Act::Finalize => self.finalize(guest.as_ref(), &defs).await?,
         }
         Ok(match then {
             Then::AwaitChange => Action::await_change(),
             Then::Resync => Action::requeue(RESYNC),
+            Then::After(after) => Action::requeue(after),
         })
     }
 
@@ -205,8 +286,36 @@ impl Reconcile<'_> {
         }
         let graphics = self.graphics(&domain.name).await;
         let message = format!("running on {}", self.agent.node);
-        self.report(VmPhase::Running, true, "Running", &message, graphics)
-            .await
+        self.report_started("Running", &message, graphics).await
+    }
+
+    /// Stops the guest now if it runs (QMP `quit`, SIGKILL if it does not go), releases
+    /// its disk locks and reports it Stopped.
+    async fn stop(&self, key: Option<&str>) -> Result<(), VmError> {
+        if let Some(key) = key {
+            info!(guest = key, "stopping the guest's QEMU");
+            self.agent
+                .sup
+                .stop(key, StopMode::Quit(QUIT_TIMEOUT))
+                .await
+                .map_err(|source| VmError::Supervisor {
+                    vm: self.vm.name_any(),
+                    source,
+                })?;
+        }
+        self.locks().release(&self.agent.node).await?;
+        self.write_status(&Report {
+            note: Some(SpecNote::None),
+            domain_xml: Some(None),
+            ..report(
+                VmPhase::Stopped,
+                false,
+                "Stopped",
+                "stopped as spec.running asks",
+                None,
+            )
+        })
+        .await
     }
 
     /// Where the guest's VNC console listens, from QEMU itself.
@@ -227,64 +336,77 @@ impl Reconcile<'_> {
         &self,
         phase: VmPhase,
         ready: bool,
-        reason: &str,
+        reason: &'static str,
         message: &str,
         graphics: Option<Graphics>,
     ) -> Result<(), VmError> {
-        self.write_status(phase, ready, reason, message, graphics, false)
+        self.write_status(&report(phase, ready, reason, message, graphics))
             .await
     }
 
-    /// [`Self::report`], guarded by the version this reconcile decided on: a status
-    /// somebody else wrote since (a migration's Confirm that marked the guest lost) is
-    /// never overwritten from a stale view; the conflict makes the reconciler look again.
-    async fn report_guarded(
+    /// The guest started from the spec: it runs, with the spec as its running
+    /// definition, and what was said about an earlier spec is cleared.
+    async fn report_started(
         &self,
-        phase: VmPhase,
-        ready: bool,
-        reason: &str,
+        reason: &'static str,
         message: &str,
         graphics: Option<Graphics>,
     ) -> Result<(), VmError> {
-        self.write_status(phase, ready, reason, message, graphics, true)
-            .await
+        self.write_status(&Report {
+            note: Some(SpecNote::None),
+            domain_xml: Some(Some(self.vm.spec.domain_xml.clone())),
+            ..report(VmPhase::Running, true, reason, message, graphics)
+        })
+        .await
     }
 
-    async fn write_status(
-        &self,
-        phase: VmPhase,
-        ready: bool,
-        reason: &str,
-        message: &str,
-        graphics: Option<Graphics>,
-        guarded: bool,
-    ) -> Result<(), VmError> {
+    /// Writes `r`. A guarded report only applies over the version this reconcile
+    /// decided on: a status somebody else wrote since (a migration's Confirm that marked
+    /// the guest lost) is never overwritten from a stale view; the conflict makes the
+    /// reconciler look again.
+    async fn write_status(&self, r: &Report) -> Result<(), VmError> {
         let status = self.status();
-        let mut conditions: Vec<Condition> = status.conditions.clone();
-        set_condition(
+        let claim = status.node_name.is_none() && !self.claimed.load(Ordering::Relaxed);
+        let mut conditions = status.conditions.clone();
+        let now = Time(Timestamp::now());
+        let generation = self.vm.metadata.generation;
+        set_ready(
             &mut conditions,
-            "Ready",
-            ready,
-            reason,
-            message,
-            self.vm.metadata.generation,
-            Time(Timestamp::now()),
+            r.ready,
+            r.reason,
+            &r.message,
+            generation,
+            &now,
         );
+        if let Some(note) = &r.note {
+            note.apply(&mut conditions, generation, now);
+        }
         let patch = VirtualMachineStatusPatch {
-            phase: Some(phase),
+            phase: Some(r.phase),
             conditions: Some(conditions),
-            graphics: Some(graphics),
-            observed_generation: self.vm.metadata.generation,
+            graphics: Some(r.graphics.clone()),
+            domain_xml: r.domain_xml.clone(),
+            observed_generation: generation,
             // The first write claims the guest for this node.
-            node_name: status
-                .node_name
-                .is_none()
-                .then(|| Some(self.agent.node.clone())),
+            node_name: claim.then(|| Some(self.agent.node.clone())),
             ..Default::default()
         };
-        let guard = (guarded || status.node_name.is_none())
+        let guard = (r.guarded || claim)
             .then_some(self.vm.metadata.resource_version.as_deref())
             .flatten();
+        self.patch_status(&patch, guard).await?;
+        if claim {
+            self.claimed.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Sends a status patch, over `guard` (a resourceVersion) when given.
+    async fn patch_status(
+        &self,
+        patch: &VirtualMachineStatusPatch,
+        guard: Option<&str>,
+    ) -> Result<(), VmError> {
         match self
             .api()
             .patch_status(
@@ -301,78 +423,41 @@ impl Reconcile<'_> {
     }
 }
 
-/// Every few seconds: a QEMU on this node that no VM owned by this node and no running
-/// migration through this node accounts for, seen twice in a row, is removed. This is
-/// how a target cleans up after a rollback it missed while it was down.
-pub async fn sweep(agent: Arc<Agent>) {
-    let mut suspects: HashMap<String, u32> = HashMap::new();
-    loop {
-        tokio::time::sleep(RESYNC).await;
-        match strays(&agent).await {
-            Ok(found) => {
-                suspects.retain(|name, _| found.contains(name));
-                for name in found {
-                    let seen = suspects.entry(name.clone()).or_insert(0);
-                    *seen += 1;
-                    if *seen >= 2 {
-                        warn!(vm = %name, node = %agent.node, "removing a QEMU no VM or migration accounts for");
-                        if let Err(e) = agent.sup.destroy(&name).await {
-                            warn!(vm = %name, error = %e, "could not remove it");
-                        }
-                        suspects.remove(&name);
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "sweep skipped"),
-        }
+/// A report of `phase` and Ready, nothing else.
+fn report(
+    phase: VmPhase,
+    ready: bool,
+    reason: &'static str,
+    message: &str,
+    graphics: Option<Graphics>,
+) -> Report {
+    Report {
+        phase,
+        ready,
+        reason,
+        message: message.to_string(),
+        graphics,
+        guarded: false,
+        note: None,
+        domain_xml: None,
     }
 }
 
-async fn strays(agent: &Agent) -> Result<Vec<String>, kube::Error> {
-    let local: Vec<String> = agent
-        .sup
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| agent.sup.running_pid(n).is_some())
-        .collect();
-    if local.is_empty() {
-        return Ok(Vec::new());
-    }
-    let vms = Api::<VirtualMachine>::all(agent.client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let mut keep: Vec<String> = Vec::new();
-    let mut names_by_vm: HashMap<(String, String), String> = HashMap::new();
-    for vm in &vms.items {
-        let Ok(domain) = Domain::parse(&vm.spec.domain_xml) else {
-            continue;
-        };
-        names_by_vm.insert(
-            (vm.namespace().unwrap_or_default(), vm.name_any()),
-            domain.name.clone(),
-        );
-        if belongs_to(vm, &agent.node) {
-            keep.push(domain.name);
-        }
-    }
-    let migrations: Api<VirtualMachineMigration> = Api::all(agent.client.clone());
-    for label in [SOURCE_NODE_LABEL, TARGET_NODE_LABEL] {
-        let list = migrations
-            .list(&ListParams::default().labels(&format!("{label}={}", agent.node)))
-            .await?;
-        for m in list.items {
-            let phase = m.status.as_ref().and_then(|s| s.phase);
-            let active = phase.is_some_and(|p| p != MigrationPhase::Pending && !p.is_terminal());
-            if !active {
-                continue;
-            }
-            if let Some(name) =
-                names_by_vm.get(&(m.namespace().unwrap_or_default(), m.spec.vm_name.clone()))
-            {
-                keep.push(name.clone());
-            }
-        }
-    }
-    Ok(local.into_iter().filter(|n| !keep.contains(n)).collect())
+fn set_ready(
+    conditions: &mut Vec<ferry_crds::Condition>,
+    ready: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    ferry_crds::set_condition(
+        conditions,
+        READY,
+        ready,
+        reason,
+        message,
+        generation,
+        now.clone(),
+    );
 }

@@ -29,7 +29,9 @@ pub struct FerryRun {
 
 use ferry_crds::sequence::PHASES;
 
-/// A VirtualMachine for the benchmark on `node`.
+/// A VirtualMachine for the benchmark on `node`. The test guest does not answer the ACPI
+/// power button, so it is given no grace period: a stop or a deletion stops its QEMU at
+/// once instead of after 30 s of busy TCG the next measurement would share the CPU with.
 pub fn vm(name: &str, uuid: &str, memory_mib: u32, disk: &str, node: &str) -> VirtualMachine {
     let xml = format!(
         "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>\
@@ -43,7 +45,7 @@ pub fn vm(name: &str, uuid: &str, memory_mib: u32, disk: &str, node: &str) -> Vi
     serde_json::from_value(serde_json::json!({
         "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
         "metadata": {"name": name},
-        "spec": {"domainXML": xml, "nodeName": node}
+        "spec": {"domainXML": xml, "nodeName": node, "terminationGracePeriodSeconds": 0}
     }))
     .expect("a valid VirtualMachine")
 }

@@ -315,7 +315,9 @@ impl<'a> Run<'a> {
         (source.to_string(), target.to_string())
     }
 
-    /// The VM object and its domain.
+    /// The VM object and the definition its guest runs with: `status.domainXML` when
+    /// the agent recorded it (a spec edited meanwhile applies at the next start only),
+    /// else the spec's.
     async fn vm(&self) -> Result<(VirtualMachine, Domain), StepError> {
         let vm = &self.m.spec.vm_name;
         let object = self
@@ -327,11 +329,12 @@ impl<'a> Run<'a> {
                 source,
             })?
             .ok_or_else(|| StepError::NoVm(vm.clone()))?;
-        let domain =
-            Domain::parse(&object.spec.domain_xml).map_err(|source| StepError::Domain {
-                vm: vm.clone(),
-                source,
-            })?;
+        let running = object.status.as_ref().and_then(|s| s.domain_xml.as_deref());
+        let xml = running.unwrap_or(&object.spec.domain_xml);
+        let domain = Domain::parse(xml).map_err(|source| StepError::Domain {
+            vm: vm.clone(),
+            source,
+        })?;
         Ok((object, domain))
     }
 

@@ -136,8 +136,7 @@ impl Reconcile<'_> {
                 })
                 .await?;
                 self.event(EventType::Normal, "Restored", &message).await;
-                self.report(VmPhase::Running, true, "Restored", &message, graphics)
-                    .await
+                self.report_started("Restored", &message, graphics).await
             }
         }
     }
