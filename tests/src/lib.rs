@@ -6,6 +6,7 @@
 //! when dropped — also when a test panics, and (through `PR_SET_PDEATHSIG`) when the
 //! test process dies.
 
+pub mod api_proxy;
 pub mod bench;
 pub mod cluster;
 mod commands;
