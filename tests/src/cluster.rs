@@ -21,6 +21,8 @@ use crate::{ControlPlane, HarnessError};
 
 /// Ferry's namespace in the local cluster.
 pub const NAMESPACE: &str = "ferry-system";
+/// The ports each agent may hand its incoming QEMUs (`--migration-ports`).
+pub const MIGRATION_PORTS: std::ops::RangeInclusive<u16> = 49152..=49215;
 /// Where the example VM's disk is: the test guest image, written by [`Cluster::up`].
 pub const EXAMPLE_DISK: &str = "/var/lib/ferry/images/test-guest.img";
 
@@ -334,7 +336,11 @@ impl Cluster {
             .arg(format!("--namespace={NAMESPACE}"))
             .arg(format!("--state-dir={}", n.state_dir.display()))
             .arg(format!("--migration-address={}", n.address))
-            .arg("--migration-ports=49152-49215")
+            .arg(format!(
+                "--migration-ports={}-{}",
+                MIGRATION_PORTS.start(),
+                MIGRATION_PORTS.end()
+            ))
             .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
             .arg("--peer-port=0")
             .arg(format!(

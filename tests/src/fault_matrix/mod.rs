@@ -181,14 +181,21 @@ pub fn table_line(r: &Row) -> String {
     )
 }
 
-/// The table line of a row that broke an invariant.
-pub fn failed_line((mode, fault, point): RowSpec, why: &str) -> String {
-    format!(
-        "| {:<10} | {:<16} | {:<14} | FAILED: {why}",
-        format!("{mode:?}"),
-        format!("{fault:?}"),
-        point.hook()
-    )
+impl crate::fault_run::RowLabel for RowSpec {
+    fn name(&self) -> String {
+        row_name(*self)
+    }
+
+    /// The table line of a row that broke an invariant.
+    fn failed_line(&self, why: &str) -> String {
+        let (mode, fault, point) = *self;
+        format!(
+            "| {:<10} | {:<16} | {:<14} | FAILED: {why}",
+            format!("{mode:?}"),
+            format!("{fault:?}"),
+            point.hook()
+        )
+    }
 }
 
 #[cfg(test)]
