@@ -1,6 +1,9 @@
 //! The fault matrix's rows (tests/tests/faults.rs): which fault, at which point, in
-//! which control mode, and which process the test-only hook pauses there. Pure, so that
-//! the choice of rows and pausers is checked without a cluster.
+//! which control mode, and which process the test-only hook pauses there; the API fault
+//! matrix's rows are in [`api`]. Pure, so that the choice of rows and pausers is checked
+//! without a cluster.
+
+pub mod api;
 
 use std::time::Duration;
 
