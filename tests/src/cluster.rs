@@ -15,11 +15,14 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Api;
 use kube::api::PostParams;
 
+use crate::api_proxy::ApiProxy;
 use crate::process::ChildGuard;
 use crate::{ControlPlane, HarnessError};
 
 /// Ferry's namespace in the local cluster.
 pub const NAMESPACE: &str = "ferry-system";
+/// The ports each agent may hand its incoming QEMUs (`--migration-ports`).
+pub const MIGRATION_PORTS: std::ops::RangeInclusive<u16> = 49152..=49215;
 /// Where the example VM's disk is: the test guest image, written by [`Cluster::up`].
 pub const EXAMPLE_DISK: &str = "/var/lib/ferry/images/test-guest.img";
 
@@ -32,6 +35,8 @@ pub struct Node {
     pub metrics_port: u16,
     kubeconfig: PathBuf,
     agent: Option<ChildGuard>,
+    /// The fault proxy between this agent and the apiserver, when the cluster has them.
+    proxy: Option<ApiProxy>,
 }
 
 /// A running local Ferry. Dropping it stops the operator, the agents, every QEMU they
@@ -46,7 +51,33 @@ pub struct Cluster {
     bin_dir: PathBuf,
     heartbeat: Heartbeat,
     pub operator_metrics_port: u16,
+    /// The fault proxy between the operator (both replicas) and the apiserver.
+    operator_proxy: Option<ApiProxy>,
     pub cp: ControlPlane,
+}
+
+/// How [`Cluster::up_with_options`] sets a cluster up.
+#[derive(Clone, Copy, Debug)]
+pub struct Options<'a> {
+    /// Files go there and stay (for `make up`); otherwise to a temp dir.
+    pub keep_dir: Option<&'a Path>,
+    /// Chart values (`key=value`, as `helm --set` takes them).
+    pub chart_values: &'a [&'a str],
+    pub heartbeat: Heartbeat,
+    /// Whether each agent and the operator reach the apiserver through a fault proxy of
+    /// their own ([`ApiProxy`]): their kubeconfigs then name it.
+    pub api_proxies: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            keep_dir: None,
+            chart_values: &[],
+            heartbeat: Heartbeat::TESTS,
+            api_proxies: false,
+        }
+    }
 }
 
 /// How often the agents renew their heartbeat Lease, and how long one lasts: past that,
@@ -96,6 +127,26 @@ impl Cluster {
         chart_values: &[&str],
         heartbeat: Heartbeat,
     ) -> Result<Cluster, HarnessError> {
+        let options = Options {
+            keep_dir,
+            chart_values,
+            heartbeat,
+            api_proxies: false,
+        };
+        Self::up_with_options(nodes, options).await
+    }
+
+    /// Starts everything with agents on `nodes`, as `options` say.
+    pub async fn up_with_options(
+        nodes: &[&str],
+        options: Options<'_>,
+    ) -> Result<Cluster, HarnessError> {
+        let Options {
+            keep_dir,
+            chart_values,
+            heartbeat,
+            api_proxies,
+        } = options;
         let bin_dir = bin_dir();
         for bin in ["ferry-operator", "ferry-agent"] {
             if !bin_dir.join(bin).is_file() {
@@ -116,7 +167,14 @@ impl Cluster {
         let operator_args = chart_operator_args(&admin).await?;
         let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
         let token = service_account_token(&admin, "ferry-operator").await?;
-        cp.write_kubeconfig(&operator_kubeconfig, "ferry-operator", &token)?;
+        let operator_proxy = api_proxies.then(|| cp.start_api_proxy()).transpose()?;
+        write_kubeconfig(
+            &cp,
+            operator_proxy.as_ref(),
+            &operator_kubeconfig,
+            "ferry-operator",
+            &token,
+        )?;
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
             operator: None,
@@ -126,6 +184,7 @@ impl Cluster {
             bin_dir,
             heartbeat,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
+            operator_proxy,
             cp,
         };
         for (i, name) in nodes.iter().enumerate() {
@@ -139,9 +198,11 @@ impl Cluster {
                 crate::identity::node_bound_token(&admin, NAMESPACE, "ferry-agent", name, 86400)
                     .await?;
             let kubeconfig = cluster.cp.dir().join(format!("agent-{name}.kubeconfig"));
-            cluster
-                .cp
-                .write_kubeconfig(&kubeconfig, &format!("ferry-agent@{name}"), &token)?;
+            let proxy = api_proxies
+                .then(|| cluster.cp.start_api_proxy())
+                .transpose()?;
+            let user = format!("ferry-agent@{name}");
+            write_kubeconfig(&cluster.cp, proxy.as_ref(), &kubeconfig, &user, &token)?;
             cluster.nodes.insert(
                 name.to_string(),
                 Node {
@@ -151,6 +212,7 @@ impl Cluster {
                     metrics_port,
                     kubeconfig,
                     agent: None,
+                    proxy,
                 },
             );
             cluster.start_agent(name)?;
@@ -172,6 +234,42 @@ impl Cluster {
     /// One simulated node.
     pub fn node(&self, name: &str) -> &Node {
         &self.nodes[name]
+    }
+
+    /// The fault proxy between `node`'s agent and the apiserver, if the cluster has them.
+    pub fn agent_proxy(&self, node: &str) -> Option<&ApiProxy> {
+        self.nodes[node].proxy.as_ref()
+    }
+
+    /// The fault proxy between the operator and the apiserver, if the cluster has them.
+    pub fn operator_proxy(&self) -> Option<&ApiProxy> {
+        self.operator_proxy.as_ref()
+    }
+
+    /// Starts again the operator and every agent whose process ended by itself (as a
+    /// Deployment's or DaemonSet's restart policy would), without any fault hook; returns
+    /// which (`operator`, `agent <node>`).
+    pub fn restart_exited(&mut self) -> Result<Vec<String>, HarnessError> {
+        let mut restarted = Vec::new();
+        if self
+            .operator
+            .as_mut()
+            .is_some_and(|o| o.try_wait().is_some())
+        {
+            self.start_operator()?;
+            restarted.push("operator".to_string());
+        }
+        let mut exited = Vec::new();
+        for n in self.nodes.values_mut() {
+            if n.agent.as_mut().is_some_and(|a| a.try_wait().is_some()) {
+                exited.push(n.name.clone());
+            }
+        }
+        for node in exited {
+            self.start_agent(&node)?;
+            restarted.push(format!("agent {node}"));
+        }
+        Ok(restarted)
     }
 
     /// Starts (or restarts) the operator; its log is appended to `operator.log`.
@@ -238,7 +336,11 @@ impl Cluster {
             .arg(format!("--namespace={NAMESPACE}"))
             .arg(format!("--state-dir={}", n.state_dir.display()))
             .arg(format!("--migration-address={}", n.address))
-            .arg("--migration-ports=49152-49215")
+            .arg(format!(
+                "--migration-ports={}-{}",
+                MIGRATION_PORTS.start(),
+                MIGRATION_PORTS.end()
+            ))
             .arg(format!("--metrics-addr={}:{}", n.address, n.metrics_port))
             .arg("--peer-port=0")
             .arg(format!(
@@ -332,6 +434,20 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// Writes a kubeconfig for `token` naming `proxy`, or the apiserver itself without one.
+fn write_kubeconfig(
+    cp: &ControlPlane,
+    proxy: Option<&ApiProxy>,
+    path: &Path,
+    user: &str,
+    token: &str,
+) -> Result<(), HarnessError> {
+    match proxy {
+        Some(proxy) => cp.write_kubeconfig_via(path, &proxy.url(), user, token),
+        None => cp.write_kubeconfig(path, user, token),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::api_proxy::ApiProxy;
 use crate::process::ChildGuard;
 use crate::{pki, tool};
 
@@ -62,15 +63,29 @@ impl HarnessError {
 /// and the kernel kills them if it dies.
 pub struct ControlPlane {
     // Field order is drop order: the apiserver stops before etcd, the directory goes last.
-    apiserver: ChildGuard,
+    /// None only between [`ControlPlane::stop_apiserver`] and
+    /// [`ControlPlane::start_apiserver`].
+    apiserver: Option<ChildGuard>,
     etcd: ChildGuard,
     /// `https://127.0.0.1:<port>`
     pub url: String,
     /// A kubeconfig with the admin token.
     pub kubeconfig: PathBuf,
-    ca_pem: String,
     admin_token: String,
+    pki: pki::Pki,
+    etcd_url: String,
+    api_port: u16,
     dir: Dir,
+}
+
+/// What [`ControlPlane::launch`] started.
+struct Launched {
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
+    etcd_url: String,
+    api_port: u16,
+    kubeconfig: PathBuf,
+    admin_token: String,
 }
 
 /// Where the control plane keeps its files: a temporary directory removed on drop, or a
@@ -120,14 +135,16 @@ impl ControlPlane {
                     let _ = std::fs::remove_dir_all(root.join("etcd"));
                 }
                 Err(e) => return Err(e),
-                Ok((apiserver, etcd, url, kubeconfig, admin_token)) => {
+                Ok(l) => {
                     return Ok(ControlPlane {
-                        apiserver,
-                        etcd,
-                        url,
-                        kubeconfig,
-                        ca_pem: pki.ca_pem.clone(),
-                        admin_token,
+                        apiserver: Some(l.apiserver),
+                        etcd: l.etcd,
+                        url: format!("https://127.0.0.1:{}", l.api_port),
+                        kubeconfig: l.kubeconfig,
+                        admin_token: l.admin_token,
+                        pki,
+                        etcd_url: l.etcd_url,
+                        api_port: l.api_port,
                         dir,
                     });
                 }
@@ -135,13 +152,9 @@ impl ControlPlane {
         }
     }
 
-    /// Starts etcd and kube-apiserver on free ports in `root`; returns the apiserver,
-    /// etcd, the URL, the kubeconfig and the admin token.
-    async fn launch(
-        root: &Path,
-        pki: &pki::Pki,
-    ) -> Result<(ChildGuard, ChildGuard, String, PathBuf, String), HarnessError> {
-        let (etcd_bin, apiserver_bin) = (existing_tool("etcd")?, existing_tool("kube-apiserver")?);
+    /// Starts etcd and kube-apiserver on free ports in `root`.
+    async fn launch(root: &Path, pki: &pki::Pki) -> Result<Launched, HarnessError> {
+        let etcd_bin = existing_tool("etcd")?;
         let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -165,39 +178,7 @@ impl ControlPlane {
             format!("{admin_token},ferry-admin,ferry-admin,system:masters\n"),
         )?;
         let url = format!("https://127.0.0.1:{api_port}");
-        let mut api_cmd = Command::new(apiserver_bin);
-        api_cmd
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-            .arg(format!("--secure-port={api_port}"))
-            .arg(format!("--cert-dir={}", root.join("certs").display()))
-            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
-            .arg(format!(
-                "--tls-private-key-file={}",
-                pki.serving_key.display()
-            ))
-            .arg(format!(
-                "--token-auth-file={}",
-                root.join("tokens.csv").display()
-            ))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!(
-                "--service-account-key-file={}",
-                pki.sa_pub.display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                pki.sa_key.display()
-            ))
-            .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
-            .arg("--service-cluster-ip-range=10.96.0.0/24")
-            // No Service endpoints to reconcile on a loopback address.
-            .arg("--endpoint-reconciler-type=none")
-            // As on real clusters: the agent DaemonSet is privileged (see the chart).
-            .arg("--allow-privileged=true")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--profiling=false");
+        let api_cmd = apiserver_command(root, pki, &etcd_url, api_port)?;
         let api_log = root.join("kube-apiserver.log");
         let mut apiserver = spawn_logged("kube-apiserver", api_cmd, &api_log)?;
 
@@ -205,7 +186,66 @@ impl ControlPlane {
         write_kubeconfig(&kubeconfig, &url, &pki.ca_pem, "ferry-admin", &admin_token)?;
         let client = client_from(&kubeconfig).await?;
         wait_ready(&mut apiserver, &client, &api_log).await?;
-        Ok((apiserver, etcd, url, kubeconfig, admin_token))
+        Ok(Launched {
+            apiserver,
+            etcd,
+            etcd_url,
+            api_port,
+            kubeconfig,
+            admin_token,
+        })
+    }
+
+    /// Stops kube-apiserver (SIGTERM, as a restart does); etcd keeps its data.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut apiserver) = self.apiserver.take() {
+            apiserver.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts kube-apiserver again on the same port with the same certificates and
+    /// etcd, and waits until it is ready (its log is appended to).
+    pub async fn start_apiserver(&mut self) -> Result<(), HarnessError> {
+        if self.apiserver.is_some() {
+            return Ok(());
+        }
+        let root = self.dir.path().to_path_buf();
+        let cmd = apiserver_command(&root, &self.pki, &self.etcd_url, self.api_port)?;
+        let log = root.join("kube-apiserver.log");
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)?;
+        let mut cmd = cmd;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let mut apiserver =
+            ChildGuard::spawn("kube-apiserver", cmd).map_err(|source| HarnessError::Spawn {
+                what: "kube-apiserver".into(),
+                source,
+            })?;
+        let client = client_from(&self.kubeconfig).await?;
+        wait_ready(&mut apiserver, &client, &log).await?;
+        self.apiserver = Some(apiserver);
+        Ok(())
+    }
+
+    /// [`ControlPlane::stop_apiserver`], then [`ControlPlane::start_apiserver`].
+    pub async fn restart_apiserver(&mut self) -> Result<(), HarnessError> {
+        self.stop_apiserver();
+        self.start_apiserver().await
+    }
+
+    /// A fault proxy in front of this apiserver (see [`ApiProxy`]).
+    pub fn start_api_proxy(&self) -> Result<ApiProxy, HarnessError> {
+        ApiProxy::start(
+            &self.url,
+            &self.pki.ca_pem,
+            &self.pki.proxy_cert_pem,
+            &self.pki.proxy_key_pem,
+        )
+        .map_err(|e| HarnessError::Setup(format!("the API fault proxy: {e}")))
     }
 
     /// The directory holding the control plane's files (logs, kubeconfig, PKI).
@@ -230,7 +270,7 @@ impl ControlPlane {
         token: &str,
         path: &Path,
     ) -> Result<kube::Client, HarnessError> {
-        write_kubeconfig(path, &self.url, &self.ca_pem, user, token)?;
+        write_kubeconfig(path, &self.url, &self.pki.ca_pem, user, token)?;
         client_from(path).await
     }
 
@@ -241,7 +281,19 @@ impl ControlPlane {
         user: &str,
         token: &str,
     ) -> Result<(), HarnessError> {
-        write_kubeconfig(path, &self.url, &self.ca_pem, user, token)
+        write_kubeconfig(path, &self.url, &self.pki.ca_pem, user, token)
+    }
+
+    /// [`ControlPlane::write_kubeconfig`] for a server at `url` (a fault proxy, whose
+    /// certificate the same CA signed).
+    pub fn write_kubeconfig_via(
+        &self,
+        path: &Path,
+        url: &str,
+        user: &str,
+        token: &str,
+    ) -> Result<(), HarnessError> {
+        write_kubeconfig(path, url, &self.pki.ca_pem, user, token)
     }
 
     /// `kubectl` with the admin kubeconfig.
@@ -265,9 +317,55 @@ impl ControlPlane {
 
     /// Stops both processes now (dropping does the same).
     pub fn stop(mut self) {
-        self.apiserver.stop(Duration::from_secs(5));
+        if let Some(apiserver) = self.apiserver.as_mut() {
+            apiserver.stop(Duration::from_secs(5));
+        }
         self.etcd.stop(Duration::from_secs(5));
     }
+}
+
+/// kube-apiserver's command line: on 127.0.0.1:`port`, over `etcd_url`, with the PKI
+/// and the admin token file in `root`.
+fn apiserver_command(
+    root: &Path,
+    pki: &pki::Pki,
+    etcd_url: &str,
+    port: u16,
+) -> Result<Command, HarnessError> {
+    let mut api_cmd = Command::new(existing_tool("kube-apiserver")?);
+    api_cmd
+        .arg(format!("--etcd-servers={etcd_url}"))
+        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .arg(format!("--secure-port={port}"))
+        .arg(format!("--cert-dir={}", root.join("certs").display()))
+        .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            pki.serving_key.display()
+        ))
+        .arg(format!(
+            "--token-auth-file={}",
+            root.join("tokens.csv").display()
+        ))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!(
+            "--service-account-key-file={}",
+            pki.sa_pub.display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            pki.sa_key.display()
+        ))
+        .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
+        .arg("--service-cluster-ip-range=10.96.0.0/24")
+        // No Service endpoints to reconcile on a loopback address.
+        .arg("--endpoint-reconciler-type=none")
+        // As on real clusters: the agent DaemonSet is privileged (see the chart).
+        .arg("--allow-privileged=true")
+        .arg("--enable-priority-and-fairness=false")
+        .arg("--profiling=false");
+    Ok(api_cmd)
 }
 
 fn existing_tool(name: &str) -> Result<PathBuf, HarnessError> {

@@ -6,13 +6,16 @@
 //! when dropped — also when a test panics, and (through `PR_SET_PDEATHSIG`) when the
 //! test process dies.
 
+pub mod api_proxy;
 pub mod bench;
 pub mod cluster;
 mod commands;
 mod control_plane;
 pub mod e2e_support;
 pub mod fault_matrix;
+pub mod fault_run;
 pub mod identity;
+pub mod leaks;
 pub mod peer_client;
 mod pki;
 pub mod policy_check;

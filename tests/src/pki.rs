@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
-/// Paths of the files the apiserver is started with.
+/// Paths of the files the apiserver is started with, and the fault proxies' identity.
+#[derive(Clone)]
 pub struct Pki {
     /// CA that signed the serving certificate; clients trust it.
     pub ca_cert: PathBuf,
@@ -15,10 +16,15 @@ pub struct Pki {
     pub sa_pub: PathBuf,
     /// The CA in PEM, for kubeconfigs.
     pub ca_pem: String,
+    /// The fault proxies' serving certificate (127.0.0.1, localhost) and key, in PEM,
+    /// signed by the same CA, so a component's kubeconfig trusts its proxy as it would
+    /// the apiserver.
+    pub proxy_cert_pem: String,
+    pub proxy_key_pem: String,
 }
 
-/// Creates a CA, a serving certificate for 127.0.0.1 and localhost, and a ServiceAccount
-/// signing key pair (ECDSA P-256) in `dir`.
+/// Creates a CA, a serving certificate for 127.0.0.1 and localhost, one for the fault
+/// proxies, and a ServiceAccount signing key pair (ECDSA P-256) in `dir`.
 pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync>> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -38,6 +44,14 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
         .push(DnType::CommonName, "kube-apiserver");
     let serving = params.signed_by(&serving_key, &ca)?;
 
+    let proxy_key = KeyPair::generate()?;
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ferry-api-fault-proxy");
+    let proxy = params.signed_by(&proxy_key, &ca)?;
+
     let sa = KeyPair::generate()?;
 
     let pki = Pki {
@@ -47,6 +61,8 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
         sa_key: dir.join("sa.key"),
         sa_pub: dir.join("sa.pub"),
         ca_pem: ca.pem(),
+        proxy_cert_pem: proxy.pem(),
+        proxy_key_pem: proxy_key.serialize_pem(),
     };
     std::fs::write(&pki.ca_cert, &pki.ca_pem)?;
     std::fs::write(&pki.serving_cert, serving.pem())?;

@@ -1,6 +1,9 @@
 //! The fault matrix's rows (tests/tests/faults.rs): which fault, at which point, in
-//! which control mode, and which process the test-only hook pauses there. Pure, so that
-//! the choice of rows and pausers is checked without a cluster.
+//! which control mode, and which process the test-only hook pauses there; the API fault
+//! matrix's rows are in [`api`]. Pure, so that the choice of rows and pausers is checked
+//! without a cluster.
+
+pub mod api;
 
 use std::time::Duration;
 
@@ -181,14 +184,21 @@ pub fn table_line(r: &Row) -> String {
     )
 }
 
-/// The table line of a row that broke an invariant.
-pub fn failed_line((mode, fault, point): RowSpec, why: &str) -> String {
-    format!(
-        "| {:<10} | {:<16} | {:<14} | FAILED: {why}",
-        format!("{mode:?}"),
-        format!("{fault:?}"),
-        point.hook()
-    )
+impl crate::fault_run::RowLabel for RowSpec {
+    fn name(&self) -> String {
+        row_name(*self)
+    }
+
+    /// The table line of a row that broke an invariant.
+    fn failed_line(&self, why: &str) -> String {
+        let (mode, fault, point) = *self;
+        format!(
+            "| {:<10} | {:<16} | {:<14} | FAILED: {why}",
+            format!("{mode:?}"),
+            format!("{fault:?}"),
+            point.hook()
+        )
+    }
 }
 
 #[cfg(test)]
