@@ -29,7 +29,8 @@ pub enum ApiFault {
     Reset,
     /// The component that runs the point partitioned from the apiserver for [`PARTITION`].
     Partition,
-    /// The source agent partitioned for longer than its heartbeat Lease lasts.
+    /// The agent that runs the point (the source in Perform, the target right after its
+    /// commit) partitioned for longer than its heartbeat Lease lasts.
     PartitionPastLease,
     /// kube-apiserver restarted (etcd keeps its data): stopped at the point, the paused
     /// process released, then started again.
@@ -49,8 +50,10 @@ pub const API_FAULTS: [ApiFault; 6] = [
 ];
 
 /// The rows beyond fault × point, in each mode.
-pub const EXTRA: [(ApiFault, Point); 4] = [
+pub const EXTRA: [(ApiFault, Point); 5] = [
     (ApiFault::PartitionPastLease, Point::PerformEarly),
+    // The target partitioned right after the ownership write, past its Lease.
+    (ApiFault::PartitionPastLease, Point::AfterCommit),
     (ApiFault::RestartApiserver, Point::PerformEarly),
     (ApiFault::RestartApiserver, Point::DuringFinish),
     (ApiFault::KillBothAgents, Point::PerformLate),
@@ -156,6 +159,12 @@ pub fn targets(mode: ControlMode, point: Point) -> Vec<(Pauser, Matcher)> {
             vec![(Source, status_writes()), (Source, disk_lock_writes())]
         }
         (_, Point::PerformLate) => vec![(Source, status_writes())],
+        // After the commit the target only goes forward: its Finish step must land
+        // (managed) or reach the source, which records it (peer-to-peer).
+        (Managed, Point::AfterCommit) => {
+            vec![(Target, status_writes()), (Target, vm_status_writes())]
+        }
+        (PeerToPeer, Point::AfterCommit) => vec![(Source, status_writes())],
         (_, Point::DuringConfirm) => vec![
             (Source, status_writes()),
             (Source, vm_status_writes()),
@@ -169,16 +178,15 @@ pub fn targets(mode: ControlMode, point: Point) -> Vec<(Pauser, Matcher)> {
 }
 
 /// Whose proxy a partition row partitions: the process that runs the point (the
-/// pauser); the source for [`ApiFault::PartitionPastLease`].
+/// pauser: the source during Perform, the target right after its commit).
 pub fn partitioned(mode: ControlMode, fault: ApiFault, point: Point) -> Option<Pauser> {
     match fault {
-        ApiFault::Partition => Some(point.pauser(mode)),
-        ApiFault::PartitionPastLease => Some(Pauser::Source),
+        ApiFault::Partition | ApiFault::PartitionPastLease => Some(point.pauser(mode)),
         _ => None,
     }
 }
 
-/// Every row of `mode`: each fault of [`API_FAULTS`] at each point, then [`EXTRA`] (58).
+/// Every row of `mode`: each fault of [`API_FAULTS`] at each point, then [`EXTRA`] (65).
 pub fn all_api_rows(mode: ControlMode) -> Vec<ApiRowSpec> {
     API_FAULTS
         .iter()
@@ -190,8 +198,9 @@ pub fn all_api_rows(mode: ControlMode) -> Vec<ApiRowSpec> {
 /// The rows `make test` runs: one per request fault kind other than the hang (which
 /// costs its 30 s), a partition of the operator and one of an agent, and an apiserver
 /// restart; both modes.
-pub const API_SUBSET: [ApiRowSpec; 6] = [
+pub const API_SUBSET: [ApiRowSpec; 7] = [
     (Managed, ApiFault::Conflict, Point::DuringPrepare),
+    (Managed, ApiFault::ServerError, Point::AfterCommit),
     (Managed, ApiFault::ServerError, Point::DuringConfirm),
     (Managed, ApiFault::Partition, Point::AfterBegin),
     (PeerToPeer, ApiFault::TooManyRequests, Point::AfterBegin),
@@ -345,7 +354,7 @@ mod tests {
     fn rows_faults_and_partitions() {
         for mode in MODES {
             let rows = all_api_rows(mode);
-            assert_eq!(rows.len(), 58);
+            assert_eq!(rows.len(), 65);
             assert!(rows.iter().all(|r| r.0 == mode));
         }
         for f in API_FAULTS {
@@ -381,7 +390,7 @@ mod tests {
 
     #[test]
     fn the_subset_is_a_handful_of_rows_of_the_matrix_in_both_modes() {
-        assert!(API_SUBSET.len() <= 6);
+        assert!(API_SUBSET.len() <= 7);
         for row in API_SUBSET {
             assert!(all_api_rows(row.0).contains(&row), "{row:?}");
         }

@@ -27,6 +27,9 @@ pub enum Point {
     AfterPrepare,
     PerformEarly,
     PerformLate,
+    /// In Finish, right after the target took ownership (the commit point), before
+    /// `cont`.
+    AfterCommit,
     DuringFinish,
     AfterFinish,
     DuringConfirm,
@@ -41,13 +44,14 @@ pub const FAULTS: [Fault; 6] = [
     Fault::CutStream,
 ];
 
-pub const POINTS: [Point; 9] = [
+pub const POINTS: [Point; 10] = [
     Point::DuringBegin,
     Point::AfterBegin,
     Point::DuringPrepare,
     Point::AfterPrepare,
     Point::PerformEarly,
     Point::PerformLate,
+    Point::AfterCommit,
     Point::DuringFinish,
     Point::AfterFinish,
     Point::DuringConfirm,
@@ -64,7 +68,7 @@ use ControlMode::{Managed, PeerToPeer};
 /// Peer-to-peer: every fault at least once, on the paths the source agent drives (its
 /// own kill during and after phases, the target agent killed inside its peer API, the
 /// operator killed while the source waits between phases, the QEMUs, the stream).
-pub const SUBSET: [RowSpec; 18] = [
+pub const SUBSET: [RowSpec; 19] = [
     (Managed, Fault::KillSourceAgent, Point::DuringBegin),
     (Managed, Fault::KillOperator, Point::AfterBegin),
     (Managed, Fault::KillTargetAgent, Point::DuringPrepare),
@@ -72,6 +76,7 @@ pub const SUBSET: [RowSpec; 18] = [
     (Managed, Fault::CutStream, Point::PerformEarly),
     (Managed, Fault::KillSourceQemu, Point::PerformEarly),
     (Managed, Fault::KillTargetQemu, Point::PerformLate),
+    (Managed, Fault::KillTargetQemu, Point::AfterCommit),
     (Managed, Fault::KillTargetAgent, Point::DuringFinish),
     (Managed, Fault::KillOperator, Point::AfterFinish),
     (Managed, Fault::KillSourceAgent, Point::DuringConfirm),
@@ -103,6 +108,7 @@ impl Point {
             Point::AfterPrepare => "after-prepare",
             Point::PerformEarly => "perform-early",
             Point::PerformLate => "perform-late",
+            Point::AfterCommit => "after-commit",
             Point::DuringFinish => "during-finish",
             Point::AfterFinish => "after-finish",
             Point::DuringConfirm => "during-confirm",
@@ -115,7 +121,7 @@ impl Point {
         match self {
             Point::DuringBegin | Point::PerformEarly | Point::PerformLate => Pauser::Source,
             Point::DuringConfirm => Pauser::Source,
-            Point::DuringPrepare | Point::DuringFinish => Pauser::Target,
+            Point::DuringPrepare | Point::AfterCommit | Point::DuringFinish => Pauser::Target,
             Point::AfterBegin | Point::AfterPrepare | Point::AfterFinish => match mode {
                 Managed => Pauser::Operator,
                 PeerToPeer => Pauser::Source,
@@ -124,7 +130,7 @@ impl Point {
     }
 }
 
-/// Every row of `mode` (54).
+/// Every row of `mode` (60).
 pub fn all_rows(mode: ControlMode) -> Vec<RowSpec> {
     FAULTS
         .iter()
@@ -219,9 +225,9 @@ mod tests {
     }
 
     #[test]
-    fn each_mode_has_54_rows_and_the_subset_covers_every_fault_in_each() {
+    fn each_mode_has_60_rows_and_the_subset_covers_every_fault_in_each() {
         for mode in MODES {
-            assert_eq!(all_rows(mode).len(), 54);
+            assert_eq!(all_rows(mode).len(), 60);
             for f in FAULTS {
                 assert!(
                     SUBSET.iter().any(|&(m, g, _)| m == mode && g == f),
