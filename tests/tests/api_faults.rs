@@ -38,7 +38,7 @@ use ferry_tests::cluster::{Heartbeat, Options};
 use ferry_tests::e2e_support::*;
 use ferry_tests::fault_matrix::Pauser;
 use ferry_tests::fault_matrix::api::*;
-use ferry_tests::fault_run::{self, Hooks, Killed, RESTART_DELAY};
+use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, RESTART_DELAY};
 use ferry_tests::fault_run::{MIGRATION, SOURCE, TARGET, check_row, wait_terminal};
 use kube::{Api, Client};
 
@@ -101,6 +101,12 @@ async fn run_row(spec: ApiRowSpec) -> String {
         None => what_landed(&cluster),
     };
     assert!(landed, "the fault never landed: {injected}");
+    // The logs again once the checks are done (or failed): what happened after the end.
+    let keep = KeepLogsOnDrop {
+        cluster: &cluster,
+        root: logs_root(),
+        name: log_name(spec),
+    };
     check_row(
         &cluster,
         &client,
@@ -110,6 +116,7 @@ async fn run_row(spec: ApiRowSpec) -> String {
         "",
     )
     .await;
+    drop(keep);
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus.keys().next().cloned().unwrap_or_default();
     api_table_line(&ApiRow {
@@ -210,10 +217,18 @@ fn what_landed(cluster: &Cluster) -> (bool, String) {
     (total > 0, parts.join("; "))
 }
 
+fn logs_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api-fault-logs")
+}
+
+/// `<fault>-<point>`, or `PeerToPeer-<fault>-<point>`.
+fn log_name(spec: ApiRowSpec) -> String {
+    api_row_name(spec).replace(['/', ':'], "-")
+}
+
 /// Copies the row's component logs to `$CARGO_TARGET_TMPDIR/api-fault-logs/<row>`.
 fn keep_logs(cluster: &Cluster, spec: ApiRowSpec) {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api-fault-logs");
-    fault_run::keep_logs(cluster, &root, &api_row_name(spec).replace(['/', ':'], "-"));
+    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec));
 }
 
 async fn matrix(rows: &[ApiRowSpec]) {

@@ -93,6 +93,12 @@ async fn run_row(spec: RowSpec) -> String {
         Fault::KillTargetQemu => Killed::TargetQemu,
         _ => Killed::Nothing,
     };
+    // The logs again once the checks are done (or failed): what happened after the end.
+    let keep = KeepLogsOnDrop {
+        cluster: &cluster,
+        root: logs_root(),
+        name: log_name(spec),
+    };
     check_row(
         &cluster,
         &client,
@@ -102,6 +108,7 @@ async fn run_row(spec: RowSpec) -> String {
         "GuestDied",
     )
     .await;
+    drop(keep);
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus
         .keys()
@@ -169,13 +176,16 @@ fn logs_root() -> PathBuf {
 
 /// Copies the row's component logs to `<logs_root>/<fault>-<point>` (managed) or
 /// `.../PeerToPeer-<fault>-<point>`.
-fn keep_logs(cluster: &Cluster, (mode, fault, point): RowSpec) {
+fn keep_logs(cluster: &Cluster, spec: RowSpec) {
+    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec));
+}
+
+fn log_name((mode, fault, point): RowSpec) -> String {
     let prefix = match mode {
         ControlMode::Managed => String::new(),
         ControlMode::PeerToPeer => "PeerToPeer-".into(),
     };
-    let name = format!("{prefix}{fault:?}-{}", point.hook());
-    fault_run::keep_logs(cluster, &logs_root(), &name);
+    format!("{prefix}{fault:?}-{}", point.hook())
 }
 
 fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
