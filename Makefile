@@ -36,8 +36,8 @@ fmt: ## Format the Rust code.
 test-unit: ## Pure-logic unit tests (no QEMU, no apiserver).
 	$(CARGO) test --workspace --lib --bins
 
-test-k8s: tools ## The chart, CRDs, RBAC and the admission policies against a real etcd + kube-apiserver.
-	$(CARGO) test -p ferry-tests --test foundation --test rbac --test identity --test identity_vm --test identity_peer -- --test-threads=2
+test-k8s: tools ## The chart, CRDs, RBAC, the admission policies and the API fault proxy against a real etcd + kube-apiserver.
+	$(CARGO) test -p ferry-tests --test foundation --test rbac --test identity --test identity_vm --test identity_peer --test api_proxy -- --test-threads=2
 
 test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
 	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli
@@ -48,11 +48,13 @@ test-e2e-p2p: tools bins ## The end-to-end migrations and the post-copy tests ag
 	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test e2e
 	FERRY_TEST_MODE=PeerToPeer $(CARGO) test -p ferry-tests --test faults post_copy -- --nocapture
 
-# `make test` runs the fault matrix's fixed subset (tests/src/fault_matrix.rs, SUBSET:
+# `make test` runs the fault matrix's fixed subset (tests/src/fault_matrix/mod.rs, SUBSET:
 # managed, one row per fault and one per injection point; peer-to-peer, every fault on
-# the paths the source agent drives); this runs all 54 rows in each mode.
-test-faults: tools bins ## The full fault matrix (every fault at every phase boundary, 54 rows in each control mode, about 25 minutes).
-	$(CARGO) test -p ferry-tests --test faults -- --include-ignored --nocapture
+# the paths the source agent drives) and the API fault matrix's (fault_matrix/api.rs,
+# API_SUBSET, 7 rows); this runs all 60 rows of the first and all 65 of the second in
+# each mode.
+test-faults: tools bins ## The full fault matrices: every fault at every phase point (60 rows per control mode) and every API fault (65 rows per mode).
+	$(CARGO) test -p ferry-tests --test faults --test api_faults -- --include-ignored --nocapture
 
 soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents every 10 migrations.
 	$(CARGO) test -p ferry-tests --test soak -- --ignored --nocapture

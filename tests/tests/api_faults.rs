@@ -11,8 +11,9 @@
 //!   disk-lock Lease writes);
 //! - a 2 s partition of the component that runs the point (open connections cut,
 //!   watches included; new ones reset), well inside the heartbeat Lease's 5 s;
-//! - and a few more rows: the source agent partitioned during Perform for longer than
-//!   its heartbeat Lease lasts; the apiserver restarted during Perform and during Finish
+//! - and a few more rows: the source agent partitioned during Perform, and the target
+//!   right after its ownership write (after-commit), for longer than the heartbeat Lease
+//!   lasts; the apiserver restarted during Perform and during Finish
 //!   (etcd keeps its data; the paused process is let go while it is down); both agents
 //!   killed at once at PerformLate.
 //!
@@ -23,7 +24,7 @@
 //! operator does when it loses its leader Lease) is started again, as its Deployment
 //! would, and the table says so.
 //!
-//! `make test` runs [`API_SUBSET`]; `make test-faults` runs all 58 rows of each mode.
+//! `make test` runs [`API_SUBSET`]; `make test-faults` runs all 65 rows of each mode.
 //! `FERRY_API_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,...` picks rows instead of the
 //! subset.
 
@@ -38,7 +39,7 @@ use ferry_tests::cluster::{Heartbeat, Options};
 use ferry_tests::e2e_support::*;
 use ferry_tests::fault_matrix::Pauser;
 use ferry_tests::fault_matrix::api::*;
-use ferry_tests::fault_run::{self, Hooks, Killed, RESTART_DELAY};
+use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, RESTART_DELAY};
 use ferry_tests::fault_run::{MIGRATION, SOURCE, TARGET, check_row, wait_terminal};
 use kube::{Api, Client};
 
@@ -101,6 +102,12 @@ async fn run_row(spec: ApiRowSpec) -> String {
         None => what_landed(&cluster),
     };
     assert!(landed, "the fault never landed: {injected}");
+    // The logs again once the checks are done (or failed): what happened after the end.
+    let keep = KeepLogsOnDrop {
+        cluster: &cluster,
+        root: logs_root(),
+        name: log_name(spec),
+    };
     check_row(
         &cluster,
         &client,
@@ -110,6 +117,7 @@ async fn run_row(spec: ApiRowSpec) -> String {
         "",
     )
     .await;
+    drop(keep);
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus.keys().next().cloned().unwrap_or_default();
     api_table_line(&ApiRow {
@@ -210,10 +218,18 @@ fn what_landed(cluster: &Cluster) -> (bool, String) {
     (total > 0, parts.join("; "))
 }
 
+fn logs_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api-fault-logs")
+}
+
+/// `<fault>-<point>`, or `PeerToPeer-<fault>-<point>`.
+fn log_name(spec: ApiRowSpec) -> String {
+    api_row_name(spec).replace(['/', ':'], "-")
+}
+
 /// Copies the row's component logs to `$CARGO_TARGET_TMPDIR/api-fault-logs/<row>`.
 fn keep_logs(cluster: &Cluster, spec: ApiRowSpec) {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api-fault-logs");
-    fault_run::keep_logs(cluster, &root, &api_row_name(spec).replace(['/', ':'], "-"));
+    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec));
 }
 
 async fn matrix(rows: &[ApiRowSpec]) {
@@ -232,16 +248,16 @@ async fn api_fault_matrix_subset() {
     matrix(&API_SUBSET).await;
 }
 
-/// All 58 rows in managed mode (`make test-faults`).
+/// All 65 rows in managed mode (`make test-faults`).
 #[tokio::test]
-#[ignore = "58 rows on fresh clusters; `make test-faults` runs it"]
+#[ignore = "65 rows on fresh clusters; `make test-faults` runs it"]
 async fn api_fault_matrix_full_managed() {
     matrix(&all_api_rows(ControlMode::Managed)).await;
 }
 
-/// All 58 rows in peer-to-peer mode (`make test-faults`).
+/// All 65 rows in peer-to-peer mode (`make test-faults`).
 #[tokio::test]
-#[ignore = "58 rows on fresh clusters; `make test-faults` runs it"]
+#[ignore = "65 rows on fresh clusters; `make test-faults` runs it"]
 async fn api_fault_matrix_full_peer_to_peer() {
     matrix(&all_api_rows(ControlMode::PeerToPeer)).await;
 }

@@ -19,7 +19,7 @@
 //! ferry_tests::fault_matrix.
 //!
 //! `make test` runs [`SUBSET`] (managed: one row per fault and one per point; peer-to-
-//! peer: one or two rows per fault); `make test-faults` runs all 54 rows in each mode
+//! peer: one or two rows per fault); `make test-faults` runs all 60 rows in each mode
 //! (108). `FERRY_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,...` picks rows instead of the
 //! subset. Both run the post-copy row: the stream cut after
 //! the switch to post-copy, kept down, then restored — the migration must wait and be
@@ -93,6 +93,12 @@ async fn run_row(spec: RowSpec) -> String {
         Fault::KillTargetQemu => Killed::TargetQemu,
         _ => Killed::Nothing,
     };
+    // The logs again once the checks are done (or failed): what happened after the end.
+    let keep = KeepLogsOnDrop {
+        cluster: &cluster,
+        root: logs_root(),
+        name: log_name(spec),
+    };
     check_row(
         &cluster,
         &client,
@@ -102,6 +108,7 @@ async fn run_row(spec: RowSpec) -> String {
         "GuestDied",
     )
     .await;
+    drop(keep);
     let qemus = cluster.qemu_pids("demo");
     let guest = qemus
         .keys()
@@ -169,13 +176,16 @@ fn logs_root() -> PathBuf {
 
 /// Copies the row's component logs to `<logs_root>/<fault>-<point>` (managed) or
 /// `.../PeerToPeer-<fault>-<point>`.
-fn keep_logs(cluster: &Cluster, (mode, fault, point): RowSpec) {
+fn keep_logs(cluster: &Cluster, spec: RowSpec) {
+    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec));
+}
+
+fn log_name((mode, fault, point): RowSpec) -> String {
     let prefix = match mode {
         ControlMode::Managed => String::new(),
         ControlMode::PeerToPeer => "PeerToPeer-".into(),
     };
-    let name = format!("{prefix}{fault:?}-{}", point.hook());
-    fault_run::keep_logs(cluster, &logs_root(), &name);
+    format!("{prefix}{fault:?}-{}", point.hook())
 }
 
 fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
@@ -373,16 +383,16 @@ async fn fault_matrix_subset() {
     matrix(&SUBSET).await;
 }
 
-/// All 54 rows in managed mode (`make test-faults`).
+/// All 60 rows in managed mode (`make test-faults`).
 #[tokio::test]
-#[ignore = "54 rows on fresh clusters; `make test-faults` runs it"]
+#[ignore = "60 rows on fresh clusters; `make test-faults` runs it"]
 async fn fault_matrix_full_managed() {
     matrix(&all_rows(ControlMode::Managed)).await;
 }
 
-/// All 54 rows in peer-to-peer mode (`make test-faults`).
+/// All 60 rows in peer-to-peer mode (`make test-faults`).
 #[tokio::test]
-#[ignore = "54 rows on fresh clusters; `make test-faults` runs it"]
+#[ignore = "60 rows on fresh clusters; `make test-faults` runs it"]
 async fn fault_matrix_full_peer_to_peer() {
     matrix(&all_rows(ControlMode::PeerToPeer)).await;
 }
