@@ -2,10 +2,12 @@
 //! may write it. Finish hands them from the source to the target before the guest
 //! resumes; a rollback leaves them with the source.
 
-use k8s_openapi::api::coordination::v1::Lease;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use serde_json::json;
 
 /// Label on every disk Lease: the VM's namespace and name, `<ns>.<name>`.
 const VM_LABEL: &str = "ferry.dev/vm";
@@ -70,11 +72,14 @@ impl DiskLocks {
                     }
                 }
                 None => {
-                    let lease: Lease = serde_json::from_value(json!({
-                        "metadata": {"name": name, "labels": {VM_LABEL: self.vm}},
-                        "spec": {"holderIdentity": node}
-                    }))
-                    .expect("a valid Lease");
+                    let lease = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(name.clone()),
+                            labels: Some(BTreeMap::from([(VM_LABEL.to_string(), self.vm.clone())])),
+                            ..Default::default()
+                        },
+                        spec: Some(holder_spec(node)),
+                    };
                     self.leases
                         .create(&PostParams::default(), &lease)
                         .await
@@ -105,12 +110,16 @@ impl DiskLocks {
                     holder,
                 });
             }
-            let patch = json!({
-                "metadata": {"resourceVersion": lease.metadata.resource_version},
-                "spec": {"holderIdentity": to}
-            });
+            // Over the version read: a lock someone moved meanwhile is refused (409).
+            let patch = Lease {
+                metadata: ObjectMeta {
+                    resource_version: lease.metadata.resource_version.clone(),
+                    ..Default::default()
+                },
+                spec: Some(holder_spec(to)),
+            };
             self.leases
-                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(self.err(disk))?;
         }
@@ -133,6 +142,14 @@ impl DiskLocks {
             }
         }
         Ok(())
+    }
+}
+
+/// A disk lock's spec: held by `node`.
+fn holder_spec(node: &str) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: Some(node.to_string()),
+        ..Default::default()
     }
 }
 
