@@ -6,7 +6,7 @@
 //! (docs/protocol.md, "The commit point").
 
 use ferry_agent::phases::confirm::{self, Confirmed};
-use ferry_crds::{ControlMode, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VmPhase};
+use ferry_crds::{ControlMode, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome};
 use kube::ResourceExt;
 use tracing::{info, warn};
 
@@ -152,25 +152,5 @@ impl Run<'_> {
             (StepOutcome::Failed, Some(Reason::GuestLost), _) => Ok(TargetSaid::Lost(step.message)),
             _ => Err(awaiting(format!(" (its Finish says: {})", step.message))),
         }
-    }
-
-    /// Marks the VM Failed, reason GuestLost, and releases its disk locks: its QEMU here
-    /// was removed because the guest's state was split with a target QEMU that is gone.
-    /// (The VM reconciler would call it GuestDied, as if the QEMU had exited by itself.)
-    async fn mark_vm_lost(&self, why: &str) -> Result<(), StepError> {
-        let (vm, _) = self.vm().await?;
-        let message = format!(
-            "the guest is lost: {why}; its QEMU on {} was removed. Ferry does not restart it \
-             (set spec.running to false and back to true to start it again)",
-            self.agent.node
-        );
-        self.mark_vm_gone(
-            &vm,
-            VmPhase::Failed,
-            "GuestLost",
-            &message,
-            Default::default(),
-        )
-        .await
     }
 }

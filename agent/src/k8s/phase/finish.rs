@@ -5,7 +5,7 @@
 
 use ferry_agent::error::{BoxError, ErrorKind};
 use ferry_agent::phases::finish;
-use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason, VmPhase};
+use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
 use kube::ResourceExt;
 use tracing::{info, warn};
 
@@ -47,19 +47,10 @@ impl Run<'_> {
             Err(e) => {
                 match &e.kind {
                     // Before the commit: the disks are the source's again.
-                    ErrorKind::Ownership(_) | ErrorKind::NotArrived(_) => {
-                        if let Err(err) =
-                            self.disk_locks().hand_over(&disks, &target, &source).await
-                        {
-                            warn!(error = %err, "could not hand the disk locks back; the source's Confirm does");
-                        }
-                    }
-                    // After the commit, the guest never ran here: the step's reason
-                    // (TargetNeverRan) lets the source take the VM back and resume it.
-                    ErrorKind::NeverRan(_) => {
-                        warn!(
-                            "the incoming QEMU exited before it ran the guest; the source's copy is whole"
-                        );
+                    // Before the commit, or after it when the guest never ran here
+                    // (the step's TargetNeverRan lets the source take the VM back): the
+                    // disks are the source's again.
+                    ErrorKind::Ownership(_) | ErrorKind::NotArrived(_) | ErrorKind::NeverRan(_) => {
                         if let Err(err) =
                             self.disk_locks().hand_over(&disks, &target, &source).await
                         {
@@ -67,20 +58,7 @@ impl Run<'_> {
                         }
                     }
                     // After the commit, the guest may have run here and its QEMU is gone.
-                    ErrorKind::GuestLost(why) => {
-                        let message = format!(
-                            "the guest is lost: {why}. Ferry does not restart it (set spec.running \
-                             to false and back to true to start it again)"
-                        );
-                        self.mark_vm_gone(
-                            &vm,
-                            VmPhase::Failed,
-                            "GuestLost",
-                            &message,
-                            Default::default(),
-                        )
-                        .await?;
-                    }
+                    ErrorKind::GuestLost(why) => self.mark_vm_lost(why).await?,
                     _ => {}
                 }
                 return Err(e.into());

@@ -372,6 +372,27 @@ impl<'a> Run<'a> {
         )
     }
 
+    /// Marks the VM Failed, reason GuestLost, and releases its disk locks held here: its
+    /// QEMU here was removed because the guest's state was split between two QEMUs and
+    /// the other is gone (Confirm), or the target may have run it and lost it (Finish).
+    /// (The VM reconciler would call it GuestDied, as if the QEMU had exited by itself.)
+    pub(super) async fn mark_vm_lost(&self, why: &str) -> Result<(), StepError> {
+        let (vm, _) = self.vm().await?;
+        let message = format!(
+            "the guest is lost: {why}; its QEMU on {} was removed. Ferry does not restart it \
+             (set spec.running to false and back to true to start it again)",
+            self.agent.node
+        );
+        self.mark_vm_gone(
+            &vm,
+            VmPhase::Failed,
+            "GuestLost",
+            &message,
+            Default::default(),
+        )
+        .await
+    }
+
     /// Writes into `vm`'s status that its guest no longer runs on this node: `phase`
     /// (Stopped after a save, Failed when lost), Ready False for `reason` with
     /// `message`, no graphics, and the `extra` status fields; then releases the VM's
