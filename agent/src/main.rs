@@ -48,6 +48,10 @@ struct Args {
     /// Seconds a heartbeat stays valid; after that the operator treats the node as lost.
     #[arg(long, default_value_t = 10)]
     lease_seconds: u64,
+    /// Seconds an API request (not a watch) may wait for its answer before it counts as
+    /// failed and is retried.
+    #[arg(long, default_value_t = ferry_runtime::api::REQUEST_TIMEOUT.as_secs())]
+    api_timeout_seconds: u64,
 }
 
 fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -78,9 +82,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let sup = Supervisor::new(node);
     let guests = sup.attach_all().await?;
     info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");
-    let client = kube::Client::try_default().await?;
+    let clients =
+        ferry_runtime::api::ApiClients::infer(Duration::from_secs(args.api_timeout_seconds))
+            .await?;
+    let client = clients.requests.clone();
     let agent = Arc::new(k8s::Agent {
         client: client.clone(),
+        watches: clients.watches,
         namespace: args.namespace.clone(),
         node: args.node_name.clone(),
         address: args.migration_address,

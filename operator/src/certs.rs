@@ -138,11 +138,12 @@ async fn publish(client: &Client, namespace: &str, cert_pem: &str) -> Result<(),
     }
 }
 
-/// Watches the CSRs for [`SIGNER_NAME`] and handles each new or changed one, forever.
-pub async fn run(client: Client, ca: Arc<Ca>, agent_user: String) {
+/// Watches the CSRs for [`SIGNER_NAME`] (through `watches`) and handles each new or
+/// changed one (through `client`), forever.
+pub async fn run(client: Client, watches: Client, ca: Arc<Ca>, agent_user: String) {
     let api: Api<CertificateSigningRequest> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
-    let mut stream = watcher(api.clone(), config)
+    let mut stream = watcher(Api::all(watches), config)
         .default_backoff()
         .applied_objects()
         .boxed();

@@ -12,13 +12,14 @@ use ferry_operator::evacuator::{self, Evacuator};
 use ferry_operator::metrics::Metrics;
 use ferry_operator::nodes::NODE_LABEL;
 use ferry_operator::reconcile::{self, Context};
+use ferry_runtime::api::ApiClients;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 use kube::runtime::Controller;
 use kube::runtime::events::Reporter;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
 
@@ -67,6 +68,10 @@ struct Args {
     /// Seconds the leader Lease lasts without renewal; a standby takes over after it.
     #[arg(long, default_value_t = 15)]
     leader_lease_seconds: u64,
+    /// Seconds an API request (not a watch) may wait for its answer before it counts as
+    /// failed and is retried.
+    #[arg(long, default_value_t = ferry_runtime::api::REQUEST_TIMEOUT.as_secs())]
+    api_timeout_seconds: u64,
     /// Evacuate cordoned nodes (`kubectl cordon`); a node tainted `ferry.dev/evacuate` is
     /// evacuated either way.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -98,7 +103,8 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let client = Client::try_default().await?;
+    let clients = ApiClients::infer(Duration::from_secs(args.api_timeout_seconds)).await?;
+    let (client, watches) = (clients.requests, clients.watches);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn({
@@ -142,13 +148,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let signer = tokio::spawn(ferry_operator::certs::run(
         client.clone(),
+        watches.clone(),
         Arc::new(ca),
         agent_user,
     ));
 
     // Caches of the heartbeat Leases and the VMs, so that a phase change costs no reads.
     let (leases, lease_writer) = reflector::store::<Lease>();
-    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+    let lease_api: Api<Lease> = Api::namespaced(watches.clone(), &args.namespace);
     let lease_watch = watcher(lease_api, watcher::Config::default().labels(NODE_LABEL));
     tokio::spawn(
         reflector(lease_writer, lease_watch)
@@ -157,7 +164,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let (vms, vm_writer) = reflector::store::<VirtualMachine>();
     let vm_watch = watcher(
-        Api::<VirtualMachine>::all(client.clone()),
+        Api::<VirtualMachine>::all(watches.clone()),
         watcher::Config::default(),
     );
     tokio::spawn(
@@ -166,7 +173,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .for_each(|_| async {}),
     );
     let (nodes, node_writer) = reflector::store::<Node>();
-    let node_watch = watcher(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let node_watch = watcher(
+        Api::<Node>::all(watches.clone()),
+        watcher::Config::default(),
+    );
     tokio::spawn(
         reflector(node_writer, node_watch)
             .default_backoff()
@@ -206,7 +216,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         vms: vms.clone(),
         nodes: nodes.clone(),
     });
-    let migrations: Api<VirtualMachineMigration> = Api::all(client.clone());
+    let migrations: Api<VirtualMachineMigration> = Api::all(watches.clone());
     let controller = Controller::new(migrations, watcher::Config::default());
     // Node evacuation reads the controller's cache of migrations.
     tokio::spawn(

@@ -1,6 +1,9 @@
 //! What the operator and the agent binaries share at run time, so each is written once:
 //! the logging set-up ([`init_tracing`]), the probes and metrics server ([`serve`]) and
-//! the node certificate profile ([`node_cert_params`]).
+//! the node certificate profile ([`node_cert_params`]), and the apiserver clients
+//! ([`api::ApiClients`]).
+
+pub mod api;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;

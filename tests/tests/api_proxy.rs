@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_runtime::api::ApiClients;
 use ferry_tests::ControlPlane;
 use ferry_tests::api_proxy::{ApiProxy, FaultKind, Injection, Matcher, Verb};
 use futures::StreamExt;
@@ -265,6 +266,64 @@ async fn each_fault_arrives_as_the_client_sees_it() {
         counts.get(&FaultKind::PartitionRefused) >= Some(&1),
         "{counts:?}"
     );
+}
+
+/// The clients the operator and the agents reach the apiserver with
+/// (ferry_runtime::api): a request the apiserver never answers fails after the request
+/// timeout, so the caller's retry runs instead of waiting out the hang (the API matrix's
+/// `Hang` rows); a watch through the other client stays open while nothing changes for
+/// longer than that timeout, and sees the next change — through the bounded client the
+/// same watch is cut.
+#[tokio::test]
+async fn the_components_bound_their_requests_but_not_their_watches() {
+    let cp = ControlPlane::start().await.unwrap();
+    let proxy = cp.start_api_proxy().unwrap();
+    let config = config_via(&cp, &proxy, "components.kubeconfig").await;
+    let timeout = Duration::from_secs(1);
+    let clients = ApiClients::from_config(config, timeout).unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(clients.requests.clone(), "default");
+    cms.create(&PostParams::default(), &configmap("c1"))
+        .await
+        .unwrap();
+
+    let hang = Duration::from_secs(30);
+    proxy.fail_next(
+        1,
+        Matcher::new(Verb::Patch, "configmaps"),
+        Injection::Hang(hang),
+    );
+    let began = Instant::now();
+    let e = bump(&cms, "c1", 1).await.unwrap_err();
+    let gave_up = began.elapsed();
+    println!("hang, the requests client ({timeout:?}): failed after {gave_up:?}: {e}");
+    assert!(!matches!(e, kube::Error::Api(_)), "{e:?}");
+    assert!(
+        gave_up < hang,
+        "the request waited out the hang: {gave_up:?}"
+    );
+    let rv = bump(&cms, "c1", 1)
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+
+    let params = WatchParams::default().fields("metadata.name=c1");
+    let watched: Api<ConfigMap> = Api::namespaced(clients.watches.clone(), "default");
+    let mut kept = watched.watch(&params, &rv).await.unwrap().boxed();
+    let mut cut = cms.watch(&params, &rv).await.unwrap().boxed();
+    tokio::time::sleep(timeout * 3).await;
+    bump(&cms, "c1", 2).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), next_change(&mut kept))
+        .await
+        .expect("the idle watch saw nothing");
+    println!("idle watch, the watches client: {seen:?}");
+    assert!(matches!(seen, Some(WatchEvent::Modified(_))), "{seen:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), next_change(&mut cut))
+        .await
+        .expect("the bounded watch neither ended nor saw the change");
+    println!("idle watch, the requests client: {ended:?}");
+    assert!(ended.is_none(), "{ended:?}");
 }
 
 /// The apiserver restarts on the same port with the same certificates, and etcd keeps

@@ -19,11 +19,12 @@ use super::{Agent, peer, phase, recovery, runner};
 
 /// Runs until the process ends.
 pub async fn run(agent: Arc<Agent>) {
+    let watched: Api<VirtualMachineMigration> = Api::all(agent.watches.clone());
     let api: Api<VirtualMachineMigration> = Api::all(agent.client.clone());
     let selector = |label: &str| format!("{label}={}", agent.node);
     let watch = |label: &str| {
         watcher(
-            api.clone(),
+            watched.clone(),
             watcher::Config::default().labels(&selector(label)),
         )
         .default_backoff()

@@ -26,7 +26,10 @@ use ferry_agent::supervisor::Supervisor;
 
 /// What the agent's tasks share.
 pub struct Agent {
+    /// For requests: each answer bounded by the request timeout (ferry_runtime::api).
     pub client: kube::Client,
+    /// For the watches, which may sit idle for minutes.
+    pub watches: kube::Client,
     /// Ferry's namespace: heartbeat and disk lock Leases.
     pub namespace: String,
     pub node: String,

@@ -64,7 +64,7 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reconciles every VirtualMachine (those of other nodes are skipped at once).
 pub async fn run(agent: Arc<Agent>) {
-    let vms: Api<VirtualMachine> = Api::all(agent.client.clone());
+    let vms: Api<VirtualMachine> = Api::all(agent.watches.clone());
     Controller::new(vms, watcher::Config::default())
         .run(reconcile, error_policy, agent)
         .for_each(|_| async {})
