@@ -18,7 +18,6 @@ pub mod error;
 pub mod evacuate;
 pub mod evacuator;
 pub mod events;
-pub mod fault;
 pub mod history;
 pub mod metrics;
 pub mod nodes;

@@ -362,7 +362,7 @@ impl Reconciler<'_> {
                 rollback,
             } => {
                 if let Some(done) = status.phase.filter(|_| rollback.is_none()) {
-                    crate::fault::pause(&format!("after-{}", done.key())).await;
+                    ferry_runtime::fault::pause(&format!("after-{}", done.key())).await;
                 }
                 self.observe_step_duration();
                 let conditions = match &rollback {

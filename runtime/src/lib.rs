@@ -1,9 +1,10 @@
 //! What the operator and the agent binaries share at run time, so each is written once:
 //! the logging set-up ([`init_tracing`]), the probes and metrics server ([`serve`]) and
 //! the node certificate profile ([`node_cert_params`]), and the apiserver clients
-//! ([`api::ApiClients`]).
+//! ([`api::ApiClients`]); and the test-only fault hook ([`fault`]).
 
 pub mod api;
+pub mod fault;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
