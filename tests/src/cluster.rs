@@ -37,6 +37,8 @@ pub struct Node {
     agent: Option<ChildGuard>,
     /// The fault proxy between this agent and the apiserver, when the cluster has them.
     proxy: Option<ApiProxy>,
+    /// Environment every start of this agent gets ([`Cluster::set_agent_env`]).
+    env: Vec<(String, String)>,
 }
 
 /// A running local Ferry. Dropping it stops the operator, the agents, every QEMU they
@@ -48,6 +50,8 @@ pub struct Cluster {
     standby: Option<ChildGuard>,
     operator_kubeconfig: PathBuf,
     operator_args: Vec<String>,
+    /// Environment every start of the operator gets ([`Cluster::set_operator_env`]).
+    operator_env: Vec<(String, String)>,
     bin_dir: PathBuf,
     heartbeat: Heartbeat,
     pub operator_metrics_port: u16,
@@ -181,6 +185,7 @@ impl Cluster {
             standby: None,
             operator_kubeconfig,
             operator_args,
+            operator_env: Vec::new(),
             bin_dir,
             heartbeat,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
@@ -213,6 +218,7 @@ impl Cluster {
                     kubeconfig,
                     agent: None,
                     proxy,
+                    env: Vec::new(),
                 },
             );
             cluster.start_agent(name)?;
@@ -306,6 +312,7 @@ impl Cluster {
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.operator_kubeconfig)
             .env("RUST_LOG", log_filter())
+            .envs(self.operator_env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied());
         let log = self.cp.dir().join(format!("{name}.log"));
         spawn_appending(&format!("ferry-{name}"), cmd, &log)
@@ -350,10 +357,30 @@ impl Cluster {
             .arg(format!("--lease-seconds={}", self.heartbeat.lasts_seconds))
             .env("KUBECONFIG", &n.kubeconfig)
             .env("RUST_LOG", log_filter())
+            .envs(n.env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied());
         let log = self.cp.dir().join(format!("agent-{node}.log"));
         n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
         Ok(())
+    }
+
+    /// Sets the environment every later start of `node`'s agent gets, restarts after a
+    /// kill and [`Cluster::restart_exited`] included (the chaos soak's re-armable fault
+    /// hook); the running process keeps its own.
+    pub fn set_agent_env(&mut self, node: &str, env: &[(&str, &str)]) {
+        let n = self.nodes.get_mut(node).expect("a node of this cluster");
+        n.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// [`Cluster::set_agent_env`] for the operator.
+    pub fn set_operator_env(&mut self, env: &[(&str, &str)]) {
+        self.operator_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Kills the agent of `node` with SIGKILL; its guests keep running.

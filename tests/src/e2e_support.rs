@@ -114,9 +114,20 @@ pub fn migration_yaml_in(
     target: &str,
     policy: &str,
 ) -> String {
+    vm_migration_yaml(mode, name, "demo", target, policy)
+}
+
+/// [`migration_yaml_in`] of VM `vm`.
+pub fn vm_migration_yaml(
+    mode: ferry_crds::ControlMode,
+    name: &str,
+    vm: &str,
+    target: &str,
+    policy: &str,
+) -> String {
     let yaml = format!(
         "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
-         spec:\n  vmName: demo\n  targetNode: {target}\n  policy:\n{policy}"
+         spec:\n  vmName: {vm}\n  targetNode: {target}\n  policy:\n{policy}"
     );
     match mode {
         ferry_crds::ControlMode::Managed => yaml,
@@ -200,19 +211,23 @@ pub async fn wait_phase(
     .await;
 }
 
-/// Exactly one QEMU runs the VM, on `node`, and the VM says so.
+/// Exactly one QEMU runs the demo VM, on `node`, and the VM says so.
 pub async fn runs_once_on(cluster: &Cluster, vms: &Api<VirtualMachine>, node: &str) {
-    let pids = cluster.qemu_pids("demo");
+    runs_vm_once_on(cluster, vms, "demo", node).await;
+}
+
+/// Exactly one QEMU runs VM `vm`, on `node`, and the VM says so.
+pub async fn runs_vm_once_on(cluster: &Cluster, vms: &Api<VirtualMachine>, vm: &str, node: &str) {
+    let pids = cluster.qemu_pids(vm);
     assert_eq!(
         pids.keys().collect::<Vec<_>>(),
         vec![node],
-        "QEMUs per node: {pids:?}"
+        "QEMUs of {vm} per node: {pids:?}"
     );
-    let vm = vms.get("demo").await.unwrap();
-    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some(node));
+    let status = vms.get(vm).await.unwrap().status.unwrap_or_default();
+    assert_eq!(status.node_name.as_deref(), Some(node), "{vm}'s node");
 }
 
-/// The guest goes on counting on `node` past `after`, and never saw a bad page.
 /// The first counter value the guest printed on `node` (it arrived there), within
 /// `limit`.
 pub async fn first_pass_on(cluster: &Cluster, node: &str, limit: Duration) -> u64 {
@@ -258,16 +273,22 @@ pub async fn cancel_during_perform(
     guest_goes_on(cluster, "node-a", now).await;
 }
 
+/// The demo guest goes on counting on `node` past `after`, and never saw a bad page.
 pub async fn guest_goes_on(cluster: &Cluster, node: &str, after: u64) {
+    vm_goes_on(cluster, node, "demo", after).await;
+}
+
+/// Guest `vm` goes on counting on `node` past `after`, and never saw a bad page.
+pub async fn vm_goes_on(cluster: &Cluster, node: &str, vm: &str, after: u64) {
     eventually(
-        &format!("the guest to count past {after} on {node}"),
+        &format!("{vm} to count past {after} on {node}"),
         Duration::from_secs(60),
-        || async { (last_pass(cluster, node, "demo")? >= after + 2).then_some(()) },
+        || async { (last_pass(cluster, node, vm)? >= after + 2).then_some(()) },
     )
     .await;
     for n in cluster.nodes() {
-        let (_, bad) = passes(&cluster.serial_log(&n.name, "demo"));
-        assert!(!bad, "the guest found a bad page on {}", n.name);
+        let (_, bad) = passes(&cluster.serial_log(&n.name, vm));
+        assert!(!bad, "{vm} found a bad page on {}", n.name);
     }
 }
 

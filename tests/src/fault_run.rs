@@ -1,10 +1,11 @@
-//! What the fault matrices (tests/tests/faults.rs, tests/tests/api_faults.rs) share:
-//! stopping a component at a phase point through its test-only hook, waiting for the
-//! migration to end, each row's invariants (exactly one guest, intact, and nothing
-//! leaked), keeping the logs, and running rows into a table.
+//! What the fault matrices (tests/tests/faults.rs, tests/tests/api_faults.rs) and the
+//! chaos soak (tests/tests/soak_chaos.rs) share: stopping a component at a phase point
+//! through its test-only hook, waiting for the migration to end, each row's invariants
+//! (exactly one guest, intact, and nothing leaked), keeping the logs, and running rows
+//! into a table.
 //!
-//! The hook (`FERRY_FAULT_PAUSE`, agent/src/fault.rs and operator/src/fault.rs) makes
-//! the process write `<dir>/<point>.paused` and wait for `<dir>/<point>.release`.
+//! The hook (`FERRY_FAULT_PAUSE` or `FERRY_FAULT_ARM`, runtime/src/fault.rs) makes the
+//! process write `<dir>/<point>.paused` and wait for `<dir>/<point>.release`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use crate::Cluster;
-use crate::e2e_support::{ONE_AT_A_TIME, eventually, guest_goes_on, last_pass, passes};
-use crate::e2e_support::{phase_of, runs_once_on};
+use crate::e2e_support::{ONE_AT_A_TIME, eventually, last_pass, passes};
+use crate::e2e_support::{phase_of, runs_vm_once_on, vm_goes_on};
 use crate::fault_matrix::{Pauser, Point};
 use crate::leaks;
 
@@ -33,6 +34,36 @@ pub const SOURCE: &str = "node-a";
 pub const TARGET: &str = "node-b";
 pub const MIGRATION: &str = "faulted";
 pub const VM: &str = "demo";
+
+/// What a row migrates: the VM, its migration, and the nodes it moves between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub vm: &'a str,
+    pub migration: &'a str,
+    pub source: &'a str,
+    pub target: &'a str,
+}
+
+impl Subject<'static> {
+    /// The matrices' rows: the demo VM from node-a to node-b.
+    pub const MATRIX: Subject<'static> = Subject {
+        vm: VM,
+        migration: MIGRATION,
+        source: SOURCE,
+        target: TARGET,
+    };
+}
+
+impl Subject<'_> {
+    /// The node of the process that pauses as `who`, or `None` for the operator.
+    pub fn node_of(&self, who: Pauser) -> Option<&str> {
+        match who {
+            Pauser::Source => Some(self.source),
+            Pauser::Target => Some(self.target),
+            Pauser::Operator => None,
+        }
+    }
+}
 
 /// The directory of the hooks' marker files, in the cluster's directory.
 pub struct Hooks {
@@ -86,17 +117,18 @@ impl Hooks {
     }
 
     /// Waits until the hook paused at `point` (within [`PAUSE_BOUND`] of `started`);
-    /// says where the migration stood if it did not.
+    /// says where `migration` stood if it did not.
     pub async fn paused(
         &self,
         vmms: &Api<VirtualMachineMigration>,
+        migration: &str,
         point: Point,
         started: Instant,
     ) -> Result<(), String> {
         let paused = self.dir.join(format!("{}.paused", point.hook()));
         while !paused.exists() {
             if started.elapsed() > PAUSE_BOUND {
-                let status = vmms.get(MIGRATION).await.ok().and_then(|m| m.status);
+                let status = vmms.get(migration).await.ok().and_then(|m| m.status);
                 return Err(format!(
                     "the hook did not pause at {} within {PAUSE_BOUND:?}: phase {:?}, steps {:?}",
                     point.hook(),
@@ -116,12 +148,13 @@ impl Hooks {
     }
 }
 
-/// Polls the migration until it is terminal or `started` is [`TERMINAL_BOUND`] old.
+/// Polls `migration` until it is terminal or `started` is [`TERMINAL_BOUND`] old.
 /// With `restart_exited`, a component whose process ended by itself meanwhile is started
 /// again (as Kubernetes would); the names of those restarted are returned.
 pub async fn wait_terminal(
     cluster: &mut Cluster,
     vmms: &Api<VirtualMachineMigration>,
+    migration: &str,
     started: Instant,
     restart_exited: bool,
 ) -> (Option<MigrationPhase>, Vec<String>) {
@@ -130,7 +163,7 @@ pub async fn wait_terminal(
         if restart_exited {
             restarted.extend(cluster.restart_exited().unwrap());
         }
-        let phase = phase_of(vmms, MIGRATION).await;
+        let phase = phase_of(vmms, migration).await;
         if let Some(p) = phase.filter(|p| p.is_terminal()) {
             return (Some(p), restarted);
         }
@@ -141,11 +174,11 @@ pub async fn wait_terminal(
     }
 }
 
-/// Panics with where the migration stands: it was not terminal in time.
-pub async fn not_terminal(vmms: &Api<VirtualMachineMigration>) -> ! {
-    let status = vmms.get(MIGRATION).await.ok().and_then(|m| m.status);
+/// Panics with where `migration` stands: it was not terminal in time.
+pub async fn not_terminal(vmms: &Api<VirtualMachineMigration>, migration: &str) -> ! {
+    let status = vmms.get(migration).await.ok().and_then(|m| m.status);
     panic!(
-        "not terminal after {TERMINAL_BOUND:?}: phase {:?}, steps {:?}",
+        "{migration} not terminal after {TERMINAL_BOUND:?}: phase {:?}, steps {:?}",
         status.as_ref().and_then(|s| s.phase),
         status.and_then(|s| s.steps)
     );
@@ -163,24 +196,35 @@ pub enum Killed {
 /// most one QEMU; exactly one guest on the node the outcome names (counter going on,
 /// disk locks held there only, no state on the other node) unless `killed` allows it
 /// gone (then the VM is Failed for `lost_reason` and no lock is left); no bad page ever;
-/// every phase ran on its node when Succeeded; and nothing leaked ([`leaks`]).
+/// every phase ran on its node when Succeeded; and nothing leaked ([`leaks`]). The
+/// `others` (VM, node) are the cluster's other guests: each still runs there, once,
+/// its disk locks held there.
+#[allow(clippy::too_many_arguments)] // what a row is, what it must leave, and how it ended
 pub async fn check_row(
     cluster: &Cluster,
     client: &kube::Client,
+    row: Subject<'_>,
+    others: &[(&str, &str)],
     label: &str,
     killed: Killed,
     phase: MigrationPhase,
     lost_reason: &str,
 ) {
+    let Subject {
+        vm,
+        migration,
+        source,
+        target,
+    } = row;
     let vms: Api<ferry_crds::VirtualMachine> = Api::namespaced(client.clone(), "default");
     eventually("the VM to be released", Duration::from_secs(30), || async {
-        let s = vms.get(VM).await.ok()?.status?;
+        let s = vms.get(vm).await.ok()?.status?;
         s.migration.is_none().then_some(())
     })
     .await;
     // A rolled-back target's QEMU may wait for the sweep (two rounds of 5 s).
     let qemus = eventually("at most one QEMU", Duration::from_secs(30), || async {
-        let q = cluster.qemu_pids(VM);
+        let q = cluster.qemu_pids(vm);
         (q.len() <= 1).then_some(q)
     })
     .await;
@@ -194,20 +238,20 @@ pub async fn check_row(
                 !source_guest_died,
                 "{label}: the killed source guest came back on {node} ({phase:?})"
             );
-            runs_once_on(cluster, &vms, node).await;
+            runs_vm_once_on(cluster, &vms, vm, node).await;
             let expected = if phase == MigrationPhase::Succeeded {
-                TARGET
+                target
             } else {
-                SOURCE
+                source
             };
             assert_eq!(node, expected, "{phase:?} but the guest runs on {node}");
             eventually("the VM to be Running", Duration::from_secs(30), || async {
-                let s = vms.get(VM).await.ok()?.status?;
+                let s = vms.get(vm).await.ok()?.status?;
                 (s.phase == Some(VmPhase::Running)).then_some(())
             })
             .await;
-            let now = last_pass(cluster, node, VM).unwrap_or(0);
-            guest_goes_on(cluster, node, now).await;
+            let now = last_pass(cluster, node, vm).unwrap_or(0);
+            vm_goes_on(cluster, node, vm, now).await;
         }
         None => {
             assert!(
@@ -218,7 +262,7 @@ pub async fn check_row(
                 "the VM to be marked Failed",
                 Duration::from_secs(30),
                 || async {
-                    let s = vms.get(VM).await.ok()?.status?;
+                    let s = vms.get(vm).await.ok()?.status?;
                     let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
                     (s.phase == Some(VmPhase::Failed)).then_some(ready.reason)
                 },
@@ -231,7 +275,7 @@ pub async fn check_row(
         assert_eq!(phase, MigrationPhase::Failed, "the source guest died");
     }
     for n in cluster.nodes() {
-        let (_, bad) = passes(&cluster.serial_log(&n.name, VM));
+        let (_, bad) = passes(&cluster.serial_log(&n.name, vm));
         assert!(!bad, "the guest found a bad page on {}", n.name);
     }
     // Nothing leaked: the disk locks (a rolled-back lock may take a moment to go), the
@@ -240,12 +284,15 @@ pub async fn check_row(
     let nodes: Vec<&str> = cluster.nodes().map(|n| n.name.as_str()).collect();
     let leaked = until_none_left(Duration::from_secs(30), || async {
         match leases.list(&ListParams::default()).await {
-            Ok(list) => leaks::leases(
-                &nodes,
-                &list.items,
-                &format!("default.{VM}"),
-                guest.as_deref(),
-            ),
+            Ok(list) => {
+                let mut guests = vec![(format!("default.{vm}"), guest.as_deref())];
+                guests.extend(
+                    others
+                        .iter()
+                        .map(|(v, n)| (format!("default.{v}"), Some(*n))),
+                );
+                leaks::leases(&nodes, &list.items, &guests)
+            }
             Err(e) => vec![format!("listing the Leases: {e}")],
         }
     })
@@ -255,11 +302,11 @@ pub async fn check_row(
     // record (its serial log) while the VM stays Failed there.
     let home = match &guest {
         Some(node) => Some(node.clone()),
-        None => vms.get(VM).await.ok().and_then(|v| v.status?.node_name),
+        None => vms.get(vm).await.ok().and_then(|v| v.status?.node_name),
     };
     for n in cluster.nodes() {
         if home.as_deref() != Some(n.name.as_str()) {
-            let dir = n.state_dir.join("vms").join(VM);
+            let dir = n.state_dir.join("vms").join(vm);
             assert!(!dir.exists(), "state left on {}: {dir:?}", n.name);
         }
     }
@@ -273,11 +320,16 @@ pub async fn check_row(
     );
     let temporary = leaks::temporary_files(cluster);
     assert!(temporary.is_empty(), "temporary files left: {temporary:?}");
+    for (other, node) in others {
+        runs_vm_once_on(cluster, &vms, other, node).await;
+        let (_, bad) = passes(&cluster.serial_log(node, other));
+        assert!(!bad, "{other} found a bad page on {node}");
+    }
 
     if phase == MigrationPhase::Succeeded {
         // Every phase ran, each on its node, whoever drove them.
         let m = Api::<VirtualMachineMigration>::namespaced(client.clone(), "default")
-            .get(MIGRATION)
+            .get(migration)
             .await
             .unwrap();
         let steps = m.status.and_then(|s| s.steps).unwrap_or_default();
@@ -289,7 +341,7 @@ pub async fn check_row(
             MigrationPhase::Confirm,
         ] {
             let step = steps.get(p).unwrap_or_else(|| panic!("no {p:?} step"));
-            let node = if p.runs_on_source() { SOURCE } else { TARGET };
+            let node = if p.runs_on_source() { source } else { target };
             assert_eq!(step.node, node, "{p:?} ran on {}", step.node);
         }
         assert_eq!(

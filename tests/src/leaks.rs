@@ -18,14 +18,10 @@ const DISK_PREFIX: &str = "ferry-disk-";
 const VM_LABEL: &str = "ferry.dev/vm";
 
 /// The Leases of Ferry's namespace that should not be there, described: anything but a
-/// heartbeat of one of `nodes`, the leader Lease, and disk locks of the VM labelled
-/// `vm_label` (`<namespace>.<name>`) held by `guest_node` (none when the guest is gone).
-pub fn leases(
-    nodes: &[&str],
-    all: &[Lease],
-    vm_label: &str,
-    guest_node: Option<&str>,
-) -> Vec<String> {
+/// heartbeat of one of `nodes`, the leader Lease, and the disk locks of each of `guests`
+/// (the VM's label, `<namespace>.<name>`, and the node running it: its locks must be
+/// held there, and there must be none when no node runs it).
+pub fn leases(nodes: &[&str], all: &[Lease], guests: &[(String, Option<&str>)]) -> Vec<String> {
     let heartbeats: BTreeSet<String> = nodes
         .iter()
         .map(|n| ferry_crds::node_lease_name(n))
@@ -42,15 +38,17 @@ pub fn leases(
             .labels
             .as_ref()
             .and_then(|l| l.get(VM_LABEL).cloned());
-        let ours = name.starts_with(&format!("{DISK_PREFIX}{vm_label}."))
-            && label.as_deref() == Some(vm_label);
-        match (ours, guest_node) {
-            (true, Some(node)) if holder.as_deref() == Some(node) => {}
-            (true, Some(node)) => leaked.push(format!(
+        let whose = guests.iter().find(|(vm_label, _)| {
+            name.starts_with(&format!("{DISK_PREFIX}{vm_label}."))
+                && label.as_deref() == Some(vm_label.as_str())
+        });
+        match whose {
+            Some((_, Some(node))) if holder.as_deref() == Some(*node) => {}
+            Some((_, Some(node))) => leaked.push(format!(
                 "{name} held by {holder:?}, the guest runs on {node}"
             )),
-            (true, None) => leaked.push(format!("{name} held by {holder:?}, no guest runs")),
-            (false, _) => leaked.push(format!("{name} (holder {holder:?}, label {label:?})")),
+            Some((_, None)) => leaked.push(format!("{name} held by {holder:?}, no guest runs")),
+            None => leaked.push(format!("{name} (holder {holder:?}, label {label:?})")),
         }
     }
     leaked
@@ -198,15 +196,31 @@ mod tests {
             lease(LEADER_LEASE, "op-1", None),
             disk("node-b"),
         ];
-        assert!(leases(&nodes, &fine, "default.demo", Some("node-b")).is_empty());
-        let on_a = leases(&nodes, &fine, "default.demo", Some("node-a"));
+        let demo = |node: Option<&'static str>| vec![("default.demo".to_string(), node)];
+        assert!(leases(&nodes, &fine, &demo(Some("node-b"))).is_empty());
+        let on_a = leases(&nodes, &fine, &demo(Some("node-a")));
         assert_eq!(on_a.len(), 1, "{on_a:?}");
-        assert_eq!(leases(&nodes, &fine, "default.demo", None).len(), 1);
+        assert_eq!(leases(&nodes, &fine, &demo(None)).len(), 1);
         let stray = [
             lease("ferry-node-node-z", "node-z", None),
             lease("other", "x", None),
         ];
-        assert_eq!(leases(&nodes, &stray, "default.demo", None).len(), 2);
+        assert_eq!(leases(&nodes, &stray, &demo(None)).len(), 2);
+        // Another guest's locks may stay where it runs, and only there.
+        let two = [
+            disk("node-b"),
+            lease(
+                "ferry-disk-default.beta.vda",
+                "node-a",
+                Some("default.beta"),
+            ),
+        ];
+        let mut both = demo(Some("node-b"));
+        both.push(("default.beta".to_string(), Some("node-a")));
+        assert!(leases(&nodes, &two, &both).is_empty());
+        assert_eq!(leases(&nodes, &two, &demo(Some("node-b"))).len(), 1);
+        both[1].1 = Some("node-b");
+        assert_eq!(leases(&nodes, &two, &both).len(), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod api_proxy;
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
 mod commands;
 mod control_plane;
@@ -15,6 +16,7 @@ pub mod e2e_support;
 pub mod fault_matrix;
 pub mod fault_run;
 pub mod identity;
+pub mod inject;
 pub mod leaks;
 pub mod peer_client;
 mod pki;

@@ -28,19 +28,17 @@
 //! `FERRY_API_FAULT_ROWS=[PeerToPeer/]<fault>:<point>,...` picks rows instead of the
 //! subset.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use ferry_crds::{ControlMode, VirtualMachineMigration};
 use ferry_tests::Cluster;
-use ferry_tests::api_proxy::{ApiProxy, FaultKind};
-use ferry_tests::cluster::{Heartbeat, Options};
+use ferry_tests::cluster::Options;
 use ferry_tests::e2e_support::*;
-use ferry_tests::fault_matrix::Pauser;
 use ferry_tests::fault_matrix::api::*;
-use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, RESTART_DELAY};
+use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, Subject};
 use ferry_tests::fault_run::{MIGRATION, SOURCE, TARGET, check_row, wait_terminal};
+use ferry_tests::inject;
 use kube::{Api, Client};
 
 /// A two-node cluster whose agents and operator reach the apiserver through proxies.
@@ -56,21 +54,6 @@ async fn up_proxied() -> (Cluster, Client) {
     (cluster, client)
 }
 
-fn proxy_of(cluster: &Cluster, who: Pauser) -> &ApiProxy {
-    let proxy = match who {
-        Pauser::Source => cluster.agent_proxy(SOURCE),
-        Pauser::Target => cluster.agent_proxy(TARGET),
-        Pauser::Operator => cluster.operator_proxy(),
-    };
-    proxy.expect("the cluster runs behind proxies")
-}
-
-const COMPONENTS: [(Pauser, &str); 3] = [
-    (Pauser::Source, "source"),
-    (Pauser::Target, "target"),
-    (Pauser::Operator, "operator"),
-];
-
 /// Runs one row on a fresh cluster and returns its table line; panics (with the reason)
 /// when an invariant breaks.
 async fn run_row(spec: ApiRowSpec) -> String {
@@ -85,21 +68,21 @@ async fn run_row(spec: ApiRowSpec) -> String {
     hooks.arm(&mut cluster, mode, point, &[]);
     let started = Instant::now();
     apply_yaml(&cluster, &migration_yaml_in(mode, MIGRATION, TARGET, LONG)).await;
-    if let Err(why) = hooks.paused(&vmms, point, started).await {
+    if let Err(why) = hooks.paused(&vmms, MIGRATION, point, started).await {
         keep_logs(&cluster, spec);
         panic!("{why}");
     }
-    let done = inject(&mut cluster, spec, &hooks).await;
+    let done = inject::api_fault(&mut cluster, Subject::MATRIX, spec, &hooks).await;
 
-    let (phase, restarted) = wait_terminal(&mut cluster, &vmms, started, true).await;
+    let (phase, restarted) = wait_terminal(&mut cluster, &vmms, MIGRATION, started, true).await;
     let to_terminal = started.elapsed();
     keep_logs(&cluster, spec);
     let Some(phase) = phase else {
-        fault_run::not_terminal(&vmms).await
+        fault_run::not_terminal(&vmms, MIGRATION).await
     };
     let (landed, injected) = match done {
         Some(what) => (true, what),
-        None => what_landed(&cluster),
+        None => inject::what_landed(&cluster, Subject::MATRIX),
     };
     assert!(landed, "the fault never landed: {injected}");
     // The logs again once the checks are done (or failed): what happened after the end.
@@ -111,6 +94,8 @@ async fn run_row(spec: ApiRowSpec) -> String {
     check_row(
         &cluster,
         &client,
+        Subject::MATRIX,
+        &[],
         &api_row_name(spec),
         Killed::Nothing,
         phase,
@@ -129,93 +114,6 @@ async fn run_row(spec: ApiRowSpec) -> String {
         to_terminal,
         restarted,
     })
-}
-
-/// Arms the row's fault while the hook holds the process at the point, and lets it go
-/// on. Says what it did for the faults that always land (a restart, kills); `None` for
-/// those the proxies count.
-async fn inject(
-    cluster: &mut Cluster,
-    (mode, fault, point): ApiRowSpec,
-    hooks: &Hooks,
-) -> Option<String> {
-    if let Some((injection, times)) = injection(fault) {
-        for (who, matcher) in targets(mode, point) {
-            proxy_of(cluster, who).fail_next(times, matcher, injection);
-        }
-        hooks.release(point);
-        return None;
-    }
-    match fault {
-        ApiFault::Partition => {
-            let who = partitioned(mode, fault, point).expect("a partition row");
-            proxy_of(cluster, who).partition(PARTITION);
-            hooks.release(point);
-            None
-        }
-        ApiFault::PartitionPastLease => {
-            let who = partitioned(mode, fault, point).expect("a partition row");
-            proxy_of(cluster, who).partition(past_lease(Heartbeat::TESTS));
-            hooks.release(point);
-            None
-        }
-        ApiFault::RestartApiserver => {
-            let down = Instant::now();
-            cluster.cp.stop_apiserver();
-            hooks.release(point);
-            cluster.cp.start_apiserver().await.unwrap();
-            Some(format!(
-                "apiserver down {:.1} s",
-                down.elapsed().as_secs_f64()
-            ))
-        }
-        ApiFault::KillBothAgents => {
-            cluster.kill_agent(SOURCE);
-            cluster.kill_agent(TARGET);
-            hooks.release(point);
-            tokio::time::sleep(RESTART_DELAY).await;
-            cluster.start_agent(SOURCE).unwrap();
-            cluster.start_agent(TARGET).unwrap();
-            Some("both agents killed".into())
-        }
-        _ => unreachable!("{fault:?} is a request fault"),
-    }
-}
-
-/// Whether the proxies injected anything, and what, per component: the requests each
-/// failed (kind × request), connections cut and refused, rules never met.
-fn what_landed(cluster: &Cluster) -> (bool, String) {
-    let mut parts = Vec::new();
-    let mut total = 0;
-    for (who, name) in COMPONENTS {
-        let proxy = proxy_of(cluster, who);
-        let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-        for hit in proxy.hits() {
-            let what = format!(
-                "{:?} {} {}",
-                hit.kind, hit.request.verb, hit.request.resource
-            );
-            *hits.entry(what).or_default() += 1;
-        }
-        let counts = proxy.injected();
-        let mut said: Vec<String> = hits.iter().map(|(w, n)| format!("{n}× {w}")).collect();
-        for (kind, word) in [
-            (FaultKind::PartitionCut, "connections cut"),
-            (FaultKind::PartitionRefused, "refused"),
-        ] {
-            if let Some(n) = counts.get(&kind) {
-                said.push(format!("{n} {word}"));
-            }
-        }
-        if proxy.pending() > 0 {
-            said.push(format!("{} not met", proxy.pending()));
-        }
-        total += proxy.injected_total();
-        if !said.is_empty() {
-            parts.push(format!("{name}: {}", said.join(", ")));
-        }
-    }
-    (total > 0, parts.join("; "))
 }
 
 fn logs_root() -> PathBuf {

@@ -1,8 +1,8 @@
 //! The fault matrix: a real fault (a kill, restarted after a short delay the way
 //! Kubernetes would; a killed QEMU; a cut migration stream) at every phase boundary of a
 //! migration, on the real control plane with real QEMU. The processes stop at the exact
-//! point through their test-only fault hook (`FERRY_FAULT_PAUSE`, agent/src/fault.rs and
-//! operator/src/fault.rs); the fault itself is real.
+//! point through their test-only fault hook (`FERRY_FAULT_PAUSE`, runtime/src/fault.rs);
+//! the fault itself is real.
 //!
 //! Every row must end with the migration terminal within
 //! [`fault_run::TERMINAL_BOUND`], VM `status.migration` cleared, no stray QEMU, and
@@ -32,8 +32,9 @@ use ferry_crds::{ControlMode, MigrationMode, MigrationPhase, VirtualMachineMigra
 use ferry_tests::Cluster;
 use ferry_tests::e2e_support::*;
 use ferry_tests::fault_matrix::*;
-use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, RESTART_DELAY};
+use ferry_tests::fault_run::{self, Hooks, KeepLogsOnDrop, Killed, Subject};
 use ferry_tests::fault_run::{MIGRATION, SOURCE, TARGET, check_row, wait_terminal};
+use ferry_tests::inject;
 use ferry_tests::relay::Relay;
 use kube::Api;
 
@@ -63,7 +64,7 @@ async fn run_row(spec: RowSpec) -> String {
 
     let started = Instant::now();
     apply_yaml(&cluster, &migration_yaml_in(mode, MIGRATION, TARGET, LONG)).await;
-    if let Err(why) = hooks.paused(&vmms, point, started).await {
+    if let Err(why) = hooks.paused(&vmms, MIGRATION, point, started).await {
         keep_logs(&cluster, spec);
         panic!("{why}");
     }
@@ -78,15 +79,15 @@ async fn run_row(spec: RowSpec) -> String {
     {
         assert!(relay.accepted() > 0, "the stream bypassed the relay");
     }
-    inject(&mut cluster, fault, &relay).await;
+    inject::process_fault(&mut cluster, Subject::MATRIX, fault, &relay).await;
     hooks.release(point);
 
     // The logs are kept whether or not the migration ends in time.
-    let (phase, _) = wait_terminal(&mut cluster, &vmms, started, false).await;
+    let (phase, _) = wait_terminal(&mut cluster, &vmms, MIGRATION, started, false).await;
     let to_terminal = started.elapsed();
     keep_logs(&cluster, spec);
     let Some(phase) = phase else {
-        fault_run::not_terminal(&vmms).await
+        fault_run::not_terminal(&vmms, MIGRATION).await
     };
     let killed = match fault {
         Fault::KillSourceQemu => Killed::SourceQemu,
@@ -102,6 +103,8 @@ async fn run_row(spec: RowSpec) -> String {
     check_row(
         &cluster,
         &client,
+        Subject::MATRIX,
+        &[],
         &row_name(spec),
         killed,
         phase,
@@ -122,51 +125,6 @@ async fn run_row(spec: RowSpec) -> String {
         qemus: qemus.len(),
         to_terminal,
     })
-}
-
-/// The fault itself, while the hook holds the process at the point.
-async fn inject(cluster: &mut Cluster, fault: Fault, relay: &Relay) {
-    let restart = |cluster: &mut Cluster, who: Pauser| match who {
-        Pauser::Source => cluster.start_agent(SOURCE).unwrap(),
-        Pauser::Target => cluster.start_agent(TARGET).unwrap(),
-        Pauser::Operator => cluster.start_operator().unwrap(),
-    };
-    let kill = |cluster: &mut Cluster, who: Pauser| match who {
-        Pauser::Source => cluster.kill_agent(SOURCE),
-        Pauser::Target => cluster.kill_agent(TARGET),
-        Pauser::Operator => cluster.kill_operator(),
-    };
-    let component = match fault {
-        Fault::KillSourceAgent => Some(Pauser::Source),
-        Fault::KillTargetAgent => Some(Pauser::Target),
-        Fault::KillOperator => Some(Pauser::Operator),
-        _ => None,
-    };
-    if let Some(who) = component {
-        kill(cluster, who);
-        tokio::time::sleep(RESTART_DELAY).await;
-        // A restarted process runs without the hook, as it would in production; the
-        // process that paused, if it was not the one killed, is released afterwards.
-        restart(cluster, who);
-        return;
-    }
-    match fault {
-        Fault::KillSourceQemu | Fault::KillTargetQemu => {
-            let node = if fault == Fault::KillSourceQemu {
-                SOURCE
-            } else {
-                TARGET
-            };
-            if let Some(pid) = cluster.qemu_pids("demo").get(node) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        Fault::CutStream => relay.cut(),
-        _ => unreachable!(),
-    }
 }
 
 /// Where the rows' component logs go: `$CARGO_TARGET_TMPDIR/fault-logs`.
@@ -354,6 +312,8 @@ async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_los
     check_row(
         &cluster,
         &client,
+        Subject::MATRIX,
+        &[],
         &label,
         Killed::TargetQemu,
         failed,
