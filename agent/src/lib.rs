@@ -41,8 +41,8 @@
 //!   named ([`storage::StorageRoots`]): [`storage::open_beneath`] (`openat2` without
 //!   symbolic links or leaving the root, regular files only), [`storage::check_image`]
 //!   (no qcow2 backing or data files, the declared format), [`storage::create_save`]
-//!   (`O_EXCL`, then `renameat2(RENAME_NOREPLACE)`). Not yet used by VM starts, saves
-//!   or restores.
+//!   (`O_EXCL`, then `renameat2(RENAME_NOREPLACE)`). The roots are parsed and kept on
+//!   the [`node::Node`] (`storage`), not yet used by VM starts, saves or restores.
 //!
 //! # The phases
 //! Each takes the node's [`Supervisor`](supervisor::Supervisor) and one input struct
