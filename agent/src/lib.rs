@@ -37,6 +37,12 @@
 //!   ([`save::confirm_saved`](phases::save::confirm_saved)); [`restore`]:
 //!   [`restore::verify`] before any QEMU, then [`restore::restore_verified`]
 //!   (`-incoming defer`, `migrate-incoming fd:`, `cont`).
+//! - [`storage`]: host paths from a spec only beneath the storage roots an administrator
+//!   named ([`storage::StorageRoots`]): [`storage::open_beneath`] (`openat2` without
+//!   symbolic links or leaving the root, regular files only), [`storage::check_image`]
+//!   (no qcow2 backing or data files, the declared format), [`storage::create_save`]
+//!   (`O_EXCL`, then `renameat2(RENAME_NOREPLACE)`). The roots are parsed and kept on
+//!   the [`node::Node`] (`storage`), not yet used by VM starts, saves or restores.
 //!
 //! # The phases
 //! Each takes the node's [`Supervisor`](supervisor::Supervisor) and one input struct
@@ -114,6 +120,7 @@ pub mod qmp;
 pub mod restore;
 pub mod statefile;
 pub mod statistics;
+pub mod storage;
 pub mod supervisor;
 pub mod testguest;
 pub mod tls;

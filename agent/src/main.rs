@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use ferry_agent::node::Node;
+use ferry_agent::storage::{RootsError, StorageRoot, StorageRoots};
 use ferry_agent::supervisor::Supervisor;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Ferry's node agent.
 #[derive(Parser, Debug)]
@@ -52,6 +53,13 @@ struct Args {
     /// failed and is retried.
     #[arg(long, default_value_t = ferry_runtime::api::REQUEST_TIMEOUT.as_secs())]
     api_timeout_seconds: u64,
+    /// A directory host paths in specs may name, and how: `<dir>=readWrite` (a
+    /// namespace's guests use `<dir>/<namespace>/` only) or `<dir>=readOnly` (shared by
+    /// every namespace, e.g. base images). Repeatable; the roots may not overlap. None
+    /// given is the transitional default: host paths are not checked. Parsed and kept,
+    /// not enforced on VM starts yet (issue 15).
+    #[arg(long = "storage-root", value_name = "DIR=ACCESS")]
+    storage_roots: Vec<StorageRoot>,
 }
 
 fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -66,6 +74,14 @@ fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(first..=last)
 }
 
+/// The node's storage roots; `None` when none were given (the transitional default).
+fn storage_roots(roots: Vec<StorageRoot>) -> Result<Option<StorageRoots>, RootsError> {
+    if roots.is_empty() {
+        return Ok(None);
+    }
+    StorageRoots::new(roots).map(Some)
+}
+
 #[tokio::main]
 async fn main() {
     ferry_runtime::init_tracing("info");
@@ -77,8 +93,19 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let storage = storage_roots(args.storage_roots)?;
     let node = Node::open(&args.state_dir, &args.node_name, args.migration_address)
         .map_err(|e| format!("state dir {}: {e}", args.state_dir.display()))?;
+    let node = match storage {
+        Some(roots) => {
+            info!(%roots, "storage roots (parsed; not yet enforced on VM starts)");
+            node.with_storage(roots)
+        }
+        None => {
+            warn!("no --storage-root: host paths in specs are not checked");
+            node
+        }
+    };
     let sup = Supervisor::new(node);
     let guests = sup.attach_all().await?;
     info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");
@@ -144,4 +171,49 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ = peer => return Err("the peer API stopped".into()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = [
+            "ferry-agent",
+            "--node-name=a",
+            "--migration-address=127.0.0.2",
+        ];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn storage_roots_from_the_command_line() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(storage_roots(args.storage_roots).unwrap(), None);
+
+        let args = parse(&[
+            "--storage-root=/srv/images=readOnly",
+            "--storage-root",
+            "/srv/tenants=readWrite",
+        ])
+        .unwrap();
+        let roots = storage_roots(args.storage_roots).unwrap().unwrap();
+        assert_eq!(
+            roots.to_string(),
+            "/srv/images=readOnly, /srv/tenants=readWrite"
+        );
+
+        let err = parse(&["--storage-root=/srv/images=rw"]).unwrap_err();
+        assert!(
+            err.to_string().contains("expected readWrite or readOnly"),
+            "{err}"
+        );
+        let args = parse(&[
+            "--storage-root=/srv=readOnly",
+            "--storage-root=/srv/tenants=readWrite",
+        ])
+        .unwrap();
+        let err = storage_roots(args.storage_roots).unwrap_err();
+        assert!(err.to_string().contains("overlap"), "{err}");
+    }
 }

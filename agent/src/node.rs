@@ -1,6 +1,8 @@
 //! This node's identity: a name, a stable host uuid kept in the state dir, the address
-//! the target QEMU listens on for migration streams, and the state dir itself.
+//! the target QEMU listens on for migration streams, the state dir itself, and the
+//! storage roots the administrator allows host paths beneath.
 
+use crate::storage::StorageRoots;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -20,10 +22,15 @@ pub struct Node {
     pub address: IpAddr,
     /// Root of this agent's state: `host-uuid` and `vms/<name>/` per VM.
     pub state_dir: PathBuf,
+    /// Where host paths from specs may be (`--storage-root`). `None`, the transitional
+    /// default when none was given, leaves such paths unchecked as before; with roots
+    /// they are kept here but not enforced yet (see [`crate::storage`]).
+    pub storage: Option<StorageRoots>,
 }
 
 impl Node {
-    /// Opens (creating if needed) the state dir and loads or creates the host uuid.
+    /// Opens (creating if needed) the state dir and loads or creates the host uuid. The
+    /// node has no storage roots until [`with_storage`](Node::with_storage).
     pub fn open(state_dir: impl Into<PathBuf>, name: &str, address: IpAddr) -> io::Result<Node> {
         let state_dir = state_dir.into();
         std::fs::create_dir_all(state_dir.join("vms"))?;
@@ -33,7 +40,16 @@ impl Node {
             host_uuid,
             address,
             state_dir,
+            storage: None,
         })
+    }
+
+    /// The node with the storage roots the administrator named.
+    pub fn with_storage(self, storage: StorageRoots) -> Node {
+        Node {
+            storage: Some(storage),
+            ..self
+        }
     }
 
     /// The state dir of VM `vm` on this node (the name is validated by the domain parser).
