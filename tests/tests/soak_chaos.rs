@@ -26,16 +26,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration};
+use ferry_operator::nodes::live_node;
 use ferry_runtime::fault::{ARM_VAR, DIR_VAR};
 use ferry_tests::Cluster;
 use ferry_tests::chaos::{self, ChaosFault, Planned, Tallies};
-use ferry_tests::cluster::Options;
+use ferry_tests::cluster::{NAMESPACE, Options};
 use ferry_tests::e2e_support::*;
 use ferry_tests::fault_matrix::{Fault, Pauser, Point};
 use ferry_tests::fault_run::{self, Hooks, Killed, Subject};
 use ferry_tests::fault_run::{check_row, wait_terminal};
 use ferry_tests::inject;
 use ferry_tests::relay::Relay;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 
 const MIGRATIONS: usize = 200;
@@ -46,6 +48,8 @@ const EVERY: usize = 20;
 /// How long the armed process may take to reach its point; a point the migration never
 /// reaches (a Perform too short for its late point) leaves the fault not landed.
 const PAUSE_BOUND: Duration = Duration::from_secs(120);
+/// How long the soak waits for the agents' heartbeats before the next migration.
+const SETTLE_BOUND: Duration = Duration::from_secs(60);
 
 /// The seed: `FERRY_CHAOS_SEED`, or one from the clock.
 fn seed() -> u64 {
@@ -110,6 +114,33 @@ async fn paused(
             return marker.exists();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits up to [`SETTLE_BOUND`] until every agent's heartbeat Lease is live (as the
+/// operator judges it) and the operator and agents run, restarting any that exited. A
+/// migration created before would be refused for what the previous fault left behind (a
+/// Lease that ran out while the apiserver was down, an agent still starting): refused
+/// with TargetNotReady, the guest stays where it is, and the fault planned for it
+/// proves nothing.
+async fn settle(cluster: &mut Cluster, client: &Client) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let began = Instant::now();
+    loop {
+        cluster.restart_exited().unwrap();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let live: Vec<String> = match leases.list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .filter_map(|l| live_node(l, now))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if NODES.iter().all(|n| live.iter().any(|l| l == n)) || began.elapsed() > SETTLE_BOUND {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -222,7 +253,7 @@ async fn two_hundred_migrations_each_with_a_fault() {
     let mut restarts: BTreeMap<String, usize> = BTreeMap::new();
     let begun = Instant::now();
     eprintln!(
-        "| #   | guest | from → to       | fault                               | landed | phase      | to terminal |"
+        "| #   | guest | from → to       | fault                                    | landed | outcome                    | to terminal |"
     );
     for (i, planned) in plan.iter().enumerate() {
         let vm = GUESTS[i % GUESTS.len()];
@@ -258,12 +289,12 @@ async fn two_hundred_migrations_each_with_a_fault() {
             &mut restarts,
         )
         .await;
-        *outcomes.entry(format!("{:?}", line.phase)).or_default() += 1;
+        *outcomes.entry(line.outcome.clone()).or_default() += 1;
         eprintln!(
-            "| {i:>3} | {vm:<5} | {source} → {target} | {:<35} | {:<6} | {:<10} | {:>9.1} s |",
+            "| {i:>3} | {vm:<5} | {source} → {target} | {:<40} | {:<6} | {:<26} | {:>9.1} s |",
             planned.name(),
             if line.landed { "yes" } else { "no" },
-            format!("{:?}", line.phase),
+            line.outcome,
             line.to_terminal.as_secs_f64()
         );
         if (i + 1) % EVERY == 0 || i + 1 == n {
@@ -278,9 +309,13 @@ async fn two_hundred_migrations_each_with_a_fault() {
     assert_eq!(lost, 0, "guests lost or doubled at the end");
 
     println!(
-        "\nchaos soak: seed {seed}, {n} migrations in {:.0} s; outcomes {outcomes:?}; guests lost: {lost}",
+        "\nchaos soak: seed {seed}, {n} migrations in {:.0} s, every one terminal; guests lost: {lost}",
         begun.elapsed().as_secs_f64()
     );
+    println!("\noutcomes (a Failed migration left its guest running on its source)");
+    for (outcome, count) in &outcomes {
+        println!("| {outcome:<32} | {count:>4} |");
+    }
     println!("\nfaults by kind (landed: the process paused at the point and the fault met it)");
     print!("{}", tallies.table());
     println!("\nrestarts (killed, or exited by themselves and started again): {restarts:?}");
@@ -312,7 +347,8 @@ async fn two_hundred_migrations_each_with_a_fault() {
 
 /// What one migration came to.
 struct Line {
-    phase: MigrationPhase,
+    /// The final phase, and a failed one's reason.
+    outcome: String,
     landed: bool,
     to_terminal: Duration,
 }
@@ -335,7 +371,7 @@ async fn migrate(
     restarts: &mut BTreeMap<String, usize>,
 ) -> Line {
     let Planned { mode, fault, point } = planned;
-    cluster.restart_exited().unwrap();
+    settle(cluster, client).await;
     let pids = cluster.component_pids();
     let before = injected_total(cluster);
     std::fs::write(arm_file(hooks, row, point.pauser(mode)), point.hook()).unwrap();
@@ -383,6 +419,10 @@ async fn migrate(
     )
     .await;
     drop(logs);
+    let outcome = match phase {
+        MigrationPhase::Failed => format!("Failed ({})", failed_reason(vmms, row.migration).await),
+        other => format!("{other:?}"),
+    };
     let landed = stopped && (sure || injected_total(cluster) > before);
     tallies.count(fault, landed);
     for (who, pid) in cluster.component_pids() {
@@ -404,8 +444,19 @@ async fn migrate(
     }
     clear_hooks(hooks);
     Line {
-        phase,
+        outcome,
         landed,
         to_terminal,
     }
+}
+
+/// The reason of a failed migration's `Failed` condition.
+async fn failed_reason(vmms: &Api<VirtualMachineMigration>, name: &str) -> String {
+    let status = vmms.get(name).await.ok().and_then(|m| m.status);
+    let conditions = status.map(|s| s.conditions).unwrap_or_default();
+    conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .map(|c| c.reason)
+        .unwrap_or_default()
 }
