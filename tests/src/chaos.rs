@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::fault_matrix::api::{ApiFault, all_api_rows};
-use crate::fault_matrix::{Fault, MODES, Point, all_rows};
+use crate::fault_matrix::{Fault, MODES, Point, all_rows, name_of};
 
 /// A fault of either matrix.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,11 +43,10 @@ pub struct Planned {
 impl Planned {
     /// `[PeerToPeer/]<fault>:<point>`, as the matrices name their rows.
     pub fn name(&self) -> String {
-        let prefix = match self.mode {
-            ControlMode::Managed => "",
-            ControlMode::PeerToPeer => "PeerToPeer/",
-        };
-        format!("{prefix}{}:{}", self.fault.kind(), self.point.hook())
+        match self.fault {
+            ChaosFault::Process(f) => name_of(self.mode, f, self.point),
+            ChaosFault::Api(f) => name_of(self.mode, f, self.point),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_crds::ControlMode;
 
-use super::{MODES, POINTS, Pauser, Point};
+use super::{POINTS, Pauser, Point};
 use crate::api_proxy::{Injection, Matcher, Verb};
 use crate::cluster::Heartbeat;
 use crate::fault_run::RowLabel;
@@ -211,25 +211,12 @@ pub const API_SUBSET: [ApiRowSpec; 7] = [
 /// A row's name in `FERRY_API_FAULT_ROWS` and in log directories: `<fault>:<point>` in
 /// managed mode, `PeerToPeer/<fault>:<point>` otherwise.
 pub fn api_row_name((mode, fault, point): ApiRowSpec) -> String {
-    match mode {
-        Managed => format!("{fault:?}:{}", point.hook()),
-        PeerToPeer => format!("PeerToPeer/{fault:?}:{}", point.hook()),
-    }
+    super::name_of(mode, fault, point)
 }
 
 /// The rows `pick` names (comma-separated `[<mode>/]<fault>:<point>`), in matrix order.
 pub fn picked_api(pick: &str) -> Vec<ApiRowSpec> {
-    let names: Vec<String> = pick
-        .split(',')
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .map(|r| r.strip_prefix("Managed/").unwrap_or(r).to_string())
-        .collect();
-    MODES
-        .iter()
-        .flat_map(|m| all_api_rows(*m))
-        .filter(|row| names.contains(&api_row_name(*row)))
-        .collect()
+    super::pick_rows(pick, all_api_rows)
 }
 
 /// One row of the table, once it ran.
@@ -289,6 +276,7 @@ impl RowLabel for ApiRowSpec {
 mod tests {
     use super::*;
     use crate::api_proxy::ApiRequest;
+    use crate::fault_matrix::MODES;
 
     fn write(verb: Verb, resource: &str, name: &str) -> ApiRequest {
         ApiRequest {

@@ -138,18 +138,25 @@ pub fn all_rows(mode: ControlMode) -> Vec<RowSpec> {
         .collect()
 }
 
-/// The name of a row in `FERRY_FAULT_ROWS` and in log directories:
-/// `<fault>:<point>` in managed mode, `PeerToPeer/<fault>:<point>` otherwise.
-pub fn row_name((mode, fault, point): RowSpec) -> String {
+/// The name of a row of either matrix in `FERRY_FAULT_ROWS`, `FERRY_API_FAULT_ROWS` and
+/// in log directories: `<fault>:<point>` in managed mode, `PeerToPeer/<fault>:<point>`
+/// otherwise.
+pub fn name_of<F: std::fmt::Debug>(mode: ControlMode, fault: F, point: Point) -> String {
     match mode {
         Managed => format!("{fault:?}:{}", point.hook()),
         PeerToPeer => format!("PeerToPeer/{fault:?}:{}", point.hook()),
     }
 }
 
-/// The rows `pick` names (comma-separated `[<mode>/]<fault>:<point>`; no mode is
-/// Managed), in matrix order.
-pub fn picked(pick: &str) -> Vec<RowSpec> {
+/// The rows of `all` (a matrix's rows of a mode) that `pick` names (comma-separated
+/// `[<mode>/]<fault>:<point>`; no mode is Managed), in matrix order.
+pub fn pick_rows<F>(
+    pick: &str,
+    all: fn(ControlMode) -> Vec<(ControlMode, F, Point)>,
+) -> Vec<(ControlMode, F, Point)>
+where
+    F: std::fmt::Debug + Copy,
+{
     let names: Vec<String> = pick
         .split(',')
         .map(str::trim)
@@ -158,9 +165,19 @@ pub fn picked(pick: &str) -> Vec<RowSpec> {
         .collect();
     MODES
         .iter()
-        .flat_map(|m| all_rows(*m))
-        .filter(|row| names.contains(&row_name(*row)))
+        .flat_map(|m| all(*m))
+        .filter(|(mode, fault, point)| names.contains(&name_of(*mode, *fault, *point)))
         .collect()
+}
+
+/// A row's name ([`name_of`]).
+pub fn row_name((mode, fault, point): RowSpec) -> String {
+    name_of(mode, fault, point)
+}
+
+/// The rows `pick` names ([`pick_rows`]).
+pub fn picked(pick: &str) -> Vec<RowSpec> {
+    pick_rows(pick, all_rows)
 }
 
 /// One row of the table, once it ran.
