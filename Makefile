@@ -59,7 +59,7 @@ test-faults: tools bins ## The full fault matrices: every fault at every phase p
 soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents every 10 migrations.
 	$(CARGO) test -p ferry-tests --test soak -- --ignored --nocapture
 
-# FERRY_CHAOS_SEED=<seed> replays a run (the seed is printed first);
+# FERRY_CHAOS_SEED=<seed> replays a run's plan (the seed is printed first);
 # FERRY_CHAOS_MIGRATIONS=<n> runs fewer.
 soak-chaos: tools bins ## 200 back-to-back migrations of two guests, each with one random fault of the matrices (seeded): 0 lost, faults by kind, RSS of operator and agents.
 	$(CARGO) test -p ferry-tests --test soak_chaos -- --ignored --nocapture

@@ -5,7 +5,8 @@
 //! the heartbeat Lease, the apiserver restarted, both agents killed; at any of the ten
 //! points, in either control mode). The QEMU kills are left out: they kill the guest by
 //! design, and the soak counts guests lost. The seed is printed first;
-//! `FERRY_CHAOS_SEED=<seed>` replays a run, `FERRY_CHAOS_MIGRATIONS=<n>` shortens it.
+//! `FERRY_CHAOS_SEED=<seed>` replays a run's plan (its faults, points and order; not its
+//! timing), `FERRY_CHAOS_MIGRATIONS=<n>` shortens it.
 //!
 //! Unlike the matrices, the soak keeps one cluster and its processes for the whole run:
 //! each agent and the operator reach the apiserver through their fault proxies, and
@@ -209,7 +210,7 @@ async fn two_hundred_migrations_each_with_a_fault() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(MIGRATIONS);
-    println!("chaos soak: seed {seed} (FERRY_CHAOS_SEED={seed} replays it), {n} migrations");
+    println!("chaos soak: seed {seed} (FERRY_CHAOS_SEED={seed} replays its plan), {n} migrations");
     let plan = chaos::plan(seed, n);
     let mut context = Context {
         seed,
