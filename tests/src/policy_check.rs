@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
@@ -17,6 +17,8 @@ pub const NS: &str = "ferry-system";
 pub const VMS: &str = "vms";
 /// The chart's agent ServiceAccount.
 pub const AGENT: &str = "ferry-agent";
+/// The example's migration (examples/migration.yaml), which [`env`] creates.
+pub const MIGRATION: &str = "demo-to-node-b";
 
 /// A control plane with the chart, the example VM and migration, and three Nodes.
 pub struct Env {
@@ -37,6 +39,20 @@ pub async fn env() -> Env {
         ensure_node(&admin, node).await.unwrap();
     }
     Env { cp, admin }
+}
+
+/// Admits migration `name` as the operator would: Begin, node-a to node-b.
+pub async fn admit(env: &Env, name: &str) {
+    Api::<ferry_crds::VirtualMachineMigration>::namespaced(env.admin.clone(), VMS)
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Begin", "sourceNode": "node-a", "targetNode": "node-b",
+            }})),
+        )
+        .await
+        .unwrap();
 }
 
 /// A client of the agent ServiceAccount whose token is bound to `node`.

@@ -13,22 +13,6 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-const MIGRATION: &str = "demo-to-node-b";
-
-/// The migration as the operator has admitted it: Begin, node-a to node-b.
-async fn admit(env: &Env) {
-    Api::<VirtualMachineMigration>::namespaced(env.admin.clone(), VMS)
-        .patch_status(
-            MIGRATION,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-                "phase": "Begin", "sourceNode": "node-a", "targetNode": "node-b",
-            }})),
-        )
-        .await
-        .unwrap();
-}
-
 fn migrations(client: &Client) -> Api<VirtualMachineMigration> {
     Api::namespaced(client.clone(), VMS)
 }
@@ -99,7 +83,7 @@ async fn bound_tokens_carry_their_node() {
 #[tokio::test]
 async fn only_the_migrations_own_agents_write_its_status() {
     let env = env().await;
-    admit(&env).await;
+    admit(&env, MIGRATION).await;
     let (a, b, c) = (
         agent_on(&env, "node-a").await,
         agent_on(&env, "node-b").await,
@@ -249,7 +233,7 @@ async fn only_the_migrations_own_agents_write_its_status() {
 #[tokio::test]
 async fn a_spec_editor_cannot_forge_status() {
     let env = env().await;
-    admit(&env).await;
+    admit(&env, MIGRATION).await;
     // A user who may edit migrations (the main resource) but not their status.
     Api::<ServiceAccount>::namespaced(env.admin.clone(), VMS)
         .create(

@@ -11,7 +11,6 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 const PEER: &str = "peer-to-peer";
-const MANAGED: &str = "demo-to-node-b";
 
 /// Creates the peer-to-peer migration and admits both it and the example's managed one
 /// as the operator would: Begin, node-a to node-b.
@@ -24,16 +23,8 @@ async fn admit_both(env: &Env) {
     }))
     .unwrap();
     api.create(&PostParams::default(), &m).await.unwrap();
-    for name in [PEER, MANAGED] {
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-                "phase": "Begin", "sourceNode": "node-a", "targetNode": "node-b",
-            }})),
-        )
-        .await
-        .unwrap();
+    for name in [PEER, MIGRATION] {
+        admit(env, name).await;
     }
 }
 
@@ -95,14 +86,14 @@ async fn the_source_drives_only_a_peer_to_peer_migration() {
     denied(
         "a managed migration's source enters Prepare",
         "operator-fields",
-        patch(&a, MANAGED, json!({"phase": "Prepare"})).await,
+        patch(&a, MIGRATION, json!({"phase": "Prepare"})).await,
     );
     denied(
         "a managed migration's source records the target's Prepare",
         "target-fields",
         patch(
             &a,
-            MANAGED,
+            MIGRATION,
             json!({"cookies": {"prepare": "<ferry-migration/>"}}),
         )
         .await,
@@ -110,7 +101,12 @@ async fn the_source_drives_only_a_peer_to_peer_migration() {
     denied(
         "a managed migration's source writes a step naming the target",
         "target-fields",
-        patch(&a, MANAGED, json!({"steps": {"prepare": ended("node-b")}})).await,
+        patch(
+            &a,
+            MIGRATION,
+            json!({"steps": {"prepare": ended("node-b")}}),
+        )
+        .await,
     );
 
     // The driver starts and ends nothing, and takes no rollback back.

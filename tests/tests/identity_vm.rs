@@ -3,27 +3,11 @@
 //! write a VirtualMachine's status only as the node that runs it (or is to start it), and
 //! change the VirtualMachine itself only for its `ferry.dev/guest` finalizer.
 
-use ferry_crds::{VirtualMachine, VirtualMachineMigration};
+use ferry_crds::VirtualMachine;
 use ferry_tests::policy_check::*;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-
-const MIGRATION: &str = "demo-to-node-b";
-
-/// The migration as the operator has admitted it: Begin, node-a to node-b.
-async fn admit(env: &Env) {
-    Api::<VirtualMachineMigration>::namespaced(env.admin.clone(), VMS)
-        .patch_status(
-            MIGRATION,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {
-                "phase": "Begin", "sourceNode": "node-a", "targetNode": "node-b",
-            }})),
-        )
-        .await
-        .unwrap();
-}
 
 fn vms(client: &Client) -> Api<VirtualMachine> {
     Api::namespaced(client.clone(), VMS)
@@ -92,7 +76,7 @@ async fn only_the_vms_node_writes_its_status() {
     );
 
     // The operator admits the migration and marks the VM as held.
-    admit(&env).await;
+    admit(&env, MIGRATION).await;
     allowed(
         "the operator marks the VM as held",
         patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
