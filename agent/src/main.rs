@@ -74,12 +74,9 @@ fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(first..=last)
 }
 
-/// The node's storage roots; `None` when none were given (the transitional default).
-fn storage_roots(roots: Vec<StorageRoot>) -> Result<Option<StorageRoots>, RootsError> {
-    if roots.is_empty() {
-        return Ok(None);
-    }
-    StorageRoots::new(roots).map(Some)
+/// The node's storage roots (none at all when none were given).
+fn storage_roots(roots: Vec<StorageRoot>) -> Result<StorageRoots, RootsError> {
+    StorageRoots::new(roots)
 }
 
 #[tokio::main]
@@ -96,16 +93,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let storage = storage_roots(args.storage_roots)?;
     let node = Node::open(&args.state_dir, &args.node_name, args.migration_address)
         .map_err(|e| format!("state dir {}: {e}", args.state_dir.display()))?;
-    let node = match storage {
-        Some(roots) => {
-            info!(%roots, "storage roots (parsed; not yet enforced on VM starts)");
-            node.with_storage(roots)
-        }
-        None => {
-            warn!("no --storage-root: host paths in specs are not checked");
-            node
-        }
-    };
+    let state_dir = std::fs::canonicalize(&node.state_dir)
+        .map_err(|e| format!("state dir {}: {e}", node.state_dir.display()))?;
+    storage.check_apart_from(&state_dir)?;
+    if storage.is_empty() {
+        warn!(
+            "no --storage-root: no guest on this node may name a host path (disks, saves, restores)"
+        );
+    } else {
+        info!(roots = %storage, "storage roots");
+    }
+    let node = node.with_storage(storage);
     let sup = Supervisor::new(node);
     let guests = sup.attach_all().await?;
     info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");
@@ -189,7 +187,7 @@ mod tests {
     #[test]
     fn storage_roots_from_the_command_line() {
         let args = parse(&[]).unwrap();
-        assert_eq!(storage_roots(args.storage_roots).unwrap(), None);
+        assert!(storage_roots(args.storage_roots).unwrap().is_empty());
 
         let args = parse(&[
             "--storage-root=/srv/images=readOnly",
@@ -197,7 +195,7 @@ mod tests {
             "/srv/tenants=readWrite",
         ])
         .unwrap();
-        let roots = storage_roots(args.storage_roots).unwrap().unwrap();
+        let roots = storage_roots(args.storage_roots).unwrap();
         assert_eq!(
             roots.to_string(),
             "/srv/images=readOnly, /srv/tenants=readWrite"

@@ -22,10 +22,9 @@ pub struct Node {
     pub address: IpAddr,
     /// Root of this agent's state: `host-uuid` and `vms/<name>/` per VM.
     pub state_dir: PathBuf,
-    /// Where host paths from specs may be (`--storage-root`). `None`, the transitional
-    /// default when none was given, leaves such paths unchecked as before; with roots
-    /// they are kept here but not enforced yet (see [`crate::storage`]).
-    pub storage: Option<StorageRoots>,
+    /// Where host paths from specs may be (`--storage-root`); with none, a spec may
+    /// name no host path at all (see [`crate::storage`]).
+    pub storage: StorageRoots,
 }
 
 impl Node {
@@ -40,16 +39,13 @@ impl Node {
             host_uuid,
             address,
             state_dir,
-            storage: None,
+            storage: StorageRoots::none(),
         })
     }
 
     /// The node with the storage roots the administrator named.
     pub fn with_storage(self, storage: StorageRoots) -> Node {
-        Node {
-            storage: Some(storage),
-            ..self
-        }
+        Node { storage, ..self }
     }
 
     /// The state dir of VM `vm` on this node (the name is validated by the domain parser).

@@ -23,8 +23,17 @@ use crate::{ControlPlane, HarnessError};
 pub const NAMESPACE: &str = "ferry-system";
 /// The ports each agent may hand its incoming QEMUs (`--migration-ports`).
 pub const MIGRATION_PORTS: std::ops::RangeInclusive<u16> = 49152..=49215;
-/// Where the example VM's disk is: the test guest image, written by [`Cluster::up`].
-pub const EXAMPLE_DISK: &str = "/var/lib/ferry/images/test-guest.img";
+/// Where the example VM's disk is: the test guest image, written by [`Cluster::up`] into
+/// namespace `default`'s directory of the read-write root [`DISKS_ROOT`].
+pub const EXAMPLE_DISK: &str = "/var/lib/ferry-disks/default/test-guest.img";
+/// The storage roots every agent of a local cluster has, as the chart's defaults name
+/// them (`agent.storage`, and the save volume): base images (read-only, shared), the
+/// tenants' disks and saved states (read-write, `<root>/<namespace>/`). Each cluster
+/// has two more read-write roots of its own in its directory, `disks` and `saves`
+/// ([`Cluster::disk`], [`Cluster::save_dir`]), so tests keep their files apart.
+pub const IMAGES_ROOT: &str = "/var/lib/ferry-images";
+pub const DISKS_ROOT: &str = "/var/lib/ferry-disks";
+pub const SAVES_ROOT: &str = "/var/lib/ferry-saves";
 
 /// One simulated node: its agent process and where it keeps things.
 pub struct Node {
@@ -337,6 +346,7 @@ impl Cluster {
         node: &str,
         env: &[(&str, &str)],
     ) -> Result<(), HarnessError> {
+        let roots = self.storage_roots();
         let n = self.nodes.get_mut(node).expect("a node of this cluster");
         let mut cmd = Command::new(self.bin_dir.join("ferry-agent"));
         cmd.arg(format!("--node-name={node}"))
@@ -355,6 +365,7 @@ impl Cluster {
                 self.heartbeat.every_seconds
             ))
             .arg(format!("--lease-seconds={}", self.heartbeat.lasts_seconds))
+            .args(roots.iter().map(|r| format!("--storage-root={r}")))
             .env("KUBECONFIG", &n.kubeconfig)
             .env("RUST_LOG", log_filter())
             .envs(n.env.iter().map(|(k, v)| (k, v)))
@@ -362,6 +373,35 @@ impl Cluster {
         let log = self.cp.dir().join(format!("agent-{node}.log"));
         n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
         Ok(())
+    }
+
+    /// The agents' `--storage-root` values (see [`IMAGES_ROOT`]).
+    pub fn storage_roots(&self) -> Vec<String> {
+        let own = self.cp.dir();
+        vec![
+            format!("{IMAGES_ROOT}=readOnly"),
+            format!("{DISKS_ROOT}=readWrite"),
+            format!("{SAVES_ROOT}=readWrite"),
+            format!("{}=readWrite", own.join("disks").display()),
+            format!("{}=readWrite", own.join("saves").display()),
+        ]
+    }
+
+    /// Where this cluster's tests keep disk `file` of a guest in namespace `namespace`:
+    /// `<cluster dir>/disks/<namespace>/<file>`, beneath a read-write root of every
+    /// agent (the namespace's directory is created here, as an administrator would).
+    pub fn disk(&self, namespace: &str, file: &str) -> PathBuf {
+        let dir = self.cp.dir().join("disks").join(namespace);
+        std::fs::create_dir_all(&dir).expect("creating a namespace's disk directory");
+        dir.join(file)
+    }
+
+    /// This cluster's directory for saved states of namespace `namespace`
+    /// (`<cluster dir>/saves/<namespace>/`, created), beneath a read-write root.
+    pub fn save_dir(&self, namespace: &str) -> PathBuf {
+        let dir = self.cp.dir().join("saves").join(namespace);
+        std::fs::create_dir_all(&dir).expect("creating a namespace's save directory");
+        dir
     }
 
     /// Sets the environment every later start of `node`'s agent gets, restarts after a
@@ -568,8 +608,11 @@ async fn service_account_token(admin: &kube::Client, sa: &str) -> Result<String,
 }
 
 /// Writes the test guest image to [`EXAMPLE_DISK`], where examples/virtualmachine.yaml
-/// expects it, unless it is there already.
+/// expects it, unless it is there already, and creates the shared storage roots with
+/// namespace `default`'s directories (the administrator's part on a real cluster).
 fn install_example_disk() -> Result<(), HarnessError> {
+    std::fs::create_dir_all(IMAGES_ROOT)?;
+    std::fs::create_dir_all(Path::new(SAVES_ROOT).join("default"))?;
     let path = Path::new(EXAMPLE_DISK);
     let image = ferry_agent::testguest::image(ferry_agent::testguest::Params::default())
         .map_err(|e| HarnessError::Setup(format!("building the test guest: {e}")))?;

@@ -320,7 +320,7 @@ pub async fn guests_running(
     })
     .expect("the test guest builds");
     for (i, name) in names.iter().enumerate() {
-        let disk = cluster.cp.dir().join(format!("{name}.img"));
+        let disk = cluster.disk("default", &format!("{name}.img"));
         std::fs::write(&disk, &image).unwrap();
         let uuid = format!("6f1c0b8e-5a52-4d3e-9a43-0d6f2a7c{:04x}", 0x1000 + i);
         let vm = crate::bench::ferry::vm(name, &uuid, 64, &disk.display().to_string(), node);

@@ -25,13 +25,11 @@ async fn save_on_one_node_and_restore_on_the_other() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (cluster, client) = up().await;
     let _logs = LogsOnFailure(cluster.cp.dir().to_path_buf());
-    let saves = tempfile::Builder::new()
-        .prefix("ferry-saves-")
-        .tempdir()
-        .unwrap();
+    // Beneath the cluster's own read-write storage roots, namespace default's part.
+    let saves = cluster.save_dir("default");
     // The example VM on a copy of its disk: QEMU locks the image, and other clusters on
     // this machine may run the example at the same time.
-    let disk = saves.path().join("test-guest.img");
+    let disk = cluster.disk("default", "test-guest.img");
     std::fs::copy(ferry_tests::cluster::EXAMPLE_DISK, &disk).unwrap();
     let example = std::fs::read_to_string(repo_root().join("examples/virtualmachine.yaml"))
         .unwrap()
@@ -56,7 +54,7 @@ async fn save_on_one_node_and_restore_on_the_other() {
     })
     .await;
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
-    let path = saves.path().join("demo.fsav");
+    let path = saves.join("demo.fsav");
     let before = last_pass(&cluster, "node-a", "demo").unwrap();
 
     // The API refuses a save with a target, and a path that is not absolute.
@@ -144,7 +142,7 @@ async fn save_on_one_node_and_restore_on_the_other() {
 
     // A truncated copy is refused on node-b: a condition and an Event, nothing else.
     let good = std::fs::read(&path).unwrap();
-    let truncated = saves.path().join("truncated.fsav");
+    let truncated = saves.join("truncated.fsav");
     std::fs::write(&truncated, &good[..good.len() * 2 / 3]).unwrap();
     let restore = |file: &std::path::Path| json!({"spec": {"nodeName": "node-b", "restoreFrom": file.display().to_string()}});
     vms.patch(

@@ -50,6 +50,11 @@ pub enum RootsError {
     Slash,
     #[error("storage roots {0} and {1} overlap (one is inside the other)")]
     Overlap(PathBuf, PathBuf),
+    #[error(
+        "storage root {root} and the agent's state dir {state_dir} overlap: the state dir holds \
+         the node's keys and the guests' sockets, which no spec may name"
+    )]
+    StateDir { root: PathBuf, state_dir: PathBuf },
 }
 
 /// One root: an absolute directory in canonical form, and its access.
@@ -124,6 +129,31 @@ impl StorageRoots {
         Ok(StorageRoots { roots })
     }
 
+    /// No roots: no spec may name a host path.
+    pub fn none() -> StorageRoots {
+        StorageRoots { roots: Vec::new() }
+    }
+
+    /// Refuses a root that is, contains or lies inside the agent's own state dir
+    /// (compared as written, both absolute and canonical).
+    pub fn check_apart_from(&self, state_dir: &Path) -> Result<(), RootsError> {
+        match self
+            .roots
+            .iter()
+            .find(|r| r.path.starts_with(state_dir) || state_dir.starts_with(&r.path))
+        {
+            Some(r) => Err(RootsError::StateDir {
+                root: r.path.clone(),
+                state_dir: state_dir.to_path_buf(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &StorageRoot> {
         self.roots.iter()
     }
@@ -193,5 +223,29 @@ mod tests {
         let found = roots.containing(Path::new("/srv/images2/a/b")).unwrap();
         assert_eq!(found.path(), Path::new("/srv/images2"));
         assert!(roots.containing(Path::new("/srv/other")).is_none());
+    }
+
+    #[test]
+    fn roots_stay_apart_from_the_state_dir() {
+        let root = |s: &str| s.parse::<StorageRoot>().unwrap();
+        let roots = StorageRoots::new(vec![
+            root("/var/lib/ferry-images=readOnly"),
+            root("/var/lib/ferry-disks=readWrite"),
+        ])
+        .unwrap();
+        assert!(roots.check_apart_from(Path::new("/var/lib/ferry")).is_ok());
+        let inside = StorageRoots::new(vec![root("/var/lib/ferry/images=readOnly")]).unwrap();
+        let err = inside
+            .check_apart_from(Path::new("/var/lib/ferry"))
+            .unwrap_err();
+        assert!(err.to_string().starts_with(
+            "storage root /var/lib/ferry/images and the agent's state dir /var/lib/ferry overlap"
+        ));
+        let around = StorageRoots::new(vec![root("/var/lib=readOnly")]).unwrap();
+        assert!(
+            around
+                .check_apart_from(Path::new("/var/lib/ferry"))
+                .is_err()
+        );
     }
 }

@@ -124,7 +124,8 @@ fn uuid(i: usize) -> String {
 async fn run(runs: usize) -> Result<Value, Error> {
     let policy = ferry_agent::policy::resolve(&MigrationPolicy::default())?;
     let work = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
-    let images = Path::new("/var/lib/ferry/images");
+    // Namespace default's directory of the clusters' read-write storage root.
+    let images = &Path::new(ferry_tests::cluster::DISKS_ROOT).join("default");
     std::fs::create_dir_all(images)?;
     for case in &CASES {
         std::fs::write(
