@@ -8,7 +8,7 @@ HELM := $(TOOLS_BIN)/helm
 # Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-faults soak build bins up down demo bench clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-faults soak build bins up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,8 +67,14 @@ soak-chaos: tools bins ## 200 back-to-back migrations of two guests, each with o
 test-agent: ## The agent data plane against real QEMU.
 	$(CARGO) test -p ferry-agent
 
-test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, then the end-to-end migrations peer-to-peer.
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+# One line per hostile spec: the case, the refusal the status reports, and that nothing
+# outside the storage roots was opened or created (tests/tests/hostile.rs).
+test-hostile: tools bins ## Tenants' hostile specs (host paths outside the roots, symlinks, FIFOs, devices, qcow2 backing files, target XML): each refused, nothing touched.
+	$(CARGO) test -p ferry-tests --test hostile -- --nocapture
+
+test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, the hostile-input suite, then the end-to-end migrations peer-to-peer.
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2 --skip hostile_specs_are_refused
+	$(MAKE) test-hostile
 	$(MAKE) test-e2e-p2p
 
 NODES ?= 2

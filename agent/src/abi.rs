@@ -2,7 +2,10 @@
 //!
 //! Must be equal (the guest would notice): name, uuid, memory, vCPU count, arch, machine
 //! type, CPU mode and model, features, the ordered device list with each device's kind,
-//! bus, target and model, NIC MAC and model, and the graphics and serial counts.
+//! bus, target and model, each disk's image format and read-only flag (the guest reads
+//! the image through its format; a raw disk read as qcow2 would show other bytes, and
+//! one a tenant's image could choose), NIC MAC and model, and the graphics and serial
+//! counts.
 //! May differ (host-side only): disk source paths, interface backend, graphics listen
 //! address and port, serial/console output paths.
 
@@ -30,6 +33,8 @@ fn guest_visible(d: &Device) -> Vec<(&'static str, String)> {
         Device::Disk(d) => vec![
             ("disk bus", d.bus.clone()),
             ("disk target", d.target_dev.clone()),
+            ("disk format", d.format.clone()),
+            ("disk read-only", d.readonly.to_string()),
         ],
         Device::Interface(i) => vec![
             ("interface MAC", i.mac.clone()),
@@ -122,10 +127,7 @@ fn guest_visible_differences(source: &Domain, target: &Domain) -> Vec<Difference
 fn host_side(d: &Device) -> Vec<(&'static str, String)> {
     let or_default = |p: &Option<String>| p.clone().unwrap_or_else(|| "(default)".into());
     match d {
-        Device::Disk(d) => vec![
-            ("disk source", d.source.clone()),
-            ("disk format", d.format.clone()),
-        ],
+        Device::Disk(d) => vec![("disk source", d.source.clone())],
         Device::Interface(i) => vec![("interface backend", or_default(&i.backend))],
         Device::Graphics(g) => vec![
             ("graphics listen", g.listen.clone()),
@@ -231,6 +233,14 @@ mod tests {
             (
                 SAMPLE.replace("bus='ide'", "bus='virtio'"),
                 "target disk bus 'virtio' does not match source 'ide'",
+            ),
+            (
+                SAMPLE.replace("type='raw'", "type='qcow2'"),
+                "target disk format 'qcow2' does not match source 'raw'",
+            ),
+            (
+                SAMPLE.replace("bus='ide'/>", "bus='ide'/><readonly/>"),
+                "target disk read-only 'true' does not match source 'false'",
             ),
             (
                 SAMPLE.replace(

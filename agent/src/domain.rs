@@ -3,7 +3,7 @@
 //! Supported: `<domain type='qemu|kvm'>` with `name`, `uuid`, `memory` (+`unit`), `vcpu`,
 //! `os/type` (`arch`, `machine`, text `hvm`), `features` (`acpi`, `apic`, `pae`),
 //! `cpu` (`mode`, optional `model`), and `devices`: `disk type='file' device='disk'`
-//! (`driver type`, `source file`, `target dev bus`), `interface type='user'` (`mac`,
+//! (`driver type`, `source file`, `target dev bus`, `readonly`), `interface type='user'` (`mac`,
 //! `model`, `backend type`), `graphics type='vnc'` (`listen`, `port`, `autoport`),
 //! `serial type='file'` and `console type='file'` (`source path`, `target port`).
 //! Anything else is refused with an error naming the element or attribute.
@@ -74,6 +74,9 @@ pub struct Disk {
     pub target_dev: String,
     /// `virtio` or `ide`.
     pub bus: String,
+    /// `<readonly/>`: the guest sees a read-only disk, and the image may lie beneath a
+    /// read-only storage root.
+    pub readonly: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +205,10 @@ fn char_device(el: &Element) -> Result<CharDevice, XmlError> {
 fn device(el: &Element) -> Result<Device, XmlError> {
     match el.name.as_str() {
         "disk" => {
-            el.allow(&["type", "device"], &["driver", "source", "target"])?;
+            el.allow(
+                &["type", "device"],
+                &["driver", "source", "target", "readonly"],
+            )?;
             let ty = el.require("type")?;
             if ty != "file" {
                 return Err(el.invalid("type", ty, "only 'file' disks are supported"));
@@ -233,11 +239,19 @@ fn device(el: &Element) -> Result<Device, XmlError> {
                 return Err(target.invalid("dev", dev, "expected a name like 'vda'"));
             }
             let bus = one_of(target, "bus", target.require("bus")?, DISK_BUSES)?;
+            let readonly = match el.child("readonly")? {
+                Some(r) => {
+                    r.allow(&[], &[])?;
+                    true
+                }
+                None => false,
+            };
             Ok(Device::Disk(Disk {
                 format,
                 source: file.to_string(),
                 target_dev: dev.to_string(),
                 bus,
+                readonly,
             }))
         }
         "interface" => {
@@ -500,20 +514,27 @@ fn char_element(name: &str, c: &CharDevice) -> Element {
 
 fn device_element(d: &Device) -> Element {
     match d {
-        Device::Disk(d) => Element::new("disk")
-            .with_attr("type", "file")
-            .with_attr("device", "disk")
-            .with_child(
-                Element::new("driver")
-                    .with_attr("name", "qemu")
-                    .with_attr("type", &d.format),
-            )
-            .with_child(Element::new("source").with_attr("file", &d.source))
-            .with_child(
-                Element::new("target")
-                    .with_attr("dev", &d.target_dev)
-                    .with_attr("bus", &d.bus),
-            ),
+        Device::Disk(d) => {
+            let el = Element::new("disk")
+                .with_attr("type", "file")
+                .with_attr("device", "disk")
+                .with_child(
+                    Element::new("driver")
+                        .with_attr("name", "qemu")
+                        .with_attr("type", &d.format),
+                )
+                .with_child(Element::new("source").with_attr("file", &d.source))
+                .with_child(
+                    Element::new("target")
+                        .with_attr("dev", &d.target_dev)
+                        .with_attr("bus", &d.bus),
+                );
+            if d.readonly {
+                el.with_child(Element::new("readonly"))
+            } else {
+                el
+            }
+        }
         Device::Interface(i) => {
             let mut el = Element::new("interface")
                 .with_attr("type", "user")

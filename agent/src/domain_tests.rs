@@ -197,3 +197,18 @@ fn hostile_xml_is_refused_naming_the_problem() {
     let x = SAMPLE.replace("guest-1</name>", "guest&#45;1</name>");
     assert_eq!(Domain::parse(&x).unwrap().name, "guest-1");
 }
+
+#[test]
+fn read_only_disks() {
+    assert!(sample().disks().all(|d| !d.readonly));
+    let x = SAMPLE.replace("bus='ide'/>", "bus='ide'/><readonly/>");
+    let d = Domain::parse(&x).unwrap();
+    assert!(d.disks().all(|d| d.readonly));
+    assert!(d.to_xml().contains("<readonly/>"));
+    assert_eq!(Domain::parse(&d.to_xml()).unwrap(), d);
+    let x = SAMPLE.replace("bus='ide'/>", "bus='ide'/><readonly mode='x'/>");
+    assert_eq!(
+        refused(&x),
+        "domain XML: unsupported attribute 'mode' on <readonly>"
+    );
+}

@@ -15,6 +15,7 @@ use crate::phases::{Arrival, arrival};
 use crate::policy::Side;
 use crate::qmp::{MigrationInfo, QmpError, StatusInfo};
 use crate::statefile::{self, StateFileError, Verified};
+use crate::storage::Owner;
 use crate::supervisor::{Supervisor, SupervisorError};
 use serde_json::json;
 use std::os::fd::AsFd;
@@ -46,7 +47,8 @@ pub enum RestoreError {
 
 impl RestoreError {
     /// A condition reason: `StateFile<kind>` for a refused file, `AbiMismatch`,
-    /// `AlreadyRunning`, or `RestoreFailed` for a failure once QEMU ran.
+    /// `AlreadyRunning`, `HostPathRefused` for a host path of the definition the storage
+    /// roots refuse, or `RestoreFailed` for a failure once QEMU ran.
     pub fn reason(&self) -> &'static str {
         match self {
             RestoreError::File(e) => match e.label() {
@@ -61,6 +63,7 @@ impl RestoreError {
             RestoreError::SavedDefinition { .. } => "StateFileCorrupted",
             RestoreError::Abi { .. } => "AbiMismatch",
             RestoreError::AlreadyRunning { .. } => "AlreadyRunning",
+            RestoreError::Supervisor(SupervisorError::Storage { .. }) => "HostPathRefused",
             RestoreError::Supervisor(_) | RestoreError::Qmp(_) | RestoreError::Load(_) => {
                 "RestoreFailed"
             }
@@ -106,6 +109,7 @@ pub async fn verify(path: &Path, domain: &Domain) -> Result<Verified, RestoreErr
 pub async fn restore(
     sup: &Supervisor,
     domain: &Domain,
+    owner: Owner<'_>,
     path: &Path,
 ) -> Result<RestoreOutput, RestoreError> {
     let vm = domain.name.as_str();
@@ -119,7 +123,7 @@ pub async fn restore(
     let verified = verify(path, domain).await?;
     let verify_ms = t0.elapsed().as_millis() as u64;
     tracing::info!(vm, compression = %verified.compression, stream_bytes = verified.stream_bytes, verify_ms, "saved state verified; starting QEMU");
-    let mut out = restore_verified(sup, domain, verified).await?;
+    let mut out = restore_verified(sup, domain, owner, verified).await?;
     out.verify_ms = verify_ms;
     Ok(out)
 }
@@ -129,6 +133,7 @@ pub async fn restore(
 pub async fn restore_verified(
     sup: &Supervisor,
     domain: &Domain,
+    owner: Owner<'_>,
     verified: Verified,
 ) -> Result<RestoreOutput, RestoreError> {
     let vm = domain.name.as_str();
@@ -139,7 +144,7 @@ pub async fn restore_verified(
         });
     }
     let t1 = Instant::now();
-    let guest = sup.start(domain, true).await?;
+    let guest = sup.start(domain, owner, true).await?;
     let loaded = load(&guest.qmp, verified.clone()).await;
     if let Err(e) = loaded {
         tracing::warn!(vm, error = %e, "restore failed; removing its QEMU");

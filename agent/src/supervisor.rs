@@ -10,6 +10,7 @@ use crate::cmdline::{self, HostPaths, UnsupportedError};
 use crate::domain::{Domain, DomainError};
 use crate::node::{Node, write_atomic};
 use crate::qmp::{Qmp, QmpError};
+use crate::storage::{self, Owner, StorageError};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -45,6 +46,12 @@ pub enum SupervisorError {
     },
     #[error("VM '{vm}': stored definition: {source}")]
     Definition { vm: String, source: DomainError },
+    /// A host path of the definition was refused; nothing was started.
+    #[error("VM '{vm}': {source}")]
+    Storage {
+        vm: String,
+        source: Box<StorageError>,
+    },
     #[error("VM '{vm}' already runs here (pid {pid})")]
     AlreadyRunning { vm: String, pid: i32 },
     #[error("VM '{vm}': QEMU did not start: {log}")]
@@ -151,11 +158,14 @@ impl Supervisor {
         (alive(pid) && cmdline_mentions(pid, &socket)).then_some(pid)
     }
 
-    /// Starts QEMU for `domain`, detached, and connects to its monitor. With `incoming`
-    /// it waits paused for `migrate-incoming`.
+    /// Starts QEMU for `domain` of `owner`, detached, and connects to its monitor. With
+    /// `incoming` it waits paused for `migrate-incoming`. The definition's host files are
+    /// opened first, beneath the node's storage roots ([`storage::open_guest`]), and
+    /// QEMU inherits them as descriptors; a refusal starts nothing and creates nothing.
     pub async fn start(
         &self,
         domain: &Domain,
+        owner: Owner<'_>,
         incoming: bool,
     ) -> Result<Arc<Guest>, SupervisorError> {
         let vm = domain.name.as_str();
@@ -165,6 +175,12 @@ impl Supervisor {
                 pid,
             });
         }
+        let files = storage::open_guest(&self.node.storage, owner, domain).map_err(|source| {
+            SupervisorError::Storage {
+                vm: vm.to_string(),
+                source: Box::new(source),
+            }
+        })?;
         let dir = self.vm_dir(vm);
         std::fs::create_dir_all(&dir).map_err(io_err(vm, "creating state dir"))?;
         write_atomic(&dir.join(DOMAIN_FILE), domain.to_xml().as_bytes())
@@ -174,6 +190,7 @@ impl Supervisor {
         let paths = HostPaths {
             qmp_socket: socket.clone(),
             vm_dir: dir.clone(),
+            disks: files.disk_fds(),
         };
         let args = cmdline::qemu_args(domain, &paths, incoming).map_err(|source| {
             SupervisorError::Unsupported {
@@ -198,8 +215,11 @@ impl Supervisor {
         unsafe {
             cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
         }
-        tracing::info!(vm, incoming, "starting QEMU");
+        cmdline::inherit_fds(&mut cmd, paths.disks.iter().map(|d| d.fd).collect());
+        tracing::info!(vm, incoming, disks = files.disks.len(), "starting QEMU");
         let child = cmd.spawn().map_err(io_err(vm, "spawning QEMU"))?;
+        // QEMU has its own copies now.
+        drop(files);
         let pid = child.id() as i32;
         drop(child); // Reaped through waitpid in `alive`; the handle must not own QEMU.
         write_atomic(&dir.join(PID_FILE), format!("{pid}\n").as_bytes())

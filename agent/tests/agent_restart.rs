@@ -30,13 +30,15 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The helper agent: starts the guest from the XML file, reports its pid, waits to die.
-fn helper(state_dir: &str, xml_path: &str) {
+fn helper(state_dir: &str, lab_dir: &str, xml_path: &str) {
     runtime().block_on(async {
-        let node = Node::open(state_dir, "node-a", "127.0.0.2".parse().unwrap()).unwrap();
+        let node = Node::open(state_dir, "node-a", "127.0.0.2".parse().unwrap())
+            .unwrap()
+            .with_storage(support::lab_roots(Path::new(lab_dir)));
         let sup = Supervisor::new(node);
         let xml = std::fs::read_to_string(xml_path).unwrap();
         let guest = sup
-            .start(&Domain::parse(&xml).unwrap(), false)
+            .start(&Domain::parse(&xml).unwrap(), support::OWNER, false)
             .await
             .unwrap();
         println!("started {}", guest.pid);
@@ -54,6 +56,7 @@ async fn killed_agent_reattaches() {
     let mut agent = Command::new(std::env::current_exe().unwrap())
         .arg(HELPER)
         .arg(&state_dir)
+        .arg(lab.dir.path())
         .arg(&xml_path)
         .stdout(Stdio::piped())
         .process_group(0)
@@ -103,7 +106,7 @@ async fn killed_agent_reattaches() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(HELPER) {
-        helper(&args[2], &args[3]);
+        helper(&args[2], &args[3], &args[4]);
         return;
     }
     assert!(Path::new(&std::env::current_exe().unwrap()).exists());

@@ -107,7 +107,7 @@ async fn guest_dirtying_memory_migrates_through_five_phases() {
 async fn target_xml_that_moves_the_disk_migrates() {
     let lab = Lab::new("moved", 64, 32, 5_000_000);
     lab.start_source().await;
-    let moved = lab.dir.path().join("moved.img");
+    let moved = lab.file("moved.img");
     std::fs::copy(&lab.disk, &moved).unwrap();
     let target = lab.xml_with(&moved, 1, "ide", 64, "");
     let params = policy(None, 2000);

@@ -498,3 +498,20 @@ pub fn node_csr(name: &str, cn: &str) -> CertificateSigningRequest {
     }))
     .expect("a valid CertificateSigningRequest")
 }
+
+/// Prints the tail of the agents' and the operator's logs in cluster directory `.0` when
+/// the test fails.
+pub struct LogsOnFailure(pub std::path::PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["agent-node-a.log", "agent-node-b.log", "operator.log"] {
+                let t = std::fs::read_to_string(self.0.join(f)).unwrap_or_default();
+                let lines: Vec<&str> = t.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                eprintln!("==== {f}\n{}", tail.join("\n"));
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use ferry_agent::domain::Domain;
 use ferry_agent::qmp::VncInfo;
+use ferry_agent::storage::Owner;
 use ferry_agent::supervisor::{StopMode, SupervisorError};
 use ferry_crds::conditions::vm::READY;
 use ferry_crds::{GUEST_FINALIZER, Graphics, VirtualMachine, VirtualMachineStatusPatch, VmPhase};
@@ -59,6 +60,9 @@ pub enum VmError {
 }
 
 const RESYNC: Duration = Duration::from_secs(5);
+/// The condition reason of a start refused for a host path of its definition
+/// (`ferry_agent::storage`): the message names the field, the path and the rule.
+pub const HOST_PATH_REFUSED: &str = "HostPathRefused";
 /// How long QEMU is given to quit once the guest's grace period is over.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -134,6 +138,14 @@ impl Reconcile<'_> {
             self.agent.client.clone(),
             &self.vm.namespace().unwrap_or_default(),
         )
+    }
+
+    /// The VM as the owner of the host paths its definition names.
+    fn owner(&self) -> Owner<'_> {
+        Owner {
+            namespace: self.vm.metadata.namespace.as_deref().unwrap_or_default(),
+            definition: "spec.domainXML",
+        }
     }
 
     fn status(&self) -> ferry_crds::VirtualMachineStatus {
@@ -271,16 +283,26 @@ impl Reconcile<'_> {
 
     async fn start(&self, domain: &Domain) -> Result<(), VmError> {
         info!(node = %self.agent.node, "starting the guest");
-        self.report(VmPhase::Starting, false, "Starting", "starting QEMU", None)
-            .await?;
+        // Guarded: a reconcile that read an older status (Starting, from the write of an
+        // attempt that has failed since) must not start it again over that failure.
+        self.write_status(&Report {
+            guarded: true,
+            ..report(VmPhase::Starting, false, "Starting", "starting QEMU", None)
+        })
+        .await?;
         if let Err(e) = self.locks().acquire(&disks(domain), &self.agent.node).await {
             self.report(VmPhase::Failed, false, "DiskLocked", &e.to_string(), None)
                 .await?;
             return Ok(());
         }
-        if let Err(e) = self.agent.sup.start(domain, false).await {
+        if let Err(e) = self.agent.sup.start(domain, self.owner(), false).await {
             let _ = self.locks().release(&self.agent.node).await;
-            self.report(VmPhase::Failed, false, "StartFailed", &e.to_string(), None)
+            let reason = match e {
+                SupervisorError::Storage { .. } => HOST_PATH_REFUSED,
+                _ => "StartFailed",
+            };
+            warn!(error = %e, reason, "the guest did not start");
+            self.report(VmPhase::Failed, false, reason, &e.to_string(), None)
                 .await?;
             return Ok(());
         }

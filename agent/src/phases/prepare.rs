@@ -11,6 +11,7 @@ use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase};
 use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
+use crate::storage::Owner;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde_json::json;
@@ -18,11 +19,18 @@ use std::net::IpAddr;
 
 pub use super::record::PrepareOutput;
 
+/// How refusals name the definition Prepare starts: Begin's, which is the running one or
+/// the migration's `spec.targetDomainXML`.
+pub const TARGET_DEFINITION: &str = "the target definition";
+
 /// What Prepare needs: Begin's definition and cookie, and how to listen.
 #[derive(Debug, Clone, Copy)]
 pub struct PrepareInput<'a> {
     /// The migration's unique name.
     pub migration: &'a str,
+    /// The migration's (and its VM's) namespace: the definition's host paths are
+    /// opened beneath this node's storage roots for it.
+    pub namespace: &'a str,
     /// Begin's `domain_xml`: the definition the target starts.
     pub domain_xml: &'a str,
     pub begin_cookie: &'a str,
@@ -45,6 +53,7 @@ pub async fn prepare(
 ) -> Result<PrepareOutput, PhaseError> {
     let PrepareInput {
         migration,
+        namespace,
         domain_xml,
         begin_cookie,
         port,
@@ -102,7 +111,11 @@ pub async fn prepare(
             },
         )
     });
-    match start_incoming(sup, &domain, port, policy, tls).await {
+    let owner = Owner {
+        namespace,
+        definition: TARGET_DEFINITION,
+    };
+    match start_incoming(sup, &domain, owner, port, policy, tls).await {
         Ok(out) => {
             let mut rec = MigrationRecord::new(migration);
             rec.prepare = Some(out.clone());
@@ -132,12 +145,13 @@ fn host_for_uri(addr: IpAddr) -> String {
 async fn start_incoming(
     sup: &Supervisor,
     domain: &Domain,
+    owner: Owner<'_>,
     port: Option<u16>,
     policy: &Policy,
     tls: Option<(&Credentials, Endpoint<'_>)>,
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
-    let guest = sup.start(domain, true).await?;
+    let guest = sup.start(domain, owner, true).await?;
     crate::policy::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;

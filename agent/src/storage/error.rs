@@ -56,6 +56,10 @@ pub enum Rule {
     NotUnderNamespace { root: PathBuf, dir: PathBuf },
     #[error("read-write under a read-only root ({0})")]
     ReadWriteUnderReadOnly(PathBuf),
+    #[error(
+        "a spec may not name an output file (serial and console output go to the VM's state dir)"
+    )]
+    OutputPath,
 
     // What the filesystem holds there.
     #[error("the storage root {root} cannot be opened: {errno}")]
@@ -82,6 +86,8 @@ pub enum Rule {
     Io { what: &'static str, errno: Errno },
 
     // The image's header.
+    #[error("unknown disk format {0:?}")]
+    UnknownFormat(String),
     #[error("declared raw but starts with a qcow2 header (refused: format confusion)")]
     Qcow2DeclaredRaw,
     #[error("declared qcow2 but has no qcow2 header")]

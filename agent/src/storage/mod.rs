@@ -52,6 +52,7 @@
 //! issue 15 (docs/design.md, "Storage roots").
 
 mod error;
+mod guest;
 mod image;
 mod lexical;
 mod open;
@@ -59,6 +60,7 @@ mod roots;
 mod save;
 
 pub use error::{FileKind, Rule, StorageError};
+pub use guest::{DiskFile, GuestFiles, Owner, open_guest};
 pub use image::{HEADER_READ, ImageFormat, UnknownFormat, check_header, check_image};
 pub use open::{Opened, open_beneath};
 pub use roots::{Access, RootsError, StorageRoot, StorageRoots};

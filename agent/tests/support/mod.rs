@@ -15,6 +15,7 @@ use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, SaveOutput, confir
 use ferry_agent::policy::Policy;
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::statefile::Compression;
+use ferry_agent::storage::{Access, Owner, StorageRoot, StorageRoots};
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,27 @@ pub fn build_guest(dir: &Path, start_mib: u32, end_mib: u32, delay: u32) -> Path
     std::fs::write(&out, img).unwrap();
     out
 }
+
+/// The namespace the lab's VM is in.
+pub const NAMESPACE: &str = "lab";
+/// The lab's read-write storage root, in its dir; the VM's files are in
+/// `<root>/lab/` ([`Lab::file`]).
+pub const STORAGE: &str = "storage";
+
+/// Both nodes' storage roots in lab dir `dir`: [`STORAGE`], read-write.
+pub fn lab_roots(dir: &Path) -> StorageRoots {
+    let root = dir.join(STORAGE);
+    StorageRoots::new(vec![
+        StorageRoot::new(root.to_str().unwrap(), Access::ReadWrite).unwrap(),
+    ])
+    .unwrap()
+}
+
+/// The lab VM as the owner of its host files.
+pub const OWNER: Owner<'static> = Owner {
+    namespace: NAMESPACE,
+    definition: "the lab's definition",
+};
 
 /// Two nodes (`node-a` on 127.0.0.2, `node-b` on 127.0.0.3) with separate state dirs and
 /// host uuids, and one test VM. Dropping it kills every QEMU started under its dir.
@@ -94,6 +116,7 @@ impl Lab {
     ) -> PrepareInput<'a> {
         PrepareInput {
             migration: m,
+            namespace: NAMESPACE,
             domain_xml: &out.domain_xml,
             begin_cookie: &out.cookie,
             port: None,
@@ -254,15 +277,23 @@ impl Lab {
             "node-a",
             "127.0.0.2".parse().unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .with_storage(lab_roots(dir.path()));
         let b = Node::open(
             dir.path().join("node-b"),
             "node-b",
             "127.0.0.3".parse().unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .with_storage(lab_roots(dir.path()));
         assert_ne!(a.host_uuid, b.host_uuid);
-        let disk = build_guest(dir.path(), 1, region_end_mib, delay);
+        std::fs::create_dir_all(dir.path().join(STORAGE).join(NAMESPACE)).unwrap();
+        let disk = build_guest(
+            &dir.path().join(STORAGE).join(NAMESPACE),
+            1,
+            region_end_mib,
+            delay,
+        );
         Lab {
             a: Supervisor::new(a),
             b: Supervisor::new(b),
@@ -335,6 +366,11 @@ impl Lab {
         )
     }
 
+    /// Where the VM's file `name` goes: the namespace's directory of the lab's root.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(STORAGE).join(NAMESPACE).join(name)
+    }
+
     pub fn xml(&self) -> String {
         self.xml_with(&self.disk, 1, "ide", self.memory_mib, "")
     }
@@ -342,7 +378,7 @@ impl Lab {
     /// Starts the VM on node-a and waits until the guest has made a few passes.
     pub async fn start_source(&self) -> Arc<Guest> {
         let domain = ferry_agent::domain::Domain::parse(&self.xml()).unwrap();
-        let guest = self.a.start(&domain, false).await.unwrap();
+        let guest = self.a.start(&domain, OWNER, false).await.unwrap();
         wait_for_pass(&self.serial_a(), 3, Duration::from_secs(120)).await;
         guest
     }

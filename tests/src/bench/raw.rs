@@ -6,11 +6,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_agent::cmdline::{HostPaths, qemu_args, qemu_binary};
+use ferry_agent::cmdline::{DiskFd, HostPaths, inherit_fds, qemu_args, qemu_binary};
 use ferry_agent::domain::Domain;
 use ferry_agent::policy::{Policy, Side};
 use ferry_agent::qmp::{MigrationInfo, Qmp, StatusInfo};
 use ferry_agent::statistics::Statistics;
+use std::os::fd::AsRawFd;
 
 use crate::ChildGuard;
 
@@ -37,15 +38,35 @@ struct Qemu {
 async fn start(domain: &Domain, dir: &Path, incoming: bool) -> Result<Qemu, Error> {
     std::fs::create_dir_all(dir)?;
     let socket = dir.join("qmp.sock");
+    // The same command line as the agent's: the images opened here, QEMU given the fds.
+    let mut images = Vec::new();
+    for disk in domain.disks() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.source)?;
+        images.push((disk.target_dev.clone(), disk.readonly, file));
+    }
+    let disks: Vec<DiskFd> = images
+        .iter()
+        .map(|(dev, read_only, file)| DiskFd {
+            target_dev: dev.clone(),
+            fd: file.as_raw_fd(),
+            read_only: *read_only,
+        })
+        .collect();
+    let fds = disks.iter().map(|d| d.fd).collect();
     let args = qemu_args(
         domain,
         &HostPaths {
             qmp_socket: socket.clone(),
             vm_dir: dir.to_path_buf(),
+            disks,
         },
         incoming,
     )?;
     let mut cmd = Command::new(qemu_binary(domain));
+    inherit_fds(&mut cmd, fds);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -26,8 +26,10 @@ impl Run<'_> {
         let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
         let policy = self.policy()?;
         let tls = self.tls()?;
+        let namespace = self.m.metadata.namespace.as_deref().unwrap_or_default();
         let input = prepare::PrepareInput {
             migration: &self.id,
+            namespace,
             domain_xml: xml,
             begin_cookie: cookie,
             port: Some(port.port),

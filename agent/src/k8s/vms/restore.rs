@@ -110,7 +110,7 @@ impl Reconcile<'_> {
         let message = format!("restoring from {path}");
         self.report(VmPhase::Starting, false, "Restoring", &message, None)
             .await?;
-        match restore::restore_verified(&self.agent.sup, domain, verified).await {
+        match restore::restore_verified(&self.agent.sup, domain, self.owner(), verified).await {
             Err(e) => {
                 let _ = self.locks().release(&self.agent.node).await;
                 warn!(error = %e, "restore failed");
