@@ -15,6 +15,7 @@ use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, SaveOutput, confir
 use ferry_agent::policy::Policy;
 use ferry_agent::qmp::StatusInfo;
 use ferry_agent::statefile::Compression;
+use ferry_agent::storage::{Access, StorageRoot, StorageRoots};
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// The namespace the lab's saves and restores are for ([`Lab::with_save_root`]).
+pub const NAMESPACE: &str = "team-a";
 
 /// Tests that start QEMU run one at a time (the machine has two cores).
 static QEMU_LOCK: Mutex<()> = Mutex::new(());
@@ -215,8 +219,8 @@ impl Lab {
         confirm(sup, input).await
     }
 
-    /// Save of migration `m` (its Begin ran) on node-a into `path` with `compression`,
-    /// not cancelled.
+    /// Save of migration `m` (its Begin ran) in [`NAMESPACE`] on node-a into `path` with
+    /// `compression`, not cancelled.
     pub async fn save(
         &self,
         m: &str,
@@ -226,7 +230,8 @@ impl Lab {
         let input = SaveInput {
             vm: &self.vm,
             migration: m,
-            path,
+            namespace: NAMESPACE,
+            path: path.to_str().expect("a UTF-8 path"),
             compression,
             cancel: &CancellationToken::new(),
         };
@@ -275,6 +280,34 @@ impl Lab {
             ca: None,
             _serial: serial,
         }
+    }
+
+    /// The same lab with `<lab dir>/saves` ([`Lab::save_root`]) a read-write storage root
+    /// of both nodes, besides the roots they have, and its [`NAMESPACE`] directory
+    /// created: where [`Lab::save_path`]s are.
+    pub fn with_save_root(mut self) -> Lab {
+        let root = self.save_root();
+        std::fs::create_dir_all(root.join(NAMESPACE)).unwrap();
+        let root = StorageRoot::new(root.to_str().unwrap(), Access::ReadWrite).unwrap();
+        let add = |sup: &Supervisor| {
+            let mut roots: Vec<StorageRoot> = sup.node().storage.iter().cloned().collect();
+            roots.push(root.clone());
+            let node = sup.node().clone();
+            Supervisor::new(node.with_storage(StorageRoots::new(roots).unwrap()))
+        };
+        self.a = add(&self.a);
+        self.b = add(&self.b);
+        self
+    }
+
+    /// The read-write storage root of [`Lab::with_save_root`].
+    pub fn save_root(&self) -> PathBuf {
+        self.dir.path().join("saves")
+    }
+
+    /// `<save root>/<NAMESPACE>/<name>`.
+    pub fn save_path(&self, name: &str) -> PathBuf {
+        self.save_root().join(NAMESPACE).join(name)
     }
 
     /// The same lab with node certificates for node-a and node-b from a fresh test CA:
