@@ -57,6 +57,10 @@ pub enum ErrorKind {
     Record(#[from] std::io::Error),
     #[error(transparent)]
     StateFile(#[from] crate::statefile::StateFileError),
+    /// A host path from the spec that this node's storage roots do not allow for the
+    /// object's namespace, or that could not be created or opened beneath them.
+    #[error(transparent)]
+    HostPath(#[from] crate::storage::StorageError),
     /// Turning TLS on or off in a QEMU failed.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -83,6 +87,7 @@ impl ErrorKind {
             ErrorKind::GuestLost(_) => "guest_lost",
             ErrorKind::Record(_) => "record",
             ErrorKind::StateFile(_) => "state_file",
+            ErrorKind::HostPath(_) => "host_path",
             ErrorKind::Tls(_) => "tls",
         }
     }

@@ -32,17 +32,19 @@
 //! - [`statefile`]: the saved-state file (header, compressed stream, trailer with length
 //!   and SHA-256), [`statefile::verify`] refusing a truncated, corrupted or foreign file.
 //! - [`phases::save`]: the Perform of a migration to a file
-//!   ([`save::save`](phases::save::save): pipe, QMP `getfd`, `migrate fd:`, compression
-//!   on a blocking thread) and its Confirm
-//!   ([`save::confirm_saved`](phases::save::confirm_saved)); [`restore`]:
-//!   [`restore::verify`] before any QEMU, then [`restore::restore_verified`]
-//!   (`-incoming defer`, `migrate-incoming fd:`, `cont`).
+//!   ([`save::save`](phases::save::save): the file created beneath the storage roots
+//!   first, then pipe, QMP `getfd`, `migrate fd:`, compression on a blocking thread) and
+//!   its Confirm ([`save::confirm_saved`](phases::save::confirm_saved)); [`restore`]:
+//!   [`restore::SavedFile::open`] beneath the storage roots and [`restore::verify`]
+//!   before any QEMU, then [`restore::restore_verified`] (`-incoming defer`,
+//!   `migrate-incoming fd:`, `cont`).
 //! - [`storage`]: host paths from a spec only beneath the storage roots an administrator
 //!   named ([`storage::StorageRoots`]): [`storage::open_beneath`] (`openat2` without
 //!   symbolic links or leaving the root, regular files only), [`storage::check_image`]
 //!   (no qcow2 backing or data files, the declared format), [`storage::create_save`]
-//!   (`O_EXCL`, then `renameat2(RENAME_NOREPLACE)`). The roots are parsed and kept on
-//!   the [`node::Node`] (`storage`), not yet used by VM starts, saves or restores.
+//!   (`O_EXCL`, then `renameat2(RENAME_NOREPLACE)`), [`storage::open_guest`] (a
+//!   definition's disks for a start, handed to QEMU as descriptors). The roots are kept
+//!   on the [`node::Node`] (`storage`); VM starts, saves and restores go through them.
 //!
 //! # The phases
 //! Each takes the node's [`Supervisor`](supervisor::Supervisor) and one input struct

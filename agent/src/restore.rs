@@ -1,13 +1,17 @@
 //! Restore: starts a guest from a saved-state file where it stopped.
 //!
-//! [`verify`] runs first, before any QEMU: the file must be a whole, unchanged
-//! [`statefile`] of this very guest (name and uuid), and the definition to start must be
-//! ABI-compatible with the one saved ([`abi::check`]). Only then [`restore`] starts QEMU
-//! paused with `-incoming defer`, hands it the read end of a pipe (`getfd`),
-//! `migrate-incoming fd:` from it, and streams the decompressed file into the pipe on a
-//! blocking thread (checking the checksum again). Once the state has loaded it resumes
-//! the vCPUs. Any failure after QEMU started removes that QEMU; the file is never
-//! written.
+//! The file is opened first, read-only, beneath this node's storage roots for the VM's
+//! namespace ([`SavedFile::open`], [`storage::open_beneath`]): a path the roots do not
+//! allow, a symbolic link, a FIFO or anything else that is not a regular file is
+//! refused (reason `HostPathRefused`). Everything after reads that open file, never the
+//! path again. [`verify`] runs next, before any QEMU: the file must be a whole,
+//! unchanged [`statefile`] of this very guest (name and uuid), and the definition to
+//! start must be ABI-compatible with the one saved ([`abi::check`]). Only then
+//! [`restore_verified`] starts QEMU paused with `-incoming defer`, hands it the read end
+//! of a pipe (`getfd`), `migrate-incoming fd:` from it, and streams the decompressed
+//! file into the pipe on a blocking thread (checking the checksum again). Once the state
+//! has loaded it resumes the vCPUs. Any failure after QEMU started removes that QEMU;
+//! the file is never written.
 
 use crate::abi::{self, AbiError};
 use crate::domain::{Domain, DomainError};
@@ -15,20 +19,28 @@ use crate::phases::{Arrival, arrival};
 use crate::policy::Side;
 use crate::qmp::{MigrationInfo, QmpError, StatusInfo};
 use crate::statefile::{self, StateFileError, Verified};
-use crate::storage::Owner;
+use crate::storage::{self, Access, Owner, StorageError, StorageRoots, UserPath};
 use crate::supervisor::{Supervisor, SupervisorError};
 use serde_json::json;
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const FD_NAME: &str = "ferry-restore";
+/// The field a restore's path comes from, as refusals name it.
+pub const PATH_FIELD: &str = "spec.restoreFrom";
 /// How long QEMU may take to load a state whose stream was fully handed to it.
 const LOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// Why a restore was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// The path is not one this node's storage roots allow for the VM's namespace, or
+    /// names no regular file beneath them.
+    #[error(transparent)]
+    HostPath(#[from] StorageError),
     #[error(transparent)]
     File(#[from] StateFileError),
     #[error("saved state {path}: its saved definition cannot be read: {source}")]
@@ -46,11 +58,12 @@ pub enum RestoreError {
 }
 
 impl RestoreError {
-    /// A condition reason: `StateFile<kind>` for a refused file, `AbiMismatch`,
-    /// `AlreadyRunning`, `HostPathRefused` for a host path of the definition the storage
-    /// roots refuse, or `RestoreFailed` for a failure once QEMU ran.
+    /// A condition reason: `HostPathRefused` for a path the storage roots refuse (the
+    /// state file's or the definition's), `StateFile<kind>` for a refused file,
+    /// `AbiMismatch`, `AlreadyRunning`, or `RestoreFailed` for a failure once QEMU ran.
     pub fn reason(&self) -> &'static str {
         match self {
+            RestoreError::HostPath(_) => "HostPathRefused",
             RestoreError::File(e) => match e.label() {
                 "Unreadable" => "StateFileUnreadable",
                 "NotAStateFile" => "StateFileNotAStateFile",
@@ -82,35 +95,82 @@ pub struct RestoreOutput {
     pub load_ms: u64,
 }
 
-/// Checks `path` for a restore of `domain`, without starting anything.
-pub async fn verify(path: &Path, domain: &Domain) -> Result<Verified, RestoreError> {
-    let p = path.to_path_buf();
+/// A saved-state file opened for a restore, read-only, beneath the node's storage roots.
+#[derive(Debug, Clone)]
+pub struct SavedFile {
+    /// Shared with the blocking threads that read it.
+    file: Arc<File>,
+    /// The path the spec wrote (for messages).
+    path: PathBuf,
+}
+
+impl SavedFile {
+    /// Opens `path` (`spec.restoreFrom`) for a VM of `namespace`: a regular file beneath
+    /// one of `roots`, in the namespace's directory of a read-write root
+    /// ([`storage::open_beneath`]).
+    pub fn open(
+        roots: &StorageRoots,
+        namespace: &str,
+        path: &str,
+    ) -> Result<SavedFile, RestoreError> {
+        let user = UserPath {
+            field: PATH_FIELD,
+            path,
+        };
+        let opened = storage::open_beneath(roots, namespace, user, Access::ReadOnly)?;
+        Ok(SavedFile {
+            path: opened.path().to_path_buf(),
+            file: Arc::new(File::from(opened.into_fd())),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A file [`verify`] accepted for a definition, still open.
+#[derive(Debug)]
+pub struct VerifiedFile {
+    file: SavedFile,
+    pub verified: Verified,
+}
+
+/// Checks `file` for a restore of `domain`, without starting anything.
+pub async fn verify(file: SavedFile, domain: &Domain) -> Result<VerifiedFile, RestoreError> {
     let (vm, uuid) = (domain.name.clone(), domain.uuid);
+    let reading = file.clone();
     let verified = tokio::task::spawn_blocking(move || {
-        statefile::verify(&p, statefile::Expect { vm: &vm, uuid })
+        statefile::verify(
+            &reading.file,
+            &reading.path,
+            statefile::Expect { vm: &vm, uuid },
+        )
     })
     .await
     .map_err(|e| RestoreError::Load(format!("the verifier died: {e}")))??;
     let saved = Domain::parse(&verified.meta.domain_xml).map_err(|source| {
         RestoreError::SavedDefinition {
-            path: path.to_path_buf(),
+            path: file.path.clone(),
             source,
         }
     })?;
     abi::check(&saved, domain).map_err(|source| RestoreError::Abi {
-        path: path.to_path_buf(),
+        path: file.path.clone(),
         source,
     })?;
-    Ok(verified)
+    Ok(VerifiedFile { file, verified })
 }
 
-/// Restores `domain` from `path` on this node and resumes it.
-#[tracing::instrument(skip_all, fields(vm = %domain.name, path = %path.display()))]
+/// Restores `domain` from `path` (`spec.restoreFrom` of a VM in `namespace`) on this
+/// node and resumes it: [`SavedFile::open`] beneath the node's storage roots,
+/// [`verify`], [`restore_verified`].
+#[tracing::instrument(skip_all, fields(vm = %domain.name, namespace, path))]
 pub async fn restore(
     sup: &Supervisor,
     domain: &Domain,
     owner: Owner<'_>,
-    path: &Path,
+    path: &str,
 ) -> Result<RestoreOutput, RestoreError> {
     let vm = domain.name.as_str();
     if let Some(pid) = sup.running_pid(vm) {
@@ -119,11 +179,13 @@ pub async fn restore(
             pid,
         });
     }
+    let file = SavedFile::open(&sup.node().storage, owner.namespace, path)?;
     let t0 = Instant::now();
-    let verified = verify(path, domain).await?;
+    let checked = verify(file, domain).await?;
     let verify_ms = t0.elapsed().as_millis() as u64;
+    let verified = &checked.verified;
     tracing::info!(vm, compression = %verified.compression, stream_bytes = verified.stream_bytes, verify_ms, "saved state verified; starting QEMU");
-    let mut out = restore_verified(sup, domain, owner, verified).await?;
+    let mut out = restore_verified(sup, domain, owner, checked).await?;
     out.verify_ms = verify_ms;
     Ok(out)
 }
@@ -134,7 +196,7 @@ pub async fn restore_verified(
     sup: &Supervisor,
     domain: &Domain,
     owner: Owner<'_>,
-    verified: Verified,
+    checked: VerifiedFile,
 ) -> Result<RestoreOutput, RestoreError> {
     let vm = domain.name.as_str();
     if let Some(pid) = sup.running_pid(vm) {
@@ -145,7 +207,8 @@ pub async fn restore_verified(
     }
     let t1 = Instant::now();
     let guest = sup.start(domain, owner, true).await?;
-    let loaded = load(&guest.qmp, verified.clone()).await;
+    let (stream_bytes, file_bytes) = (checked.verified.stream_bytes, checked.verified.file_bytes);
+    let loaded = load(&guest.qmp, checked).await;
     if let Err(e) = loaded {
         tracing::warn!(vm, error = %e, "restore failed; removing its QEMU");
         drop(guest);
@@ -155,8 +218,8 @@ pub async fn restore_verified(
         return Err(e);
     }
     let out = RestoreOutput {
-        stream_bytes: verified.stream_bytes,
-        file_bytes: verified.file_bytes,
+        stream_bytes,
+        file_bytes,
         verify_ms: 0,
         load_ms: t1.elapsed().as_millis() as u64,
     };
@@ -164,7 +227,7 @@ pub async fn restore_verified(
     Ok(out)
 }
 
-async fn load(qmp: &crate::qmp::Qmp, verified: Verified) -> Result<(), RestoreError> {
+async fn load(qmp: &crate::qmp::Qmp, checked: VerifiedFile) -> Result<(), RestoreError> {
     crate::policy::apply(
         qmp,
         &crate::phases::save::save_policy().settings(Side::Target),
@@ -181,9 +244,11 @@ async fn load(qmp: &crate::qmp::Qmp, verified: Verified) -> Result<(), RestoreEr
     )
     .await?;
     // Dropping the writer at the end is QEMU's end of stream.
-    let fed = tokio::task::spawn_blocking(move || statefile::stream(&verified, &mut writer))
-        .await
-        .map_err(|e| RestoreError::Load(format!("the file reader died: {e}")))?;
+    let fed = tokio::task::spawn_blocking(move || {
+        statefile::stream(&checked.file.file, &checked.verified, &mut writer)
+    })
+    .await
+    .map_err(|e| RestoreError::Load(format!("the file reader died: {e}")))?;
     fed?;
     let deadline = Instant::now() + LOAD_WAIT;
     loop {

@@ -18,11 +18,14 @@
 //! | SHA-256 | 32 | over the header bytes, then the uncompressed stream |
 //!
 //! The trailer is written last, so a save that stopped half-way leaves a file without
-//! one; the writer also works in a temporary file that [`Pending::commit`] renames into
-//! place after an fsync. [`verify`] reads the whole file (a pre-pass that decompresses
-//! and hashes the stream) and refuses a truncated, corrupted, foreign or unknown file
-//! with a [`StateFileError`] that names the problem; [`stream`] then feeds the verified
-//! stream to QEMU, hashing it again in case the file changed in between.
+//! one. This module reads and writes open files only: where a file may be, how it is
+//! opened, and how a save's temporary file is put in place are [`crate::storage`]'s
+//! (beneath the node's storage roots). [`write()`] fills a new file and fsyncs it.
+//! [`verify`] reads the whole file (a pre-pass that decompresses and hashes the stream)
+//! and refuses a truncated, corrupted, foreign or unknown file with a
+//! [`StateFileError`] that names the problem; [`stream`] then feeds the verified stream
+//! from the same open file to QEMU, hashing it again in case the file changed in
+//! between.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -136,8 +139,6 @@ pub enum StateFileError {
         found_vm: String,
         found_uuid: uuid::Uuid,
     },
-    #[error("saved state {path} already exists; a save never overwrites a file")]
-    Exists { path: PathBuf },
 }
 
 impl StateFileError {
@@ -151,7 +152,6 @@ impl StateFileError {
             StateFileError::Truncated { .. } => "Truncated",
             StateFileError::Corrupted { .. } => "Corrupted",
             StateFileError::WrongVm { .. } => "WrongVM",
-            StateFileError::Exists { .. } => "Exists",
         }
     }
 }
@@ -170,46 +170,6 @@ pub struct Written {
     pub file_bytes: u64,
     /// Hex SHA-256 of the header and stream.
     pub sha256: String,
-}
-
-/// A fully written, fsynced file under a temporary name, not yet in place.
-#[derive(Debug)]
-pub struct Pending {
-    tmp: PathBuf,
-    path: PathBuf,
-    pub written: Written,
-}
-
-impl Pending {
-    /// Renames the file into place and fsyncs its directory.
-    pub fn commit(self) -> Result<Written, StateFileError> {
-        if self.path.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
-            return Err(StateFileError::Exists { path: self.path });
-        }
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(io_err(&self.path, "renaming into place"))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(&self.path, "syncing its directory"))?;
-        }
-        Ok(self.written)
-    }
-
-    /// Removes the temporary file.
-    pub fn discard(self) {
-        let _ = std::fs::remove_file(&self.tmp);
-    }
-}
-
-/// The temporary name a save writes to: `.<name>.partial` next to `path`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial"))
 }
 
 fn header_bytes(compression: Compression, meta: &Meta) -> Vec<u8> {
@@ -284,81 +244,64 @@ fn decoder<'a, R: Read + 'a>(c: Compression, r: R) -> io::Result<Box<dyn Read + 
     })
 }
 
-/// Writes `stream` (read to its end) compressed into the temporary file of `path`, with
-/// header and trailer, and fsyncs it. Blocking: run it on a blocking thread.
+/// Writes `stream` (read to its end) compressed into `file`, a new, empty file (the
+/// temporary file of a save, [`crate::storage::create_save`]), with header and trailer,
+/// and fsyncs it. `path` is the save's path, for messages. Blocking: run it on a
+/// blocking thread.
 pub fn write(
+    file: File,
     path: &Path,
     compression: Compression,
     meta: &Meta,
     mut stream: impl Read,
-) -> Result<Pending, StateFileError> {
-    if path.exists() {
-        return Err(StateFileError::Exists {
-            path: path.to_path_buf(),
-        });
-    }
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io_err(path, "creating the temporary file"))?;
-        let header = header_bytes(compression, meta);
-        let mut out = BufWriter::with_capacity(CHUNK, file);
-        out.write_all(&header)
-            .map_err(io_err(path, "writing the header"))?;
-        let mut hash = Sha256::new();
-        hash.update(&header);
-        let mut enc =
-            Encoder::new(compression, out).map_err(io_err(path, "starting the compressor"))?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut stream_bytes = 0u64;
-        loop {
-            let n = match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(path, "reading the migration stream")(e)),
-            };
-            hash.update(&buf[..n]);
-            enc.write_all(&buf[..n])
-                .map_err(io_err(path, "writing the stream"))?;
-            stream_bytes += n as u64;
-        }
-        let mut out = enc
-            .finish()
-            .map_err(io_err(path, "finishing the compressor"))?;
-        out.flush().map_err(io_err(path, "writing the stream"))?;
-        let end = out
-            .stream_position()
+) -> Result<Written, StateFileError> {
+    let header = header_bytes(compression, meta);
+    let mut out = BufWriter::with_capacity(CHUNK, file);
+    out.write_all(&header)
+        .map_err(io_err(path, "writing the header"))?;
+    let mut hash = Sha256::new();
+    hash.update(&header);
+    let mut enc =
+        Encoder::new(compression, out).map_err(io_err(path, "starting the compressor"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut stream_bytes = 0u64;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path, "reading the migration stream")(e)),
+        };
+        hash.update(&buf[..n]);
+        enc.write_all(&buf[..n])
             .map_err(io_err(path, "writing the stream"))?;
-        let payload = end - header.len() as u64;
-        let sha: [u8; 32] = hash.finalize().into();
-        let mut trailer = Vec::with_capacity(TRAILER);
-        trailer.extend_from_slice(TRAILER_MAGIC);
-        trailer.extend_from_slice(&payload.to_le_bytes());
-        trailer.extend_from_slice(&stream_bytes.to_le_bytes());
-        trailer.extend_from_slice(&sha);
-        out.write_all(&trailer)
-            .map_err(io_err(path, "writing the trailer"))?;
-        let file = out
-            .into_inner()
-            .map_err(|e| io_err(path, "writing the trailer")(e.into_error()))?;
-        file.sync_all().map_err(io_err(path, "syncing"))?;
-        Ok(Written {
-            stream_bytes,
-            file_bytes: end + TRAILER as u64,
-            sha256: hex(&sha),
-        })
-    })();
-    match result {
-        Ok(written) => Ok(Pending {
-            tmp,
-            path: path.to_path_buf(),
-            written,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+        stream_bytes += n as u64;
     }
+    let mut out = enc
+        .finish()
+        .map_err(io_err(path, "finishing the compressor"))?;
+    out.flush().map_err(io_err(path, "writing the stream"))?;
+    let end = out
+        .stream_position()
+        .map_err(io_err(path, "writing the stream"))?;
+    let payload = end - header.len() as u64;
+    let sha: [u8; 32] = hash.finalize().into();
+    let mut trailer = Vec::with_capacity(TRAILER);
+    trailer.extend_from_slice(TRAILER_MAGIC);
+    trailer.extend_from_slice(&payload.to_le_bytes());
+    trailer.extend_from_slice(&stream_bytes.to_le_bytes());
+    trailer.extend_from_slice(&sha);
+    out.write_all(&trailer)
+        .map_err(io_err(path, "writing the trailer"))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| io_err(path, "writing the trailer")(e.into_error()))?;
+    file.sync_all().map_err(io_err(path, "syncing"))?;
+    Ok(Written {
+        stream_bytes,
+        file_bytes: end + TRAILER as u64,
+        sha256: hex(&sha),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -385,8 +328,8 @@ pub struct Verified {
     sha: [u8; 32],
 }
 
-/// Reads header and trailer, without the payload.
-fn read_frame(path: &Path) -> Result<(File, Verified, Vec<u8>), StateFileError> {
+/// Reads header and trailer of `file` (whose path is `path`), without the payload.
+fn read_frame(mut file: &File, path: &Path) -> Result<(Verified, Vec<u8>), StateFileError> {
     let truncated = |what: &str| StateFileError::Truncated {
         path: path.to_path_buf(),
         what: what.to_string(),
@@ -395,11 +338,12 @@ fn read_frame(path: &Path) -> Result<(File, Verified, Vec<u8>), StateFileError> 
         path: path.to_path_buf(),
         what,
     };
-    let mut file = File::open(path).map_err(io_err(path, "opening"))?;
     let len = file
         .metadata()
         .map_err(io_err(path, "reading its size"))?
         .len();
+    file.rewind()
+        .map_err(io_err(path, "seeking to the header"))?;
     let mut fixed = [0u8; FIXED];
     if len < FIXED as u64 {
         file.read_exact(&mut fixed[..len as usize])
@@ -480,13 +424,13 @@ fn read_frame(path: &Path) -> Result<(File, Verified, Vec<u8>), StateFileError> 
         file_bytes: len,
         sha,
     };
-    Ok((file, v, header))
+    Ok((v, header))
 }
 
 /// Decompresses the payload of `v` from `file` into `out`, hashing it after `header`;
 /// checks length and checksum at the end.
 fn pump(
-    mut file: File,
+    mut file: &File,
     v: &Verified,
     header: &[u8],
     out: &mut dyn Write,
@@ -552,10 +496,11 @@ fn pump(
     Ok(total)
 }
 
-/// Checks the whole file: magic, version, compression, the VM it holds, the trailer, and
-/// the stream's length and SHA-256 (it decompresses the stream once). Blocking.
-pub fn verify(path: &Path, expect: Expect<'_>) -> Result<Verified, StateFileError> {
-    let (file, v, header) = read_frame(path)?;
+/// Checks the whole of `file`, opened from `path` (named in messages): magic, version,
+/// compression, the VM it holds, the trailer, and the stream's length and SHA-256 (it
+/// decompresses the stream once). Blocking.
+pub fn verify(file: &File, path: &Path, expect: Expect<'_>) -> Result<Verified, StateFileError> {
+    let (v, header) = read_frame(file, path)?;
     if v.meta.vm != expect.vm || v.meta.uuid != expect.uuid {
         return Err(StateFileError::WrongVm {
             path: path.to_path_buf(),
@@ -569,10 +514,11 @@ pub fn verify(path: &Path, expect: Expect<'_>) -> Result<Verified, StateFileErro
     Ok(v)
 }
 
-/// Writes the stream of a verified file into `out` (QEMU's pipe), checking it again on
-/// the way: an error at the end means the file changed since [`verify`]. Blocking.
-pub fn stream(v: &Verified, out: &mut dyn Write) -> Result<u64, StateFileError> {
-    let (file, again, header) = read_frame(&v.path)?;
+/// Writes the stream of `file`, which [`verify`] accepted as `v`, into `out` (QEMU's
+/// pipe), checking it again on the way: an error at the end means the file changed
+/// since. Blocking.
+pub fn stream(file: &File, v: &Verified, out: &mut dyn Write) -> Result<u64, StateFileError> {
+    let (again, header) = read_frame(file, &v.path)?;
     if again != *v {
         return Err(StateFileError::Corrupted {
             path: v.path.clone(),

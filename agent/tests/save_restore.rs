@@ -1,7 +1,8 @@
 //! Migration to a file and restore, real QEMU: save on node-a with each compressor,
 //! restore on node-b (another state dir and host uuid), the guest's counter and memory
-//! go on; bad files are refused before any QEMU starts. Run with `--nocapture` for the
-//! table of sizes and times per compressor.
+//! go on; bad files are refused before any QEMU starts. The files are beneath a storage
+//! root of both nodes, in the namespace's directory ([`Lab::with_save_root`]). Run with
+//! `--nocapture` for the table of sizes and times per compressor.
 
 mod support;
 
@@ -40,16 +41,17 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
     let mut rows = Vec::new();
     for c in Compression::ALL {
         // 128 MiB guest rewriting 1..48 MiB.
-        let lab = Lab::new(&format!("save-{c}").to_lowercase(), 128, 48, 5_000_000);
+        let lab =
+            Lab::new(&format!("save-{c}").to_lowercase(), 128, 48, 5_000_000).with_save_root();
         lab.start_source().await;
-        let path = lab.dir.path().join(format!("guest.{c}.fsav"));
+        let path = lab.save_path(&format!("guest.{c}.fsav"));
         let (out, before) = save_on_a(&lab, "m-save", &path, c).await;
         assert_eq!(out.compression, c);
         assert_eq!(out.file_bytes, std::fs::metadata(&path).unwrap().len());
         assert!(out.stream_bytes > 0);
 
         let domain = Domain::parse(&lab.xml()).unwrap();
-        let restored = within(restore(&lab.b, &domain, OWNER, &path))
+        let restored = within(restore(&lab.b, &domain, OWNER, text(&path)))
             .await
             .unwrap();
         assert_eq!(restored.stream_bytes, out.stream_bytes);
@@ -80,17 +82,17 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
 
 #[tokio::test]
 async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
-    let lab = Lab::new("badfile", 64, 32, 5_000_000);
+    let lab = Lab::new("badfile", 64, 32, 5_000_000).with_save_root();
     lab.start_source().await;
     let vm = lab.vm.as_str();
-    let path = lab.dir.path().join("guest.fsav");
+    let path = lab.save_path("guest.fsav");
     let (_, before) = save_on_a(&lab, "m-bad", &path, Compression::Zstd).await;
     let good = std::fs::read(&path).unwrap();
     let domain = Domain::parse(&lab.xml()).unwrap();
 
-    let truncated = lab.dir.path().join("truncated.fsav");
+    let truncated = lab.save_path("truncated.fsav");
     std::fs::write(&truncated, &good[..good.len() * 2 / 3]).unwrap();
-    let corrupted = lab.dir.path().join("corrupted.fsav");
+    let corrupted = lab.save_path("corrupted.fsav");
     let mut bytes = good.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -114,7 +116,7 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
     ];
     for (file, dom, reason, says) in cases {
         let on_disk = std::fs::read(file).unwrap();
-        let err = restore(&lab.b, dom, OWNER, file).await.unwrap_err();
+        let err = restore(&lab.b, dom, OWNER, text(file)).await.unwrap_err();
         assert_eq!(err.reason(), reason, "{err}");
         assert!(err.to_string().contains(says), "{err}");
         assert!(matches!(
@@ -126,48 +128,76 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
         assert_eq!(std::fs::read(file).unwrap(), on_disk, "the file changed");
     }
     // The good file still restores, and the guest goes on.
-    within(restore(&lab.b, &domain, OWNER, &path))
+    within(restore(&lab.b, &domain, OWNER, text(&path)))
         .await
         .unwrap();
     lab.assert_continues_on_b(&before, 2).await;
     // A second restore while it runs is refused.
-    let err = restore(&lab.b, &domain, OWNER, &path).await.unwrap_err();
+    let err = restore(&lab.b, &domain, OWNER, text(&path))
+        .await
+        .unwrap_err();
     assert_eq!(err.reason(), "AlreadyRunning", "{err}");
     lab.assert_one_guest_on(&lab.b);
 }
 
 #[tokio::test]
 async fn a_save_that_cannot_write_rolls_back_and_the_guest_goes_on() {
-    let lab = Lab::new("nowrite", 64, 32, 5_000_000);
+    let lab = Lab::new("nowrite", 64, 32, 5_000_000).with_save_root();
+    // A 1 MiB filesystem as the namespace's directory (a mount point beneath a root is
+    // crossed): the writer fails with ENOSPC, QEMU's stream breaks, the save fails with
+    // the writer's error and Confirm(cancelled) resumes the guest.
+    let Some(_full) = Tmpfs::mount(&lab.save_root().join(NAMESPACE), "size=1m") else {
+        eprintln!("skipped: this test needs to mount a tmpfs (root, CAP_SYS_ADMIN)");
+        return;
+    };
     lab.start_source().await;
-    // An existing file is never overwritten: refused before the guest pauses.
-    let existing = lab.dir.path().join("exists.fsav");
-    std::fs::write(&existing, b"keep me").unwrap();
-    lab.begin("m-exists", None).await.unwrap();
-    let err = lab
-        .save("m-exists", &existing, Compression::Gzip)
+    let path = lab.save_path("guest.fsav");
+    lab.begin("m-full", None).await.unwrap();
+    let err = within(lab.save("m-full", &path, Compression::None))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("never overwrites"), "{err}");
-    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
-    lab.confirm(&lab.a, "m-exists", None, true).await.unwrap();
-
-    // A directory that does not exist: the writer fails, QEMU's stream breaks, the
-    // save fails with the writer's error and Confirm(cancelled) resumes the guest.
-    let nowhere = lab.dir.path().join("no/such/dir/guest.fsav");
-    lab.begin("m-nowhere", None).await.unwrap();
-    let err = within(lab.save("m-nowhere", &nowhere, Compression::Xz))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("creating the temporary file"),
-        "{err}"
-    );
-    assert!(lab.confirm_saved("m-nowhere").await.is_err());
-    lab.confirm(&lab.a, "m-nowhere", None, true).await.unwrap();
+    assert!(err.to_string().contains("writing the stream"), "{err}");
+    assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+    assert!(lab.confirm_saved("m-full").await.is_err());
+    lab.confirm(&lab.a, "m-full", None, true).await.unwrap();
     assert_eq!(lab.run_status(&lab.a).await, "running");
     let last = last_pass(&lab.serial_a()).unwrap();
     wait_for_pass(&lab.serial_a(), last + 2, Duration::from_secs(120)).await;
-    assert!(!nowhere.parent().unwrap().exists());
+    // Neither the file nor its temporary file is left.
+    let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     lab.assert_one_guest_on(&lab.a);
+}
+
+/// A path as the spec would write it.
+fn text(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// A tmpfs mounted over a directory while it lives.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts one at `dir` with `options`; `None` where this process may not mount.
+    fn mount(dir: &Path, options: &str) -> Option<Tmpfs> {
+        use nix::mount::{MsFlags, mount};
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options),
+        )
+        .ok()?;
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

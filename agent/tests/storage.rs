@@ -499,6 +499,21 @@ fn a_save_needs_its_directory() {
     refused(err, SAVE, s(&path), "its directory does not exist");
 }
 
+#[test]
+fn a_save_into_a_symlinked_directory_is_refused_as_a_link() {
+    let fx = fixture();
+    symlink(&fx.outside, fx.team_a("elsewhere")).unwrap();
+    symlink("sub", fx.team_a("sub-alias")).unwrap();
+    for dir in ["elsewhere", "sub-alias"] {
+        let path = fx.team_a(&format!("{dir}/x.fsav"));
+        refused(fx.save(&path), SAVE, s(&path), "a symbolic link");
+    }
+    // A file where a directory should be is still that.
+    let path = fx.team_a("disk.img/x.fsav");
+    refused(fx.save(&path), SAVE, s(&path), "not a directory");
+    assert!(listing(&fx.outside).iter().all(|f| f == "secret"));
+}
+
 /// Nothing outside the roots is created, opened or read, whichever way a path tries to
 /// get there: the outside directory's listing is unchanged and inotify saw no event on
 /// it (and does see one when the file is opened directly, so the watch works).

@@ -148,23 +148,37 @@ pub fn migration_listeners(cluster: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// Files under the nodes' state dirs that are temporary: `*.tmp` (the agent's atomic
-/// writes) or `.tmp*` (tempfile's).
+/// Temporary files left behind: under the nodes' state dirs `*.tmp` (the agent's atomic
+/// writes) or `.tmp*` (tempfile's); under the cluster's save directories
+/// (`<cluster dir>/saves/`) a save's temporary file, `.<name>.<pid>-<n>.partial`, which a
+/// save that ended (done, failed or cancelled) never leaves.
 pub fn temporary_files(cluster: &Cluster) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for n in cluster.nodes() {
-        walk(&n.state_dir, &mut found);
+        walk(&n.state_dir, &mut found, &|name| {
+            name.ends_with(".tmp") || name.starts_with(".tmp")
+        });
     }
+    walk(
+        &cluster.cp.dir().join("saves"),
+        &mut found,
+        &is_partial_save,
+    );
     found
 }
 
-fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+/// A save's temporary file (`ferry_agent::storage::create_save`).
+fn is_partial_save(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".partial")
+}
+
+fn walk(dir: &Path, found: &mut Vec<PathBuf>, temporary: &dyn Fn(&str) -> bool) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk(&path, found);
-        } else if name.ends_with(".tmp") || name.starts_with(".tmp") {
+            walk(&path, found, temporary);
+        } else if temporary(&name) {
             found.push(path);
         }
     }
@@ -184,6 +198,13 @@ mod tests {
             "spec": {"holderIdentity": holder}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_saves_temporary_file_is_a_leftover() {
+        assert!(is_partial_save(".demo.fsav.4242-0.partial"));
+        assert!(!is_partial_save("demo.fsav"));
+        assert!(!is_partial_save("demo.partial"));
     }
 
     #[test]

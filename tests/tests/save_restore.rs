@@ -1,7 +1,9 @@
 //! End to end: a migration to a file saves the example VM on node-a (zstd) and stops it;
 //! the same VirtualMachine, its spec updated to `nodeName: node-b` and `restoreFrom`,
 //! starts on node-b from the file and its guest goes on counting. A truncated copy is
-//! refused first, with a condition and an Event, and nothing else changes.
+//! refused first, with a condition and an Event, and nothing else changes. A save and a
+//! restore whose path is in another namespace's directory of the storage roots are
+//! refused before anything is done: the guest runs on, no QEMU starts.
 
 use std::time::Duration;
 
@@ -78,15 +80,61 @@ async fn save_on_one_node_and_restore_on_the_other() {
         assert!(!ok && said.contains(says), "{said}");
     }
 
-    apply_yaml(
-        &cluster,
-        &format!(
-            "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: save-demo\n\
-             spec:\n  vmName: demo\n  toFile:\n    path: {}\n    compression: Zstd\n",
-            path.display()
-        ),
+    // A save into another namespace's directory fails before the guest is touched.
+    let elsewhere = cluster.save_dir("other").join("demo.fsav");
+    let pid = cluster.qemu_pids("demo")["node-a"];
+    apply_yaml(&cluster, &save_yaml("save-elsewhere", &elsewhere)).await;
+    wait_phase(
+        &vmms,
+        "save-elsewhere",
+        MigrationPhase::Failed,
+        Duration::from_secs(120),
     )
     .await;
+    let status = vmms.get("save-elsewhere").await.unwrap().status.unwrap();
+    let failed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    let says = format!(
+        "spec.toFile.path: {}: not under {}/",
+        elsewhere.display(),
+        saves.display()
+    );
+    assert!(failed.message.contains(&says), "{}", failed.message);
+    let perform = status.steps.unwrap().perform.unwrap();
+    assert_eq!(perform.outcome, Some(StepOutcome::Failed));
+    assert_eq!(
+        perform.reason,
+        Some(ferry_crds::Reason::Refused),
+        "{perform:?}"
+    );
+    assert!(
+        !elsewhere.exists(),
+        "a file was created in another namespace"
+    );
+    let left = ferry_tests::leaks::temporary_files(&cluster);
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_eq!(
+        std::fs::read_dir(elsewhere.parent().unwrap())
+            .unwrap()
+            .count(),
+        0
+    );
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(vm.phase, Some(VmPhase::Running));
+    assert_eq!(vm.migration, None);
+    runs_once_on(&cluster, &vms, "node-a").await;
+    assert_eq!(
+        cluster.qemu_pids("demo")["node-a"],
+        pid,
+        "the guest's QEMU changed"
+    );
+    let now = last_pass(&cluster, "node-a", "demo").unwrap();
+    guest_goes_on(&cluster, "node-a", now).await;
+
+    apply_yaml(&cluster, &save_yaml("save-demo", &path)).await;
     wait_phase(
         &vmms,
         "save-demo",
@@ -196,6 +244,36 @@ async fn save_on_one_node_and_restore_on_the_other() {
     assert_eq!(std::fs::read(&path).unwrap(), good);
     assert_eq!(std::fs::read(&truncated).unwrap().len(), good.len() * 2 / 3);
 
+    // A good copy in another namespace's directory is refused the same way.
+    let foreign = elsewhere.with_file_name("copy.fsav");
+    std::fs::write(&foreign, &good).unwrap();
+    vms.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(restore(&foreign)),
+    )
+    .await
+    .unwrap();
+    let (_, message) = eventually(
+        "the other namespace's file to be refused",
+        Duration::from_secs(60),
+        || async {
+            ready_reason(&vms)
+                .await
+                .filter(|(r, _)| r == "HostPathRefused")
+        },
+    )
+    .await;
+    let says = format!("spec.restoreFrom: {}: not under", foreign.display());
+    assert!(message.contains(&says), "{message}");
+    assert_eq!(
+        cluster.qemu_pids("demo").len(),
+        0,
+        "a QEMU started for a refused path"
+    );
+    let vm = vms.get("demo").await.unwrap().status.unwrap();
+    assert_eq!(vm.node_name, None, "the refused restore claimed the VM");
+
     // The real file restores on node-b, and the guest goes on where it stopped.
     vms.patch(
         "demo",
@@ -232,6 +310,15 @@ async fn save_on_one_node_and_restore_on_the_other() {
         assert_eq!(w[1], w[0] + 1, "the counter skipped on node-b: {on_b:?}");
     }
     guest_goes_on(&cluster, "node-b", first_on_b).await;
+}
+
+/// A migration `name` saving the example VM into `path` with zstd.
+fn save_yaml(name: &str, path: &std::path::Path) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\nmetadata:\n  name: {name}\n\
+         spec:\n  vmName: demo\n  toFile:\n    path: {}\n    compression: Zstd\n",
+        path.display()
+    )
 }
 
 /// Prints the tail of the agents' and the operator's logs when the test fails.

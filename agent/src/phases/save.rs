@@ -1,8 +1,12 @@
 //! Save (the Perform of a migration to a file, on the source): pauses the guest, hands
 //! QEMU the write end of a pipe (`getfd`, over the monitor socket with SCM_RIGHTS), lets
 //! it `migrate fd:` into it, and on a blocking thread compresses what comes out of the
-//! pipe into a [`statefile`] — no shell, no helper process. The file is written under a
-//! temporary name and put in place only once QEMU reports the migration completed; the
+//! pipe into a [`statefile`] — no shell, no helper process. The file is created beneath
+//! the node's storage roots, in the migration's namespace's directory of a read-write
+//! root ([`storage::create_save`]), before anything else: a path the roots do not allow,
+//! or a file that exists, is refused while the guest still runs untouched. It is written
+//! under a temporary name and linked into place ([`Finalize::commit`]) only once QEMU
+//! reports the migration completed; a failed or cancelled save leaves nothing. The
 //! guest then stays paused until Confirm stops it (or, on a failure or cancel, Confirm
 //! resumes it). QEMU's own compression, multifd, post-copy and auto-converge are off
 //! and the bandwidth is unlimited ([`save_policy`]).
@@ -16,10 +20,11 @@ use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transf
 use crate::policy::{Policy, PostCopy, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
 use crate::statefile::{self, Compression, Meta};
+use crate::storage::{self, Finalize, UserPath};
 use crate::supervisor::Supervisor;
 use serde_json::json;
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::{Component, Path};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -44,28 +49,8 @@ pub fn save_policy() -> Policy {
     }
 }
 
-/// A saved-state path must be absolute, name a file, and have no `.` or `..` parts.
-pub fn check_path(path: &Path) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("saved-state path '{}' {why}", path.display()));
-    if !path.is_absolute() {
-        return bad("is not absolute");
-    }
-    // `components()` normalises `a/./b` away, so look at the text too.
-    let text = path.to_string_lossy();
-    if path
-        .components()
-        .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
-        || text.ends_with('/')
-        || text.ends_with("/.")
-        || text.contains("/./")
-    {
-        return bad("must name a file without '.' or '..' components");
-    }
-    if path.file_name().is_none() {
-        return bad("names no file");
-    }
-    Ok(())
-}
+/// The field a save's path comes from, as refusals name it.
+pub const PATH_FIELD: &str = "spec.toFile.path";
 
 /// What a save needs.
 #[derive(Debug, Clone, Copy)]
@@ -73,8 +58,11 @@ pub struct SaveInput<'a> {
     pub vm: &'a str,
     /// The migration's unique name (its Begin ran).
     pub migration: &'a str,
-    /// The file to write ([`check_path`]); never overwritten.
-    pub path: &'a Path,
+    /// The migration's namespace: the file must be in its directory of a read-write
+    /// storage root of this node.
+    pub namespace: &'a str,
+    /// The file to write (`spec.toFile.path`); never overwritten.
+    pub path: &'a str,
     pub compression: Compression,
     pub cancel: &'a CancellationToken,
 }
@@ -82,7 +70,7 @@ pub struct SaveInput<'a> {
 /// Saves `vm` into `path` as migration `migration` (after its Begin), calling
 /// `on_progress` about four times a second. Idempotent: a re-run returns the recorded
 /// result; a re-run after a crash mid-save starts the save again.
-#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration, namespace = input.namespace))]
 pub async fn save(
     sup: &Supervisor,
     input: SaveInput<'_>,
@@ -91,6 +79,7 @@ pub async fn save(
     let SaveInput {
         vm,
         migration,
+        namespace,
         path,
         compression,
         cancel,
@@ -101,7 +90,6 @@ pub async fn save(
         migration,
     };
     check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
-    check_path(path).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
     let dir = sup.vm_dir(vm);
     let mut record = MigrationRecord::load_for(&dir, migration)
         .map_err(|e| cx.err(e))?
@@ -114,12 +102,8 @@ pub async fn save(
         tracing::info!(vm, migration, "save already done");
         return Ok(out.clone());
     }
-    if path.exists() {
-        return Err(cx.err(ErrorKind::Refused(format!(
-            "{} already exists; a save never overwrites a file",
-            path.display()
-        ))));
-    }
+    // Before anything touches the guest: a refused path leaves it running.
+    let (file, finalize) = create(sup, namespace, path).map_err(|e| cx.err(e))?;
     let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
     let qmp = &guest.qmp;
@@ -155,19 +139,19 @@ pub async fn save(
         .map_err(|e| cx.err(e))?;
     // QEMU holds its own copy: the writer thread sees EOF when QEMU closes it.
     drop(writer);
-    let target = path.to_path_buf();
-    let write =
-        tokio::task::spawn_blocking(move || statefile::write(&target, compression, &meta, reader));
+    let target = finalize.path().to_path_buf();
+    let write = tokio::task::spawn_blocking(move || {
+        statefile::write(file, &target, compression, &meta, reader)
+    });
     let mut events = qmp.subscribe();
     let uri = format!("fd:{FD_NAME}");
     if let Err(e) = qmp.run("migrate", Some(json!({ "uri": uri }))).await {
         let _ = qmp.run("closefd", Some(json!({ "fdname": FD_NAME }))).await;
-        if let Ok(Ok(pending)) = write.await {
-            pending.discard();
-        }
+        // The writer sees the end of the stream; dropping `finalize` removes its file.
+        let _ = write.await;
         return Err(cx.err(e));
     }
-    tracing::info!(vm, migration, path = %path.display(), %compression, "save started");
+    tracing::info!(vm, migration, path, %compression, "save started");
     let mut cancel_sent = false;
     let mut tick = tokio::time::interval(POLL);
     let info = loop {
@@ -202,23 +186,23 @@ pub async fn save(
     let written = write
         .await
         .map_err(|e| cx.err(ErrorKind::Refused(format!("the file writer died: {e}"))))?;
+    // Every way out but the commit drops `finalize`, which removes the temporary file.
     let written = match (transfer_state(info.status.as_deref()), written) {
-        (TransferState::Completed, Ok(pending)) => pending.commit().map_err(|e| cx.err(e))?,
+        (TransferState::Completed, Ok(written)) => {
+            finalize.commit().map_err(|e| cx.err(e))?;
+            written
+        }
         // The writer's error is why QEMU's stream broke.
         (_, Err(e)) => return Err(cx.err(e)),
-        (TransferState::Cancelled, Ok(pending)) => {
-            pending.discard();
-            return Err(cx.err(ErrorKind::Cancelled));
-        }
-        (_, Ok(pending)) => {
-            pending.discard();
+        (TransferState::Cancelled, Ok(_)) => return Err(cx.err(ErrorKind::Cancelled)),
+        (_, Ok(_)) => {
             let why = info.error_desc.unwrap_or_else(|| "unknown error".into());
             return Err(cx.err(ErrorKind::MigrationFailed(why)));
         }
     };
     on_progress(&TransferProgress::from_info(&info));
     let out = SaveOutput {
-        path: path.display().to_string(),
+        path: path.to_string(),
         compression,
         stream_bytes: written.stream_bytes,
         file_bytes: written.file_bytes,
@@ -239,6 +223,21 @@ pub async fn save(
         "saved"
     );
     Ok(out)
+}
+
+/// Creates the temporary file of a save to `path` for `namespace`, beneath this node's
+/// storage roots ([`storage::create_save`]).
+fn create(
+    sup: &Supervisor,
+    namespace: &str,
+    path: &str,
+) -> Result<(File, Finalize), storage::StorageError> {
+    let user = UserPath {
+        field: PATH_FIELD,
+        path,
+    };
+    let (fd, finalize) = storage::create_save(&sup.node().storage, namespace, user)?;
+    Ok((File::from(fd), finalize))
 }
 
 /// What the Confirm of a save that succeeded needs.
@@ -311,16 +310,6 @@ async fn stop_outgoing(qmp: &Qmp) -> Result<(), ErrorKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths() {
-        assert_eq!(check_path(Path::new("/var/lib/ferry/saves/g.fsav")), Ok(()));
-        for bad in [
-            "g.fsav", "/a/../b", "/a/./b", "/a/.", "/a/..", "/", "/a/", "",
-        ] {
-            assert!(check_path(Path::new(bad)).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_save_turns_off_everything_a_file_cannot_hold() {

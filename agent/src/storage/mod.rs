@@ -21,6 +21,7 @@
 //!   qcow2 that names a backing file or an external data file (QEMU would open that
 //!   path itself) is refused, and so is a file whose header disagrees with its
 //!   declared format (a raw disk that starts with a qcow2 header: format confusion).
+//! - [`open_guest`]: every host file a guest's definition names, opened for its start.
 //! - [`create_save`]: a new file for a save, created under a temporary name with
 //!   `O_EXCL | O_NOFOLLOW` in its directory (resolved as above) and linked into place by
 //!   [`Finalize::commit`] with `renameat2(RENAME_NOREPLACE)`: an existing file is never
@@ -43,13 +44,12 @@
 //! a root is not judged either: a mount point is crossed (no `RESOLVE_NO_XDEV`), and a
 //! hard link to a file elsewhere on the same filesystem is an ordinary file.
 //!
-//! # Transitional default (not enforced yet)
-//! An agent started without `--storage-root` has no roots (`Node::storage` is `None`)
-//! and behaves as before this module: host paths in specs are neither checked nor opened
-//! here, and QEMU opens them itself. With roots given, the agent parses and keeps them,
-//! but VM starts, saves and restores do not go through this module yet; that, and
-//! handing the opened fds to QEMU (`-add-fd`, `/dev/fdset/N`), are the next steps of
-//! issue 15 (docs/design.md, "Storage roots").
+//! # Where it is used
+//! Every host path of a spec goes through here: [`open_guest`] at every VM start (first
+//! starts, Prepare on a target, restores; QEMU inherits the descriptors through
+//! `-add-fd` and opens `/dev/fdset/N`, see [`crate::cmdline`]), [`create_save`] for a
+//! migration to a file, [`open_beneath`] for a restore's state file. A node without
+//! roots ([`StorageRoots::none`]) lets no spec name a host path.
 
 mod error;
 mod guest;

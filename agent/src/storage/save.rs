@@ -62,7 +62,11 @@ pub fn create_save(
         OFlag::O_RDONLY | OFlag::O_DIRECTORY,
         Mode::empty(),
     )
-    .map_err(|errno| directory_rule(Rule::from_errno(errno, "opening its directory")))
+    .map_err(|errno| match errno {
+        // O_DIRECTORY | O_NOFOLLOW on a symbolic link fails with ENOTDIR: say what it is.
+        Errno::ENOTDIR if is_link(base.as_fd(), parent) => Rule::SymbolicLink,
+        errno => directory_rule(Rule::from_errno(errno, "opening its directory")),
+    })
     .map_err(refuse)?;
     // Early, for a clear message before a long save; the rename is what guarantees it.
     match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -140,6 +144,15 @@ fn split(rest: &Path) -> (&Path, &OsStr) {
         _ => Path::new("."),
     };
     (parent, name)
+}
+
+/// Whether `path` beneath `dir` is a symbolic link, or beneath one: an `O_PATH`
+/// resolution, which opens nothing, refuses it with `ELOOP`.
+fn is_link(dir: BorrowedFd<'_>, path: &Path) -> bool {
+    matches!(
+        resolve(dir, path, OFlag::O_PATH, Mode::empty()),
+        Err(Errno::ELOOP)
+    )
 }
 
 /// For a missing directory, a rule that says so rather than "does not exist".

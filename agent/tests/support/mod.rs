@@ -51,7 +51,8 @@ pub fn build_guest(dir: &Path, start_mib: u32, end_mib: u32, delay: u32) -> Path
     out
 }
 
-/// The namespace the lab's VM is in.
+/// The namespace the lab's VM is in: its disks, saves and restores are that
+/// namespace's ([`Lab::file`], [`Lab::with_save_root`]).
 pub const NAMESPACE: &str = "lab";
 /// The lab's read-write storage root, in its dir; the VM's files are in
 /// `<root>/lab/` ([`Lab::file`]).
@@ -238,8 +239,8 @@ impl Lab {
         confirm(sup, input).await
     }
 
-    /// Save of migration `m` (its Begin ran) on node-a into `path` with `compression`,
-    /// not cancelled.
+    /// Save of migration `m` (its Begin ran) in [`NAMESPACE`] on node-a into `path` with
+    /// `compression`, not cancelled.
     pub async fn save(
         &self,
         m: &str,
@@ -249,7 +250,8 @@ impl Lab {
         let input = SaveInput {
             vm: &self.vm,
             migration: m,
-            path,
+            namespace: NAMESPACE,
+            path: path.to_str().expect("a UTF-8 path"),
             compression,
             cancel: &CancellationToken::new(),
         };
@@ -306,6 +308,34 @@ impl Lab {
             ca: None,
             _serial: serial,
         }
+    }
+
+    /// The same lab with `<lab dir>/saves` ([`Lab::save_root`]) a read-write storage root
+    /// of both nodes, besides the roots they have, and its [`NAMESPACE`] directory
+    /// created: where [`Lab::save_path`]s are.
+    pub fn with_save_root(mut self) -> Lab {
+        let root = self.save_root();
+        std::fs::create_dir_all(root.join(NAMESPACE)).unwrap();
+        let root = StorageRoot::new(root.to_str().unwrap(), Access::ReadWrite).unwrap();
+        let add = |sup: &Supervisor| {
+            let mut roots: Vec<StorageRoot> = sup.node().storage.iter().cloned().collect();
+            roots.push(root.clone());
+            let node = sup.node().clone();
+            Supervisor::new(node.with_storage(StorageRoots::new(roots).unwrap()))
+        };
+        self.a = add(&self.a);
+        self.b = add(&self.b);
+        self
+    }
+
+    /// The read-write storage root of [`Lab::with_save_root`].
+    pub fn save_root(&self) -> PathBuf {
+        self.dir.path().join("saves")
+    }
+
+    /// `<save root>/<NAMESPACE>/<name>`.
+    pub fn save_path(&self, name: &str) -> PathBuf {
+        self.save_root().join(NAMESPACE).join(name)
     }
 
     /// The same lab with node certificates for node-a and node-b from a fresh test CA:

@@ -187,6 +187,9 @@ fn reason_of(kind: &ErrorKind) -> Reason {
         ErrorKind::GuestLost(_) => Reason::GuestLost,
         ErrorKind::Record(_) => Reason::RecordFailed,
         ErrorKind::StateFile(_) => Reason::StateFileInvalid,
+        // The step's reason is one of the published list (the CRD's enum); the message
+        // names the field, the path and the rule.
+        ErrorKind::HostPath(_) => Reason::Refused,
     }
 }
 

@@ -4,8 +4,12 @@
 //! `savedState`, clears its `status.nodeName` (no QEMU runs anywhere; the node that
 //! restores it takes it again) and releases the disk locks. Begin and a cancelled
 //! Confirm are those of any migration.
+//!
+//! The save's file is created beneath this node's storage roots, in the migration's
+//! namespace's directory ([`save::save`]): a path they do not allow fails Perform with
+//! reason `Refused` and a message naming `spec.toFile.path`, the path and the rule, and
+//! Confirm (cancelled) finds the guest still running.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_agent::phases::perform::TransferProgress as Sample;
@@ -35,6 +39,7 @@ impl Run<'_> {
             .clone()
             .ok_or(StepError::MissingInput("no spec.toFile"))?;
         let (_, domain) = self.vm().await?;
+        let namespace = self.m.namespace().unwrap_or_default();
         let (tx, writer) = self.progress_writer();
         let mut last = Instant::now() - Duration::from_secs(1);
         let mut last_sent: Option<Progress> = None;
@@ -50,7 +55,8 @@ impl Run<'_> {
         let input = save::SaveInput {
             vm: &domain.name,
             migration: &self.id,
-            path: Path::new(&file.path),
+            namespace: &namespace,
+            path: &file.path,
             compression: file.compression.into(),
             cancel,
         };

@@ -1,16 +1,16 @@
 //! Starting a guest from a saved state (`spec.restoreFrom`), and keeping a saved guest
 //! stopped until it is restored.
 //!
-//! The file is checked ([`restore::verify`]: format, checksum, the guest it holds, ABI
-//! against the saved definition) before anything changes: a refused file leaves the VM
+//! The file is opened read-only beneath this node's storage roots for the VM's namespace
+//! ([`SavedFile::open`]; a path they refuse gets reason `HostPathRefused`) and checked
+//! ([`restore::verify`]: format, checksum, the guest it holds, ABI against the saved
+//! definition) before anything changes: a refused file leaves the VM
 //! as it was — no QEMU, no `status.nodeName` claimed, no disk lock taken, the file
 //! untouched — with a `Ready=False` condition and a Warning Event naming the problem,
 //! and is not tried again until the VM's spec changes (a new generation).
 
-use std::path::Path;
-
 use ferry_agent::domain::Domain;
-use ferry_agent::restore::{self, RestoreError};
+use ferry_agent::restore::{self, RestoreError, SavedFile};
 use ferry_crds::{VirtualMachine, VirtualMachineStatusPatch, VmPhase, set_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -19,11 +19,12 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::{Reconcile, VmError, disks};
+use super::{Reconcile, Report, VmError, disks, report};
 
 /// The Ready reasons of a restore that was refused or failed: the same generation is not
 /// tried again.
-const REFUSALS: [&str; 10] = [
+const REFUSALS: [&str; 11] = [
+    "HostPathRefused",
     "StateFileUnreadable",
     "StateFileNotAStateFile",
     "StateFileUnsupportedVersion",
@@ -98,7 +99,12 @@ impl Reconcile<'_> {
 
     async fn restore(&self, domain: &Domain, path: &str) -> Result<(), VmError> {
         info!(node = %self.agent.node, path, "restoring the guest from its saved state");
-        let verified = match restore::verify(Path::new(path), domain).await {
+        let namespace = self.vm.namespace().unwrap_or_default();
+        let file = match SavedFile::open(&self.agent.sup.node().storage, &namespace, path) {
+            Ok(file) => file,
+            Err(e) => return self.refuse(&e).await,
+        };
+        let verified = match restore::verify(file, domain).await {
             Ok(v) => v,
             Err(e) => return self.refuse(&e).await,
         };
@@ -108,8 +114,12 @@ impl Reconcile<'_> {
                 .await;
         }
         let message = format!("restoring from {path}");
-        self.report(VmPhase::Starting, false, "Restoring", &message, None)
-            .await?;
+        // Guarded, as a boot's Starting report is (`Reconcile::start`).
+        self.write_status(&Report {
+            guarded: true,
+            ..report(VmPhase::Starting, false, "Restoring", &message, None)
+        })
+        .await?;
         match restore::restore_verified(&self.agent.sup, domain, self.owner(), verified).await {
             Err(e) => {
                 let _ = self.locks().release(&self.agent.node).await;
@@ -272,14 +282,17 @@ mod tests {
         };
         assert_eq!(how_to_start(&vm(Some("/s/a.fsav"), restored)), Start::Boot);
         // A refusal holds for its generation only.
-        let refused = VirtualMachineStatus {
-            conditions: vec![ready("StateFileTruncated", 3)],
-            ..Default::default()
-        };
-        assert_eq!(
-            how_to_start(&vm(Some("/s/a.fsav"), refused)),
-            Start::Refused
-        );
+        for reason in ["StateFileTruncated", "HostPathRefused"] {
+            let refused = VirtualMachineStatus {
+                conditions: vec![ready(reason, 3)],
+                ..Default::default()
+            };
+            assert_eq!(
+                how_to_start(&vm(Some("/s/a.fsav"), refused)),
+                Start::Refused,
+                "{reason}"
+            );
+        }
         let older = VirtualMachineStatus {
             conditions: vec![ready("StateFileTruncated", 2)],
             ..Default::default()
