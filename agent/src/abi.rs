@@ -191,6 +191,53 @@ pub fn changes(running: &Domain, new: &Domain) -> Vec<String> {
         .collect()
 }
 
+/// What a target may be handed for a guest, by what its owner wrote through the API
+/// (the target trusts no definition the source node wrote).
+#[derive(Debug, Clone, Copy)]
+pub enum Expected<'a> {
+    /// The migration's `spec.targetDomainXML`: exactly it.
+    Exactly(&'a Domain),
+    /// The VM's recorded running definition (`status.domainXML`), when there is no
+    /// target definition: exactly it too.
+    Running(&'a Domain),
+    /// A guest started before its definition was recorded: the spec's, as far as the
+    /// guest can tell (host-side details may differ, as an edit of the spec may have).
+    Spec(&'a Domain),
+}
+
+/// The definition a target was handed is not the one its VM's owner asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the definition handed to the target is not {expected}: {}", .changes.join("; "))]
+pub struct HandedError {
+    /// What it should have been.
+    pub expected: &'static str,
+    /// Each difference, `what 'expected' → 'handed'`.
+    pub changes: Vec<String>,
+}
+
+/// Checks `handed` (Begin's output, carried by the status or by the source agent)
+/// against what the owner wrote.
+pub fn check_handed(handed: &Domain, expected: Expected<'_>) -> Result<(), HandedError> {
+    let (want, what, exact) = match expected {
+        Expected::Exactly(d) => (d, "the migration's spec.targetDomainXML", true),
+        Expected::Running(d) => (d, "the VM's running definition (status.domainXML)", true),
+        Expected::Spec(d) => (d, "the VM's spec.domainXML", false),
+    };
+    let changes = if exact {
+        changes(want, handed)
+    } else {
+        check(want, handed).err().map(|e| e.0).unwrap_or_default()
+    };
+    if changes.is_empty() {
+        Ok(())
+    } else {
+        Err(HandedError {
+            expected: what,
+            changes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +346,33 @@ mod tests {
         let x = SAMPLE.replace("7c5f6d2a", "00000000");
         let err = check(&sample(), &target(&x)).unwrap_err();
         assert!(err.to_string().contains("target uuid '00000000-3a8e"));
+    }
+
+    #[test]
+    fn a_target_takes_only_what_the_owner_wrote() {
+        let running = sample();
+        assert_eq!(check_handed(&running, Expected::Running(&running)), Ok(()));
+        let moved = target(&SAMPLE.replace("/var/lib/ferry/disks/guest-1.img", "/etc/shadow"));
+        let err = check_handed(&moved, Expected::Running(&running)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the definition handed to the target is not the VM's running definition \
+             (status.domainXML): disk source '/var/lib/ferry/disks/guest-1.img' → '/etc/shadow'"
+        );
+        // What the owner wrote as the target definition, exactly.
+        assert_eq!(check_handed(&moved, Expected::Exactly(&moved)), Ok(()));
+        let err = check_handed(&running, Expected::Exactly(&moved)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not the migration's spec.targetDomainXML")
+        );
+        // Unrecorded: the spec's, up to host-side details; the guest must not change.
+        assert_eq!(check_handed(&moved, Expected::Spec(&running)), Ok(()));
+        let bigger = target(&SAMPLE.replace("'MiB'>256", "'MiB'>512"));
+        let err = check_handed(&bigger, Expected::Spec(&running)).unwrap_err();
+        assert!(
+            err.to_string().contains("target memory '524288 KiB'"),
+            "{err}"
+        );
     }
 }

@@ -104,6 +104,12 @@ pub enum StepError {
     NoVm(String),
     #[error("VirtualMachine {vm}: {source}")]
     Domain { vm: String, source: DomainError },
+    /// Prepare: the definition Begin handed on is not the one the VM's owner wrote.
+    #[error("VirtualMachine {vm}: {source}")]
+    Handed {
+        vm: String,
+        source: ferry_agent::abi::HandedError,
+    },
     #[error("no free migration port in the configured range")]
     NoPort,
     #[error(
@@ -151,6 +157,7 @@ impl StepError {
             StepError::ReadVm { .. } | StepError::VmStatus { .. } => Reason::ApiError,
             StepError::NoVm(_) => Reason::VMNotFound,
             StepError::Domain { .. } => Reason::InvalidDomain,
+            StepError::Handed { .. } => Reason::Refused,
             StepError::NoPort => Reason::NoPort,
             StepError::NoCertificate { .. } => Reason::TlsUnavailable,
             StepError::Policy(_) => Reason::PolicyRefused,
@@ -322,6 +329,12 @@ impl<'a> Run<'a> {
     /// the agent recorded it (a spec edited meanwhile applies at the next start only),
     /// else the spec's.
     async fn vm(&self) -> Result<(VirtualMachine, Domain), StepError> {
+        let (object, domain, _) = self.vm_recorded().await?;
+        Ok((object, domain))
+    }
+
+    /// [`Run::vm`], and whether the definition is the recorded one.
+    async fn vm_recorded(&self) -> Result<(VirtualMachine, Domain, bool), StepError> {
         let vm = &self.m.spec.vm_name;
         let object = self
             .vms
@@ -338,7 +351,8 @@ impl<'a> Run<'a> {
             vm: vm.clone(),
             source,
         })?;
-        Ok((object, domain))
+        let recorded = running.is_some();
+        Ok((object, domain, recorded))
     }
 
     /// This node's credentials when the migration's stream is TLS (`spec.transport.tls`);

@@ -1,6 +1,17 @@
-//! Prepare on the target: starts the incoming QEMU from Begin's definition and cookie on
-//! a reserved port, and gives the migration URI and Prepare's cookie.
+//! Prepare on the target: checks Begin's definition against what the VM's owner wrote,
+//! starts the incoming QEMU from it and Begin's cookie on a reserved port, and gives the
+//! migration URI and Prepare's cookie.
+//!
+//! The target trusts only what it can check. Begin's definition comes from the source
+//! node (through the status, or the source agent's call in peer-to-peer mode), so it
+//! must be exactly the migration's `spec.targetDomainXML` when there is one, else
+//! exactly the VM's recorded running definition (`status.domainXML`; the spec's up to
+//! host-side details for a guest started before it was recorded), and its host paths
+//! are opened beneath this node's own storage roots for the migration's namespace: a
+//! compromised source cannot make this node start what the VM's owner could not.
 
+use ferry_agent::abi::{self, Expected};
+use ferry_agent::domain::Domain;
 use ferry_agent::fault;
 use ferry_agent::phases::prepare;
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
@@ -22,6 +33,7 @@ impl Run<'_> {
             .begin
             .as_deref()
             .ok_or(StepError::MissingInput("Begin left no cookie"))?;
+        self.check_handed(xml).await?;
         // Held until Prepare returns: by then the incoming QEMU listens on it.
         let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
         let policy = self.policy()?;
@@ -49,5 +61,29 @@ impl Run<'_> {
         }
         .with_cookie(MigrationPhase::Prepare, Some(out.cookie));
         Ok(Done::new(Reason::Listening, message).with(outputs))
+    }
+
+    /// Begin's definition `xml` against what the VM's owner wrote (the module's doc).
+    async fn check_handed(&self, xml: &str) -> Result<(), StepError> {
+        let vm = &self.m.spec.vm_name;
+        let domain_err = |source| StepError::Domain {
+            vm: vm.clone(),
+            source,
+        };
+        let handed = Domain::parse(xml).map_err(domain_err)?;
+        let target = match self.m.spec.target_domain_xml.as_deref() {
+            Some(x) => Some(Domain::parse(x).map_err(domain_err)?),
+            None => None,
+        };
+        let (_, running, recorded) = self.vm_recorded().await?;
+        let expected = match (&target, recorded) {
+            (Some(t), _) => Expected::Exactly(t),
+            (None, true) => Expected::Running(&running),
+            (None, false) => Expected::Spec(&running),
+        };
+        abi::check_handed(&handed, expected).map_err(|source| StepError::Handed {
+            vm: vm.clone(),
+            source,
+        })
     }
 }
