@@ -5,7 +5,8 @@
 //! command line puts it in an fd set of its own (`-add-fd fd=N,set=S`) and the disk's
 //! `file` node opens `/dev/fdset/S`, which QEMU serves by duplicating a descriptor of
 //! the set with the same access mode. Serial and console output always go to the VM's
-//! state dir.
+//! state dir. User-mode networking is isolated (`restrict=on`): a guest reaches neither
+//! the node's loopback services nor the network behind the node.
 
 use crate::domain::{CharDevice, Device, Domain, VirtType};
 use std::os::fd::RawFd;
@@ -181,7 +182,10 @@ pub fn qemu_args(
                 };
                 push(&[
                     "-netdev",
-                    &format!("user,id=hostnet{nic}"),
+                    // Isolated: the guest reaches neither the node (its loopback services
+                    // through the 10.0.2.2 alias) nor anything beyond it, the cloud
+                    // metadata address included; slirp's own DHCP and DNS still answer.
+                    &format!("user,id=hostnet{nic},restrict=on"),
                     "-device",
                     &format!("{model},netdev=hostnet{nic},id=net{nic},mac={}", n.mac),
                 ]);
@@ -261,6 +265,7 @@ mod tests {
         ));
         assert!(!joined.contains("guest-1.img"), "QEMU gets no image path");
         assert!(joined.contains("ide-hd,drive=drive-hda,id=hda,bus=ide.0,unit=0,bootindex=1"));
+        assert!(joined.contains("-netdev user,id=hostnet0,restrict=on -device"));
         assert!(joined.contains("virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:aa:bb:01"));
         assert!(joined.contains("-vnc 127.0.0.1:0,to=99"));
         assert!(joined.contains("path=/run/ferry/vms/guest-1/serial0.log"));
