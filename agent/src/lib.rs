@@ -91,7 +91,7 @@
 //! let b = begin::begin(src, begin::BeginInput { vm, migration, target_xml: None }).await?;
 //! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
 //! let p = prepare::prepare(dst, prepare::PrepareInput {
-//!     migration, domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
+//!     migration, namespace: "default", domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
 //!     port: None, policy: &policy, tls: None,
 //! }).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
