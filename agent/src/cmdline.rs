@@ -5,7 +5,8 @@
 //! command line puts it in an fd set of its own (`-add-fd fd=N,set=S`) and the disk's
 //! `file` node opens `/dev/fdset/S`, which QEMU serves by duplicating a descriptor of
 //! the set with the same access mode. Serial and console output always go to the VM's
-//! state dir. User-mode networking is isolated (`restrict=on`): a guest reaches neither
+//! state dir, and the VNC console listens on a UNIX socket there (`vnc.sock`), never on a
+//! TCP port. User-mode networking is isolated (`restrict=on`): a guest reaches neither
 //! the node's loopback services nor the network behind the node.
 
 use crate::domain::{CharDevice, Device, Domain, VirtType};
@@ -45,6 +46,12 @@ pub struct DiskFd {
 /// in the definition is not used (the storage check refuses one in a spec).
 pub fn serial_path(c: &CharDevice, vm_dir: &Path) -> PathBuf {
     vm_dir.join(format!("serial{}.log", c.port))
+}
+
+/// The VNC console's UNIX socket: `<vm_dir>/vnc.sock`. A spec's `listen` address is not
+/// used; a fixed port is refused.
+pub fn vnc_socket(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("vnc.sock")
 }
 
 /// Lets the child `cmd` spawns inherit `fds` (the agent opens every file close-on-exec;
@@ -192,12 +199,20 @@ pub fn qemu_args(
                 nic += 1;
             }
             Device::Graphics(g) => {
-                let listen = opt_value(&g.listen)?;
-                let vnc = match g.port {
-                    Some(p) => format!("{listen}:{}", p - 5900),
-                    None => format!("{listen}:0,to=99"),
-                };
-                push(&["-vga", "std", "-vnc", &vnc]);
+                if let Some(port) = g.port {
+                    return Err(UnsupportedError(format!(
+                        "graphics: a fixed VNC port ({port}) cannot be honoured: the console \
+                         listens on a UNIX socket in the VM's state dir, never on a TCP port \
+                         (use autoport='yes')"
+                    )));
+                }
+                let socket = vnc_socket(&paths.vm_dir);
+                push(&[
+                    "-vga",
+                    "std",
+                    "-vnc",
+                    &format!("unix:{}", opt_path(&socket)?),
+                ]);
             }
             Device::Serial(c) => {
                 let path = serial_path(c, &paths.vm_dir);
@@ -267,7 +282,7 @@ mod tests {
         assert!(joined.contains("ide-hd,drive=drive-hda,id=hda,bus=ide.0,unit=0,bootindex=1"));
         assert!(joined.contains("-netdev user,id=hostnet0,restrict=on -device"));
         assert!(joined.contains("virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:aa:bb:01"));
-        assert!(joined.contains("-vnc 127.0.0.1:0,to=99"));
+        assert!(joined.contains("-vga std -vnc unix:/run/ferry/vms/guest-1/vnc.sock"));
         assert!(joined.contains("path=/run/ferry/vms/guest-1/serial0.log"));
         assert!(joined.ends_with("-S -incoming defer"));
     }
@@ -300,6 +315,16 @@ mod tests {
         p.disks[0].read_only = true;
         let err = qemu_args(&Domain::parse(&ide).unwrap(), &p, false).unwrap_err();
         assert!(err.to_string().contains("an IDE disk cannot be read-only"));
+    }
+
+    #[test]
+    fn a_fixed_vnc_port_is_refused() {
+        let x = SAMPLE.replace("port='-1' autoport='yes'", "port='5905'");
+        let err = qemu_args(&Domain::parse(&x).unwrap(), &paths(), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a fixed VNC port (5905) cannot be honoured")
+        );
     }
 
     #[test]

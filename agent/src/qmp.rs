@@ -406,7 +406,10 @@ pub struct SocketAddress {
 pub struct VncInfo {
     pub enabled: bool,
     pub host: Option<String>,
+    /// The port, or for a UNIX socket its path.
     pub service: Option<String>,
+    /// `ipv4`, `ipv6`, `unix`, `unknown`.
+    pub family: Option<String>,
 }
 
 #[cfg(test)]

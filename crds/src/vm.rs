@@ -160,16 +160,15 @@ pub enum VmPhase {
     Failed,
 }
 
-/// A graphical console endpoint.
+/// A graphical console endpoint: a UNIX socket on the guest's node (`status.nodeName`),
+/// never a TCP port.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Graphics {
     /// The protocol, e.g. `vnc`.
     #[serde(rename = "type")]
     pub type_: String,
-    /// The address the console listens on.
-    pub listen: String,
-    /// The TCP port the console listens on.
-    #[schemars(range(min = 0, max = 65535))]
-    pub port: i32,
+    /// The console's UNIX socket on the node, in the guest's state dir (only the agent
+    /// and root on the node reach it).
+    pub socket: String,
 }

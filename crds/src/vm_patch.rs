@@ -106,8 +106,7 @@ mod tests {
             migration: Some(Some("m".into())),
             graphics: Some(Some(Graphics {
                 type_: "vnc".into(),
-                listen: "127.0.0.1".into(),
-                port: 5900,
+                socket: "/var/lib/ferry/vms/demo/vnc.sock".into(),
             })),
             restored_from: Some(Some("/f".into())),
             observed_generation: Some(1),

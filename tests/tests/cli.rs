@@ -192,7 +192,8 @@ async fn the_plugin_migrates_watches_cancels_evacuates_saves_and_restores() {
         || async { last_pass(&cluster, "node-b", "demo") },
     )
     .await;
-    let file = cluster.cp.dir().join("demo.fsav");
+    // Namespace default's directory of a read-write storage root of the cluster.
+    let file = cluster.save_dir("default").join("demo.fsav");
     let file = file.display().to_string();
     let out = ferry(
         &cluster,

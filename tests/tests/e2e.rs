@@ -64,7 +64,16 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
     let vm = vms.get("demo").await.unwrap().status.unwrap();
     let graphics = vm.graphics.expect("the VM reports its console");
     assert_eq!(graphics.type_, "vnc");
-    assert!(graphics.port > 5900, "{graphics:?}");
+    // On node-b, a UNIX socket in the guest's state dir: its QEMU answers there.
+    let socket = std::path::Path::new(&graphics.socket);
+    assert!(
+        socket.starts_with(&cluster.node("node-b").state_dir),
+        "{graphics:?}"
+    );
+    let mut vnc = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut banner = [0u8; 12];
+    std::io::Read::read_exact(&mut vnc, &mut banner).unwrap();
+    assert_eq!(&banner, b"RFB 003.008\n");
     let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
     let lock = leases.get("ferry-disk-default.demo.vda").await.unwrap();
     assert_eq!(

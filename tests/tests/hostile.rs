@@ -257,6 +257,34 @@ fn held_outside(cluster: &Cluster, qemus: &[i32], outside: &Outside) -> Vec<Stri
     found
 }
 
+/// The TCP sockets process `pid` listens on (`/proc/net/tcp{,6}` rows in state LISTEN
+/// whose inode is one of its descriptors), as `local address:port` in hex.
+fn tcp_listeners(pid: u32) -> Vec<String> {
+    let inodes: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|t| {
+            let t = t.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for row in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+                out.push(cols[1].to_string());
+            }
+        }
+    }
+    out
+}
+
 async fn refused_start(vms: &Api<VirtualMachine>, name: &str) -> String {
     eventually(&format!("{name} to be refused"), LIMIT, || async {
         let s = vms.get(name).await.ok()?.status?;
@@ -310,7 +338,8 @@ async fn hostile_specs_are_refused_and_nothing_outside_the_roots_is_touched() {
         "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
         "metadata": {"name": "reader"},
         "spec": {"domainXML": domain("reader", "6f1c0b8e-5a52-4d3e-9a43-0d6f2a7dffff",
-                    &disk(&base, "raw", "<readonly/>")),
+                    &format!("{}{}", disk(&base, "raw", "<readonly/>"),
+                             "<graphics type='vnc' autoport='yes' listen='0.0.0.0'/>")),
                  "nodeName": "node-a", "terminationGracePeriodSeconds": 0}
     }))
     .unwrap();
@@ -320,9 +349,25 @@ async fn hostile_specs_are_refused_and_nothing_outside_the_roots_is_touched() {
         (s.phase == Some(VmPhase::Running)).then_some(())
     })
     .await;
+    let reader_pid = cluster.qemu_pids("reader")["node-a"];
+    let tcp = tcp_listeners(reader_pid as u32);
+    assert!(tcp.is_empty(), "QEMU listens on TCP: {tcp:?}");
+    let console = vms
+        .get("reader")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .graphics
+        .unwrap();
+    assert!(
+        console.socket.ends_with("/vms/reader/vnc.sock"),
+        "{console:?}"
+    );
     println!(
-        "{:<48} runs (read-only base image; QEMU holds its images as fds from /dev/fdset)",
-        "control: <readonly/> disk in the read-only root"
+        "{:<48} runs (read-only base image; QEMU holds its images as fds from /dev/fdset; \
+         its VNC console, asked for on 0.0.0.0, is the UNIX socket {}; QEMU listens on no TCP port)",
+        "control: <readonly/> disk in the read-only root", console.socket
     );
     gone(&vms, "reader").await;
     let cases = cases(&cluster, &outside);

@@ -340,15 +340,13 @@ impl Reconcile<'_> {
         .await
     }
 
-    /// Where the guest's VNC console listens, from QEMU itself.
+    /// Where the guest's VNC console listens (its UNIX socket), from QEMU itself.
     async fn graphics(&self, name: &str) -> Option<Graphics> {
         let guest = self.agent.sup.attach(name).await.ok()??;
         let vnc: VncInfo = guest.qmp.execute("query-vnc", None).await.ok()?;
-        let port = vnc.service.as_deref()?.parse().ok()?;
-        vnc.enabled.then(|| Graphics {
+        (vnc.enabled && vnc.family.as_deref() == Some("unix")).then(|| Graphics {
             type_: "vnc".into(),
-            listen: vnc.host.unwrap_or_default(),
-            port,
+            socket: vnc.service.unwrap_or_default(),
         })
     }
 

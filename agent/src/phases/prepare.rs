@@ -5,12 +5,12 @@
 //! ([`tls`](crate::tls)), and listens with `migrate-incoming` on this node's address. Any
 //! failure removes the new QEMU.
 
-use crate::cookie::{Cookie, Expect, GraphicsInfo};
+use crate::cookie::{Cookie, Expect};
 use crate::domain::Domain;
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase};
 use crate::policy::{Policy, Side};
-use crate::qmp::{MigrationInfo, StatusInfo, VncInfo};
+use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::storage::Owner;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
@@ -169,19 +169,10 @@ async fn start_incoming(
         .into_iter()
         .find_map(|a| a.port)
         .ok_or_else(|| ErrorKind::Refused("QEMU reports no listening address".into()))?;
-    let mut cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
-    if domain.graphics().is_some() {
-        let vnc: VncInfo = guest.qmp.execute("query-vnc", None).await?;
-        if let (true, Some(listen), Some(port)) = (vnc.enabled, vnc.host, vnc.service) {
-            cookie.graphics = Some(GraphicsInfo {
-                kind: "vnc".into(),
-                listen,
-                port: port
-                    .parse()
-                    .map_err(|_| ErrorKind::Refused(format!("bad VNC port '{port}'")))?,
-            });
-        }
-    }
+    // No graphics in the cookie: the console is a UNIX socket in the state dir, which
+    // no client outside the node reaches to relocate to (console clients follow the
+    // guest through the VM's status.graphics).
+    let cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
     Ok(PrepareOutput {
         uri: format!("tcp:{host}:{port}"),
         cookie: cookie.encode(Phase::Prepare)?,
