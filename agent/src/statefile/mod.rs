@@ -529,5 +529,4 @@ pub fn stream(file: &File, v: &Verified, out: &mut dyn Write) -> Result<u64, Sta
 }
 
 #[cfg(test)]
-#[path = "statefile_tests.rs"]
 mod tests;
