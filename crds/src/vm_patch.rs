@@ -33,6 +33,8 @@ pub struct VirtualMachineStatusPatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<Option<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_sha256: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub conditions: Option<Vec<Condition>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -110,6 +112,7 @@ mod tests {
                 port: 5900,
             })),
             restored_from: Some(Some("/f".into())),
+            restored_sha256: Some(Some("00ff".into())),
             observed_generation: Some(1),
             ..Default::default()
         };

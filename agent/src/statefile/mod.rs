@@ -1,7 +1,8 @@
 //! The saved-state file: a guest's QEMU migration stream behind a small header that lets
-//! an agent check the file before it starts any QEMU.
+//! an agent check the file before it starts any QEMU, and a MAC under the cluster's
+//! state key that shows an agent of this cluster wrote it.
 //!
-//! Layout (integers little-endian):
+//! Layout, format version 2 (integers little-endian):
 //!
 //! | part | bytes | what |
 //! | --- | --- | --- |
@@ -16,243 +17,84 @@
 //! | payload length | 8 | compressed bytes |
 //! | stream length | 8 | uncompressed bytes |
 //! | SHA-256 | 32 | over the header bytes, then the uncompressed stream |
+//! | key id | 8 | [`StateKey::id`] of the key that signed it |
+//! | MAC | 32 | HMAC-SHA256 under the state key over every byte before it ([`mac`]) |
 //!
 //! The trailer is written last, so a save that stopped half-way leaves a file without
-//! one. This module reads and writes open files only: where a file may be, how it is
-//! opened, and how a save's temporary file is put in place are [`crate::storage`]'s
-//! (beneath the node's storage roots). [`write()`] fills a new file and fsyncs it.
-//! [`verify`] reads the whole file (a pre-pass that decompresses and hashes the stream)
-//! and refuses a truncated, corrupted, foreign or unknown file with a
-//! [`StateFileError`] that names the problem; [`stream`] then feeds the verified stream
-//! from the same open file to QEMU, hashing it again in case the file changed in
-//! between.
+//! one. Version 1 (the same without key id and MAC) is refused as
+//! [`StateFileError::Unsigned`]: nothing shows who wrote such a file.
+//!
+//! This module reads and writes open files only: where a file may be, how it is opened,
+//! and how a save's temporary file is put in place are [`crate::storage`]'s (beneath
+//! the node's storage roots). [`write()`] fills a new file, signs and fsyncs it.
+//! [`verify`] reads the whole file twice before any QEMU: first the raw bytes, to check
+//! the MAC (a file this cluster's agents did not sign never reaches a decoder, nor
+//! QEMU's loader), then decompressing and hashing the stream within the decoders'
+//! limits ([`decode`]); it refuses a truncated, corrupted, unsigned, foreign or
+//! unknown file with a [`StateFileError`] that names the problem. [`stream`] then feeds
+//! the verified stream from the same open file to QEMU, checking MAC and SHA-256 again
+//! in case the file changed in between.
 
-use serde::{Deserialize, Serialize};
+pub mod craft;
+mod decode;
+mod format;
+mod mac;
+
+pub use decode::{XZ_MEMLIMIT, ZSTD_WINDOW_LOG_MAX};
+pub use format::{
+    Compression, FORMAT_VERSION, MAGIC, MAX_META, Meta, StateFileError, TRAILER, TRAILER_MAGIC,
+    UNSIGNED_VERSION,
+};
+pub use mac::{KEY_LEN, KeyId, KeyLengthError, StateKey};
+
+use decode::{CHUNK, Encoder, decoder, inflate, write_to};
+use format::{Frame, Trailer, header_bytes, hex, io_err, read_frame};
+use hmac::Mac as _;
+use mac::{FileMac, MacReader};
 use sha2::{Digest, Sha256};
-use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-pub const MAGIC: &[u8; 8] = b"FERRYSAV";
-pub const TRAILER_MAGIC: &[u8; 8] = b"FERRYEND";
-pub const FORMAT_VERSION: u16 = 1;
-/// Fixed part of the header.
-const FIXED: usize = 16;
-/// The trailer's size.
-pub const TRAILER: usize = 56;
-/// Largest meta block accepted (the domain XML is at most 64 KiB).
-pub const MAX_META: u32 = 256 * 1024;
-const CHUNK: usize = 1 << 20;
-
-/// How the stream is compressed in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Compression {
-    None,
-    Gzip,
-    Zstd,
-    Xz,
-}
-
-impl Compression {
-    pub const ALL: [Compression; 4] = [
-        Compression::None,
-        Compression::Gzip,
-        Compression::Zstd,
-        Compression::Xz,
-    ];
-
-    fn byte(self) -> u8 {
-        match self {
-            Compression::None => 0,
-            Compression::Gzip => 1,
-            Compression::Zstd => 2,
-            Compression::Xz => 3,
-        }
-    }
-
-    fn from_byte(b: u8) -> Option<Compression> {
-        Compression::ALL.into_iter().find(|c| c.byte() == b)
-    }
-}
-
-impl From<ferry_crds::SaveCompression> for Compression {
-    fn from(c: ferry_crds::SaveCompression) -> Self {
-        match c {
-            ferry_crds::SaveCompression::None => Compression::None,
-            ferry_crds::SaveCompression::Gzip => Compression::Gzip,
-            ferry_crds::SaveCompression::Zstd => Compression::Zstd,
-            ferry_crds::SaveCompression::Xz => Compression::Xz,
-        }
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-/// Who and what the file holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Meta {
-    /// The domain name.
-    pub vm: String,
-    pub uuid: uuid::Uuid,
-    /// The definition the guest ran with: a restore must be ABI-compatible with it.
-    #[serde(rename = "domainXML")]
-    pub domain_xml: String,
-    pub qemu_version: String,
-    /// The node that saved it.
-    pub node: String,
-    /// When the save started, in milliseconds since the Unix epoch.
-    pub created_unix_ms: u64,
-}
-
-/// Why a state file is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum StateFileError {
-    #[error("saved state {path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("saved state {path} is not a Ferry saved-state file (bad magic)")]
-    WrongMagic { path: PathBuf },
-    #[error(
-        "saved state {path} has format version {found}; this agent reads version {FORMAT_VERSION}"
-    )]
-    UnsupportedVersion { path: PathBuf, found: u16 },
-    #[error("saved state {path} names an unknown compression (byte {found})")]
-    UnknownCompression { path: PathBuf, found: u8 },
-    #[error("saved state {path} is truncated: {what}")]
-    Truncated { path: PathBuf, what: String },
-    #[error("saved state {path} is corrupted: {what}")]
-    Corrupted { path: PathBuf, what: String },
-    #[error("saved state {path} holds VM '{found_vm}' ({found_uuid}), not '{vm}' ({uuid})")]
-    WrongVm {
-        path: PathBuf,
-        vm: String,
-        uuid: uuid::Uuid,
-        found_vm: String,
-        found_uuid: uuid::Uuid,
-    },
-}
-
-impl StateFileError {
-    /// A short, stable label per kind (condition reasons, metrics).
-    pub fn label(&self) -> &'static str {
-        match self {
-            StateFileError::Io { .. } => "Unreadable",
-            StateFileError::WrongMagic { .. } => "NotAStateFile",
-            StateFileError::UnsupportedVersion { .. } => "UnsupportedVersion",
-            StateFileError::UnknownCompression { .. } => "UnknownCompression",
-            StateFileError::Truncated { .. } => "Truncated",
-            StateFileError::Corrupted { .. } => "Corrupted",
-            StateFileError::WrongVm { .. } => "WrongVM",
-        }
-    }
-}
-
-fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StateFileError {
-    let path = path.to_path_buf();
-    move |source| StateFileError::Io { path, what, source }
-}
-
 /// What a finished write produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Written {
     /// Uncompressed stream bytes.
     pub stream_bytes: u64,
     /// The whole file's size.
     pub file_bytes: u64,
-    /// Hex SHA-256 of the header and stream.
+    /// Hex SHA-256 of the header and stream: the file's identity.
     pub sha256: String,
 }
 
-fn header_bytes(compression: Compression, meta: &Meta) -> Vec<u8> {
-    let meta = serde_json::to_vec(meta).expect("meta always serializes");
-    let mut h = Vec::with_capacity(FIXED + meta.len());
-    h.extend_from_slice(MAGIC);
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h.push(compression.byte());
-    h.push(0);
-    h.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    h.extend_from_slice(&meta);
-    h
+/// A writer that adds what passes through it to a MAC.
+struct MacWriter<'a, W> {
+    inner: W,
+    mac: &'a mut FileMac,
 }
 
-enum Encoder<W: Write> {
-    None(W),
-    Gzip(flate2::write::GzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-    Xz(liblzma::write::XzEncoder<W>),
-}
-
-impl<W: Write> Encoder<W> {
-    /// Each tool's default level: gzip 6, zstd 3, xz 6.
-    fn new(c: Compression, w: W) -> io::Result<Self> {
-        Ok(match c {
-            Compression::None => Encoder::None(w),
-            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
-                w,
-                flate2::Compression::default(),
-            )),
-            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, 3)?),
-            Compression::Xz => Encoder::Xz(liblzma::write::XzEncoder::new(w, 6)),
-        })
-    }
-
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Encoder::None(w) => Ok(w),
-            Encoder::Gzip(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
-            Encoder::Xz(e) => e.finish(),
-        }
-    }
-}
-
-impl<W: Write> Write for Encoder<W> {
+impl<W: Write> Write for MacWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Encoder::None(w) => w.write(buf),
-            Encoder::Gzip(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
-            Encoder::Xz(e) => e.write(buf),
-        }
+        let n = self.inner.write(buf)?;
+        self.mac.update(&buf[..n]);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Encoder::None(w) => w.flush(),
-            Encoder::Gzip(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
-            Encoder::Xz(e) => e.flush(),
-        }
+        self.inner.flush()
     }
 }
 
-fn decoder<'a, R: Read + 'a>(c: Compression, r: R) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match c {
-        Compression::None => Box::new(r),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(r)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
-        Compression::Xz => Box::new(liblzma::read::XzDecoder::new(r)),
-    })
-}
-
 /// Writes `stream` (read to its end) compressed into `file`, a new, empty file (the
-/// temporary file of a save, [`crate::storage::create_save`]), with header and trailer,
-/// and fsyncs it. `path` is the save's path, for messages. Blocking: run it on a
-/// blocking thread.
+/// temporary file of a save, [`crate::storage::create_save`]), with header and trailer
+/// signed with `key`, and fsyncs it. `path` is the save's path, for messages. Blocking:
+/// run it on a blocking thread.
 pub fn write(
     file: File,
     path: &Path,
     compression: Compression,
     meta: &Meta,
+    key: &StateKey,
     mut stream: impl Read,
 ) -> Result<Written, StateFileError> {
     let header = header_bytes(compression, meta);
@@ -261,8 +103,14 @@ pub fn write(
         .map_err(io_err(path, "writing the header"))?;
     let mut hash = Sha256::new();
     hash.update(&header);
+    let mut mac = key.mac();
+    mac.update(&header);
+    let signed = MacWriter {
+        inner: &mut out,
+        mac: &mut mac,
+    };
     let mut enc =
-        Encoder::new(compression, out).map_err(io_err(path, "starting the compressor"))?;
+        Encoder::new(compression, signed).map_err(io_err(path, "starting the compressor"))?;
     let mut buf = vec![0u8; CHUNK];
     let mut stream_bytes = 0u64;
     loop {
@@ -277,21 +125,22 @@ pub fn write(
             .map_err(io_err(path, "writing the stream"))?;
         stream_bytes += n as u64;
     }
-    let mut out = enc
-        .finish()
+    enc.finish()
         .map_err(io_err(path, "finishing the compressor"))?;
     out.flush().map_err(io_err(path, "writing the stream"))?;
     let end = out
         .stream_position()
         .map_err(io_err(path, "writing the stream"))?;
-    let payload = end - header.len() as u64;
-    let sha: [u8; 32] = hash.finalize().into();
-    let mut trailer = Vec::with_capacity(TRAILER);
-    trailer.extend_from_slice(TRAILER_MAGIC);
-    trailer.extend_from_slice(&payload.to_le_bytes());
-    trailer.extend_from_slice(&stream_bytes.to_le_bytes());
-    trailer.extend_from_slice(&sha);
-    out.write_all(&trailer)
+    let mut trailer = Trailer {
+        payload_len: end - header.len() as u64,
+        stream_bytes,
+        sha: hash.finalize().into(),
+        key_id: key.id().0,
+        mac: [0; 32],
+    };
+    mac.update(&trailer.signed_bytes());
+    trailer.mac = mac::finish(mac);
+    out.write_all(&trailer.to_bytes())
         .map_err(io_err(path, "writing the trailer"))?;
     let file = out
         .into_inner()
@@ -300,12 +149,8 @@ pub fn write(
     Ok(Written {
         stream_bytes,
         file_bytes: end + TRAILER as u64,
-        sha256: hex(&sha),
+        sha256: hex(&trailer.sha),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The VM a file must hold.
@@ -321,211 +166,157 @@ pub struct Verified {
     pub path: PathBuf,
     pub compression: Compression,
     pub meta: Meta,
-    header_len: u64,
-    payload_len: u64,
     pub stream_bytes: u64,
     pub file_bytes: u64,
-    sha: [u8; 32],
+    frame: Frame,
 }
 
-/// Reads header and trailer of `file` (whose path is `path`), without the payload.
-fn read_frame(mut file: &File, path: &Path) -> Result<(Verified, Vec<u8>), StateFileError> {
-    let truncated = |what: &str| StateFileError::Truncated {
-        path: path.to_path_buf(),
-        what: what.to_string(),
-    };
-    let corrupted = |what: String| StateFileError::Corrupted {
-        path: path.to_path_buf(),
-        what,
-    };
-    let len = file
-        .metadata()
-        .map_err(io_err(path, "reading its size"))?
-        .len();
-    file.rewind()
-        .map_err(io_err(path, "seeking to the header"))?;
-    let mut fixed = [0u8; FIXED];
-    if len < FIXED as u64 {
-        file.read_exact(&mut fixed[..len as usize])
-            .map_err(io_err(path, "reading the header"))?;
-        if !MAGIC.starts_with(&fixed[..(len as usize).min(8)]) {
-            return Err(StateFileError::WrongMagic {
-                path: path.to_path_buf(),
-            });
-        }
-        return Err(truncated("shorter than its header"));
+impl Verified {
+    /// Hex SHA-256 of header and stream, as the trailer records it: the file's identity.
+    pub fn sha256(&self) -> String {
+        hex(&self.frame.trailer.sha)
     }
-    file.read_exact(&mut fixed)
-        .map_err(io_err(path, "reading the header"))?;
-    if &fixed[..8] != MAGIC {
-        return Err(StateFileError::WrongMagic {
-            path: path.to_path_buf(),
-        });
-    }
-    let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-    if version != FORMAT_VERSION {
-        return Err(StateFileError::UnsupportedVersion {
-            path: path.to_path_buf(),
-            found: version,
-        });
-    }
-    let compression =
-        Compression::from_byte(fixed[10]).ok_or(StateFileError::UnknownCompression {
-            path: path.to_path_buf(),
-            found: fixed[10],
-        })?;
-    let meta_len = u32::from_le_bytes(fixed[12..16].try_into().expect("4 bytes"));
-    if meta_len > MAX_META {
-        return Err(corrupted(format!(
-            "header block of {meta_len} bytes is over the limit of {MAX_META}"
-        )));
-    }
-    let header_len = FIXED as u64 + meta_len as u64;
-    if len < header_len + TRAILER as u64 {
-        return Err(truncated(&format!(
-            "{len} bytes, shorter than its header and trailer"
-        )));
-    }
-    let mut header = fixed.to_vec();
-    header.resize(header_len as usize, 0);
-    file.read_exact(&mut header[FIXED..])
-        .map_err(io_err(path, "reading the header"))?;
-    let meta: Meta = serde_json::from_slice(&header[FIXED..])
-        .map_err(|e| corrupted(format!("header block: {e}")))?;
-    let mut trailer = [0u8; TRAILER];
-    file.seek(SeekFrom::Start(len - TRAILER as u64))
-        .and_then(|_| file.read_exact(&mut trailer))
-        .map_err(io_err(path, "reading the trailer"))?;
-    if &trailer[..8] != TRAILER_MAGIC {
-        return Err(truncated(
-            "no trailer at its end (the save did not finish, or the file was cut)",
-        ));
-    }
-    let payload_len = u64::from_le_bytes(trailer[8..16].try_into().expect("8 bytes"));
-    let stream_bytes = u64::from_le_bytes(trailer[16..24].try_into().expect("8 bytes"));
-    let sha: [u8; 32] = trailer[24..56].try_into().expect("32 bytes");
-    if header_len
-        .checked_add(payload_len)
-        .and_then(|l| l.checked_add(TRAILER as u64))
-        != Some(len)
-    {
-        return Err(corrupted(format!(
-            "its trailer gives {payload_len} payload bytes, but the file has {}",
-            len.saturating_sub(header_len + TRAILER as u64)
-        )));
-    }
-    let v = Verified {
-        path: path.to_path_buf(),
-        compression,
-        meta,
-        header_len,
-        payload_len,
-        stream_bytes,
-        file_bytes: len,
-        sha,
-    };
-    Ok((v, header))
 }
 
-/// Decompresses the payload of `v` from `file` into `out`, hashing it after `header`;
-/// checks length and checksum at the end.
+/// The SHA-256 (hex) that the trailer of `file` records, read without the payload and
+/// not authenticated: enough to tell a file from another, not to trust it.
+pub fn recorded_sha256(file: &File, path: &Path) -> Result<String, StateFileError> {
+    Ok(hex(&read_frame(file, path)?.trailer.sha))
+}
+
+/// Decompresses the payload of `frame` from `file` into `out` (within the decoders'
+/// limits), hashing it after the header; checks length and checksum at the end. With
+/// `mac`, every payload byte is added to it (those the decoder did not need too).
 fn pump(
     mut file: &File,
-    v: &Verified,
-    header: &[u8],
+    frame: &Frame,
+    path: &Path,
     out: &mut dyn Write,
     out_what: &'static str,
+    mut mac: Option<&mut FileMac>,
 ) -> Result<u64, StateFileError> {
-    let path = v.path.as_path();
-    file.seek(SeekFrom::Start(v.header_len))
+    let t = &frame.trailer;
+    file.seek(SeekFrom::Start(frame.header_len()))
         .map_err(io_err(path, "seeking to the stream"))?;
-    let payload = BufReader::with_capacity(CHUNK, file.take(v.payload_len));
-    let mut dec = decoder(v.compression, payload).map_err(|e| StateFileError::Corrupted {
-        path: path.to_path_buf(),
-        what: format!("{} stream: {e}", v.compression),
-    })?;
+    let mut raw = file.take(t.payload_len);
     let mut hash = Sha256::new();
-    hash.update(header);
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = match dec.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(StateFileError::Corrupted {
-                    path: path.to_path_buf(),
-                    what: format!("{} stream: {e}", v.compression),
-                });
-            }
-        };
-        total += n as u64;
-        if total > v.stream_bytes {
-            return Err(StateFileError::Corrupted {
+    hash.update(&frame.header);
+    let total = {
+        let payload = BufReader::with_capacity(
+            CHUNK,
+            MacReader {
+                inner: &mut raw,
+                mac: mac.as_deref_mut(),
+            },
+        );
+        let mut dec =
+            decoder(frame.compression, payload).map_err(|e| StateFileError::Corrupted {
                 path: path.to_path_buf(),
-                what: format!(
-                    "the stream is longer than the {} bytes its trailer gives",
-                    v.stream_bytes
-                ),
-            });
-        }
-        hash.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(io_err(path, out_what))?;
+                what: format!("{} stream: {e}", frame.compression),
+            })?;
+        inflate(
+            &mut *dec,
+            frame.compression,
+            t.stream_bytes,
+            path,
+            |chunk| {
+                hash.update(chunk);
+                write_to(out, chunk, path, out_what)
+            },
+        )?
+    };
+    if let Some(mac) = mac {
+        let mut rest = MacReader {
+            inner: &mut raw,
+            mac: Some(mac),
+        };
+        io::copy(&mut rest, &mut io::sink()).map_err(io_err(path, "reading the stream"))?;
     }
-    if total != v.stream_bytes {
+    if total != t.stream_bytes {
         return Err(StateFileError::Corrupted {
             path: path.to_path_buf(),
             what: format!(
                 "the stream has {total} bytes, its trailer says {}",
-                v.stream_bytes
+                t.stream_bytes
             ),
         });
     }
     let sha: [u8; 32] = hash.finalize().into();
-    if sha != v.sha {
+    if sha != t.sha {
         return Err(StateFileError::Corrupted {
             path: path.to_path_buf(),
             what: format!(
                 "checksum mismatch (SHA-256 {} computed, {} recorded)",
                 hex(&sha),
-                hex(&v.sha)
+                hex(&t.sha)
             ),
         });
     }
     Ok(total)
 }
 
-/// Checks the whole of `file`, opened from `path` (named in messages): magic, version,
-/// compression, the VM it holds, the trailer, and the stream's length and SHA-256 (it
-/// decompresses the stream once). Blocking.
-pub fn verify(file: &File, path: &Path, expect: Expect<'_>) -> Result<Verified, StateFileError> {
-    let (v, header) = read_frame(file, path)?;
-    if v.meta.vm != expect.vm || v.meta.uuid != expect.uuid {
+/// Checks the whole of `file`, opened from `path` (named in messages), before any of it
+/// reaches QEMU: magic, version, compression, the trailer, the MAC under `key` (over the
+/// raw bytes, before any decoder reads them), the VM it holds, and the stream's length
+/// and SHA-256 (decompressing it once, within the decoders' limits). Blocking.
+pub fn verify(
+    file: &File,
+    path: &Path,
+    expect: Expect<'_>,
+    key: &StateKey,
+) -> Result<Verified, StateFileError> {
+    let frame = read_frame(file, path)?;
+    mac::authenticate(file, &frame, key, path)?;
+    let meta = frame.meta(path)?;
+    if meta.vm != expect.vm || meta.uuid != expect.uuid {
         return Err(StateFileError::WrongVm {
             path: path.to_path_buf(),
             vm: expect.vm.to_string(),
             uuid: expect.uuid,
-            found_vm: v.meta.vm.clone(),
-            found_uuid: v.meta.uuid,
+            found_vm: meta.vm,
+            found_uuid: meta.uuid,
         });
     }
-    pump(file, &v, &header, &mut io::sink(), "hashing")?;
-    Ok(v)
+    pump(file, &frame, path, &mut io::sink(), "hashing", None)?;
+    Ok(Verified {
+        path: path.to_path_buf(),
+        compression: frame.compression,
+        meta,
+        stream_bytes: frame.trailer.stream_bytes,
+        file_bytes: frame.file_bytes,
+        frame,
+    })
 }
 
 /// Writes the stream of `file`, which [`verify`] accepted as `v`, into `out` (QEMU's
-/// pipe), checking it again on the way: an error at the end means the file changed
-/// since. Blocking.
-pub fn stream(file: &File, v: &Verified, out: &mut dyn Write) -> Result<u64, StateFileError> {
-    let (again, header) = read_frame(file, &v.path)?;
-    if again != *v {
+/// pipe), checking it again on the way (MAC under `key` and SHA-256): an error at the
+/// end means the file changed since. Blocking.
+pub fn stream(
+    file: &File,
+    v: &Verified,
+    key: &StateKey,
+    out: &mut dyn Write,
+) -> Result<u64, StateFileError> {
+    let again = read_frame(file, &v.path)?;
+    if again != v.frame {
         return Err(StateFileError::Corrupted {
             path: v.path.clone(),
             what: "the file changed since it was verified".into(),
         });
     }
-    pump(file, v, &header, out, "writing to QEMU")
+    let mut mac = key.mac();
+    mac.update(&again.header);
+    let n = pump(
+        file,
+        &again,
+        &v.path,
+        out,
+        "writing to QEMU",
+        Some(&mut mac),
+    )?;
+    mac.update(&again.trailer.signed_bytes());
+    mac::check(mac, &again, key, &v.path)?;
+    Ok(n)
 }
 
 #[cfg(test)]
