@@ -29,8 +29,9 @@
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
 //!
-//! - [`statefile`]: the saved-state file (header, compressed stream, trailer with length
-//!   and SHA-256), [`statefile::verify`] refusing a truncated, corrupted or foreign file.
+//! - [`statefile`]: the saved-state file (header, compressed stream, trailer with length,
+//!   SHA-256 and an HMAC-SHA256 under the cluster's state key), [`statefile::verify`]
+//!   refusing an unsigned, truncated, corrupted or foreign file, with bounded decoders.
 //! - [`phases::save`]: the Perform of a migration to a file
 //!   ([`save::save`](phases::save::save): the file created beneath the storage roots
 //!   first, then pipe, QMP `getfd`, `migrate fd:`, compression on a blocking thread) and

@@ -123,6 +123,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tasks: Default::default(),
         reserved_ports: Default::default(),
         certs: Default::default(),
+        state_key: Default::default(),
     });
     // The metrics port first: a peer port left to the system (`--peer-port 0`) can then
     // never be the one the metrics address names.
@@ -157,6 +158,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let http = tokio::spawn(ferry_runtime::serve_on(metrics, encode, ready));
     tokio::spawn(k8s::vms::sweep(agent.clone()));
     tokio::spawn(k8s::certs::run(agent.clone()));
+    tokio::spawn(k8s::state_key::run(agent.clone()));
     let vms = tokio::spawn(k8s::vms::run(agent.clone()));
     let dispatcher = tokio::spawn(k8s::dispatch::run(agent.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

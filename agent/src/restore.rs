@@ -5,11 +5,13 @@
 //! allow, a symbolic link, a FIFO or anything else that is not a regular file is
 //! refused (reason `HostPathRefused`). Everything after reads that open file, never the
 //! path again. [`verify`] runs next, before any QEMU: the file must be a whole,
-//! unchanged [`statefile`] of this very guest (name and uuid), and the definition to
+//! unchanged [`statefile`] signed with the cluster's state key (a file without a valid
+//! MAC — another cluster's, an older unsigned one, one a tenant wrote — is refused
+//! before any decoder reads it), of this very guest (name and uuid), and the definition to
 //! start must be ABI-compatible with the one saved ([`abi::check`]). Only then
 //! [`restore_verified`] starts QEMU paused with `-incoming defer`, hands it the read end
 //! of a pipe (`getfd`), `migrate-incoming fd:` from it, and streams the decompressed
-//! file into the pipe on a blocking thread (checking the checksum again). Once the state
+//! file into the pipe on a blocking thread (checking MAC and checksum again). Once the state
 //! has loaded it resumes the vCPUs. Any failure after QEMU started removes that QEMU;
 //! the file is never written.
 
@@ -18,7 +20,7 @@ use crate::domain::{Domain, DomainError};
 use crate::phases::{Arrival, arrival};
 use crate::policy::Side;
 use crate::qmp::{MigrationInfo, QmpError, StatusInfo};
-use crate::statefile::{self, StateFileError, Verified};
+use crate::statefile::{self, StateFileError, StateKey, Verified};
 use crate::storage::{self, Access, Owner, StorageError, StorageRoots, UserPath};
 use crate::supervisor::{Supervisor, SupervisorError};
 use serde_json::json;
@@ -41,12 +43,24 @@ pub enum RestoreError {
     /// names no regular file beneath them.
     #[error(transparent)]
     HostPath(#[from] StorageError),
-    #[error(transparent)]
+    /// A refused file: `spec.restoreFrom: saved state <path> <the rule it broke>`.
+    #[error("{PATH_FIELD}: {0}")]
     File(#[from] StateFileError),
     #[error("saved state {path}: its saved definition cannot be read: {source}")]
     SavedDefinition { path: PathBuf, source: DomainError },
     #[error("saved state {path} cannot be restored into this definition: {source}")]
     Abi { path: PathBuf, source: AbiError },
+    /// The file is the one the guest was restored from already (by its SHA-256).
+    #[error(
+        "spec.restoreFrom: saved state {path} is the file the guest was restored from already (from {from}, \
+         SHA-256 {sha256}): a saved state is restored once, since the guest and its disks \
+         went on from it; to restore it again, clear the VM's status.restoredFrom"
+    )]
+    Consumed {
+        path: String,
+        from: String,
+        sha256: String,
+    },
     #[error("VM '{vm}' already runs on this node (pid {pid}); nothing was restored")]
     AlreadyRunning { vm: String, pid: i32 },
     #[error(transparent)]
@@ -68,12 +82,17 @@ impl RestoreError {
                 "Unreadable" => "StateFileUnreadable",
                 "NotAStateFile" => "StateFileNotAStateFile",
                 "UnsupportedVersion" => "StateFileUnsupportedVersion",
+                "Unsigned" => "StateFileUnsigned",
+                "BadMac" => "StateFileBadMac",
+                "Oversized" => "StateFileOversized",
+                "DecoderLimit" => "StateFileDecoderLimit",
                 "UnknownCompression" => "StateFileUnknownCompression",
                 "Truncated" => "StateFileTruncated",
                 "WrongVM" => "StateFileWrongVM",
                 _ => "StateFileCorrupted",
             },
             RestoreError::SavedDefinition { .. } => "StateFileCorrupted",
+            RestoreError::Consumed { .. } => "StateFileConsumed",
             RestoreError::Abi { .. } => "AbiMismatch",
             RestoreError::AlreadyRunning { .. } => "AlreadyRunning",
             RestoreError::Supervisor(SupervisorError::Storage { .. }) => "HostPathRefused",
@@ -127,6 +146,18 @@ impl SavedFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The SHA-256 (hex) its trailer records, unauthenticated (it tells one file from
+    /// another; [`verify`] checks it); `None` for a file without a readable trailer.
+    pub async fn recorded_sha256(&self) -> Option<String> {
+        let reading = self.clone();
+        tokio::task::spawn_blocking(move || {
+            statefile::recorded_sha256(&reading.file, &reading.path).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
 }
 
 /// A file [`verify`] accepted for a definition, still open.
@@ -134,17 +165,26 @@ impl SavedFile {
 pub struct VerifiedFile {
     file: SavedFile,
     pub verified: Verified,
+    /// The key it was verified with; streaming it checks the MAC again.
+    key: StateKey,
 }
 
-/// Checks `file` for a restore of `domain`, without starting anything.
-pub async fn verify(file: SavedFile, domain: &Domain) -> Result<VerifiedFile, RestoreError> {
+/// Checks `file` for a restore of `domain`, without starting anything: it must be
+/// signed with `key`, the cluster's state key.
+pub async fn verify(
+    file: SavedFile,
+    domain: &Domain,
+    key: &StateKey,
+) -> Result<VerifiedFile, RestoreError> {
     let (vm, uuid) = (domain.name.clone(), domain.uuid);
     let reading = file.clone();
+    let with = key.clone();
     let verified = tokio::task::spawn_blocking(move || {
         statefile::verify(
             &reading.file,
             &reading.path,
             statefile::Expect { vm: &vm, uuid },
+            &with,
         )
     })
     .await
@@ -159,18 +199,23 @@ pub async fn verify(file: SavedFile, domain: &Domain) -> Result<VerifiedFile, Re
         path: file.path.clone(),
         source,
     })?;
-    Ok(VerifiedFile { file, verified })
+    Ok(VerifiedFile {
+        file,
+        verified,
+        key: key.clone(),
+    })
 }
 
 /// Restores `domain` from `path` (`spec.restoreFrom` of a VM in `namespace`) on this
 /// node and resumes it: [`SavedFile::open`] beneath the node's storage roots,
-/// [`verify`], [`restore_verified`].
-#[tracing::instrument(skip_all, fields(vm = %domain.name, namespace, path))]
+/// [`verify`] (signed with `key`), [`restore_verified`].
+#[tracing::instrument(skip_all, fields(vm = %domain.name, namespace = owner.namespace, path))]
 pub async fn restore(
     sup: &Supervisor,
     domain: &Domain,
     owner: Owner<'_>,
     path: &str,
+    key: &StateKey,
 ) -> Result<RestoreOutput, RestoreError> {
     let vm = domain.name.as_str();
     if let Some(pid) = sup.running_pid(vm) {
@@ -181,7 +226,7 @@ pub async fn restore(
     }
     let file = SavedFile::open(&sup.node().storage, owner.namespace, path)?;
     let t0 = Instant::now();
-    let checked = verify(file, domain).await?;
+    let checked = verify(file, domain, key).await?;
     let verify_ms = t0.elapsed().as_millis() as u64;
     let verified = &checked.verified;
     tracing::info!(vm, compression = %verified.compression, stream_bytes = verified.stream_bytes, verify_ms, "saved state verified; starting QEMU");
@@ -245,7 +290,12 @@ async fn load(qmp: &crate::qmp::Qmp, checked: VerifiedFile) -> Result<(), Restor
     .await?;
     // Dropping the writer at the end is QEMU's end of stream.
     let fed = tokio::task::spawn_blocking(move || {
-        statefile::stream(&checked.file.file, &checked.verified, &mut writer)
+        statefile::stream(
+            &checked.file.file,
+            &checked.verified,
+            &checked.key,
+            &mut writer,
+        )
     })
     .await
     .map_err(|e| RestoreError::Load(format!("the file reader died: {e}")))?;

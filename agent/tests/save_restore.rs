@@ -1,14 +1,17 @@
 //! Migration to a file and restore, real QEMU: save on node-a with each compressor,
 //! restore on node-b (another state dir and host uuid), the guest's counter and memory
-//! go on; bad files are refused before any QEMU starts. The files are beneath a storage
-//! root of both nodes, in the namespace's directory ([`Lab::with_save_root`]). Run with
-//! `--nocapture` for the table of sizes and times per compressor.
+//! go on; bad files (truncated, changed, signed with another cluster's key, of the
+//! unsigned format version 1) are refused before any QEMU starts. The files are beneath
+//! a storage root of both nodes, in the namespace's directory
+//! ([`Lab::with_save_root`]); both nodes hold the lab's state key ([`Lab::key`]). Run
+//! with `--nocapture` for the table of sizes and times per compressor.
 
 mod support;
 
 use ferry_agent::domain::Domain;
 use ferry_agent::restore::{RestoreError, restore};
-use ferry_agent::statefile::Compression;
+use ferry_agent::statefile::craft::resign;
+use ferry_agent::statefile::{Compression, UNSIGNED_VERSION};
 use std::path::Path;
 use std::time::Duration;
 use support::*;
@@ -51,7 +54,7 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
         assert!(out.stream_bytes > 0);
 
         let domain = Domain::parse(&lab.xml()).unwrap();
-        let restored = within(restore(&lab.b, &domain, OWNER, text(&path)))
+        let restored = within(restore(&lab.b, &domain, OWNER, text(&path), &lab.key))
             .await
             .unwrap();
         assert_eq!(restored.stream_bytes, out.stream_bytes);
@@ -92,20 +95,41 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
 
     let truncated = lab.save_path("truncated.fsav");
     std::fs::write(&truncated, &good[..good.len() * 2 / 3]).unwrap();
+    // A byte changed: the MAC no longer matches (checked before anything decompresses).
     let corrupted = lab.save_path("corrupted.fsav");
     let mut bytes = good.clone();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&corrupted, &bytes).unwrap();
+    // Valid in every respect but signed with another cluster's key.
+    let foreign = lab.save_path("foreign.fsav");
+    std::fs::write(&foreign, resign(&good, &other_key()).unwrap()).unwrap();
+    // The previous format, which carried no MAC.
+    let unsigned = lab.save_path("unsigned.fsav");
+    let mut bytes = good.clone();
+    bytes[8..10].copy_from_slice(&UNSIGNED_VERSION.to_le_bytes());
+    std::fs::write(&unsigned, &bytes).unwrap();
     let other_guest = Domain::parse(&lab.xml().replace(
         &lab.uuid.to_string(),
         "00000000-0000-4000-8000-000000000001",
     ))
     .unwrap();
     let bigger = Domain::parse(&lab.xml_with(&lab.disk, 1, "ide", 128, "")).unwrap();
-    let cases: [(&Path, &Domain, &str, &str); 4] = [
+    let cases: [(&Path, &Domain, &str, &str); 6] = [
         (&truncated, &domain, "StateFileTruncated", "is truncated"),
-        (&corrupted, &domain, "StateFileCorrupted", "is corrupted"),
+        (
+            &corrupted,
+            &domain,
+            "StateFileBadMac",
+            "not those the key signed",
+        ),
+        (
+            &foreign,
+            &domain,
+            "StateFileBadMac",
+            "not this cluster's key",
+        ),
+        (&unsigned, &domain, "StateFileUnsigned", "carries no MAC"),
         (&path, &other_guest, "StateFileWrongVM", "holds VM"),
         (
             &path,
@@ -116,7 +140,9 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
     ];
     for (file, dom, reason, says) in cases {
         let on_disk = std::fs::read(file).unwrap();
-        let err = restore(&lab.b, dom, OWNER, text(file)).await.unwrap_err();
+        let err = restore(&lab.b, dom, OWNER, text(file), &lab.key)
+            .await
+            .unwrap_err();
         assert_eq!(err.reason(), reason, "{err}");
         assert!(err.to_string().contains(says), "{err}");
         assert!(matches!(
@@ -128,12 +154,12 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
         assert_eq!(std::fs::read(file).unwrap(), on_disk, "the file changed");
     }
     // The good file still restores, and the guest goes on.
-    within(restore(&lab.b, &domain, OWNER, text(&path)))
+    within(restore(&lab.b, &domain, OWNER, text(&path), &lab.key))
         .await
         .unwrap();
     lab.assert_continues_on_b(&before, 2).await;
     // A second restore while it runs is refused.
-    let err = restore(&lab.b, &domain, OWNER, text(&path))
+    let err = restore(&lab.b, &domain, OWNER, text(&path), &lab.key)
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "AlreadyRunning", "{err}");

@@ -1,7 +1,8 @@
 //! Names the operator and the agents share for TLS on the migration stream: node
 //! certificates are issued through CertificateSigningRequests (certificates.k8s.io/v1)
 //! for the signer [`SIGNER_NAME`]; the cluster CA's certificate is published in a
-//! ConfigMap in Ferry's namespace (docs/protocol.md, "Node certificates").
+//! ConfigMap in Ferry's namespace (docs/protocol.md, "Node certificates"). Also the
+//! cluster secret that signs saved-state files ([`STATE_KEY_NAME`]).
 
 /// The signer agents' CSRs name; the operator approves and signs for it.
 pub const SIGNER_NAME: &str = "ferry.dev/migration";
@@ -28,3 +29,11 @@ pub fn csr_name(node: &str, key_hash: &str) -> String {
     let short: String = key_hash.chars().take(10).collect();
     format!("ferry-{node}-{short}")
 }
+
+/// The Secret in Ferry's namespace with the cluster's state key: 32 random bytes under
+/// [`STATE_KEY_KEY`], created by the operator when missing and read by every agent,
+/// which signs the state files it saves with it and restores only files signed with it
+/// (docs/design.md, "State files").
+pub const STATE_KEY_NAME: &str = "ferry-state-key";
+/// The Secret's data key of the state key (32 raw bytes).
+pub const STATE_KEY_KEY: &str = "key";

@@ -59,11 +59,14 @@ pub struct VirtualMachineSpec {
 
     /// Start the guest from a saved state (a file a migration with `toFile` wrote)
     /// instead of booting it: the agent of the node that starts the guest checks the
-    /// file (format, checksum, that it holds this guest, and that `domainXML` is
-    /// ABI-compatible with the saved definition) before it starts QEMU, then loads the
-    /// state and resumes the guest where it stopped. A refused file leaves the VM as it
-    /// was, with a `Ready=False` condition and an Event naming the problem. Used once:
-    /// after a restore `status.restoredFrom` names the file, and a later start boots.
+    /// file (its MAC under the cluster's state key, format, checksum, that it holds this
+    /// guest, and that `domainXML` is ABI-compatible with the saved definition) before
+    /// it starts QEMU, then loads the state and resumes the guest where it stopped. A
+    /// refused file leaves the VM as it was, with a `Ready=False` condition and an Event
+    /// naming the problem. Used once: after a restore `status.restoredFrom` and
+    /// `status.restoredSha256` name the file, a later start boots, and the same file
+    /// (by its SHA-256, at any path) is not restored again unless `status.restoredFrom`
+    /// is cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 4096))]
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./')").message("restoreFrom must be an absolute file path without '.' or '..' components"))]
@@ -128,8 +131,15 @@ pub struct VirtualMachineStatus {
     pub saved_state: Option<SavedState>,
 
     /// The saved state (`spec.restoreFrom`) the running guest was restored from.
+    /// Clearing it allows the file of `restoredSha256` to be restored once more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+
+    /// The SHA-256 (hex, as the file's trailer records it) of the saved state the guest
+    /// was restored from: the file's identity, so that another file written later at
+    /// the same path is restored, and this one is not restored again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_sha256: Option<String>,
 
     /// Standard conditions: `Ready` (the guest runs and answers QMP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

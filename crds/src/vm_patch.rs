@@ -33,6 +33,8 @@ pub struct VirtualMachineStatusPatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<Option<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_sha256: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub conditions: Option<Vec<Condition>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -109,6 +111,7 @@ mod tests {
                 socket: "/var/lib/ferry/vms/demo/vnc.sock".into(),
             })),
             restored_from: Some(Some("/f".into())),
+            restored_sha256: Some(Some("00ff".into())),
             observed_generation: Some(1),
             ..Default::default()
         };

@@ -10,6 +10,7 @@
 //! - [`history`]: which finished migrations go beyond the history limit (pure).
 //! - [`signer`] (pure) and [`certs`] (I/O): the cluster CA and the node certificates
 //!   for TLS on the migration stream, through CertificateSigningRequests.
+//! - [`state_key`]: the cluster's state key, which signs saved-state files.
 
 pub mod admission;
 pub mod certs;
@@ -24,4 +25,5 @@ pub mod nodes;
 pub mod policy;
 pub mod reconcile;
 pub mod signer;
+pub mod state_key;
 pub mod transitions;

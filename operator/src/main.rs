@@ -142,6 +142,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // The cluster CA and the node certificates of the migration stream (TLS).
     let ca = ferry_operator::certs::ensure_ca(&client, &args.namespace).await?;
+    // The key the agents sign and check saved-state files with.
+    ferry_operator::state_key::ensure(&client, &args.namespace).await?;
     let agent_user = format!(
         "system:serviceaccount:{}:{}",
         args.namespace, args.agent_service_account

@@ -263,6 +263,19 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
             .get("ferry-ca")
             .await,
     );
+    Api::<Secret>::namespaced(c.admin.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &ferry_operator::state_key::secret([7; 32]),
+        )
+        .await
+        .unwrap();
+    allowed(
+        "read the state key",
+        Api::<Secret>::namespaced(agent.clone(), NS)
+            .get("ferry-state-key")
+            .await,
+    );
 
     // And no more.
     forbidden(
@@ -294,6 +307,23 @@ async fn agent_reads_specs_writes_status_and_nothing_more() {
         "read other ConfigMaps",
         Api::<ConfigMap>::namespaced(agent.clone(), NS)
             .get("kube-root-ca.crt")
+            .await,
+    );
+    let agent_secrets = Api::<Secret>::namespaced(agent.clone(), NS);
+    forbidden(
+        "replace the state key",
+        agent_secrets
+            .patch(
+                "ferry-state-key",
+                &pp,
+                &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await,
+    );
+    forbidden(
+        "delete the state key",
+        agent_secrets
+            .delete("ferry-state-key", &DeleteParams::default())
             .await,
     );
     forbidden(
@@ -484,6 +514,19 @@ async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
             .await,
     );
     allowed("read the CA Secret", secrets.get("ferry-ca").await);
+    allowed(
+        "create the state key",
+        secrets
+            .create(
+                &PostParams::default(),
+                &ferry_operator::state_key::secret([7; 32]),
+            )
+            .await,
+    );
+    forbidden(
+        "read the state key (only the agents need it)",
+        secrets.get("ferry-state-key").await,
+    );
     let maps: Api<ConfigMap> = Api::namespaced(op.clone(), NS);
     allowed(
         "publish the CA certificate",

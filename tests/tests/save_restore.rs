@@ -3,8 +3,12 @@
 //! starts on node-b from the file and its guest goes on counting. A truncated copy is
 //! refused first, with a condition and an Event, and nothing else changes. A save and a
 //! restore whose path is in another namespace's directory of the storage roots are
-//! refused before anything is done: the guest runs on, no QEMU starts.
+//! refused before anything is done: the guest runs on, no QEMU starts. The restore
+//! records the file's SHA-256. Hostile files in the namespace's save dir (a valid file
+//! re-signed with another key, a flipped MAC byte, a decompression bomb) are refused
+//! with their reason while the restored guest runs on.
 
+use std::io::Read;
 use std::time::Duration;
 
 use ferry_crds::{
@@ -310,6 +314,128 @@ async fn save_on_one_node_and_restore_on_the_other() {
         assert_eq!(w[1], w[0] + 1, "the counter skipped on node-b: {on_b:?}");
     }
     guest_goes_on(&cluster, "node-b", first_on_b).await;
+
+    // The restore recorded which file it consumed: its path and its SHA-256.
+    let file = std::fs::File::open(&path).unwrap();
+    let sha256 = ferry_agent::statefile::recorded_sha256(&file, &path).unwrap();
+    assert_eq!(vm.restored_sha256.as_deref(), Some(sha256.as_str()));
+
+    hostile_files_are_refused(&cluster, &client, &good).await;
+}
+
+/// Hostile files a tenant could leave in its namespace's save dir, each named by
+/// `spec.restoreFrom` of a new VM on node-b while the restored guest runs there: the
+/// good file re-signed with another key, a byte flipped in its MAC, and a
+/// decompression bomb (signed with the cluster's own key, so that it gets past the MAC
+/// and the decoder's bound is what stops it; unsigned, the MAC refuses it unread). Each
+/// is refused with its reason and a message naming the field, the path and the rule;
+/// no QEMU starts and the running guest goes on, same QEMU.
+async fn hostile_files_are_refused(
+    cluster: &ferry_tests::Cluster,
+    client: &kube::Client,
+    good: &[u8],
+) {
+    use ferry_agent::statefile::{Compression, Meta, StateKey, craft};
+    let saves = cluster.save_dir("default");
+    let pid = cluster.qemu_pids("demo")["node-b"];
+    let key: k8s_openapi::api::core::v1::Secret =
+        Api::namespaced(client.clone(), ferry_tests::cluster::NAMESPACE)
+            .get("ferry-state-key")
+            .await
+            .unwrap();
+    let cluster_key = StateKey::from_bytes(&key.data.unwrap()["key"].0).unwrap();
+    let other = StateKey::from_bytes(&[0x42; 32]).unwrap();
+    let resigned = saves.join("resigned.fsav");
+    std::fs::write(&resigned, craft::resign(good, &other).unwrap()).unwrap();
+    let flipped = saves.join("flipped-mac.fsav");
+    let mut bytes = good.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&flipped, &bytes).unwrap();
+    // 256 MiB of zeros in a few KiB of zstd, declaring 1 MiB.
+    let (name, uuid) = ("intruder", "0b0b0b0b-0000-4000-8000-00000000b0b0");
+    let payload = craft::compress(Compression::Zstd, std::io::repeat(0).take(256 << 20)).unwrap();
+    let meta = Meta {
+        vm: name.into(),
+        uuid: uuid.parse().unwrap(),
+        domain_xml: String::new(),
+        qemu_version: "9.0.0".into(),
+        node: "node-b".into(),
+        created_unix_ms: 0,
+    };
+    let bomb = saves.join("bomb.fsav");
+    let file = craft::assemble(
+        Compression::Zstd,
+        &meta,
+        &payload,
+        1 << 20,
+        [0; 32],
+        &cluster_key,
+    );
+    std::fs::write(&bomb, &file).unwrap();
+    let unsigned_bomb = saves.join("unsigned-bomb.fsav");
+    std::fs::write(&unsigned_bomb, craft::resign(&file, &other).unwrap()).unwrap();
+
+    let disk = cluster.disk("default", "test-guest.img");
+    let vm_yaml = |restore_from: &std::path::Path| {
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n\
+             spec:\n  nodeName: node-b\n  restoreFrom: {}\n  domainXML: |\n    \
+             <domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>\
+             <memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>\n",
+            restore_from.display(),
+            disk.display()
+        )
+    };
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let started = std::time::Instant::now();
+    for (file, reason, says) in [
+        (&resigned, "StateFileBadMac", "not this cluster's key"),
+        (&flipped, "StateFileBadMac", "not those the key signed"),
+        (&unsigned_bomb, "StateFileBadMac", "not this cluster's key"),
+        (
+            &bomb,
+            "StateFileOversized",
+            "inflates beyond the 1048576 bytes",
+        ),
+    ] {
+        let before = std::fs::read(file).unwrap();
+        apply_yaml(cluster, &vm_yaml(file)).await;
+        let (_, message) = eventually(
+            &format!("{} to be refused", file.display()),
+            Duration::from_secs(30),
+            || async {
+                let s = vms.get(name).await.ok()?.status?;
+                let c = s.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+                let generation = vms.get(name).await.ok()?.metadata.generation;
+                (c.reason == reason && c.observed_generation == generation)
+                    .then_some((c.reason, c.message))
+            },
+        )
+        .await;
+        let field_path_rule = format!("spec.restoreFrom: saved state {}", file.display());
+        assert!(message.contains(&field_path_rule), "{message}");
+        assert!(message.contains(says), "{message}");
+        println!("{}: {reason}: {message}", file.display());
+        assert!(
+            cluster.qemu_pids(name).is_empty(),
+            "a QEMU started for {}",
+            file.display()
+        );
+        let vm = vms.get(name).await.unwrap().status.unwrap();
+        assert_eq!(vm.node_name, None, "the refused restore claimed the VM");
+        assert_eq!(std::fs::read(file).unwrap(), before, "the file changed");
+        assert_eq!(
+            cluster.qemu_pids("demo")["node-b"],
+            pid,
+            "the running guest's QEMU changed"
+        );
+    }
+    println!("four hostile files refused in {:?}", started.elapsed());
+    let now = last_pass(cluster, "node-b", "demo").unwrap();
+    guest_goes_on(cluster, "node-b", now).await;
 }
 
 /// A migration `name` saving the example VM into `path` with zstd.

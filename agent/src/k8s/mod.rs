@@ -1,6 +1,6 @@
 //! The Kubernetes side of the agent binary: the node heartbeat, the VM lifecycle on this
-//! node, its migration certificate (CSR), and the migration phases asked of it through
-//! the migrations' status
+//! node, its migration certificate (CSR), the cluster's state key, and the migration
+//! phases asked of it through the migrations' status
 //! (docs/protocol.md). The data plane it drives is the `ferry_agent` library.
 
 pub mod certs;
@@ -13,6 +13,7 @@ pub mod peer;
 pub mod phase;
 pub mod recovery;
 pub mod runner;
+pub mod state_key;
 pub mod status;
 pub mod tasks;
 pub mod vms;
@@ -43,6 +44,9 @@ pub struct Agent {
     pub reserved_ports: Mutex<HashSet<u16>>,
     /// This node's migration certificate (TLS), kept current by [`certs::run`].
     pub certs: certs::Store,
+    /// The cluster's state key, which signs and checks state files, kept by
+    /// [`state_key::run`].
+    pub state_key: state_key::KeyStore,
 }
 
 /// A migration port reserved for one Prepare; released when dropped, by which time the

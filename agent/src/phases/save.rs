@@ -1,7 +1,8 @@
 //! Save (the Perform of a migration to a file, on the source): pauses the guest, hands
 //! QEMU the write end of a pipe (`getfd`, over the monitor socket with SCM_RIGHTS), lets
 //! it `migrate fd:` into it, and on a blocking thread compresses what comes out of the
-//! pipe into a [`statefile`] — no shell, no helper process. The file is created beneath
+//! pipe into a [`statefile`] signed with the cluster's state key — no shell, no helper
+//! process. The file is created beneath
 //! the node's storage roots, in the migration's namespace's directory of a read-write
 //! root ([`storage::create_save`]), before anything else: a path the roots do not allow,
 //! or a file that exists, is refused while the guest still runs untouched. It is written
@@ -19,7 +20,7 @@ use crate::phases::perform::TransferProgress;
 use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{Policy, PostCopy, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
-use crate::statefile::{self, Compression, Meta};
+use crate::statefile::{self, Compression, Meta, StateKey};
 use crate::storage::{self, Finalize, UserPath};
 use crate::supervisor::Supervisor;
 use serde_json::json;
@@ -64,6 +65,8 @@ pub struct SaveInput<'a> {
     /// The file to write (`spec.toFile.path`); never overwritten.
     pub path: &'a str,
     pub compression: Compression,
+    /// The cluster's state key, which signs the file (only a signed file is restored).
+    pub key: &'a StateKey,
     pub cancel: &'a CancellationToken,
 }
 
@@ -82,6 +85,7 @@ pub async fn save(
         namespace,
         path,
         compression,
+        key,
         cancel,
     } = input;
     let cx = Ctx {
@@ -140,8 +144,9 @@ pub async fn save(
     // QEMU holds its own copy: the writer thread sees EOF when QEMU closes it.
     drop(writer);
     let target = finalize.path().to_path_buf();
+    let key = key.clone();
     let write = tokio::task::spawn_blocking(move || {
-        statefile::write(file, &target, compression, &meta, reader)
+        statefile::write(file, &target, compression, &meta, &key, reader)
     });
     let mut events = qmp.subscribe();
     let uri = format!("fd:{FD_NAME}");

@@ -14,7 +14,7 @@ use ferry_agent::phases::prepare::{PrepareInput, PrepareOutput, prepare};
 use ferry_agent::phases::save::{ConfirmSavedInput, SaveInput, SaveOutput, confirm_saved, save};
 use ferry_agent::policy::Policy;
 use ferry_agent::qmp::StatusInfo;
-use ferry_agent::statefile::Compression;
+use ferry_agent::statefile::{Compression, StateKey};
 use ferry_agent::storage::{Access, Owner, StorageRoot, StorageRoots};
 use ferry_agent::supervisor::{Guest, Supervisor};
 use ferry_agent::tls::Credentials;
@@ -67,6 +67,16 @@ pub fn lab_roots(dir: &Path) -> StorageRoots {
     .unwrap()
 }
 
+/// The lab's state key (fixed: a test may sign a file with it).
+pub fn lab_key() -> StateKey {
+    StateKey::from_bytes(&[0x5a; 32]).unwrap()
+}
+
+/// Another cluster's state key.
+pub fn other_key() -> StateKey {
+    StateKey::from_bytes(&[0xa5; 32]).unwrap()
+}
+
 /// The lab VM as the owner of its host files.
 pub const OWNER: Owner<'static> = Owner {
     namespace: NAMESPACE,
@@ -87,6 +97,10 @@ pub struct Lab {
     pub tls: Option<(Credentials, Credentials)>,
     /// The test CA that issued them.
     pub ca: Option<pki::TestCa>,
+    /// The lab cluster's state key, which both nodes hold: saves sign with it, restores
+    /// check with it (an agent takes it from Secret `ferry-state-key`; here it is
+    /// explicit). [`other_key`] is another cluster's.
+    pub key: StateKey,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -253,6 +267,7 @@ impl Lab {
             namespace: NAMESPACE,
             path: path.to_str().expect("a UTF-8 path"),
             compression,
+            key: &self.key,
             cancel: &CancellationToken::new(),
         };
         save(&self.a, input, |_| {}).await
@@ -306,6 +321,7 @@ impl Lab {
             dir,
             tls: None,
             ca: None,
+            key: lab_key(),
             _serial: serial,
         }
     }

@@ -118,6 +118,8 @@ pub enum StepError {
     )]
     NoCertificate { node: String, why: String },
     #[error(transparent)]
+    NoStateKey(#[from] crate::k8s::state_key::NoStateKey),
+    #[error(transparent)]
     Policy(#[from] ferry_agent::policy::PolicyError),
     /// The migration was cancelled before this phase could do anything.
     #[error("{0}")]
@@ -160,6 +162,7 @@ impl StepError {
             StepError::Handed { .. } => Reason::Refused,
             StepError::NoPort => Reason::NoPort,
             StepError::NoCertificate { .. } => Reason::TlsUnavailable,
+            StepError::NoStateKey(_) => Reason::Refused,
             StepError::Policy(_) => Reason::PolicyRefused,
             StepError::Cancelled(_) => Reason::Cancelled,
             StepError::Ownership(_) => Reason::OwnershipFailed,

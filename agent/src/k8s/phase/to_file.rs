@@ -8,7 +8,9 @@
 //! The save's file is created beneath this node's storage roots, in the migration's
 //! namespace's directory ([`save::save`]): a path they do not allow fails Perform with
 //! reason `Refused` and a message naming `spec.toFile.path`, the path and the rule, and
-//! Confirm (cancelled) finds the guest still running.
+//! Confirm (cancelled) finds the guest still running. The file is signed with the
+//! cluster's state key; an agent that has not read it yet refuses the save (reason
+//! `Refused`, the message saying why) before the guest is touched.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,8 @@ impl Run<'_> {
             .to_file
             .clone()
             .ok_or(StepError::MissingInput("no spec.toFile"))?;
+        // Before anything touches the guest: a file nobody could restore is not written.
+        let key = self.agent.state_key.current()?;
         let (_, domain) = self.vm().await?;
         let namespace = self.m.namespace().unwrap_or_default();
         let (tx, writer) = self.progress_writer();
@@ -58,6 +62,7 @@ impl Run<'_> {
             namespace: &namespace,
             path: &file.path,
             compression: file.compression.into(),
+            key: &key,
             cancel,
         };
         let result = save::save(&self.agent.sup, input, on_progress).await;
