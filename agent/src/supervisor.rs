@@ -158,6 +158,20 @@ impl Supervisor {
         (alive(pid) && cmdline_mentions(pid, &socket)).then_some(pid)
     }
 
+    /// Waits until the process in the VM's pid file is gone, up to `timeout`; whether it
+    /// is. [`running_pid`](Self::running_pid) stops counting a QEMU as soon as its
+    /// command line reads empty, which happens while it exits, before it closed its
+    /// files: until it is gone it may still hold its disk images' locks.
+    pub async fn wait_exited(&self, vm: &str, timeout: Duration) -> bool {
+        let pid = std::fs::read_to_string(self.vm_dir(vm).join(PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        match pid {
+            Some(pid) => wait_gone(pid, timeout).await,
+            None => true,
+        }
+    }
+
     /// Starts QEMU for `domain` of `owner`, detached, and connects to its monitor. With
     /// `incoming` it waits paused for `migrate-incoming`. The definition's host files are
     /// opened first, beneath the node's storage roots ([`storage::open_guest`]), and

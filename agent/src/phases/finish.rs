@@ -113,6 +113,8 @@ const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
 
 /// How soon a `cont` that failed on a QEMU still running is sent again.
 const CONT_RETRY: Duration = Duration::from_millis(200);
+/// How long a NeverRan Finish waits for the exiting incoming QEMU to be gone.
+const EXIT_WAIT: Duration = Duration::from_secs(15);
 
 /// Kills the incoming QEMU (if any) and removes its state dir.
 async fn abort(sup: &Supervisor, cx: &Ctx<'_>) -> Result<(), PhaseError> {
@@ -203,6 +205,14 @@ async fn resume_here(
                 ));
             }
             Ok(None) => {
+                // The source resumes next: let the exiting QEMU release the images first.
+                if !sup.wait_exited(vm, EXIT_WAIT).await {
+                    tracing::warn!(
+                        vm,
+                        migration = cx.migration,
+                        "the incoming QEMU is still exiting"
+                    );
+                }
                 return Err(ErrorKind::NeverRan(
                     "it exited after the commit, before `cont`".into(),
                 ));
