@@ -48,6 +48,18 @@ pub const ROLLBACK_FINALIZER: &str = "ferry.dev/rollback";
 /// stopped its guest, released its disk locks and removed its state.
 pub const GUEST_FINALIZER: &str = "ferry.dev/guest";
 
+/// Label on every disk-lock Lease: the VM's namespace and name, `<ns>.<name>`.
+pub const VM_LABEL: &str = "ferry.dev/vm";
+/// Annotation the operator stamps on a VM's disk-lock Leases when the migration named
+/// in it opens its hand-over (Finish): with [`HAND_OVER_FROM`] and [`HAND_OVER_TO`],
+/// the one take-over of the lock the admission policy lets a node that does not hold
+/// it make (docs/protocol.md, "The admission policies"). Only the operator writes them.
+pub const HAND_OVER: &str = "ferry.dev/hand-over";
+/// The node the stamped lock may be taken from (its holder when the stamp was written).
+pub const HAND_OVER_FROM: &str = "ferry.dev/hand-over-from";
+/// The node that may take the stamped lock.
+pub const HAND_OVER_TO: &str = "ferry.dev/hand-over-to";
+
 /// Name of the heartbeat Lease of the agent on `node`, in Ferry's namespace.
 pub fn node_lease_name(node: &str) -> String {
     format!("ferry-node-{node}")

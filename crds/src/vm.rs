@@ -121,6 +121,12 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
 
+    /// What the operator recorded about the migration holding the guest: its nodes and
+    /// whether it reached its hand-over (Finish). Written only by the operator, with
+    /// `migration`; the admission policies read it to check an agent's `nodeName` write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<MigrationHolder>,
+
     /// Where a console client connects to the guest now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<Graphics>,
@@ -149,6 +155,28 @@ pub struct VirtualMachineStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The migration holding a VM, as the operator recorded it in the VM's status
+/// (`status.holder`): a ValidatingAdmissionPolicy cannot read the migration itself, so
+/// what it needs to judge an agent's `status.nodeName` write is copied here.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationHolder {
+    /// The holding migration's name (equal to `status.migration` while it holds the VM).
+    pub migration: String,
+    /// The node the guest migrates from.
+    pub source: String,
+    /// The node it migrates to; none for a migration to a file. (Always serialized: a
+    /// merge patch with `null` removes a target left from before.)
+    #[serde(default)]
+    pub target: Option<String>,
+    /// True from the moment the operator lets the migration enter Finish without
+    /// `cancelled` (peer-to-peer: once it sees the source agent entered it): from then
+    /// on, until the VM is released, the target may take `status.nodeName` (and the
+    /// source take it back, after a Finish whose guest never ran on the target).
+    #[serde(default)]
+    pub hand_over: bool,
 }
 
 /// A guest's lifecycle phase.

@@ -5,7 +5,7 @@
 use kube::api::Patch;
 use serde::{Deserialize, Serialize};
 
-use crate::{Condition, Graphics, SavedState, VmPhase};
+use crate::{Condition, Graphics, MigrationHolder, SavedState, VmPhase};
 
 /// A merge patch of `VirtualMachineStatus`: every field that is `Some` is written, every
 /// `None` is left as it is. The fields a writer may clear are `Option<Option<_>>`:
@@ -25,6 +25,9 @@ pub struct VirtualMachineStatusPatch {
     /// The migration holding the VM; `Some(None)` releases it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Option<String>>,
+    /// The operator's record of the holding migration; `Some(None)` removes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Option<MigrationHolder>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graphics: Option<Option<Graphics>>,
     /// `Some(Some(_))` merges into the state already there, field by field.
@@ -45,6 +48,16 @@ impl VirtualMachineStatusPatch {
     pub fn holder(migration: Option<String>) -> Self {
         VirtualMachineStatusPatch {
             migration: Some(migration),
+            ..Default::default()
+        }
+    }
+
+    /// The operator's write of the holder: `status.migration` and `status.holder`
+    /// together, set to `holder` or (`None`) both removed.
+    pub fn held_by(holder: Option<MigrationHolder>) -> Self {
+        VirtualMachineStatusPatch {
+            migration: Some(holder.as_ref().map(|h| h.migration.clone())),
+            holder: Some(holder),
             ..Default::default()
         }
     }
@@ -83,6 +96,23 @@ mod tests {
             body(VirtualMachineStatusPatch::holder(None).to_patch(Some("8"))),
             json!({"metadata": {"resourceVersion": "8"}, "status": {"migration": null}})
         );
+        // The operator's hold writes the migration and its record together; a save's
+        // record has no target, written as null so that no earlier target stays.
+        let save = MigrationHolder {
+            migration: "m1".into(),
+            source: "node-a".into(),
+            target: None,
+            hand_over: false,
+        };
+        assert_eq!(
+            body(VirtualMachineStatusPatch::held_by(Some(save)).to_patch(None)),
+            json!({"status": {"migration": "m1", "holder":
+                {"migration": "m1", "source": "node-a", "target": null, "handOver": false}}})
+        );
+        assert_eq!(
+            body(VirtualMachineStatusPatch::held_by(None).to_patch(None)),
+            json!({"status": {"migration": null, "holder": null}})
+        );
         let p = VirtualMachineStatusPatch {
             phase: Some(VmPhase::Running),
             node_name: Some(Some("node-b".into())),
@@ -106,6 +136,12 @@ mod tests {
             phase: Some(VmPhase::Stopped),
             node_name: Some(Some("n".into())),
             migration: Some(Some("m".into())),
+            holder: Some(Some(MigrationHolder {
+                migration: "m".into(),
+                source: "a".into(),
+                target: Some("b".into()),
+                hand_over: true,
+            })),
             graphics: Some(Some(Graphics {
                 type_: "vnc".into(),
                 socket: "/var/lib/ferry/vms/demo/vnc.sock".into(),

@@ -31,6 +31,7 @@ use crate::transitions::{self, Decision, Observation, Why};
 
 mod deleted_vm;
 mod end;
+mod hand_over;
 mod patches;
 mod peer;
 mod report;
@@ -263,7 +264,7 @@ impl Reconciler<'_> {
             info!("admitted already; this reconcile saw an older version");
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
-        self.hold_vm(vm).await?;
+        self.hold_vm(vm, &source, target.as_deref()).await?;
         let message = match (&target, &self.m.spec.to_file) {
             (Some(target), _) => {
                 format!("moving {} from {source} to {target}", self.m.spec.vm_name)
@@ -308,6 +309,8 @@ impl Reconciler<'_> {
             self.cancel_for_deleted_vm().await?;
             return Ok(Action::requeue(Duration::from_millis(200)));
         }
+        // What a phase entered without this operator (peer-to-peer) needs.
+        self.keep_hand_over().await?;
         let status = self.m.status.clone().unwrap_or_default();
         let live = nodes::live_nodes(&self.ctx.leases, Timestamp::now());
         let is_live = |n: &Option<String>| n.as_ref().is_some_and(|n| live.contains(n));
@@ -369,6 +372,14 @@ impl Reconciler<'_> {
                     Some(why) => self.conditions_rolling_back(why),
                     None => self.conditions(),
                 };
+                // The admission policies' record first: the agent that sees the
+                // phase may act on it at once.
+                let to_node = self.m.spec.to_file.is_none();
+                match (phase, cancelled) {
+                    (MigrationPhase::Finish, false) if to_node => self.open_hand_over().await?,
+                    (MigrationPhase::Confirm, true) if to_node => self.reverse_hand_over().await?,
+                    _ => {}
+                }
                 let generation = self.m.metadata.generation;
                 let patch = patches::enter(phase, cancelled, conditions, generation, now());
                 self.write(patch, Guard::None).await?;
@@ -443,40 +454,30 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Marks the VM as held by this migration, unless another holds it.
-    async fn hold_vm(&self, vm: &VirtualMachine) -> Result<()> {
-        self.set_vm_holder(vm, Some(self.name())).await
+    /// Marks the VM as held by this migration from `source` to `target` (`None`: to a
+    /// file), unless another holds it: `status.migration` and the record the admission
+    /// policies read, `status.holder`, in one write. The resourceVersion precondition
+    /// makes two operators (or reconciles, or an agent's fence) agree on who holds the VM.
+    async fn hold_vm(&self, vm: &VirtualMachine, source: &str, target: Option<&str>) -> Result<()> {
+        let holder = hand_over::holder(&self.name(), source, target);
+        self.write_holder(vm, Some(holder)).await
     }
 
-    /// Clears the VM's `status.migration` if it still names this migration.
+    /// Clears the VM's `status.migration` and `status.holder` if either still names
+    /// this migration (the source's fence clears only the first), and the hand-over
+    /// stamps of its disk locks.
     async fn release_vm(&self) -> Result<()> {
         let Some(vm) = self.vms().get_opt(&self.m.spec.vm_name).await? else {
             return Ok(());
         };
-        let holder = vm.status.as_ref().and_then(|s| s.migration.as_deref());
-        if holder != Some(self.name().as_str()) {
-            return Ok(());
+        let status = vm.status.clone().unwrap_or_default();
+        let me = self.name();
+        let held = status.migration.as_deref() == Some(me.as_str())
+            || status.holder.as_ref().is_some_and(|h| h.migration == me);
+        if held {
+            self.write_holder(&vm, None).await?;
         }
-        self.set_vm_holder(&vm, None).await
-    }
-
-    /// Writes the VM's `status.migration`. The resourceVersion precondition makes two
-    /// operators (or reconciles, or an agent's fence) agree on who holds the VM.
-    async fn set_vm_holder(&self, vm: &VirtualMachine, holder: Option<String>) -> Result<()> {
-        let patch = patches::vm_holder(holder).to_patch(vm.metadata.resource_version.as_deref());
-        let params = PatchParams::default();
-        match self
-            .vms()
-            .patch_status(&vm.name_any(), &params, &patch)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::VmConflict {
-                vm: vm.name_any(),
-                migration: self.name(),
-            }),
-            Err(e) => Err(e.into()),
-        }
+        self.close_hand_over().await
     }
 
     /// Deletes the finished migrations of this one's VM beyond the history limit.

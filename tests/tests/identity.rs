@@ -395,3 +395,222 @@ async fn an_agent_writes_only_its_own_leases() {
         a.delete(disk, &DeleteParams::default()).await,
     );
 }
+
+/// Issue 15: a node takes a disk lock another node holds only in the hand-over the
+/// operator stamped on it (`ferry.dev/hand-over*` annotations: from the holder, to the
+/// writer), and no agent writes the stamp.
+#[tokio::test]
+async fn a_disk_lock_is_taken_only_in_the_stamped_hand_over() {
+    let env = env().await;
+    let a = Api::<Lease>::namespaced(agent_on(&env, "node-a").await, NS);
+    let b = Api::<Lease>::namespaced(agent_on(&env, "node-b").await, NS);
+    let c = Api::<Lease>::namespaced(agent_on(&env, "node-c").await, NS);
+    let admin = Api::<Lease>::namespaced(env.admin.clone(), NS);
+    let (pp, disk) = (PatchParams::default(), "ferry-disk-vms.demo.vda");
+    let lock = |holder: &str, stamp: Option<(&str, &str)>| -> Lease {
+        let annotations = stamp.map(|(from, to)| {
+            json!({"ferry.dev/hand-over": MIGRATION, "ferry.dev/hand-over-from": from,
+                   "ferry.dev/hand-over-to": to})
+        });
+        serde_json::from_value(json!({"metadata": {"name": disk,
+            "labels": {"ferry.dev/vm": "vms.demo"}, "annotations": annotations},
+            "spec": {"holderIdentity": holder}}))
+        .unwrap()
+    };
+    let take = |node: &str| Patch::Merge(json!({"spec": {"holderIdentity": node}}));
+    let stamp = |from: Option<&str>, to: Option<&str>| {
+        Patch::Merge(json!({"metadata": {"annotations": {
+            "ferry.dev/hand-over": from.map(|_| MIGRATION), "ferry.dev/hand-over-from": from,
+            "ferry.dev/hand-over-to": to}}}))
+    };
+
+    denied(
+        "node-a creates its lock already stamped for a hand-over",
+        "lease-stamp",
+        a.create(
+            &PostParams::default(),
+            &lock("node-a", Some(("node-c", "node-a"))),
+        )
+        .await,
+    );
+    allowed(
+        "node-a takes its disk lock at the first start",
+        a.create(&PostParams::default(), &lock("node-a", None))
+            .await,
+    );
+    denied(
+        "node-b, the target, takes the lock before Finish (no stamp)",
+        "lease-take-over",
+        b.patch(disk, &pp, &take("node-b")).await,
+    );
+    denied(
+        "node-a stamps its lock for node-b itself",
+        "lease-stamp",
+        a.patch(disk, &pp, &stamp(Some("node-a"), Some("node-b")))
+            .await,
+    );
+    denied(
+        "node-b stamps the lock for itself while taking it",
+        "lease-stamp",
+        b.patch(
+            disk,
+            &pp,
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "ferry.dev/hand-over": MIGRATION, "ferry.dev/hand-over-from": "node-a",
+                "ferry.dev/hand-over-to": "node-b"}},
+                "spec": {"holderIdentity": "node-b"}})),
+        )
+        .await,
+    );
+
+    // Finish: the operator stamps the hand-over from node-a to node-b.
+    allowed(
+        "the operator stamps the hand-over",
+        admin
+            .patch(disk, &pp, &stamp(Some("node-a"), Some("node-b")))
+            .await,
+    );
+    denied(
+        "node-c, neither holder nor the stamp's target, takes the lock",
+        "lease-take-over",
+        c.patch(disk, &pp, &take("node-c")).await,
+    );
+    denied(
+        "node-a, the holder, hands the lock to node-b",
+        "lease-holder",
+        a.patch(disk, &pp, &take("node-b")).await,
+    );
+    denied(
+        "node-b takes the lock and drops the stamp",
+        "lease-stamp",
+        b.patch(
+            disk,
+            &pp,
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"ferry.dev/hand-over-to": null}},
+                "spec": {"holderIdentity": "node-b"}}),
+            ),
+        )
+        .await,
+    );
+    let rv = admin.get(disk).await.unwrap().metadata.resource_version;
+    allowed(
+        "node-b takes the lock in the stamped hand-over (over the version read)",
+        b.patch(
+            disk,
+            &pp,
+            &Patch::Merge(json!({"metadata": {"resourceVersion": rv},
+                "spec": {"holderIdentity": "node-b"}})),
+        )
+        .await,
+    );
+    denied(
+        "node-a takes it back while the stamp says node-a to node-b",
+        "lease-take-over",
+        a.patch(disk, &pp, &take("node-a")).await,
+    );
+    // A cancelled Confirm after the hand-over: stamped back, the source takes it back.
+    allowed(
+        "the operator stamps the way back",
+        admin
+            .patch(disk, &pp, &stamp(Some("node-b"), Some("node-a")))
+            .await,
+    );
+    denied(
+        "node-c takes the lock on the way back",
+        "lease-take-over",
+        c.patch(disk, &pp, &take("node-c")).await,
+    );
+    allowed(
+        "node-a takes its lock back",
+        a.patch(disk, &pp, &take("node-a")).await,
+    );
+    allowed(
+        "node-a renews the lock it holds",
+        a.patch(
+            disk,
+            &pp,
+            &Patch::Merge(json!({"spec": {"leaseDurationSeconds": 20}})),
+        )
+        .await,
+    );
+    // The migration ended: no stamp, no take-over.
+    allowed(
+        "the operator removes the stamp",
+        admin.patch(disk, &pp, &stamp(None, None)).await,
+    );
+    denied(
+        "node-b takes the lock after the migration",
+        "lease-take-over",
+        b.patch(disk, &pp, &take("node-b")).await,
+    );
+    allowed(
+        "node-a drops its lock",
+        a.delete(disk, &DeleteParams::default()).await,
+    );
+}
+
+/// Issue 15: an agent mints no token, for its own node or another one: its
+/// ServiceAccount may not create `serviceaccounts/token` (TokenRequest) at all. Its
+/// credential is the Pod-bound token the kubelet projects into its Pod.
+#[tokio::test]
+async fn an_agent_mints_no_tokens() {
+    let env = env().await;
+    let a = agent_on(&env, "node-a").await;
+    let sas = Api::<ServiceAccount>::namespaced(a.clone(), NS);
+    let node_b = ferry_tests::identity::ensure_node(&env.admin, "node-b")
+        .await
+        .unwrap();
+    let node_a = ferry_tests::identity::ensure_node(&env.admin, "node-a")
+        .await
+        .unwrap();
+    let request = |node: Option<(&str, &str)>| -> TokenRequest {
+        let bound = node.map(
+            |(name, uid)| json!({"kind": "Node", "apiVersion": "v1", "name": name, "uid": uid}),
+        );
+        serde_json::from_value(json!({"spec": {
+            "audiences": ["https://kubernetes.default.svc.cluster.local"],
+            "expirationSeconds": 3600,
+            "boundObjectRef": bound,
+        }}))
+        .unwrap()
+    };
+    let refused = |what: &str, result: kube::Result<TokenRequest>| match result {
+        Err(kube::Error::Api(s))
+            if s.code == 403
+                && s.message
+                    .contains("cannot create resource \"serviceaccounts/token\"") =>
+        {
+            println!("{what}: refused: {}", s.message);
+        }
+        other => panic!("{what} should be refused by RBAC, got: {other:?}"),
+    };
+    refused(
+        "node-a's agent mints an agent token bound to node-b",
+        sas.create_token_request(
+            AGENT,
+            &PostParams::default(),
+            &request(Some(("node-b", &node_b))),
+        )
+        .await,
+    );
+    refused(
+        "node-a's agent mints an agent token bound to its own node",
+        sas.create_token_request(
+            AGENT,
+            &PostParams::default(),
+            &request(Some(("node-a", &node_a))),
+        )
+        .await,
+    );
+    refused(
+        "node-a's agent mints an agent token bound to nothing",
+        sas.create_token_request(AGENT, &PostParams::default(), &request(None))
+            .await,
+    );
+    refused(
+        "node-a's agent mints an operator token",
+        sas.create_token_request("ferry-operator", &PostParams::default(), &request(None))
+            .await,
+    );
+}

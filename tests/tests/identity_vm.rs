@@ -75,11 +75,11 @@ async fn only_the_vms_node_writes_its_status() {
         patch_vm(&a, json!({"migration": MIGRATION})).await,
     );
 
-    // The operator admits the migration and marks the VM as held.
+    // The operator admits the migration and marks the VM as held, with its record.
     admit(&env, MIGRATION).await;
     allowed(
         "the operator marks the VM as held",
-        patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
+        patch_vm(&env.admin, held(MIGRATION, Some("node-b"), false)).await,
     );
     denied(
         "node-c takes status.nodeName to itself",
@@ -101,7 +101,17 @@ async fn only_the_vms_node_writes_its_status() {
         "own-vm",
         patch_vm(&b, json!({"nodeName": null})).await,
     );
+    // Only a migration to a file lets the source give the VM up.
+    denied(
+        "the source clears status.nodeName in a migration to node-b",
+        "nodename-save",
+        patch_vm(&a, json!({"nodeName": null, "phase": "Stopped"})).await,
+    );
     // A migration to a file: once saved, the source gives the VM up (no QEMU runs).
+    allowed(
+        "the operator's record of a save (no target)",
+        patch_vm(&env.admin, held(MIGRATION, None, false)).await,
+    );
     allowed(
         "the source clears status.nodeName of the saved guest",
         patch_vm(&a, json!({"nodeName": null, "phase": "Stopped"})).await,
@@ -110,7 +120,8 @@ async fn only_the_vms_node_writes_its_status() {
         "the admin puts it back for the rest of the test",
         patch_vm(
             &env.admin,
-            json!({"nodeName": "node-a", "phase": "Running"}),
+            json!({"nodeName": "node-a", "phase": "Running",
+                   "holder": held(MIGRATION, Some("node-b"), false)["holder"]}),
         )
         .await,
     );
@@ -128,6 +139,22 @@ async fn only_the_vms_node_writes_its_status() {
     allowed(
         "the operator marks the VM as held again",
         patch_vm(&env.admin, json!({"migration": MIGRATION})).await,
+    );
+
+    // Before Finish, the target does not take it.
+    denied(
+        "the target takes status.nodeName before Finish",
+        "nodename-finish",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    allowed(
+        "the operator lets the migration enter Finish",
+        patch_vm(&env.admin, held(MIGRATION, Some("node-b"), true)).await,
+    );
+    denied(
+        "node-c takes status.nodeName in node-b's Finish",
+        "nodename-target",
+        patch_vm(&c, json!({"nodeName": "node-c"})).await,
     );
 
     // Finish: the target takes status.nodeName (guarded by resourceVersion, as the agent
@@ -162,6 +189,140 @@ async fn only_the_vms_node_writes_its_status() {
     );
     let vm = vms(&env.admin).get("demo").await.unwrap();
     assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-b"));
+}
+
+/// The operator's hold of the VM by `migration` towards `target` (`None`: to a file),
+/// with `handOver` as given: `status.migration` and `status.holder`.
+fn held(migration: &str, target: Option<&str>, hand_over: bool) -> Value {
+    json!({"migration": migration, "holder": {"migration": migration, "source": "node-a",
+        "target": target, "handOver": hand_over}})
+}
+
+/// Issue 15: `status.nodeName` moves only as the operator's record of the migration that
+/// holds the VM (`status.holder`) allows — to its target, by that target, in Finish;
+/// back to the source, by the source, after that — and no agent writes the record.
+#[tokio::test]
+async fn nodename_moves_only_to_the_recorded_target_in_finish() {
+    let env = env().await;
+    let (a, b, c) = (
+        agent_on(&env, "node-a").await,
+        agent_on(&env, "node-b").await,
+        agent_on(&env, "node-c").await,
+    );
+    allowed(
+        "node-a starts the guest",
+        patch_vm(&a, json!({"nodeName": "node-a", "phase": "Running"})).await,
+    );
+    admit(&env, MIGRATION).await;
+    allowed(
+        "the operator holds the VM for the migration to node-b",
+        patch_vm(&env.admin, held(MIGRATION, Some("node-b"), false)).await,
+    );
+
+    // No agent writes the record: not the source, not the target, not to open Finish.
+    denied(
+        "the target opens the hand-over itself, taking status.nodeName with it",
+        "holder-fields",
+        patch_vm(
+            &b,
+            json!({"nodeName": "node-b", "holder": {"handOver": true}}),
+        )
+        .await,
+    );
+    denied(
+        "the source opens the hand-over",
+        "holder-fields",
+        patch_vm(&a, json!({"holder": {"handOver": true}})).await,
+    );
+    denied(
+        "the source names node-c the target",
+        "holder-fields",
+        patch_vm(&a, json!({"holder": {"target": "node-c"}})).await,
+    );
+    denied(
+        "the source drops the record",
+        "holder-fields",
+        patch_vm(&a, json!({"holder": null})).await,
+    );
+    denied(
+        "the source fences and drops the record in one write",
+        "holder-fields",
+        patch_vm(&a, json!({"migration": null, "holder": null})).await,
+    );
+    denied(
+        "the target takes status.nodeName outside Finish",
+        "nodename-finish",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    allowed(
+        "the operator opens the hand-over (Finish)",
+        patch_vm(&env.admin, held(MIGRATION, Some("node-b"), true)).await,
+    );
+    denied(
+        "node-c, not the target, takes status.nodeName in Finish",
+        "nodename-target",
+        patch_vm(&c, json!({"nodeName": "node-c"})).await,
+    );
+    denied(
+        "the source moves it to node-c",
+        "nodename-own",
+        patch_vm(&a, json!({"nodeName": "node-c"})).await,
+    );
+    // The record must name the migration that holds the VM.
+    allowed(
+        "a record left from another migration",
+        patch_vm(
+            &env.admin,
+            json!({"holder": {"migration": "other", "source": "node-a", "target": "node-b",
+                   "handOver": true}}),
+        )
+        .await,
+    );
+    denied(
+        "the target takes status.nodeName on a record of another migration",
+        "nodename-migration",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    // The operator's record says node-c; node-b, the migration's spec target, is not it.
+    allowed(
+        "the operator's record names node-c",
+        patch_vm(&env.admin, held(MIGRATION, Some("node-c"), true)).await,
+    );
+    denied(
+        "node-b moves status.nodeName to itself, not the recorded target",
+        "nodename-target",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    allowed(
+        "the operator's record names node-b again",
+        patch_vm(&env.admin, held(MIGRATION, Some("node-b"), true)).await,
+    );
+    allowed(
+        "the target takes status.nodeName in Finish",
+        patch_vm(&b, json!({"nodeName": "node-b", "domainXML": "<domain/>"})).await,
+    );
+    denied(
+        "node-c takes it from the target",
+        "nodename-target",
+        patch_vm(&c, json!({"nodeName": "node-c"})).await,
+    );
+    // TargetNeverRan: the source takes it back, guarded like the target's write.
+    allowed(
+        "the source takes status.nodeName back after its target never ran the guest",
+        patch_vm(&a, json!({"nodeName": "node-a"})).await,
+    );
+    // Released, nothing moves.
+    allowed(
+        "the operator releases the VM",
+        patch_vm(&env.admin, json!({"migration": null, "holder": null})).await,
+    );
+    denied(
+        "the target takes a released VM",
+        "nodename-migration",
+        patch_vm(&b, json!({"nodeName": "node-b"})).await,
+    );
+    let vm = vms(&env.admin).get("demo").await.unwrap();
+    assert_eq!(vm.status.unwrap().node_name.as_deref(), Some("node-a"));
 }
 
 async fn patch_vm_object(client: &Client, body: Value) -> kube::Result<VirtualMachine> {

@@ -1,6 +1,7 @@
 //! Disk locks: each disk of a running VM is held by a Lease naming the node whose QEMU
 //! may write it. Finish hands them from the source to the target before the guest
-//! resumes; a rollback leaves them with the source.
+//! resumes; a rollback leaves them with the source. A node takes a lock it does not
+//! hold only as the operator's hand-over stamp on it allows ([`DiskLocks::take`]).
 
 use std::collections::BTreeMap;
 
@@ -9,8 +10,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-/// Label on every disk Lease: the VM's namespace and name, `<ns>.<name>`.
-const VM_LABEL: &str = "ferry.dev/vm";
+use ferry_crds::{HAND_OVER_FROM, HAND_OVER_TO, VM_LABEL};
+
+/// How long [`DiskLocks::take`] waits for the operator's hand-over stamp.
+const STAMP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often it looks.
+const STAMP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a disk could not be locked or handed over.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +129,33 @@ impl DiskLocks {
                 .map_err(self.err(disk))?;
         }
         Ok(())
+    }
+
+    /// Takes each disk's lock from `from` for `to`, the writer ([`Self::hand_over`]), once
+    /// the operator stamped it for that hand-over: the admission policy lets a node that
+    /// does not hold a lock take it only as the stamp's `ferry.dev/hand-over-to`, from
+    /// its `ferry.dev/hand-over-from`. A peer-to-peer migration's operator stamps the
+    /// locks when it sees the phase the source agent entered, so this waits for the
+    /// stamp (up to [`STAMP_WAIT`]), then tries anyway and the policy answers.
+    pub async fn take(&self, disks: &[String], from: &str, to: &str) -> Result<(), LockError> {
+        let deadline = tokio::time::Instant::now() + STAMP_WAIT;
+        for disk in disks {
+            let name = self.lease_name(disk);
+            loop {
+                let Some(lease) = self.leases.get_opt(&name).await.map_err(self.err(disk))? else {
+                    break;
+                };
+                let stamped = lease.metadata.annotations.as_ref().is_some_and(|a| {
+                    a.get(HAND_OVER_FROM).map(String::as_str) == Some(from)
+                        && a.get(HAND_OVER_TO).map(String::as_str) == Some(to)
+                });
+                if holder(&lease) != from || stamped || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(STAMP_POLL).await;
+            }
+        }
+        self.hand_over(disks, from, to).await
     }
 
     /// Drops every lock of the VM held by `node` (the guest stopped there).

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use ferry_crds::{
-    Condition, MigrationPhase, MigrationPolicy, MigrationStatusPatch, Step,
+    Condition, MigrationHolder, MigrationPhase, MigrationPolicy, MigrationStatusPatch, Step,
     VirtualMachineStatusPatch,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -118,9 +118,10 @@ pub(super) fn conditions(conditions: Vec<Condition>) -> MigrationStatusPatch {
     }
 }
 
-/// The VM held by `migration`, or released (`None`).
-pub(super) fn vm_holder(migration: Option<String>) -> VirtualMachineStatusPatch {
-    VirtualMachineStatusPatch::holder(migration)
+/// The VM held by the migration `holder` records, or released (`None`): its
+/// `status.migration` and `status.holder` together.
+pub(super) fn vm_holder(holder: Option<MigrationHolder>) -> VirtualMachineStatusPatch {
+    VirtualMachineStatusPatch::held_by(holder)
 }
 
 /// A merge patch of an object's metadata: the labels it adds, its finalizers, and the
@@ -291,16 +292,23 @@ mod tests {
             body(cancel().to_patch(None)),
             json!({"status": {"cancelled": true}})
         );
-        for holder in [json!("m1"), Value::Null] {
-            let typed = vm_holder(holder.as_str().map(String::from));
-            assert_eq!(
-                body(typed.to_patch(Some("42"))),
-                json!({
-                    "metadata": {"resourceVersion": "42"},
-                    "status": {"migration": holder},
-                })
-            );
-        }
+        // The VM's holder now comes with the record the admission policies read.
+        let held = super::super::hand_over::holder("m1", "node-a", Some("node-b"));
+        assert_eq!(
+            body(vm_holder(Some(held)).to_patch(Some("42"))),
+            json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {"migration": "m1", "holder": {"migration": "m1",
+                    "source": "node-a", "target": "node-b", "handOver": false}},
+            })
+        );
+        assert_eq!(
+            body(vm_holder(None).to_patch(Some("43"))),
+            json!({
+                "metadata": {"resourceVersion": "43"},
+                "status": {"migration": null, "holder": null},
+            })
+        );
     }
 
     #[test]

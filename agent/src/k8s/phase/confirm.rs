@@ -90,7 +90,7 @@ impl Run<'_> {
                 // A Finish that handed the disk locks over and then could not commit
                 // left them with the target: they are the source's again.
                 self.disk_locks()
-                    .hand_over(&disks(&domain), &target, &source)
+                    .take(&disks(&domain), &target, &source)
                     .await?;
                 return Ok(Done::new(
                     Reason::SourceResumed,

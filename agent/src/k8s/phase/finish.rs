@@ -75,7 +75,8 @@ impl Run<'_> {
         Ok(done.with(outputs))
     }
 
-    /// Moves the disk locks to the target, trying again while the API server fails.
+    /// Takes the disk locks for the target once the operator stamped them for this
+    /// hand-over, trying again while the API server fails.
     async fn hand_over(
         &self,
         disks: &[String],
@@ -85,7 +86,7 @@ impl Run<'_> {
         let locks = self.disk_locks();
         let mut attempt = 1;
         loop {
-            match locks.hand_over(disks, source, target).await {
+            match locks.take(disks, source, target).await {
                 Err(LockError::Kube { .. }) if attempt < HAND_OVER_TRIES => {
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
