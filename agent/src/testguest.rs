@@ -67,3 +67,24 @@ pub fn image(params: Params) -> io::Result<Vec<u8>> {
     img.resize(DISK_BYTES, 0);
     Ok(img)
 }
+
+/// The start of a qcow2 image, written by hand for tests of image checks
+/// (docs/interop/qcow2.txt in QEMU): version 3, 1 GiB, 64 KiB clusters, and, when
+/// `backing` is given, that backing file's name right after the 104-byte header. 64 KiB
+/// long; no guest boots from it.
+pub fn qcow2_header(backing: Option<&str>) -> Vec<u8> {
+    let mut h = vec![0u8; 104];
+    h[0..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[20..24].copy_from_slice(&16u32.to_be_bytes());
+    h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    h[96..100].copy_from_slice(&4u32.to_be_bytes());
+    h[100..104].copy_from_slice(&104u32.to_be_bytes());
+    if let Some(name) = backing {
+        h[8..16].copy_from_slice(&104u64.to_be_bytes());
+        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        h.extend_from_slice(name.as_bytes());
+    }
+    h.resize(65536, 0);
+    h
+}

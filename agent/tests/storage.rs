@@ -8,6 +8,7 @@ use ferry_agent::storage::{
     Access, FileKind, Finalize, ImageFormat, Opened, Rule, StorageError, StorageRoots, UserPath,
     check_image, create_save, open_beneath,
 };
+use ferry_agent::testguest::qcow2_header;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
@@ -319,30 +320,11 @@ fn read_write_under_a_read_only_root_is_refused() {
     assert!(!save.exists());
 }
 
-/// A qcow2 header written by hand (docs/interop/qcow2.txt): version 3, 1 GiB, 64 KiB
-/// clusters, the backing file's name right after the 104-byte header when given.
-fn qcow2(backing: Option<&str>) -> Vec<u8> {
-    let mut h = vec![0u8; 104];
-    h[0..4].copy_from_slice(b"QFI\xfb");
-    h[4..8].copy_from_slice(&3u32.to_be_bytes());
-    h[20..24].copy_from_slice(&16u32.to_be_bytes());
-    h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-    h[96..100].copy_from_slice(&4u32.to_be_bytes());
-    h[100..104].copy_from_slice(&104u32.to_be_bytes());
-    if let Some(name) = backing {
-        h[8..16].copy_from_slice(&104u64.to_be_bytes());
-        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
-        h.extend_from_slice(name.as_bytes());
-    }
-    h.resize(65536, 0);
-    h
-}
-
 #[test]
 fn images_are_checked_against_their_declared_format() {
     let fx = fixture();
-    fs::write(fx.team_a("plain.qcow2"), qcow2(None)).unwrap();
-    fs::write(fx.team_a("backed.qcow2"), qcow2(Some("/etc/shadow"))).unwrap();
+    fs::write(fx.team_a("plain.qcow2"), qcow2_header(None)).unwrap();
+    fs::write(fx.team_a("backed.qcow2"), qcow2_header(Some("/etc/shadow"))).unwrap();
     let image = |name: &str| fx.open(&fx.team_a(name), Access::ReadOnly).unwrap();
 
     check_image(&image("plain.qcow2"), ImageFormat::Qcow2).unwrap();
@@ -361,7 +343,7 @@ fn images_are_checked_against_their_declared_format() {
         .open(fx.team_a("disk.img"))
         .unwrap();
     confused
-        .write_all(&qcow2(Some("/etc/shadow"))[..512])
+        .write_all(&qcow2_header(Some("/etc/shadow"))[..512])
         .unwrap();
     refused(
         check_image(&image("disk.img"), ImageFormat::Raw),

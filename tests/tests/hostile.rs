@@ -15,6 +15,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_agent::testguest::qcow2_header;
 use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
 use ferry_tests::Cluster;
 use ferry_tests::cluster::{DISKS_ROOT, IMAGES_ROOT, SAVES_ROOT};
@@ -63,24 +64,6 @@ fn domain(name: &str, uuid: &str, devices: &str) -> String {
     )
 }
 
-/// A qcow2 v3 header (1 GiB, 64 KiB clusters) naming `backing` as its backing file.
-fn qcow2(backing: Option<&str>) -> Vec<u8> {
-    let mut h = vec![0u8; 104];
-    h[0..4].copy_from_slice(b"QFI\xfb");
-    h[4..8].copy_from_slice(&3u32.to_be_bytes());
-    h[20..24].copy_from_slice(&16u32.to_be_bytes());
-    h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-    h[96..100].copy_from_slice(&4u32.to_be_bytes());
-    h[100..104].copy_from_slice(&104u32.to_be_bytes());
-    if let Some(name) = backing {
-        h[8..16].copy_from_slice(&104u64.to_be_bytes());
-        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
-        h.extend_from_slice(name.as_bytes());
-    }
-    h.resize(65536, 0);
-    h
-}
-
 /// Plants the cases' files and returns the cases.
 fn cases(cluster: &Cluster, outside: &Outside) -> Vec<Case> {
     let mine = cluster.disk(NS, "x").parent().unwrap().to_path_buf();
@@ -101,9 +84,13 @@ fn cases(cluster: &Cluster, outside: &Outside) -> Vec<Case> {
     )
     .unwrap();
     let backed = mine.join("backed.qcow2");
-    std::fs::write(&backed, qcow2(Some(outside.secret.to_str().unwrap()))).unwrap();
+    std::fs::write(
+        &backed,
+        qcow2_header(Some(outside.secret.to_str().unwrap())),
+    )
+    .unwrap();
     let confused = mine.join("confused.img");
-    std::fs::write(&confused, qcow2(None)).unwrap();
+    std::fs::write(&confused, qcow2_header(None)).unwrap();
     let base = Path::new(IMAGES_ROOT).join("hostile-base.img");
     std::fs::copy(&outside.secret, &base).unwrap();
     let s = |p: &Path| p.display().to_string();
