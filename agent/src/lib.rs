@@ -6,8 +6,8 @@
 //! # Pieces
 //! - [`node::Node`]: this node's name, stable host uuid (kept in the state dir), the
 //!   address incoming migration streams use, and the state dir.
-//! - [`supervisor::Supervisor`]: the node's QEMU processes, one state dir per VM
-//!   (`<state>/vms/<name>/`: `domain.xml`, `qmp.sock`, `qemu.pid`, `qemu.log`, serial logs,
+//! - [`supervisor::Supervisor`]: the node's QEMU processes, one state dir per guest
+//!   (`<state>/vms/<key>/`, [`node::guest_key`]: `domain.xml`, `qmp.sock`, `qemu.pid`, `qemu.log`, serial logs,
 //!   `migration.json`). [`start`](supervisor::Supervisor::start) runs QEMU in its own
 //!   session, so agent restarts never kill guests;
 //!   [`attach_all`](supervisor::Supervisor::attach_all) re-attaches on start-up;
@@ -60,7 +60,7 @@
 //! | phase | node | call | status fields to write |
 //! | --- | --- | --- | --- |
 //! | Begin | source | [`begin::begin`](phases::begin::begin)`(sup, BeginInput { vm, migration, target_xml })` | [`begin::BeginOutput`](phases::begin::BeginOutput): `domain_xml`, `cookies.begin` |
-//! | Prepare | target | [`prepare::prepare`](phases::prepare::prepare)`(sup, PrepareInput { migration, domain_xml, begin_cookie, port, policy, tls })` | [`prepare::PrepareOutput`](phases::prepare::PrepareOutput): `migrationURI`, `cookies.prepare` |
+//! | Prepare | target | [`prepare::prepare`](phases::prepare::prepare)`(sup, PrepareInput { vm, migration, namespace, domain_xml, begin_cookie, port, policy, tls })` | [`prepare::PrepareOutput`](phases::prepare::PrepareOutput): `migrationURI`, `cookies.prepare` |
 //! | Perform | source | [`perform::perform`](phases::perform::perform)`(sup, PerformInput { vm, migration, uri, prepare_cookie, policy, tls, cancel }, on_progress)` | [`perform::PerformOutput`](phases::perform::PerformOutput): `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
 //! | Finish | target | [`finish::finish`](phases::finish::finish)`(sup, FinishInput { vm, migration, perform_cookie, cancelled }, take_ownership)` | [`finish::FinishOutput`](phases::finish::FinishOutput): `cookies.finish` |
 //! | Confirm | source | [`confirm::confirm`](phases::confirm::confirm)`(sup, ConfirmInput { vm, migration, finish_cookie, cancelled })` | [`confirm::Confirmed`](phases::confirm::Confirmed): `downtimeMs` again, the guest's ([`statistics::Statistics::guest_downtime_ms`]), when the target runs it; whether the guest runs here or is lost |
@@ -88,11 +88,12 @@
 //! # async fn demo(src: &ferry_agent::supervisor::Supervisor, dst: &ferry_agent::supervisor::Supervisor)
 //! # -> Result<(), ferry_agent::error::PhaseError> {
 //! use ferry_agent::phases::{begin, confirm, finish, perform, prepare};
+//! // `vm` is the guest's key on each node (its state dir): `node::guest_key` of the VM.
 //! let (vm, migration) = ("guest-1", "default/move-guest-1");
 //! let b = begin::begin(src, begin::BeginInput { vm, migration, target_xml: None }).await?;
 //! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
 //! let p = prepare::prepare(dst, prepare::PrepareInput {
-//!     migration, namespace: "default", domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
+//!     vm, migration, namespace: "default", domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
 //!     port: None, policy: &policy, tls: None,
 //! }).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();

@@ -207,17 +207,17 @@ pub async fn verify(
 }
 
 /// Restores `domain` from `path` (`spec.restoreFrom` of a VM in `namespace`) on this
-/// node and resumes it: [`SavedFile::open`] beneath the node's storage roots,
+/// node as the guest keyed `vm` and resumes it: [`SavedFile::open`] beneath the node's storage roots,
 /// [`verify`] (signed with `key`), [`restore_verified`].
-#[tracing::instrument(skip_all, fields(vm = %domain.name, namespace = owner.namespace, path))]
+#[tracing::instrument(skip_all, fields(vm = vm, namespace = owner.namespace, path))]
 pub async fn restore(
     sup: &Supervisor,
+    vm: &str,
     domain: &Domain,
     owner: Owner<'_>,
     path: &str,
     key: &StateKey,
 ) -> Result<RestoreOutput, RestoreError> {
-    let vm = domain.name.as_str();
     if let Some(pid) = sup.running_pid(vm) {
         return Err(RestoreError::AlreadyRunning {
             vm: vm.to_string(),
@@ -230,7 +230,7 @@ pub async fn restore(
     let verify_ms = t0.elapsed().as_millis() as u64;
     let verified = &checked.verified;
     tracing::info!(vm, compression = %verified.compression, stream_bytes = verified.stream_bytes, verify_ms, "saved state verified; starting QEMU");
-    let mut out = restore_verified(sup, domain, owner, checked).await?;
+    let mut out = restore_verified(sup, vm, domain, owner, checked).await?;
     out.verify_ms = verify_ms;
     Ok(out)
 }
@@ -239,11 +239,11 @@ pub async fn restore(
 /// QEMU, loads the state (checking it again on the way) and resumes the guest.
 pub async fn restore_verified(
     sup: &Supervisor,
+    vm: &str,
     domain: &Domain,
     owner: Owner<'_>,
     checked: VerifiedFile,
 ) -> Result<RestoreOutput, RestoreError> {
-    let vm = domain.name.as_str();
     if let Some(pid) = sup.running_pid(vm) {
         return Err(RestoreError::AlreadyRunning {
             vm: vm.to_string(),
@@ -251,7 +251,7 @@ pub async fn restore_verified(
         });
     }
     let t1 = Instant::now();
-    let guest = sup.start(domain, owner, true).await?;
+    let guest = sup.start(vm, domain, owner, true).await?;
     let (stream_bytes, file_bytes) = (checked.verified.stream_bytes, checked.verified.file_bytes);
     let loaded = load(&guest.qmp, checked).await;
     if let Err(e) = loaded {

@@ -1,6 +1,7 @@
-//! The QEMU processes of one node: one state dir per VM, detached processes, re-attach.
+//! The QEMU processes of one node: one state dir per guest, detached processes, re-attach.
 //!
-//! `<state_dir>/vms/<name>/` holds `domain.xml` (the definition QEMU runs), `qmp.sock`,
+//! `<state_dir>/vms/<key>/` (the key names the VM's namespace, name and domain uuid:
+//! [`crate::node::guest_key`]) holds `domain.xml` (the definition QEMU runs), `qmp.sock`,
 //! `qemu.pid`, `qemu.log` (QEMU's stdout/stderr), the default serial logs and the
 //! migration record. QEMU runs in its own session (setsid), so neither a restart of the
 //! agent nor a signal to the agent's process group reaches it; on start-up the agent
@@ -172,17 +173,18 @@ impl Supervisor {
         }
     }
 
-    /// Starts QEMU for `domain` of `owner`, detached, and connects to its monitor. With
+    /// Starts QEMU for `domain` of `owner` as the guest keyed `vm` (its state dir,
+    /// [`crate::node::guest_key`]), detached, and connects to its monitor. With
     /// `incoming` it waits paused for `migrate-incoming`. The definition's host files are
     /// opened first, beneath the node's storage roots ([`storage::open_guest`]), and
     /// QEMU inherits them as descriptors; a refusal starts nothing and creates nothing.
     pub async fn start(
         &self,
+        vm: &str,
         domain: &Domain,
         owner: Owner<'_>,
         incoming: bool,
     ) -> Result<Arc<Guest>, SupervisorError> {
-        let vm = domain.name.as_str();
         if let Some(pid) = self.running_pid(vm) {
             return Err(SupervisorError::AlreadyRunning {
                 vm: vm.to_string(),

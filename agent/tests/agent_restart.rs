@@ -37,8 +37,9 @@ fn helper(state_dir: &str, lab_dir: &str, xml_path: &str) {
             .with_storage(support::lab_roots(Path::new(lab_dir)));
         let sup = Supervisor::new(node);
         let xml = std::fs::read_to_string(xml_path).unwrap();
+        let domain = Domain::parse(&xml).unwrap();
         let guest = sup
-            .start(&Domain::parse(&xml).unwrap(), support::OWNER, false)
+            .start(&domain.name, &domain, support::OWNER, false)
             .await
             .unwrap();
         println!("started {}", guest.pid);

@@ -169,7 +169,7 @@ async fn a_restore_the_roots_refuse_starts_no_qemu() {
         // A FIFO opened for reading would wait for a writer: it must not be opened.
         let err = tokio::time::timeout(
             Duration::from_secs(20),
-            restore(&lab.b, &domain, OWNER, text(path), &lab.key),
+            restore(&lab.b, &lab.vm, &domain, OWNER, text(path), &lab.key),
         )
         .await
         .expect("the restore did not hang")

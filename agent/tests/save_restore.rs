@@ -54,9 +54,16 @@ async fn save_with_each_compressor_and_restore_on_another_node() {
         assert!(out.stream_bytes > 0);
 
         let domain = Domain::parse(&lab.xml()).unwrap();
-        let restored = within(restore(&lab.b, &domain, OWNER, text(&path), &lab.key))
-            .await
-            .unwrap();
+        let restored = within(restore(
+            &lab.b,
+            &lab.vm,
+            &domain,
+            OWNER,
+            text(&path),
+            &lab.key,
+        ))
+        .await
+        .unwrap();
         assert_eq!(restored.stream_bytes, out.stream_bytes);
         lab.assert_one_guest_on(&lab.b);
         lab.assert_continues_on_b(&before, 3).await;
@@ -140,7 +147,7 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
     ];
     for (file, dom, reason, says) in cases {
         let on_disk = std::fs::read(file).unwrap();
-        let err = restore(&lab.b, dom, OWNER, text(file), &lab.key)
+        let err = restore(&lab.b, &lab.vm, dom, OWNER, text(file), &lab.key)
             .await
             .unwrap_err();
         assert_eq!(err.reason(), reason, "{err}");
@@ -154,12 +161,19 @@ async fn bad_files_are_refused_before_qemu_starts_and_nothing_changes() {
         assert_eq!(std::fs::read(file).unwrap(), on_disk, "the file changed");
     }
     // The good file still restores, and the guest goes on.
-    within(restore(&lab.b, &domain, OWNER, text(&path), &lab.key))
-        .await
-        .unwrap();
+    within(restore(
+        &lab.b,
+        &lab.vm,
+        &domain,
+        OWNER,
+        text(&path),
+        &lab.key,
+    ))
+    .await
+    .unwrap();
     lab.assert_continues_on_b(&before, 2).await;
     // A second restore while it runs is refused.
-    let err = restore(&lab.b, &domain, OWNER, text(&path), &lab.key)
+    let err = restore(&lab.b, &lab.vm, &domain, OWNER, text(&path), &lab.key)
         .await
         .unwrap_err();
     assert_eq!(err.reason(), "AlreadyRunning", "{err}");

@@ -460,18 +460,30 @@ impl Cluster {
         self.nodes
             .values()
             .filter_map(|n| {
-                qemu_pid(&n.state_dir.join("vms").join(vm)).map(|p| (n.name.clone(), p))
+                guest_dirs(&n.state_dir, vm)
+                    .iter()
+                    .find_map(|d| qemu_pid(d))
+                    .map(|p| (n.name.clone(), p))
             })
             .collect()
     }
 
+    /// The state dir of VM `vm`'s guest on `node`: the one whose QEMU runs, else the
+    /// newest; a path that does not exist when there is none.
+    pub fn guest_dir(&self, node: &str, vm: &str) -> PathBuf {
+        let state_dir = &self.nodes[node].state_dir;
+        let mut dirs = guest_dirs(state_dir, vm);
+        if let Some(running) = dirs.iter().find(|d| qemu_pid(d).is_some()) {
+            return running.clone();
+        }
+        dirs.sort_by_key(|d| d.metadata().and_then(|m| m.modified()).ok());
+        dirs.pop()
+            .unwrap_or_else(|| state_dir.join("vms").join(format!("(no guest of {vm})")))
+    }
+
     /// The serial log of VM `vm` on `node` (the test guest prints its passes there).
     pub fn serial_log(&self, node: &str, vm: &str) -> PathBuf {
-        self.nodes[node]
-            .state_dir
-            .join("vms")
-            .join(vm)
-            .join("serial0.log")
+        self.guest_dir(node, vm).join("serial0.log")
     }
 }
 
@@ -502,6 +514,22 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The state dirs under `state_dir` of guests of VMs named `vm`, in any namespace (the
+/// agent keys them by namespace, name and uuid: `ferry_agent::node::guest_key`).
+pub fn guest_dirs(state_dir: &Path, vm: &str) -> Vec<PathBuf> {
+    let Ok(dirs) = std::fs::read_dir(state_dir.join("vms")) else {
+        return Vec::new();
+    };
+    dirs.flatten()
+        .filter(|d| {
+            d.file_name()
+                .to_str()
+                .is_some_and(|n| ferry_agent::node::key_shows_vm(n, vm))
+        })
+        .map(|d| d.path())
+        .collect()
 }
 
 /// Writes a kubeconfig for `token` naming `proxy`, or the apiserver itself without one.
@@ -542,7 +570,7 @@ async fn chart_operator_args(admin: &kube::Client) -> Result<Vec<String>, Harnes
 }
 
 /// The pid in `<vm_dir>/qemu.pid`, if that process is alive (not a zombie).
-fn qemu_pid(vm_dir: &Path) -> Option<i32> {
+pub fn qemu_pid(vm_dir: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(vm_dir.join("qemu.pid"))
         .ok()?
         .trim()

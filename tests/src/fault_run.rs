@@ -306,8 +306,8 @@ pub async fn check_row(
     };
     for n in cluster.nodes() {
         if home.as_deref() != Some(n.name.as_str()) {
-            let dir = n.state_dir.join("vms").join(vm);
-            assert!(!dir.exists(), "state left on {}: {dir:?}", n.name);
+            let dirs = crate::cluster::guest_dirs(&n.state_dir, vm);
+            assert!(dirs.is_empty(), "state left on {}: {dirs:?}", n.name);
         }
     }
     let ports = until_none_left(Duration::from_secs(15), || async {

@@ -147,7 +147,7 @@ fn log_name((mode, fault, point): RowSpec) -> String {
 }
 
 fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
-    cluster.node(node).state_dir.join("vms").join("demo")
+    cluster.guest_dir(node, "demo")
 }
 
 /// Runs `rows` one after another (each on its own cluster), prints the table, and fails

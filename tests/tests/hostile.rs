@@ -18,7 +18,7 @@ use std::time::Duration;
 use ferry_agent::testguest::qcow2_header;
 use ferry_crds::{MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
 use ferry_tests::Cluster;
-use ferry_tests::cluster::{DISKS_ROOT, IMAGES_ROOT, SAVES_ROOT};
+use ferry_tests::cluster::{DISKS_ROOT, IMAGES_ROOT, SAVES_ROOT, qemu_pid};
 use ferry_tests::e2e_support::*;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
@@ -348,7 +348,10 @@ async fn hostile_specs_are_refused_and_nothing_outside_the_roots_is_touched() {
         .graphics
         .unwrap();
     assert!(
-        console.socket.ends_with("/vms/reader/vnc.sock"),
+        console.socket.ends_with("/vnc.sock")
+            && console
+                .socket
+                .starts_with(cluster.guest_dir("node-a", "reader").to_str().unwrap()),
         "{console:?}"
     );
     println!(
@@ -464,8 +467,87 @@ async fn hostile_specs_are_refused_and_nothing_outside_the_roots_is_touched() {
         "{:<48} refused: {message}; nothing opened outside the roots",
         "targetDomainXML moving a disk outside"
     );
+    twin_in_another_namespace(&cluster, &client, &running, bystander).await;
     println!(
-        "{} hostile cases refused; the bystander ran on throughout",
-        lines.len() + 1
+        "{} hostile cases refused or kept apart; the bystander ran on throughout",
+        lines.len() + 2
+    );
+}
+
+/// Another tenant's VM that copies the bystander's definition (its domain name and
+/// uuid), with a disk of its own: it gets a guest of its own, and stopping and deleting
+/// it never reach the bystander's (a guest is keyed by the VM's namespace and name and
+/// the definition's uuid, not by what the domain calls itself).
+async fn twin_in_another_namespace(
+    cluster: &Cluster,
+    client: &kube::Client,
+    bystanders_definition: &str,
+    bystander: i32,
+) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let before = last_pass(cluster, "node-a", "bystander");
+    let other = "tenant-b";
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": other}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let twin_disk = cluster.disk(other, "twin.img");
+    std::fs::write(
+        &twin_disk,
+        ferry_agent::testguest::image(Default::default()).unwrap(),
+    )
+    .unwrap();
+    let definition = bystanders_definition.replace(
+        &cluster.disk(NS, "bystander.img").display().to_string(),
+        &twin_disk.display().to_string(),
+    );
+    assert_ne!(definition, bystanders_definition);
+    let theirs: Api<VirtualMachine> = Api::namespaced(client.clone(), other);
+    let twin: VirtualMachine = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "bystander"},
+        "spec": {"domainXML": definition, "nodeName": "node-a",
+                 "terminationGracePeriodSeconds": 0}
+    }))
+    .unwrap();
+    theirs.create(&PostParams::default(), &twin).await.unwrap();
+    eventually("the twin to run", LIMIT, || async {
+        let s = theirs.get("bystander").await.ok()?.status?;
+        (s.phase == Some(VmPhase::Running)).then_some(())
+    })
+    .await;
+    let dirs = ferry_tests::cluster::guest_dirs(&cluster.node("node-a").state_dir, "bystander");
+    assert_eq!(dirs.len(), 2, "one state dir per tenant's guest: {dirs:?}");
+    let pids: BTreeSet<i32> = dirs.iter().filter_map(|d| qemu_pid(d)).collect();
+    assert_eq!(pids.len(), 2, "two QEMUs: {pids:?}");
+    assert!(pids.contains(&bystander));
+    theirs
+        .patch(
+            "bystander",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"running": false}})),
+        )
+        .await
+        .unwrap();
+    eventually("the twin to stop", LIMIT, || async {
+        let s = theirs.get("bystander").await.ok()?.status?;
+        (s.phase == Some(VmPhase::Stopped)).then_some(())
+    })
+    .await;
+    gone(&theirs, "bystander").await;
+    let left: Vec<i32> =
+        ferry_tests::cluster::guest_dirs(&cluster.node("node-a").state_dir, "bystander")
+            .iter()
+            .filter_map(|d| qemu_pid(d))
+            .collect();
+    assert_eq!(left, vec![bystander], "the bystander's QEMU alone is left");
+    if let Some(before) = before {
+        vm_goes_on(cluster, "node-a", "bystander", before).await;
+    }
+    println!(
+        "{:<48} kept apart: tenant-b/bystander with the bystander's domain name and uuid ran its own QEMU, was stopped and deleted; the bystander's QEMU (pid {bystander}) ran on",
+        "another namespace copying a running definition"
     );
 }

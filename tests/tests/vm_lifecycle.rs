@@ -90,7 +90,7 @@ fn cmdline(pid: i32) -> String {
 }
 
 fn state_dir(cluster: &Cluster, node: &str, vm: &str) -> std::path::PathBuf {
-    cluster.node(node).state_dir.join("vms").join(vm)
+    cluster.guest_dir(node, vm)
 }
 
 async fn disk_locks(client: &Client, vm: &str) -> Vec<String> {

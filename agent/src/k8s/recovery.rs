@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_agent::domain::Domain;
+use ferry_agent::node::guest_key;
 use ferry_agent::{fault, postcopy};
 use ferry_crds::{MigrationMode, MigrationPhase, MigrationStatusPatch, VirtualMachineMigration};
 use kube::{Api, ResourceExt};
@@ -70,16 +71,16 @@ pub fn dispatch(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
 /// Watches the incoming QEMU until `cancel` fires.
 async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &CancellationToken) {
     let status = m.status.clone().unwrap_or_default();
+    let ns = m.namespace().unwrap_or_default();
     let Some(vm) = status
         .target_domain_xml
         .as_deref()
         .and_then(|xml| Domain::parse(xml).ok())
-        .map(|d| d.name)
+        .map(|d| guest_key(&ns, &m.spec.vm_name, d.uuid))
     else {
         warn!("no target definition in the status; not watching the incoming QEMU");
         return;
     };
-    let ns = m.namespace().unwrap_or_default();
     let api: Api<VirtualMachineMigration> = Api::namespaced(agent.client.clone(), &ns);
     let name = m.name_any();
     let writer = StatusWriter::new(api.clone(), &name, agent.metrics.status_writes());
@@ -96,7 +97,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
         let Ok(state) = postcopy::migration_status(&agent.sup, &vm).await else {
             if agent.sup.running_pid(&vm).is_none()
                 && let Ok(now) = api.get(&name).await
-                && let Some(why) = lost(&now, &agent.node, &vm)
+                && let Some(why) = lost(&now, &agent.node, &m.spec.vm_name)
             {
                 warn!(%why, "the incoming QEMU is gone after the switch to post-copy");
                 let lost = MigrationStatusPatch {

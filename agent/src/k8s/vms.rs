@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferry_agent::domain::Domain;
+use ferry_agent::node::guest_key;
 use ferry_agent::qmp::VncInfo;
 use ferry_agent::storage::Owner;
 use ferry_agent::supervisor::{StopMode, SupervisorError};
@@ -161,6 +162,15 @@ impl Reconcile<'_> {
         )
     }
 
+    /// The key of this VM's guest that runs `domain` ([`guest_key`]): its state dir.
+    fn key(&self, domain: &Domain) -> String {
+        guest_key(
+            self.vm.metadata.namespace.as_deref().unwrap_or_default(),
+            &self.vm.name_any(),
+            domain.uuid,
+        )
+    }
+
     fn definitions(&self) -> Definitions {
         Definitions {
             recorded: self
@@ -173,32 +183,20 @@ impl Reconcile<'_> {
         }
     }
 
-    /// Finds the VM's running guest: by the definition it started with, else (a guest
-    /// started before that was recorded) by the spec's; only a QEMU whose own stored
-    /// definition has the same uuid is this VM's.
+    /// Finds the VM's running guest: under the key of the definition it started with,
+    /// else (a guest started before that was recorded) of the spec's. The key names
+    /// this VM (namespace and name) and the definition's uuid, so no other VM's guest
+    /// is ever found here, whatever its domain is called.
     fn locate(&self, defs: &Definitions) -> Option<Located> {
         let sup = &self.agent.sup;
         for d in defs.recorded.iter().chain(defs.spec.as_ref().ok()) {
-            if sup.running_pid(&d.name).is_none() {
+            let key = self.key(d);
+            if sup.running_pid(&key).is_none() {
                 continue;
             }
-            match sup.definition(&d.name) {
-                Ok(stored) if stored.uuid == d.uuid => {
-                    return Some(Located {
-                        key: d.name.clone(),
-                        definition: stored,
-                    });
-                }
-                // Another guest's.
-                Ok(_) => continue,
-                // Unreadable: it runs under this name; count it as this VM's.
-                Err(_) => {
-                    return Some(Located {
-                        key: d.name.clone(),
-                        definition: d.clone(),
-                    });
-                }
-            }
+            // Unreadable: it runs under this VM's key; count it as running `d`.
+            let definition = sup.definition(&key).unwrap_or_else(|_| d.clone());
+            return Some(Located { key, definition });
         }
         None
     }
@@ -209,15 +207,6 @@ impl Reconcile<'_> {
         let defs = self.definitions();
         let guest = self.locate(&defs);
         let spec = defs.spec.as_ref();
-        let name = spec.map(|d| d.name.as_str()).unwrap_or_default();
-        let name_taken_by = spec
-            .ok()
-            .filter(|_| guest.is_none())
-            .filter(|d| self.agent.sup.running_pid(&d.name).is_some())
-            .and_then(|d| {
-                let other = self.agent.sup.definition(&d.name).ok()?;
-                (other.uuid != d.uuid).then(|| other.uuid.to_string())
-            });
         let held = status.migration.is_some();
         let record_domain = guest
             .as_ref()
@@ -234,8 +223,6 @@ impl Reconcile<'_> {
             spec_running: self.vm.spec.running,
             status: &status,
             spec: spec::check(guest.as_ref().map(|g| &g.definition), spec),
-            domain_name: name,
-            name_taken_by,
             running: guest.is_some(),
             record_domain,
             graphics,
@@ -256,8 +243,9 @@ impl Reconcile<'_> {
                 }
             }
             Act::PowerOff(why) => {
-                self.power_off(key.unwrap_or(name), why, facts.grace)
-                    .await?
+                if let Some(key) = key {
+                    self.power_off(key, why, facts.grace).await?
+                }
             }
             Act::Stop => self.stop(key).await?,
             Act::Died(message) => {
@@ -295,7 +283,13 @@ impl Reconcile<'_> {
                 .await?;
             return Ok(());
         }
-        if let Err(e) = self.agent.sup.start(domain, self.owner(), false).await {
+        let key = self.key(domain);
+        if let Err(e) = self
+            .agent
+            .sup
+            .start(&key, domain, self.owner(), false)
+            .await
+        {
             let _ = self.locks().release(&self.agent.node).await;
             let reason = match e {
                 SupervisorError::Storage { .. } => HOST_PATH_REFUSED,
@@ -306,7 +300,7 @@ impl Reconcile<'_> {
                 .await?;
             return Ok(());
         }
-        let graphics = self.graphics(&domain.name).await;
+        let graphics = self.graphics(&key).await;
         let message = format!("running on {}", self.agent.node);
         self.report_started("Running", &message, graphics).await
     }

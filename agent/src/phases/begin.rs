@@ -74,7 +74,7 @@ pub async fn begin(sup: &Supervisor, input: BeginInput<'_>) -> Result<BeginOutpu
         None => source.clone(),
     };
     let node = sup.node();
-    let mut cookie = Cookie::new(vm, source.uuid, &node.name, node.host_uuid);
+    let mut cookie = Cookie::new(&source.name, source.uuid, &node.name, node.host_uuid);
     cookie.lock = Some(LockState {
         holder: node.name.clone(),
         disks: source.disks().map(|d| d.source.clone()).collect(),

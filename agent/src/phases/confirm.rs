@@ -72,7 +72,7 @@ pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confir
         let target = Cookie::decode(
             cookie,
             &Expect {
-                vm_name: vm,
+                vm_name: &domain.name,
                 vm_uuid: domain.uuid,
                 writer: Phase::Finish,
                 own_host_uuid: node.host_uuid,

@@ -138,7 +138,7 @@ fn source_cookie(
     Ok(Cookie::decode(
         perform_cookie,
         &Expect {
-            vm_name: cx.vm,
+            vm_name: &domain.name,
             vm_uuid: domain.uuid,
             writer: Phase::Perform,
             own_host_uuid: sup.node().host_uuid,
@@ -264,7 +264,7 @@ fn finish_cookie(
 ) -> Result<String, ErrorKind> {
     let domain = sup.definition(cx.vm)?;
     let node = sup.node();
-    let mut cookie = Cookie::new(cx.vm, domain.uuid, &node.name, node.host_uuid);
+    let mut cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
     cookie.lock = Some(LockState {
         holder: node.name.clone(),
         disks: domain.disks().map(|d| d.source.clone()).collect(),

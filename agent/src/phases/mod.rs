@@ -140,7 +140,7 @@ pub fn check_uri(uri: &str) -> Result<(), String> {
     }
 }
 
-/// Refuses VM names that are not safe directory names.
+/// Refuses guest keys that are not safe directory names.
 pub(crate) fn check_vm_name(vm: &str) -> Result<(), String> {
     if crate::domain::valid_vm_name(vm) {
         Ok(())

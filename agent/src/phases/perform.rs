@@ -171,7 +171,7 @@ pub async fn perform_with_recovery(
     let target = Cookie::decode(
         prepare_cookie,
         &Expect {
-            vm_name: vm,
+            vm_name: &domain.name,
             vm_uuid: domain.uuid,
             writer: Phase::Prepare,
             own_host_uuid: node.host_uuid,
@@ -183,7 +183,7 @@ pub async fn perform_with_recovery(
     transfer.start(&mut record, &dir, &target.host_name).await?;
     let info = transfer.follow(&mut on_progress).await?;
     let stats = transfer.conclude(info, &mut on_progress).await?;
-    let mut cookie = Cookie::new(vm, domain.uuid, &node.name, node.host_uuid);
+    let mut cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
     cookie.statistics = Some(stats.clone());
     let out = PerformOutput {
         cookie: cookie.encode(Phase::Perform).map_err(|e| cx.err(e))?,

@@ -8,7 +8,7 @@
 use crate::cookie::{Cookie, Expect};
 use crate::domain::Domain;
 use crate::error::{Ctx, ErrorKind, PhaseError};
-use crate::phases::{MigrationRecord, Phase};
+use crate::phases::{MigrationRecord, Phase, check_vm_name};
 use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::storage::Owner;
@@ -26,6 +26,8 @@ pub const TARGET_DEFINITION: &str = "the target definition";
 /// What Prepare needs: Begin's definition and cookie, and how to listen.
 #[derive(Debug, Clone, Copy)]
 pub struct PrepareInput<'a> {
+    /// The key the guest has on this node ([`crate::node::guest_key`]): its state dir.
+    pub vm: &'a str,
     /// The migration's unique name.
     pub migration: &'a str,
     /// The migration's (and its VM's) namespace: the definition's host paths are
@@ -46,12 +48,13 @@ pub struct PrepareInput<'a> {
 /// one Perform will use). `port` picks the listening port (`None`: any free port).
 /// `tls`: this node's credentials when the stream is encrypted (Perform must get the
 /// source node's then), `None` for plain TCP.
-#[tracing::instrument(skip_all, fields(migration = input.migration))]
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn prepare(
     sup: &Supervisor,
     input: PrepareInput<'_>,
 ) -> Result<PrepareOutput, PhaseError> {
     let PrepareInput {
+        vm,
         migration,
         namespace,
         domain_xml,
@@ -66,13 +69,13 @@ pub async fn prepare(
         migration,
     };
     let domain = Domain::parse(domain_xml).map_err(|e| unknown.err(e))?;
-    let vm = domain.name.as_str();
+    check_vm_name(vm).map_err(|m| unknown.err(ErrorKind::Refused(m)))?;
     let cx = Ctx { vm, ..unknown };
     let node = sup.node();
     let source = Cookie::decode(
         begin_cookie,
         &Expect {
-            vm_name: vm,
+            vm_name: &domain.name,
             vm_uuid: domain.uuid,
             writer: Phase::Begin,
             own_host_uuid: node.host_uuid,
@@ -115,7 +118,7 @@ pub async fn prepare(
         namespace,
         definition: TARGET_DEFINITION,
     };
-    match start_incoming(sup, &domain, owner, port, policy, tls).await {
+    match start_incoming(sup, vm, &domain, owner, port, policy, tls).await {
         Ok(out) => {
             let mut rec = MigrationRecord::new(migration);
             rec.prepare = Some(out.clone());
@@ -144,6 +147,7 @@ fn host_for_uri(addr: IpAddr) -> String {
 
 async fn start_incoming(
     sup: &Supervisor,
+    vm: &str,
     domain: &Domain,
     owner: Owner<'_>,
     port: Option<u16>,
@@ -151,7 +155,7 @@ async fn start_incoming(
     tls: Option<(&Credentials, Endpoint<'_>)>,
 ) -> Result<PrepareOutput, ErrorKind> {
     let node = sup.node();
-    let guest = sup.start(domain, owner, true).await?;
+    let guest = sup.start(vm, domain, owner, true).await?;
     crate::policy::apply(&guest.qmp, &policy.settings(Side::Target)).await?;
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;

@@ -127,7 +127,7 @@ pub async fn save(
         .await
         .map_err(|e| cx.err(e))?;
     let meta = Meta {
-        vm: vm.to_string(),
+        vm: domain.name.clone(),
         uuid: domain.uuid,
         domain_xml: domain.to_xml(),
         qemu_version: qmp.version.clone(),

@@ -130,6 +130,7 @@ impl Lab {
         policy: &'a Policy,
     ) -> PrepareInput<'a> {
         PrepareInput {
+            vm: &self.vm,
             migration: m,
             namespace: NAMESPACE,
             domain_xml: &out.domain_xml,
@@ -424,7 +425,7 @@ impl Lab {
     /// Starts the VM on node-a and waits until the guest has made a few passes.
     pub async fn start_source(&self) -> Arc<Guest> {
         let domain = ferry_agent::domain::Domain::parse(&self.xml()).unwrap();
-        let guest = self.a.start(&domain, OWNER, false).await.unwrap();
+        let guest = self.a.start(&self.vm, &domain, OWNER, false).await.unwrap();
         wait_for_pass(&self.serial_a(), 3, Duration::from_secs(120)).await;
         guest
     }

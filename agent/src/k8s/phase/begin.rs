@@ -10,7 +10,7 @@ impl Run<'_> {
     pub(super) async fn begin(&self) -> Result<Done, StepError> {
         let (_, domain) = self.vm().await?;
         let input = begin::BeginInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
             target_xml: self.m.spec.target_domain_xml.as_deref(),
         };

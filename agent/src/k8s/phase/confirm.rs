@@ -48,7 +48,7 @@ impl Run<'_> {
                 cancelled = false;
             }
         }
-        if cancelled && self.agent.sup.running_pid(&domain.name).is_none() {
+        if cancelled && self.agent.sup.running_pid(&self.key(&domain)).is_none() {
             // Nothing to resume: the guest died on the source during the migration. The
             // rollback ends here; the VM reconciler marks the VM Failed (GuestDied) once
             // the migration releases it.
@@ -67,7 +67,7 @@ impl Run<'_> {
                 }
                 TargetSaid::Lost(why) => {
                     warn!(%why, "the guest was lost on the target after it took it; removing the stale copy here");
-                    self.agent.sup.destroy(&domain.name).await?;
+                    self.agent.sup.destroy(&self.key(&domain)).await?;
                     return Ok(Done::new(
                         Reason::GuestLost,
                         format!(
@@ -79,7 +79,7 @@ impl Run<'_> {
             (_, cookie) => cookie,
         };
         let input = confirm::ConfirmInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
             finish_cookie: finish_cookie.as_deref(),
             cancelled,

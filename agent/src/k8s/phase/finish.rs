@@ -37,7 +37,7 @@ impl Run<'_> {
             Ok::<(), BoxError>(())
         };
         let input = finish::FinishInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
             perform_cookie: self.inputs.cookies.perform.as_deref(),
             cancelled: self.inputs.cancelled && !owned_here,

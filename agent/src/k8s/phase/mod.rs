@@ -14,6 +14,7 @@
 
 use ferry_agent::domain::{Device, Domain, DomainError};
 use ferry_agent::error::{ErrorKind, PhaseError};
+use ferry_agent::node::guest_key;
 use ferry_agent::policy::ApplyError;
 use ferry_crds::{
     Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VirtualMachine,
@@ -326,6 +327,17 @@ impl<'a> Run<'a> {
     fn claim(&self) -> (String, String) {
         let (source, target) = self.m.nodes();
         (source.to_string(), target.to_string())
+    }
+
+    /// The key of the migrated VM's guest running `domain` on a node (its state dir,
+    /// [`guest_key`]); the target definition has the source's uuid, so both nodes
+    /// agree on it.
+    fn key(&self, domain: &Domain) -> String {
+        guest_key(
+            self.m.metadata.namespace.as_deref().unwrap_or_default(),
+            &self.m.spec.vm_name,
+            domain.uuid,
+        )
     }
 
     /// The VM object and the definition its guest runs with: `status.domainXML` when

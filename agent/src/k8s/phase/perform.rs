@@ -65,7 +65,7 @@ impl Run<'_> {
             target_report(&self.status()),
         );
         let input = perform::PerformInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
             uri,
             prepare_cookie: cookie,

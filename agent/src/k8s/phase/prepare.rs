@@ -34,12 +34,17 @@ impl Run<'_> {
             .as_deref()
             .ok_or(StepError::MissingInput("Begin left no cookie"))?;
         self.check_handed(xml).await?;
+        let key = self.key(&Domain::parse(xml).map_err(|source| StepError::Domain {
+            vm: self.m.spec.vm_name.clone(),
+            source,
+        })?);
         // Held until Prepare returns: by then the incoming QEMU listens on it.
         let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
         let policy = self.policy()?;
         let tls = self.tls()?;
         let namespace = self.m.metadata.namespace.as_deref().unwrap_or_default();
         let input = prepare::PrepareInput {
+            vm: &key,
             migration: &self.id,
             namespace,
             domain_xml: xml,

@@ -57,7 +57,7 @@ impl Run<'_> {
             }
         };
         let input = save::SaveInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
             namespace: &namespace,
             path: &file.path,
@@ -107,7 +107,7 @@ impl Run<'_> {
     pub(super) async fn confirm_save(&self) -> Result<Done, StepError> {
         let (vm, domain) = self.vm().await?;
         let input = save::ConfirmSavedInput {
-            vm: &domain.name,
+            vm: &self.key(&domain),
             migration: &self.id,
         };
         let done = save::confirm_saved(&self.agent.sup, input).await?;

@@ -30,10 +30,6 @@ pub struct Facts<'a> {
     pub status: &'a VirtualMachineStatus,
     /// What `spec.domainXML` is to the definition the guest runs with.
     pub spec: SpecCheck,
-    /// The spec's domain name.
-    pub domain_name: &'a str,
-    /// The uuid of another guest that runs here under the spec's domain name.
-    pub name_taken_by: Option<String>,
     /// Whether this VM's guest runs on this node.
     pub running: bool,
     /// The definition the running guest runs with, when `status.domainXML` does not
@@ -225,15 +221,6 @@ fn to_start(facts: &Facts<'_>) -> (Act, Then) {
             None,
             false,
         );
-        return (act, Then::AwaitChange);
-    }
-    // The domain name keys the guest on this node; another VM may not take it.
-    if let Some(uuid) = &facts.name_taken_by {
-        let message = format!(
-            "domain name {} is already used on node {} by a guest with uuid {uuid}",
-            facts.domain_name, facts.node
-        );
-        let act = report(VmPhase::Failed, false, "NameInUse", message, None, false);
         return (act, Then::AwaitChange);
     }
     match status.phase {

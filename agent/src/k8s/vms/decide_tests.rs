@@ -16,8 +16,6 @@ fn facts(status: &VirtualMachineStatus, spec_running: bool, running: bool) -> Fa
         spec_running,
         status,
         spec: SpecCheck::Current,
-        domain_name: "demo",
-        name_taken_by: None,
         running,
         record_domain: None,
         graphics: None,
@@ -268,16 +266,6 @@ fn the_running_definition_is_recorded() {
     f.record_domain = Some("<domain>...</domain>".into());
     let r = report_of(decide(&f).0);
     assert_eq!(r.domain_xml, Some(Some("<domain>...</domain>".into())));
-}
-
-#[test]
-fn a_name_another_guest_uses_here_is_refused() {
-    let s = status(Some(VmPhase::Pending));
-    let mut f = facts(&s, true, false);
-    f.name_taken_by = Some("1234".into());
-    let (act, then) = decide(&f);
-    assert_eq!(reported(act), (VmPhase::Failed, "NameInUse", false));
-    assert_eq!(then, Then::AwaitChange);
 }
 
 #[test]

@@ -147,17 +147,17 @@ impl Reconcile<'_> {
                 .await
                 .map_err(failed)?;
         }
-        // The state dirs this VM's definitions name, if they hold this VM's guest (by
-        // uuid) and no QEMU runs in them.
+        // The state dirs of this VM's guests (the keys of its definitions), if no QEMU
+        // runs in them.
         let named = guest
             .map(|g| &g.definition)
             .into_iter()
             .chain(defs.recorded.iter())
             .chain(defs.spec.as_ref().ok());
         for d in named {
-            let ours = sup.definition(&d.name).is_ok_and(|s| s.uuid == d.uuid);
-            if ours && sup.running_pid(&d.name).is_none() {
-                sup.destroy(&d.name).await.map_err(failed)?;
+            let key = self.key(d);
+            if sup.vm_dir(&key).exists() && sup.running_pid(&key).is_none() {
+                sup.destroy(&key).await.map_err(failed)?;
             }
         }
         self.locks().release(&self.agent.node).await?;

@@ -209,7 +209,10 @@ impl Reconcile<'_> {
         })
         .await?;
         let sha256 = verified.verified.sha256();
-        match restore::restore_verified(&self.agent.sup, domain, self.owner(), verified).await {
+        let guest = self.key(domain);
+        match restore::restore_verified(&self.agent.sup, &guest, domain, self.owner(), verified)
+            .await
+        {
             Err(e) => {
                 let _ = self.locks().release(&self.agent.node).await;
                 warn!(error = %e, "restore failed");
@@ -219,7 +222,7 @@ impl Reconcile<'_> {
                     .await
             }
             Ok(out) => {
-                let graphics = self.graphics(&domain.name).await;
+                let graphics = self.graphics(&guest).await;
                 let message = format!(
                     "restored from {path} on {} ({} MiB of state, checked in {} ms, loaded in {} ms)",
                     self.agent.node,

@@ -3,18 +3,19 @@
 //! twice in a row, is removed. This is how a target cleans up after a rollback it missed
 //! while it was down.
 //!
-//! A guest is identified by its domain name and uuid, from the definition in its state
-//! dir; a VM accounts for the guests that bear the name or uuid of the definition its
-//! guest runs with (`status.domainXML`) or of its spec. A spec that does not parse never
-//! makes a guest a stray: the running definition still names it. When in doubt — a VM
-//! whose guest may run here names no definition that parses, a guest whose own
-//! definition cannot be read — nothing is removed. Which QEMUs are strays is decided by
-//! [`strays`], a pure function.
+//! A guest is known by its key, the name of its state dir ([`guest_key`]: the VM's
+//! namespace and name and the definition's uuid); a VM accounts for the keys of the
+//! definition its guest runs with (`status.domainXML`) and of its spec. A spec that does
+//! not parse never makes a guest a stray: the running definition still names it. When
+//! in doubt — a VM whose guest may run here names no definition that parses — nothing is
+//! removed, and neither is a QEMU whose state dir is not named like a key (one an older
+//! agent started). Which QEMUs are strays is decided by [`strays`], a pure function.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use ferry_agent::domain::Domain;
+use ferry_agent::node::{guest_key, is_guest_key};
 use ferry_crds::{
     MigrationPhase, SOURCE_NODE_LABEL, TARGET_NODE_LABEL, VirtualMachine, VirtualMachineMigration,
     VmPhase,
@@ -26,44 +27,15 @@ use tracing::{info, warn};
 use super::{RESYNC, belongs_to};
 use crate::k8s::Agent;
 
-/// A guest's identity: its domain name and uuid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub name: String,
-    pub uuid: String,
-}
-
-impl Identity {
-    fn of(domain: &Domain) -> Identity {
-        Identity {
-            name: domain.name.clone(),
-            uuid: domain.uuid.to_string(),
-        }
-    }
-
-    fn parsed(xml: &str) -> Option<Identity> {
-        Domain::parse(xml).ok().map(|d| Identity::of(&d))
-    }
-}
-
-/// A QEMU running on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Local {
-    /// Its state dir's name.
-    pub dir: String,
-    /// From the definition in its state dir; `None` when that cannot be read.
-    pub identity: Option<Identity>,
-}
-
 /// A VirtualMachine that may have a guest on this node: one of this node, or one an
 /// active migration through this node moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// `<namespace>/<name>`, for the logs.
     pub vm: String,
-    /// The identities its definitions name (running, spec, a migration's target
+    /// The keys of the definitions it names (running, spec, a migration's target
     /// definition) that parse.
-    pub identities: Vec<Identity>,
+    pub keys: Vec<String>,
     /// Whether its guest may be running (its phase says so, or a migration moves it).
     pub may_run: bool,
 }
@@ -77,9 +49,9 @@ pub struct Verdict {
     pub doubt: Option<String>,
 }
 
-/// Which of the `local` QEMUs no claim accounts for.
-pub fn strays(local: &[Local], claims: &[Claim]) -> Verdict {
-    if let Some(c) = claims.iter().find(|c| c.may_run && c.identities.is_empty()) {
+/// Which of the QEMUs running in the state dirs `local` no claim accounts for.
+pub fn strays(local: &[String], claims: &[Claim]) -> Verdict {
+    if let Some(c) = claims.iter().find(|c| c.may_run && c.keys.is_empty()) {
         return Verdict {
             strays: Vec::new(),
             doubt: Some(format!(
@@ -88,16 +60,11 @@ pub fn strays(local: &[Local], claims: &[Claim]) -> Verdict {
             )),
         };
     }
-    let accounted = |id: &Identity| {
-        claims
-            .iter()
-            .flat_map(|c| &c.identities)
-            .any(|c| c.name == id.name || c.uuid == id.uuid)
-    };
+    let accounted = |dir: &String| claims.iter().flat_map(|c| &c.keys).any(|k| k == dir);
     let strays = local
         .iter()
-        .filter(|l| l.identity.as_ref().is_some_and(|id| !accounted(id)))
-        .map(|l| l.dir.clone())
+        .filter(|dir| is_guest_key(dir) && !accounted(dir))
+        .cloned()
         .collect();
     Verdict {
         strays,
@@ -105,15 +72,21 @@ pub fn strays(local: &[Local], claims: &[Claim]) -> Verdict {
     }
 }
 
-/// The identities a VM's definitions name.
-fn identities(vm: &VirtualMachine) -> Vec<Identity> {
-    let running = vm
-        .status
-        .as_ref()
-        .and_then(|s| s.domain_xml.as_deref())
-        .and_then(Identity::parsed);
-    let spec = Identity::parsed(&vm.spec.domain_xml);
-    running.into_iter().chain(spec).collect()
+/// The keys of the definitions `xmls` that parse, for VM `vm` in `namespace`.
+fn keys<'a>(namespace: &str, vm: &str, xmls: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    xmls.into_iter()
+        .filter_map(|xml| Domain::parse(xml).ok())
+        .map(|d| guest_key(namespace, vm, d.uuid))
+        .collect()
+}
+
+/// The definitions a VM names: the running one and the spec's.
+fn definitions(vm: &VirtualMachine) -> Vec<&str> {
+    let running = vm.status.as_ref().and_then(|s| s.domain_xml.as_deref());
+    running
+        .into_iter()
+        .chain(Some(vm.spec.domain_xml.as_str()))
+        .collect()
 }
 
 /// Whether a VM's phase says its guest may run.
@@ -163,16 +136,12 @@ pub async fn sweep(agent: Arc<Agent>) {
 
 /// Gathers the QEMUs of this node and the VMs that may account for them.
 async fn look(agent: &Agent) -> Result<Verdict, kube::Error> {
-    let local: Vec<Local> = agent
+    let local: Vec<String> = agent
         .sup
         .list()
         .unwrap_or_default()
         .into_iter()
         .filter(|n| agent.sup.running_pid(n).is_some())
-        .map(|dir| Local {
-            identity: agent.sup.definition(&dir).ok().map(|d| Identity::of(&d)),
-            dir,
-        })
         .collect();
     if local.is_empty() {
         return Ok(Verdict::default());
@@ -185,15 +154,17 @@ async fn look(agent: &Agent) -> Result<Verdict, kube::Error> {
         .iter()
         .map(|vm| ((vm.namespace().unwrap_or_default(), vm.name_any()), vm))
         .collect();
-    let key = |ns: &str, name: &str| format!("{ns}/{name}");
     let mut claims: Vec<Claim> = vms
         .items
         .iter()
         .filter(|vm| belongs_to(vm, &agent.node))
-        .map(|vm| Claim {
-            vm: key(&vm.namespace().unwrap_or_default(), &vm.name_any()),
-            identities: identities(vm),
-            may_run: may_run(vm),
+        .map(|vm| {
+            let (ns, name) = (vm.namespace().unwrap_or_default(), vm.name_any());
+            Claim {
+                keys: keys(&ns, &name, definitions(vm)),
+                vm: format!("{ns}/{name}"),
+                may_run: may_run(vm),
+            }
         })
         .collect();
     let migrations: Api<VirtualMachineMigration> = Api::all(agent.client.clone());
@@ -207,21 +178,16 @@ async fn look(agent: &Agent) -> Result<Verdict, kube::Error> {
             if !active {
                 continue;
             }
-            let ns = m.namespace().unwrap_or_default();
-            let vm = by_name.get(&(ns.clone(), m.spec.vm_name.clone()));
+            let (ns, name) = (m.namespace().unwrap_or_default(), &m.spec.vm_name);
+            let vm = by_name.get(&(ns.clone(), name.clone()));
             let target = m
                 .status
                 .as_ref()
-                .and_then(|s| s.target_domain_xml.as_deref())
-                .and_then(Identity::parsed);
+                .and_then(|s| s.target_domain_xml.as_deref());
+            let xmls = vm.map(|v| definitions(v)).unwrap_or_default();
             claims.push(Claim {
-                vm: key(&ns, &m.spec.vm_name),
-                identities: vm
-                    .map(|v| identities(v))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .chain(target)
-                    .collect(),
+                keys: keys(&ns, name, xmls.into_iter().chain(target)),
+                vm: format!("{ns}/{name}"),
                 may_run: true,
             });
         }
@@ -233,64 +199,57 @@ async fn look(agent: &Agent) -> Result<Verdict, kube::Error> {
 mod tests {
     use super::*;
 
-    fn id(name: &str, uuid: &str) -> Identity {
-        Identity {
-            name: name.into(),
-            uuid: uuid.into(),
-        }
+    fn key(vm: &str, uuid: u128) -> String {
+        guest_key("default", vm, uuid::Uuid::from_u128(uuid))
     }
 
-    fn local(dir: &str, uuid: &str) -> Local {
-        Local {
-            dir: dir.into(),
-            identity: Some(id(dir, uuid)),
-        }
-    }
-
-    fn claim(vm: &str, identities: Vec<Identity>, may_run: bool) -> Claim {
+    fn claim(vm: &str, keys: Vec<String>, may_run: bool) -> Claim {
         Claim {
             vm: vm.into(),
-            identities,
+            keys,
             may_run,
         }
     }
 
     #[test]
     fn a_qemu_no_vm_accounts_for_is_a_stray() {
-        let qemus = [local("demo", "u1"), local("left-over", "u2")];
-        let claims = [claim("default/demo", vec![id("demo", "u1")], true)];
+        let qemus = [key("demo", 1), key("left-over", 2)];
+        let claims = [claim("default/demo", vec![key("demo", 1)], true)];
         assert_eq!(
             strays(&qemus, &claims),
             Verdict {
-                strays: vec!["left-over".into()],
+                strays: vec![key("left-over", 2)],
                 doubt: None
             }
         );
         // No VM of this node at all: every QEMU is one.
-        assert_eq!(strays(&qemus, &[]).strays, vec!["demo", "left-over"]);
+        assert_eq!(strays(&qemus, &[]).strays, qemus.to_vec());
+    }
+
+    #[test]
+    fn another_namespaces_vm_never_accounts_for_a_guest() {
+        // Same VM name, same uuid, another namespace: another guest's key.
+        let qemus = [key("demo", 1)];
+        let theirs = guest_key("tenant-b", "demo", uuid::Uuid::from_u128(1));
+        let verdict = strays(&qemus, &[claim("tenant-b/demo", vec![theirs], true)]);
+        assert_eq!(verdict.strays, qemus.to_vec());
     }
 
     #[test]
     fn a_spec_edit_never_makes_the_running_guest_a_stray() {
-        let qemus = [local("demo", "u1")];
-        // Renamed in the spec: the running definition (status.domainXML) still names it,
-        // and so does the uuid the spec keeps.
-        let renamed = claim(
-            "default/demo",
-            vec![id("demo", "u1"), id("demo2", "u1")],
-            true,
-        );
-        assert!(strays(&qemus, &[renamed]).strays.is_empty());
-        let spec_only = claim("default/demo", vec![id("demo2", "u1")], true);
-        assert!(strays(&qemus, &[spec_only]).strays.is_empty());
+        let qemus = [key("demo", 1)];
+        // A new uuid in the spec: the running definition (status.domainXML) still names
+        // the guest.
+        let edited = claim("default/demo", vec![key("demo", 1), key("demo", 9)], true);
+        assert!(strays(&qemus, &[edited]).strays.is_empty());
         // A spec that does not parse: the running definition alone.
-        let invalid = claim("default/demo", vec![id("demo", "u1")], true);
+        let invalid = claim("default/demo", vec![key("demo", 1)], true);
         assert!(strays(&qemus, &[invalid]).strays.is_empty());
     }
 
     #[test]
     fn when_in_doubt_nothing_is_removed() {
-        let qemus = [local("demo", "u1"), local("other", "u2")];
+        let qemus = [key("demo", 1), key("other", 2)];
         // A VM whose guest may run here and whose every definition fails to parse.
         let unknown = claim("default/old", vec![], true);
         let verdict = strays(&qemus, &[unknown]);
@@ -298,12 +257,8 @@ mod tests {
         assert!(verdict.doubt.unwrap().contains("default/old"));
         // ... unless its phase says no guest of it runs (a VM that never started).
         let never_ran = claim("default/typo", vec![], false);
-        assert_eq!(strays(&qemus, &[never_ran]).strays, vec!["demo", "other"]);
-        // A QEMU whose own definition cannot be read is kept.
-        let unreadable = Local {
-            dir: "mystery".into(),
-            identity: None,
-        };
-        assert!(strays(&[unreadable], &[]).strays.is_empty());
+        assert_eq!(strays(&qemus, &[never_ran]).strays, qemus.to_vec());
+        // A state dir not named like a key (an older agent's) is kept.
+        assert!(strays(&["demo".to_string()], &[]).strays.is_empty());
     }
 }
