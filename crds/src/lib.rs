@@ -50,6 +50,9 @@ pub const GUEST_FINALIZER: &str = "ferry.dev/guest";
 
 /// Label on every disk-lock Lease: the VM's namespace and name, `<ns>.<name>`.
 pub const VM_LABEL: &str = "ferry.dev/vm";
+/// Annotation on every disk-lock Lease: the image it locks (the disk's source path; the
+/// Lease's name is a digest of it).
+pub const IMAGE_ANNOTATION: &str = "ferry.dev/image";
 /// Annotation the operator stamps on a VM's disk-lock Leases when the migration named
 /// in it opens its hand-over (Finish): with [`HAND_OVER_FROM`] and [`HAND_OVER_TO`],
 /// the one take-over of the lock the admission policy lets a node that does not hold

@@ -39,8 +39,7 @@ pub fn leases(nodes: &[&str], all: &[Lease], guests: &[(String, Option<&str>)]) 
             .as_ref()
             .and_then(|l| l.get(VM_LABEL).cloned());
         let whose = guests.iter().find(|(vm_label, _)| {
-            name.starts_with(&format!("{DISK_PREFIX}{vm_label}."))
-                && label.as_deref() == Some(vm_label.as_str())
+            name.starts_with(DISK_PREFIX) && label.as_deref() == Some(vm_label.as_str())
         });
         match whose {
             Some((_, Some(node))) if holder.as_deref() == Some(*node) => {}
@@ -210,7 +209,8 @@ mod tests {
     #[test]
     fn only_the_guests_disk_locks_heartbeats_and_the_leader_may_stay() {
         let nodes = ["node-a", "node-b"];
-        let disk = |holder| lease("ferry-disk-default.demo.vda", holder, Some("default.demo"));
+        let demo_lock = ferry_agent::storage::image_lock_name("/d/default/demo.img");
+        let disk = |holder| lease(&demo_lock, holder, Some("default.demo"));
         let fine = vec![
             lease("ferry-node-node-a", "node-a", None),
             lease("ferry-node-node-b", "node-b", None),
@@ -231,7 +231,7 @@ mod tests {
         let two = [
             disk("node-b"),
             lease(
-                "ferry-disk-default.beta.vda",
+                &ferry_agent::storage::image_lock_name("/d/default/beta.img"),
                 "node-a",
                 Some("default.beta"),
             ),

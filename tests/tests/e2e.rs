@@ -9,8 +9,8 @@ use ferry_tests::e2e_support::*;
 use ferry_tests::repo_root;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::Api;
 use kube::api::DeleteParams;
+use kube::{Api, ResourceExt};
 
 /// The body of a GET, with curl.
 async fn http_get(url: &str) -> String {
@@ -75,7 +75,21 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
     std::io::Read::read_exact(&mut vnc, &mut banner).unwrap();
     assert_eq!(&banner, b"RFB 003.008\n");
     let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
-    let lock = leases.get("ferry-disk-default.demo.vda").await.unwrap();
+    let running = vms.get("demo").await.unwrap().status.unwrap().domain_xml;
+    let image = ferry_agent::domain::Domain::parse(&running.unwrap())
+        .unwrap()
+        .disks()
+        .map(|d| d.source.clone())
+        .next()
+        .unwrap();
+    let lock = leases
+        .get(&ferry_agent::storage::image_lock_name(&image))
+        .await
+        .unwrap();
+    assert_eq!(
+        lock.annotations().get(ferry_crds::IMAGE_ANNOTATION),
+        Some(&image)
+    );
     assert_eq!(
         lock.spec.unwrap().holder_identity.as_deref(),
         Some("node-b")

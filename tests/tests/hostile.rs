@@ -273,6 +273,11 @@ fn tcp_listeners(pid: u32) -> Vec<String> {
 }
 
 async fn refused_start(vms: &Api<VirtualMachine>, name: &str) -> String {
+    refused_for(vms, name, REASON).await
+}
+
+/// The message of VM `name`'s refused start, once it is Failed with reason `reason`.
+async fn refused_for(vms: &Api<VirtualMachine>, name: &str, reason: &str) -> String {
     eventually(&format!("{name} to be refused"), LIMIT, || async {
         let s = vms.get(name).await.ok()?.status?;
         if s.phase != Some(VmPhase::Failed) {
@@ -280,7 +285,7 @@ async fn refused_start(vms: &Api<VirtualMachine>, name: &str) -> String {
         }
         s.conditions
             .iter()
-            .find(|c| c.reason == REASON)
+            .find(|c| c.reason == reason)
             .map(|c| c.message.clone())
     })
     .await
@@ -468,9 +473,52 @@ async fn hostile_specs_are_refused_and_nothing_outside_the_roots_is_touched() {
         "targetDomainXML moving a disk outside"
     );
     twin_in_another_namespace(&cluster, &client, &running, bystander).await;
+    second_writer_of_an_image(&cluster, &vms, &running, bystander).await;
     println!(
         "{} hostile cases refused or kept apart; the bystander ran on throughout",
-        lines.len() + 2
+        lines.len() + 3
+    );
+}
+
+/// Another VM of the namespace naming the bystander's image, on the other node: the
+/// image's disk lock (one per image file) refuses it before any QEMU starts.
+async fn second_writer_of_an_image(
+    cluster: &Cluster,
+    vms: &Api<VirtualMachine>,
+    bystanders_definition: &str,
+    bystander: i32,
+) {
+    let before = last_pass(cluster, "node-a", "bystander").unwrap();
+    let definition = bystanders_definition.replace(
+        "6f1c0b8e", "7f1c0b8e", // another guest (uuid), the same image
+    );
+    assert_ne!(definition, bystanders_definition);
+    let copycat: VirtualMachine = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "copycat"},
+        "spec": {"domainXML": definition, "nodeName": "node-b",
+                 "terminationGracePeriodSeconds": 0}
+    }))
+    .unwrap();
+    vms.create(&PostParams::default(), &copycat).await.unwrap();
+    let message = refused_for(vms, "copycat", "DiskLocked").await;
+    let image = cluster.disk(NS, "bystander.img").display().to_string();
+    for want in [
+        image.as_str(),
+        "in use by VirtualMachine default/bystander on node node-a",
+    ] {
+        assert!(message.contains(want), "{message:?} lacks {want:?}");
+    }
+    assert!(cluster.qemu_pids("copycat").is_empty(), "a QEMU started");
+    gone(vms, "copycat").await;
+    vm_goes_on(cluster, "node-a", "bystander", before).await;
+    assert_eq!(
+        cluster.qemu_pids("bystander"),
+        [("node-a".to_string(), bystander)].into()
+    );
+    println!(
+        "{:<48} refused: {message}; no QEMU started, the bystander ran on",
+        "another VM writing the bystander's image"
     );
 }
 

@@ -1,7 +1,10 @@
-//! Disk locks: each disk of a running VM is held by a Lease naming the node whose QEMU
-//! may write it. Finish hands them from the source to the target before the guest
-//! resumes; a rollback leaves them with the source. A node takes a lock it does not
-//! hold only as the operator's hand-over stamp on it allows ([`DiskLocks::take`]).
+//! Disk locks: each image a running VM writes is held by a Lease (one per image file,
+//! [`image_lock_name`]) naming the VM and the node whose QEMU may write it. A second VM
+//! naming the same image is refused ([`LockError::InUse`]); read-only disks take no
+//! lock (any number of guests may read a base image). Finish hands the locks from the
+//! source to the target before the guest resumes; a rollback leaves them with the
+//! source. A node takes a lock it does not hold only as the operator's hand-over stamp
+//! on it allows ([`DiskLocks::take`]).
 
 use std::collections::BTreeMap;
 
@@ -10,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
-use ferry_crds::{HAND_OVER_FROM, HAND_OVER_TO, VM_LABEL};
+use ferry_agent::storage::image_lock_name;
+use ferry_crds::{HAND_OVER_FROM, HAND_OVER_TO, IMAGE_ANNOTATION, VM_LABEL};
 
 /// How long [`DiskLocks::take`] waits for the operator's hand-over stamp.
 const STAMP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -26,6 +30,17 @@ pub enum LockError {
         disk: String,
         holder: String,
     },
+    #[error(
+        "disk {disk} of VirtualMachine {vm} is in use by VirtualMachine {other} on node {holder}: two guests never write one image"
+    )]
+    InUse {
+        vm: String,
+        disk: String,
+        other: String,
+        holder: String,
+    },
+    #[error("the lock of disk {disk} was created and removed meanwhile; try again")]
+    Raced { disk: String },
     #[error("disk lock Lease {lease}: {source}")]
     Kube {
         lease: String,
@@ -50,7 +65,27 @@ impl DiskLocks {
     }
 
     fn lease_name(&self, disk: &str) -> String {
-        format!("ferry-disk-{}.{disk}", self.vm)
+        image_lock_name(disk)
+    }
+
+    /// Whether `lease` is a lock of another VM's.
+    fn others(&self, lease: &Lease, disk: &str) -> Result<(), LockError> {
+        let owner = lease
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(VM_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        if owner == self.vm {
+            return Ok(());
+        }
+        Err(LockError::InUse {
+            vm: self.vm.replacen('.', "/", 1),
+            disk: disk.to_string(),
+            other: owner.replacen('.', "/", 1),
+            holder: holder(lease),
+        })
     }
 
     fn err(&self, disk: &str) -> impl Fn(kube::Error) -> LockError {
@@ -61,38 +96,52 @@ impl DiskLocks {
         }
     }
 
-    /// Takes the lock of each disk (target dev) for `node`, or confirms it holds them.
+    /// Takes the lock of each disk (the image paths [`super::phase::disks`] gives) for
+    /// `node`, or confirms it holds them; a lock another VM holds refuses the start.
     pub async fn acquire(&self, disks: &[String], node: &str) -> Result<(), LockError> {
         for disk in disks {
-            let name = self.lease_name(disk);
-            match self.leases.get_opt(&name).await.map_err(self.err(disk))? {
-                Some(lease) => {
-                    let holder = holder(&lease);
-                    if holder != node {
-                        return Err(LockError::HeldElsewhere {
-                            vm: self.vm.clone(),
-                            disk: disk.clone(),
-                            holder,
-                        });
-                    }
-                }
-                None => {
-                    let lease = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(name.clone()),
-                            labels: Some(BTreeMap::from([(VM_LABEL.to_string(), self.vm.clone())])),
-                            ..Default::default()
-                        },
-                        spec: Some(holder_spec(node)),
-                    };
-                    self.leases
-                        .create(&PostParams::default(), &lease)
-                        .await
-                        .map_err(self.err(disk))?;
-                }
-            }
+            self.acquire_one(disk, node).await?;
         }
         Ok(())
+    }
+
+    async fn acquire_one(&self, disk: &str, node: &str) -> Result<(), LockError> {
+        let name = self.lease_name(disk);
+        // A create that lost a race to another VM's is read again, once.
+        for _ in 0..2 {
+            if let Some(lease) = self.leases.get_opt(&name).await.map_err(self.err(disk))? {
+                self.others(&lease, disk)?;
+                let holder = holder(&lease);
+                if holder != node {
+                    return Err(LockError::HeldElsewhere {
+                        vm: self.vm.clone(),
+                        disk: disk.to_string(),
+                        holder,
+                    });
+                }
+                return Ok(());
+            }
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(BTreeMap::from([(VM_LABEL.to_string(), self.vm.clone())])),
+                    annotations: Some(BTreeMap::from([(
+                        IMAGE_ANNOTATION.to_string(),
+                        disk.to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                spec: Some(holder_spec(node)),
+            };
+            match self.leases.create(&PostParams::default(), &lease).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(self.err(disk)(e)),
+            }
+        }
+        Err(LockError::Raced {
+            disk: disk.to_string(),
+        })
     }
 
     /// Moves each disk's lock from `from` to `to`; a lock already with `to` is fine.
@@ -104,6 +153,7 @@ impl DiskLocks {
                 self.acquire(std::slice::from_ref(disk), to).await?;
                 continue;
             };
+            self.others(&lease, disk)?;
             let holder = holder(&lease);
             if holder == to {
                 continue;

@@ -291,12 +291,14 @@ impl Reconcile<'_> {
             .await
         {
             let _ = self.locks().release(&self.agent.node).await;
-            let reason = match e {
-                SupervisorError::Storage { .. } => HOST_PATH_REFUSED,
-                _ => "StartFailed",
+            // A refused host path: the storage message alone (`<field>: <path>: <rule>`);
+            // the status is the VM's own, and the guest's key would only add noise.
+            let (reason, message) = match &e {
+                SupervisorError::Storage { source, .. } => (HOST_PATH_REFUSED, source.to_string()),
+                _ => ("StartFailed", e.to_string()),
             };
             warn!(error = %e, reason, "the guest did not start");
-            self.report(VmPhase::Failed, false, reason, &e.to_string(), None)
+            self.report(VmPhase::Failed, false, reason, &message, None)
                 .await?;
             return Ok(());
         }

@@ -66,6 +66,19 @@ pub use open::{Opened, open_beneath};
 pub use roots::{Access, RootsError, StorageRoot, StorageRoots};
 pub use save::{Finalize, create_save};
 
+/// The name of the disk-lock Lease of the image at `path` (a disk's `<source file>`):
+/// `ferry-disk-` and 20 hex digits of its SHA-256. One lock per image file, so no two
+/// VMs ever write one image, whichever VM or disk names it: a path has one spelling
+/// (canonical form is enforced, not normalised: see above) and no symbolic link is
+/// followed, so two guests name one image only by one path — on every node, as long
+/// as the nodes mount shared storage at the same path, as the chart's roots do.
+pub fn image_lock_name(path: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(path.as_bytes());
+    let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("ferry-disk-{hex}")
+}
+
 /// A host path as a spec wrote it, and the field it came from (for messages).
 #[derive(Debug, Clone, Copy)]
 pub struct UserPath<'a> {
@@ -74,4 +87,23 @@ pub struct UserPath<'a> {
     pub field: &'a str,
     /// The path, as written.
     pub path: &'a str,
+}
+
+#[cfg(test)]
+mod lock_name_tests {
+    use super::image_lock_name;
+
+    #[test]
+    fn one_lock_name_per_image_path() {
+        let a = image_lock_name("/var/lib/ferry-disks/default/a.img");
+        assert_eq!(a, image_lock_name("/var/lib/ferry-disks/default/a.img"));
+        assert_ne!(a, image_lock_name("/var/lib/ferry-disks/default/b.img"));
+        assert_ne!(a, image_lock_name("/var/lib/ferry-disks/team-b/a.img"));
+        // A Lease name: a DNS subdomain, the prefix the admission policy allows.
+        assert!(a.starts_with("ferry-disk-") && a.len() == 31, "{a}");
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+    }
 }

@@ -473,13 +473,14 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The target devs of a domain's disks: what the disk locks are named by.
+/// The images a domain writes (its disks but the read-only ones): what the disk locks
+/// lock, one per image ([`ferry_agent::storage::image_lock_name`]).
 pub fn disks(domain: &Domain) -> Vec<String> {
     domain
         .devices
         .iter()
         .filter_map(|d| match d {
-            Device::Disk(disk) => Some(disk.target_dev.clone()),
+            Device::Disk(disk) if !disk.readonly => Some(disk.source.clone()),
             _ => None,
         })
         .collect()
