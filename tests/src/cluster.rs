@@ -4,7 +4,7 @@
 //! `make up`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use kube::Api;
 use kube::api::PostParams;
 
 use crate::api_proxy::ApiProxy;
+use crate::ports::free_port;
 use crate::process::ChildGuard;
 use crate::{ControlPlane, HarnessError};
 
@@ -598,10 +599,6 @@ fn bin_dir() -> PathBuf {
     } else {
         dir
     }
-}
-
-fn free_port(ip: Ipv4Addr) -> std::io::Result<u16> {
-    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 fn spawn_appending(what: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard, HarnessError> {

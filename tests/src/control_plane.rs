@@ -1,6 +1,5 @@
 //! A real etcd + kube-apiserver on loopback, for tests and `make up`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -382,7 +381,7 @@ fn existing_tool(name: &str) -> Result<PathBuf, HarnessError> {
 
 /// A port that was free a moment ago on 127.0.0.1.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    crate::ports::free_port(std::net::Ipv4Addr::LOCALHOST)
 }
 
 fn spawn_logged(what: &str, mut cmd: Command, log: &Path) -> Result<ChildGuard, HarnessError> {

@@ -21,6 +21,7 @@ pub mod leaks;
 pub mod peer_client;
 mod pki;
 pub mod policy_check;
+pub mod ports;
 mod process;
 pub mod relay;
 mod tools;
