@@ -8,7 +8,7 @@ HELM := $(TOOLS_BIN)/helm
 # Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-faults soak build bins up down demo bench clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-faults soak build bins images up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ down: ## Stop what `make up` started.
 	@if [ -f .ferry/up.pid ]; then pid=$$(cat .ferry/up.pid); kill $$pid 2>/dev/null || true; \
 	  while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; rm -f .ferry/up.pid; echo "down"; \
 	else echo "not up"; fi
+
+images: ## OCI images of the operator and the agent (target/images/*.oci.tar), from Debian's packages, without a container engine; prints names and sizes.
+	images/build.sh
 
 RUNS ?= 5
 bench: tools ## Ferry vs raw QEMU over QMP (median of $(RUNS) runs per case), a table and target/bench.json.
