@@ -111,6 +111,7 @@
 //! ```
 
 pub mod abi;
+pub mod cgroup;
 pub mod cmdline;
 pub mod cookie;
 pub mod domain;

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_agent::cgroup::GuestCgroups;
 use ferry_agent::node::Node;
 use ferry_agent::storage::{RootsError, StorageRoot, StorageRoots};
 use ferry_agent::supervisor::Supervisor;
@@ -56,10 +57,22 @@ struct Args {
     /// A directory host paths in specs may name, and how: `<dir>=readWrite` (a
     /// namespace's guests use `<dir>/<namespace>/` only) or `<dir>=readOnly` (shared by
     /// every namespace, e.g. base images). Repeatable; the roots may not overlap. None
-    /// given is the transitional default: host paths are not checked. Parsed and kept,
-    /// not enforced on VM starts yet (issue 15).
+    /// given: no guest may name a host path.
     #[arg(long = "storage-root", value_name = "DIR=ACCESS")]
     storage_roots: Vec<StorageRoot>,
+    /// The host's cgroup file system as the agent sees it (the chart mounts the host's
+    /// /sys/fs/cgroup at /host/sys/fs/cgroup).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// The cgroup, relative to --cgroup-root (in each hierarchy), under which each
+    /// guest's QEMU gets a cgroup of its own, e.g. ferry.slice. Empty: QEMU stays in
+    /// the agent's cgroup, and so dies with the agent's container.
+    #[arg(long, default_value = "")]
+    guest_cgroup_parent: String,
+    /// MiB a guest's QEMU may use beyond the guest's RAM (its cgroup's memory limit is
+    /// the sum).
+    #[arg(long, default_value_t = ferry_agent::cgroup::DEFAULT_OVERHEAD_MIB)]
+    guest_memory_overhead_mib: u64,
 }
 
 fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -103,7 +116,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         info!(roots = %storage, "storage roots");
     }
-    let node = node.with_storage(storage);
+    let mut node = node.with_storage(storage);
+    if args.guest_cgroup_parent.is_empty() {
+        warn!(
+            "no --guest-cgroup-parent: guests run in the agent's own cgroup and die with its container"
+        );
+    } else {
+        let cgroups = GuestCgroups::new(
+            &args.cgroup_root,
+            &args.guest_cgroup_parent,
+            args.guest_memory_overhead_mib,
+        )?;
+        info!(root = %args.cgroup_root.display(), parent = %args.guest_cgroup_parent, layout = ?cgroups.layout(), "guests run in cgroups of their own");
+        node = node.with_cgroups(cgroups);
+    }
     let sup = Supervisor::new(node);
     let guests = sup.attach_all().await?;
     info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");

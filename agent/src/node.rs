@@ -2,6 +2,7 @@
 //! the target QEMU listens on for migration streams, the state dir itself, and the
 //! storage roots the administrator allows host paths beneath.
 
+use crate::cgroup::GuestCgroups;
 use crate::storage::StorageRoots;
 use std::io;
 use std::net::IpAddr;
@@ -25,6 +26,9 @@ pub struct Node {
     /// Where host paths from specs may be (`--storage-root`); with none, a spec may
     /// name no host path at all (see [`crate::storage`]).
     pub storage: StorageRoots,
+    /// Where each guest's own cgroup goes (`--guest-cgroup-parent`); `None`: QEMU stays
+    /// in the cgroup of the process that starts it (the agent's tests of its library).
+    pub cgroups: Option<GuestCgroups>,
 }
 
 impl Node {
@@ -40,12 +44,21 @@ impl Node {
             address,
             state_dir,
             storage: StorageRoots::none(),
+            cgroups: None,
         })
     }
 
     /// The node with the storage roots the administrator named.
     pub fn with_storage(self, storage: StorageRoots) -> Node {
         Node { storage, ..self }
+    }
+
+    /// The node whose guests run in cgroups of their own ([`crate::cgroup`]).
+    pub fn with_cgroups(self, cgroups: GuestCgroups) -> Node {
+        Node {
+            cgroups: Some(cgroups),
+            ..self
+        }
     }
 
     /// The state dir of the guest keyed `vm` on this node ([`guest_key`]).

@@ -61,6 +61,12 @@ pub enum SupervisorError {
     Qmp { vm: String, source: QmpError },
     #[error("VM '{vm}' does not run on this node")]
     NotRunning { vm: String },
+    /// The guest's own cgroup could not be made ready; nothing was started.
+    #[error("VM '{vm}': {source}")]
+    Cgroup {
+        vm: String,
+        source: crate::cgroup::CgroupError,
+    },
 }
 
 fn io_err(vm: &str, what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -221,15 +227,37 @@ impl Supervisor {
             .open(&log_path)
             .map_err(io_err(vm, "opening QEMU log"))?;
         let log2 = log.try_clone().map_err(io_err(vm, "opening QEMU log"))?;
+        // Its own cgroup, outside the agent's (crate::cgroup), entered by the child
+        // before it executes QEMU.
+        let placement = match &self.node.cgroups {
+            Some(cgroups) => {
+                Some(
+                    cgroups
+                        .prepare(vm, domain)
+                        .map_err(|source| SupervisorError::Cgroup {
+                            vm: vm.to_string(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let mut cmd = Command::new(cmdline::qemu_binary(domain));
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .current_dir(&dir);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // SAFETY: setsid and write (Placement::enter) are async-signal-safe and touch
+        // no memory of the parent.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                match &placement {
+                    Some(p) => p.enter(),
+                    None => Ok(()),
+                }
+            });
         }
         cmdline::inherit_fds(&mut cmd, paths.disks.iter().map(|d| d.fd).collect());
         tracing::info!(vm, incoming, disks = files.disks.len(), "starting QEMU");
@@ -243,6 +271,7 @@ impl Supervisor {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if !alive(pid) {
+                self.remove_cgroups(vm).await;
                 return Err(SupervisorError::StartFailed {
                     vm: vm.to_string(),
                     log: log_tail(&log_path),
@@ -358,7 +387,28 @@ impl Supervisor {
         let dir = self.vm_dir(vm);
         let _ = std::fs::remove_file(dir.join(PID_FILE));
         let _ = std::fs::remove_file(dir.join(QMP_SOCKET));
+        self.remove_cgroups(vm).await;
         Ok(())
+    }
+
+    /// Removes the guest's cgroups once its QEMU has left them (a QEMU that is still
+    /// exiting keeps them busy for a moment); a failure is logged: it leaves an empty
+    /// cgroup, no guest.
+    async fn remove_cgroups(&self, vm: &str) {
+        let Some(cgroups) = &self.node.cgroups else {
+            return;
+        };
+        let mut result = cgroups.remove(vm);
+        for _ in 0..20 {
+            if result.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            result = cgroups.remove(vm);
+        }
+        if let Err(e) = result {
+            tracing::warn!(vm, error = %e, "could not remove the guest's cgroup");
+        }
     }
 
     /// Kills the VM's QEMU if it runs and removes its whole state dir.

@@ -241,3 +241,68 @@ impl Drop for Tmpfs {
         let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// What a save whose agent died mid-transfer leaves, planted as such an attempt leaves
+/// it: the temporary file (its `Finalize` neither committed nor dropped) and the
+/// migration record naming it. Returns the file.
+fn plant_dead_attempt(lab: &Lab, m: &str, path: &Path) -> std::path::PathBuf {
+    use ferry_agent::phases::MigrationRecord;
+    use ferry_agent::phases::record::PartialSave;
+    use ferry_agent::storage::{UserPath, create_save};
+    let path = path.to_str().unwrap();
+    let user = UserPath {
+        field: "spec.toFile.path",
+        path,
+    };
+    let (fd, finalize) = create_save(&lab.a.node().storage, NAMESPACE, user).unwrap();
+    drop(std::fs::File::from(fd));
+    let temp = finalize.temp_name();
+    std::mem::forget(finalize);
+    let dir = lab.a.vm_dir(&lab.vm);
+    let mut record = MigrationRecord::load_for(&dir, m).unwrap().unwrap();
+    record.save_partial = Some(PartialSave {
+        namespace: NAMESPACE.into(),
+        path: path.into(),
+        temp: temp.clone(),
+    });
+    record.save(&dir).unwrap();
+    let left = Path::new(path).parent().unwrap().join(temp);
+    assert!(left.exists(), "{left:?}");
+    left
+}
+
+fn saves_listed(lab: &Lab) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(lab.save_root().join(NAMESPACE))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A save's temporary file that an attempt which died left behind is removed by the
+/// rollback of that migration, and by a retry of it before it creates its own.
+#[tokio::test]
+async fn a_dead_saves_temporary_file_goes_with_the_rollback_or_the_retry() {
+    let lab = Lab::new("save-left", 64, 8, 5_000_000).with_save_root();
+    lab.start_source().await;
+    let path = lab.save_path("guest.fsav");
+    // Rolled back: Confirm (cancelled) removes it and the guest runs on.
+    lab.begin("m-1", None).await.unwrap();
+    let left = plant_dead_attempt(&lab, "m-1", &path);
+    lab.confirm(&lab.a, "m-1", None, true).await.unwrap();
+    assert!(!left.exists(), "the rollback left {left:?}");
+    assert_eq!(lab.run_status(&lab.a).await, "running");
+    assert!(saves_listed(&lab).is_empty(), "{:?}", saves_listed(&lab));
+    // Retried: the next attempt removes it first, then saves.
+    lab.begin("m-2", None).await.unwrap();
+    let left = plant_dead_attempt(&lab, "m-2", &path);
+    within(lab.save("m-2", &path, Compression::Zstd))
+        .await
+        .unwrap();
+    assert!(!left.exists(), "the retry left {left:?}");
+    assert_eq!(saves_listed(&lab), vec!["guest.fsav".to_string()]);
+    lab.confirm_saved("m-2").await.unwrap();
+    println!("a dead save's temporary file: removed by the rollback, and by the retry");
+}

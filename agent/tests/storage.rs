@@ -6,7 +6,7 @@
 
 use ferry_agent::storage::{
     Access, FileKind, Finalize, ImageFormat, Opened, Rule, StorageError, StorageRoots, UserPath,
-    check_image, create_save, open_beneath,
+    check_image, create_save, open_beneath, remove_partial,
 };
 use ferry_agent::testguest::qcow2_header;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
@@ -456,6 +456,47 @@ fn a_dropped_save_leaves_nothing() {
     let (fd, finalize) = fx.save(&fx.team_a("abandoned.fsav")).unwrap();
     fs::File::from(fd).write_all(b"half a save").unwrap();
     drop(finalize);
+    assert_eq!(listing(&fx.tenants.join(NS)), before);
+}
+
+/// A save whose process died (here: its Finalize forgotten, neither committed nor
+/// dropped) leaves its temporary file; `remove_partial` with the recorded name removes
+/// it, and only a name of that save's temporary files.
+#[test]
+fn a_dead_saves_temporary_file_is_removed_by_its_recorded_name() {
+    let fx = fixture();
+    let before = listing(&fx.tenants.join(NS));
+    let path = fx.team_a("crashed.fsav");
+    let (fd, finalize) = fx.save(&path).unwrap();
+    fs::File::from(fd).write_all(b"half a save").unwrap();
+    let temp = finalize.temp_name();
+    std::mem::forget(finalize);
+    assert!(fx.tenants.join(NS).join(&temp).exists(), "{temp} left");
+    let user = UserPath {
+        field: SAVE,
+        path: s(&path),
+    };
+    // Not a temporary file of this save: refused, nothing removed.
+    fs::write(fx.team_a("keep.fsav"), b"a finished save").unwrap();
+    for other in [
+        "keep.fsav",
+        ".other.fsav.1-0.partial",
+        "../x/.crashed.fsav.1-0.partial",
+    ] {
+        assert!(
+            remove_partial(&fx.roots, NS, user, other).is_err(),
+            "{other}"
+        );
+    }
+    assert!(
+        remove_partial(&fx.roots, NS, user, &temp).unwrap(),
+        "removed"
+    );
+    assert!(
+        !remove_partial(&fx.roots, NS, user, &temp).unwrap(),
+        "gone already"
+    );
+    fs::remove_file(fx.team_a("keep.fsav")).unwrap();
     assert_eq!(listing(&fx.tenants.join(NS)), before);
 }
 

@@ -348,6 +348,7 @@ impl Cluster {
         env: &[(&str, &str)],
     ) -> Result<(), HarnessError> {
         let roots = self.storage_roots();
+        let cgroup_parent = self.guest_cgroup_parent(node);
         let n = self.nodes.get_mut(node).expect("a node of this cluster");
         let mut cmd = Command::new(self.bin_dir.join("ferry-agent"));
         cmd.arg(format!("--node-name={node}"))
@@ -367,6 +368,7 @@ impl Cluster {
             ))
             .arg(format!("--lease-seconds={}", self.heartbeat.lasts_seconds))
             .args(roots.iter().map(|r| format!("--storage-root={r}")))
+            .arg(format!("--guest-cgroup-parent={cgroup_parent}"))
             .env("KUBECONFIG", &n.kubeconfig)
             .env("RUST_LOG", log_filter())
             .envs(n.env.iter().map(|(k, v)| (k, v)))
@@ -374,6 +376,66 @@ impl Cluster {
         let log = self.cp.dir().join(format!("agent-{node}.log"));
         n.agent = Some(spawn_appending(&format!("ferry-agent {node}"), cmd, &log)?);
         Ok(())
+    }
+
+    /// The cgroup `node`'s guests get their own cgroups under (`--guest-cgroup-parent`,
+    /// in each hierarchy of the host's /sys/fs/cgroup): one per cluster and node, since
+    /// the simulated nodes share the host and a migrating guest has the same key on
+    /// both.
+    pub fn guest_cgroup_parent(&self, node: &str) -> String {
+        format!("{}/{node}", self.cgroup_base())
+    }
+
+    /// `ferry-test/<this cluster's dir name>`.
+    fn cgroup_base(&self) -> String {
+        let dir = self.cp.dir().file_name().unwrap_or_default();
+        format!("ferry-test/{}", dir.to_string_lossy())
+    }
+
+    /// The guest cgroups of `node` that exist now, per hierarchy: the dirs under its
+    /// parent.
+    pub fn guest_cgroups(&self, node: &str) -> Vec<PathBuf> {
+        let Ok(layout) = ferry_agent::cgroup::Layout::detect(Path::new(CGROUP_ROOT)) else {
+            return Vec::new();
+        };
+        let parent = self.guest_cgroup_parent(node);
+        let mut found = Vec::new();
+        for dir in layout.dirs(&parent, "") {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    found.push(e.path());
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Removes this cluster's cgroups (its QEMUs are gone or going), deepest first.
+    fn remove_cgroups(&self) {
+        let Ok(layout) = ferry_agent::cgroup::Layout::detect(Path::new(CGROUP_ROOT)) else {
+            return;
+        };
+        let base = self.cgroup_base();
+        let mut dirs = Vec::new();
+        for node in self.nodes.keys() {
+            dirs.extend(self.guest_cgroups(node));
+            dirs.extend(layout.dirs(&self.guest_cgroup_parent(node), ""));
+        }
+        dirs.extend(layout.dirs(&base, ""));
+        // The parent of every cluster's: goes with the last one.
+        dirs.extend(layout.dirs("ferry-test", ""));
+        for dir in dirs {
+            // A QEMU that was just killed keeps its cgroup busy until it has exited.
+            for _ in 0..50 {
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    _ => break,
+                }
+            }
+        }
     }
 
     /// The agents' `--storage-root` values (see [`IMAGES_ROOT`]).
@@ -514,8 +576,12 @@ impl Drop for Cluster {
                 }
             }
         }
+        self.remove_cgroups();
     }
 }
+
+/// The host's cgroup file system, which the local agents get as `--cgroup-root`.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The state dirs under `state_dir` of guests of VMs named `vm`, in any namespace (the
 /// agent keys them by namespace, name and uuid: `ferry_agent::node::guest_key`).

@@ -548,6 +548,26 @@ async fn a_disk_lock_is_taken_only_in_the_stamped_hand_over() {
         "node-a drops its lock",
         a.delete(disk, &DeleteParams::default()).await,
     );
+    // The holder drops its lock even while it is stamped: its guest died during the
+    // hand-over (found by the fault matrix: a refused delete leaked the lock).
+    allowed(
+        "the operator stamps a lock of node-b's",
+        admin
+            .create(
+                &PostParams::default(),
+                &lock("node-b", Some(("node-a", "node-b"))),
+            )
+            .await,
+    );
+    denied(
+        "node-a drops node-b's stamped lock",
+        "lease-holder",
+        a.delete(disk, &DeleteParams::default()).await,
+    );
+    allowed(
+        "node-b drops the stamped lock it holds",
+        b.delete(disk, &DeleteParams::default()).await,
+    );
 }
 
 /// Issue 15: an agent mints no token, for its own node or another one: its

@@ -250,7 +250,9 @@ impl Reconcile<'_> {
             Act::Stop => self.stop(key).await?,
             Act::Died(message) => {
                 warn!(%message);
-                let _ = self.locks().release(&self.agent.node).await;
+                if let Err(e) = self.locks().release(&self.agent.node).await {
+                    warn!(error = %e, "could not release the dead guest's disk locks");
+                }
                 self.write_status(&Report {
                     guarded: true,
                     ..report(VmPhase::Failed, false, "GuestDied", &message, None)

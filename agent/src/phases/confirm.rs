@@ -95,6 +95,11 @@ pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confir
         return Ok(Confirmed::TargetRuns(target.statistics));
     }
     let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
+    // A save to a file that is rolled back: the temporary file an attempt that died
+    // left behind goes (one that ended removed its own).
+    if let Some(partial) = record.as_ref().and_then(|r| r.save_partial.as_ref()) {
+        crate::phases::save::remove_partial(sup, partial, migration);
+    }
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
     let qmp = &guest.qmp;
     let info: MigrationInfo = qmp

@@ -31,6 +31,20 @@ pub struct MigrationRecord {
     /// What a migration to a file saved (its Perform).
     #[serde(default)]
     pub save: Option<SaveOutput>,
+    /// The temporary file of a save under way, recorded before the guest is touched:
+    /// an attempt that dies leaves it, and the next attempt or the rollback removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_partial: Option<PartialSave>,
+}
+
+/// A save's temporary file: where the save goes, for whom, and the file's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialSave {
+    pub namespace: String,
+    /// `spec.toFile.path`.
+    pub path: String,
+    /// The temporary file's name in that path's directory.
+    pub temp: String,
 }
 
 pub const RECORD_FILE: &str = "migration.json";

@@ -17,6 +17,7 @@
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::perform::TransferProgress;
+use crate::phases::record::PartialSave;
 use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{Policy, PostCopy, Side};
 use crate::qmp::{MigrationInfo, Qmp, QmpError, StatusInfo};
@@ -106,8 +107,19 @@ pub async fn save(
         tracing::info!(vm, migration, "save already done");
         return Ok(out.clone());
     }
+    // What an attempt that died with its agent left behind goes first.
+    if let Some(partial) = record.save_partial.take() {
+        remove_partial(sup, &partial, migration);
+        record.save(&dir).map_err(|e| cx.err(e))?;
+    }
     // Before anything touches the guest: a refused path leaves it running.
     let (file, finalize) = create(sup, namespace, path).map_err(|e| cx.err(e))?;
+    record.save_partial = Some(PartialSave {
+        namespace: namespace.to_string(),
+        path: path.to_string(),
+        temp: finalize.temp_name(),
+    });
+    record.save(&dir).map_err(|e| cx.err(e))?;
     let domain = sup.definition(vm).map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
     let qmp = &guest.qmp;
@@ -216,6 +228,7 @@ pub async fn save(
         sha256: written.sha256,
     };
     record.save = Some(out.clone());
+    record.save_partial = None;
     record.save(&dir).map_err(|e| cx.err(e))?;
     tracing::info!(
         vm,
@@ -243,6 +256,25 @@ fn create(
     };
     let (fd, finalize) = storage::create_save(&sup.node().storage, namespace, user)?;
     Ok((File::from(fd), finalize))
+}
+
+/// Removes the temporary file `partial` of a save that did not end (its process died),
+/// if it is still there; a failure is logged, never fatal: it leaves a file, no guest.
+pub(crate) fn remove_partial(sup: &Supervisor, partial: &PartialSave, migration: &str) {
+    let user = UserPath {
+        field: PATH_FIELD,
+        path: &partial.path,
+    };
+    let roots = &sup.node().storage;
+    match storage::remove_partial(roots, &partial.namespace, user, &partial.temp) {
+        Ok(true) => {
+            tracing::info!(migration, path = %partial.path, temp = %partial.temp, "removed the temporary file an earlier attempt left")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(migration, error = %e, "could not remove the temporary file an earlier attempt left")
+        }
+    }
 }
 
 /// What the Confirm of a save that succeeded needs.

@@ -64,7 +64,7 @@ pub use guest::{DiskFile, GuestFiles, Owner, open_guest};
 pub use image::{HEADER_READ, ImageFormat, UnknownFormat, check_header, check_image};
 pub use open::{Opened, open_beneath};
 pub use roots::{Access, RootsError, StorageRoot, StorageRoots};
-pub use save::{Finalize, create_save};
+pub use save::{Finalize, create_save, remove_partial};
 
 /// The name of the disk-lock Lease of the image at `path` (a disk's `<source file>`):
 /// `ferry-disk-` and 20 hex digits of its SHA-256. One lock per image file, so no two

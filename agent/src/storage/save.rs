@@ -7,7 +7,10 @@
 //! `O_CREAT | O_EXCL | O_NOFOLLOW`, so it is always a new file and never something
 //! planted there. [`Finalize::commit`] renames it with `renameat2(RENAME_NOREPLACE)`,
 //! which fails rather than replace a file that appeared meanwhile; a [`Finalize`]
-//! dropped without a commit removes the temporary file.
+//! dropped without a commit removes the temporary file. A process that dies before
+//! either leaves it behind: the save phase records its name
+//! ([`Finalize::temp_name`]) before the guest is touched, and whoever ends or retries
+//! that migration removes it with [`remove_partial`].
 //!
 //! [`open_beneath`]: super::open_beneath
 
@@ -50,6 +53,69 @@ pub fn create_save(
     user: UserPath<'_>,
 ) -> Result<(OwnedFd, Finalize), StorageError> {
     let refuse = |rule| StorageError::new(user, rule);
+    let (dir, name) = save_dir(roots, namespace, user)?;
+    // Early, for a clear message before a long save; the rename is what guarantees it.
+    match fstatat(dir.as_fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(_) => return Err(refuse(Rule::AlreadyExists)),
+        Err(Errno::ENOENT) => {}
+        Err(errno) => {
+            return Err(refuse(Rule::Io {
+                what: "looking for it",
+                errno,
+            }));
+        }
+    }
+    let (file, temp) = create_temp(dir.as_fd(), &name).map_err(refuse)?;
+    Ok((
+        file,
+        Finalize {
+            dir,
+            temp,
+            name,
+            path: user.path.to_string(),
+            field: user.field.to_string(),
+            committed: false,
+        },
+    ))
+}
+
+/// Removes `temp`, the temporary file a save to `user.path` by `namespace` created
+/// ([`Finalize::temp_name`]) and a dead process left; whether it was there. Only a name
+/// of that save's temporary files is removed, from the save's directory resolved
+/// beneath the roots as [`create_save`] resolves it.
+pub fn remove_partial(
+    roots: &StorageRoots,
+    namespace: &str,
+    user: UserPath<'_>,
+    temp: &str,
+) -> Result<bool, StorageError> {
+    let refuse = |rule| StorageError::new(user, rule);
+    let (dir, name) = save_dir(roots, namespace, user)?;
+    let prefix = format!(".{}.", name.to_string_lossy());
+    if !(temp.starts_with(&prefix) && temp.ends_with(".partial") && !temp.contains('/')) {
+        return Err(refuse(Rule::Io {
+            what: "removing a temporary file not named like its own",
+            errno: Errno::EINVAL,
+        }));
+    }
+    match unlinkat(dir.as_fd(), temp, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => Ok(true),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(errno) => Err(refuse(Rule::Io {
+            what: "removing its temporary file",
+            errno,
+        })),
+    }
+}
+
+/// The directory of a save to `user.path` by `namespace`, resolved beneath the roots
+/// (`O_RDONLY | O_DIRECTORY`), and the save's file name.
+fn save_dir(
+    roots: &StorageRoots,
+    namespace: &str,
+    user: UserPath<'_>,
+) -> Result<(OwnedFd, OsString), StorageError> {
+    let refuse = |rule| StorageError::new(user, rule);
     let located =
         lexical::locate(roots, namespace, user.path, Access::ReadWrite).map_err(refuse)?;
     let (parent, name) = split(&located.rest);
@@ -68,29 +134,7 @@ pub fn create_save(
         errno => directory_rule(Rule::from_errno(errno, "opening its directory")),
     })
     .map_err(refuse)?;
-    // Early, for a clear message before a long save; the rename is what guarantees it.
-    match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(_) => return Err(refuse(Rule::AlreadyExists)),
-        Err(Errno::ENOENT) => {}
-        Err(errno) => {
-            return Err(refuse(Rule::Io {
-                what: "looking for it",
-                errno,
-            }));
-        }
-    }
-    let (file, temp) = create_temp(dir.as_fd(), name).map_err(refuse)?;
-    Ok((
-        file,
-        Finalize {
-            dir,
-            temp,
-            name: name.to_os_string(),
-            path: user.path.to_string(),
-            field: user.field.to_string(),
-            committed: false,
-        },
-    ))
+    Ok((dir, name.to_os_string()))
 }
 
 impl Finalize {
@@ -119,6 +163,11 @@ impl Finalize {
     /// The save's final path.
     pub fn path(&self) -> &Path {
         Path::new(&self.path)
+    }
+
+    /// The temporary file's name (in the save's directory), for [`remove_partial`].
+    pub fn temp_name(&self) -> String {
+        self.temp.to_string_lossy().into_owned()
     }
 }
 
