@@ -10,6 +10,7 @@
 
 mod condition;
 pub mod conditions;
+pub mod console;
 mod migration;
 mod patch;
 mod policy;

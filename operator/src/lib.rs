@@ -11,10 +11,12 @@
 //! - [`signer`] (pure) and [`certs`] (I/O): the cluster CA and the node certificates
 //!   for TLS on the migration stream, through CertificateSigningRequests.
 //! - [`state_key`]: the cluster's state key, which signs saved-state files.
+//! - [`console`]: consoles through the apiserver (an aggregated API), authorised by it.
 
 pub mod admission;
 pub mod certs;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod evacuate;
 pub mod evacuator;

@@ -83,6 +83,14 @@ struct Args {
     /// certificates for the migration stream.
     #[arg(long, default_value = "ferry-agent")]
     agent_service_account: String,
+    /// Address of the console API (an aggregated API the apiserver proxies consoles to;
+    /// every replica serves it). Empty: no console API.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    console_addr: String,
+    /// The Service of the console's APIService: the console API's certificate is for
+    /// `<service>.<namespace>.svc`.
+    #[arg(long, default_value = "ferry-console")]
+    console_service: String,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -117,6 +125,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     });
+
+    // Every replica serves consoles; they need no leader.
+    if !args.console_addr.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&args.console_addr)
+            .await
+            .map_err(|e| format!("console API on {}: {e}", args.console_addr))?;
+        info!(address = %args.console_addr, "console API listening");
+        let console = ferry_operator::console::Console::new(client.clone(), args.namespace.clone());
+        tokio::spawn(
+            console
+                .clone()
+                .keep_current(ferry_operator::console::Settings {
+                    namespace: args.namespace.clone(),
+                    service: args.console_service.clone(),
+                }),
+        );
+        tokio::spawn(ferry_operator::console::server::serve(console, listener));
+    }
 
     // Only the leader reconciles; it exits if it ever loses the Lease, and its
     // successor carries on from the migrations' status.

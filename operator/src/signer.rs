@@ -20,7 +20,7 @@
 use k8s_openapi::api::certificates::v1::CertificateSigningRequestSpec;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::time::Duration;
 
@@ -100,6 +100,76 @@ impl Ca {
             .signed_by(&req.csr.public_key, &self.issuer)
             .map_err(SignerError::Issue)?;
         Ok(cert.pem())
+    }
+}
+
+/// A certificate and its key, PEM, that the operator issues to itself.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Ca {
+    /// The console server's certificate (server auth) for the DNS names the apiserver
+    /// dials it by (`<service>.<namespace>.svc`), with a fresh key.
+    pub fn issue_console_server(
+        &self,
+        dns_names: &[String],
+        now: time::OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Issued, SignerError> {
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(SignerError::Issue)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            dns_names.first().map_or("ferry-console", |n| n),
+        );
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue_own(params, now, lifetime)
+    }
+
+    /// The console proxy's client certificate, which the agents accept for consoles only:
+    /// subject `CN=`[`ferry_crds::console::PROXY_IDENTITY`], client auth, no SAN.
+    pub fn issue_console_proxy(
+        &self,
+        now: time::OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Issued, SignerError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, ferry_crds::console::PROXY_IDENTITY);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_own(params, now, lifetime)
+    }
+
+    fn issue_own(
+        &self,
+        mut params: CertificateParams,
+        now: time::OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<Issued, SignerError> {
+        let key = KeyPair::generate().map_err(SignerError::Issue)?;
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + lifetime;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(SignerError::Issue)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 

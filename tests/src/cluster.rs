@@ -65,6 +65,9 @@ pub struct Cluster {
     bin_dir: PathBuf,
     heartbeat: Heartbeat,
     pub operator_metrics_port: u16,
+    /// The console API port of the first operator replica, which the console APIService
+    /// is routed to ([`crate::console_route`]); `None` when the chart has no console.
+    pub operator_console_port: Option<u16>,
     /// The fault proxy between the operator (both replicas) and the apiserver.
     operator_proxy: Option<ApiProxy>,
     pub cp: ControlPlane,
@@ -179,6 +182,10 @@ impl Cluster {
             .await?;
         let admin = cp.admin_client().await?;
         let operator_args = chart_operator_args(&admin).await?;
+        let console_port = free_port(Ipv4Addr::LOCALHOST)?;
+        let console_port = crate::console_route::route(&admin, console_port)
+            .await?
+            .then_some(console_port);
         let operator_kubeconfig = cp.dir().join("operator.kubeconfig");
         let token = service_account_token(&admin, "ferry-operator").await?;
         let operator_proxy = api_proxies.then(|| cp.start_api_proxy()).transpose()?;
@@ -199,6 +206,7 @@ impl Cluster {
             bin_dir,
             heartbeat,
             operator_metrics_port: free_port(Ipv4Addr::LOCALHOST)?,
+            operator_console_port: console_port,
             operator_proxy,
             cp,
         };
@@ -295,7 +303,8 @@ impl Cluster {
 
     /// [`Cluster::start_operator`] with extra environment (the fault tests' hook).
     pub fn start_operator_with_env(&mut self, env: &[(&str, &str)]) -> Result<(), HarnessError> {
-        self.operator = Some(self.spawn_operator("operator", self.operator_metrics_port, env)?);
+        let ports = (self.operator_metrics_port, self.operator_console_port);
+        self.operator = Some(self.spawn_operator("operator", ports, env)?);
         Ok(())
     }
 
@@ -303,7 +312,12 @@ impl Cluster {
     /// which is in its leader-election identity.
     pub fn start_second_operator(&mut self) -> Result<u32, HarnessError> {
         let port = free_port(Ipv4Addr::LOCALHOST)?;
-        let standby = self.spawn_operator("operator-standby", port, &[])?;
+        // Its console API listens too, on a port of its own no Service routes to.
+        let console = match self.operator_console_port {
+            Some(_) => Some(free_port(Ipv4Addr::LOCALHOST)?),
+            None => None,
+        };
+        let standby = self.spawn_operator("operator-standby", (port, console), &[])?;
         let pid = standby.pid();
         self.standby = Some(standby);
         Ok(pid)
@@ -312,12 +326,17 @@ impl Cluster {
     fn spawn_operator(
         &self,
         name: &str,
-        metrics_port: u16,
+        (metrics_port, console_port): (u16, Option<u16>),
         env: &[(&str, &str)],
     ) -> Result<ChildGuard, HarnessError> {
         let mut cmd = Command::new(self.bin_dir.join("ferry-operator"));
+        let console_addr = match console_port {
+            Some(port) => format!("--console-addr=127.0.0.1:{port}"),
+            None => "--console-addr=".to_string(),
+        };
         cmd.arg(format!("--namespace={NAMESPACE}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+            .arg(console_addr)
             .arg("--leader-lease-seconds=4")
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.operator_kubeconfig)
@@ -614,7 +633,7 @@ fn write_kubeconfig(
 }
 
 /// The operator's arguments from the chart's Deployment, less the ones the harness sets
-/// itself (its namespace and metrics address).
+/// itself (its namespace, metrics and console addresses).
 async fn chart_operator_args(admin: &kube::Client) -> Result<Vec<String>, HarnessError> {
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), NAMESPACE);
     let d = deployments
@@ -632,7 +651,11 @@ async fn chart_operator_args(admin: &kube::Client) -> Result<Vec<String>, Harnes
         .unwrap_or_default();
     Ok(args
         .into_iter()
-        .filter(|a| !a.starts_with("--namespace=") && !a.starts_with("--metrics-addr="))
+        .filter(|a| {
+            !a.starts_with("--namespace=")
+                && !a.starts_with("--metrics-addr=")
+                && !a.starts_with("--console-addr=")
+        })
         .collect())
 }
 

@@ -363,7 +363,27 @@ fn apiserver_command(
         // As on real clusters: the agent DaemonSet is privileged (see the chart).
         .arg("--allow-privileged=true")
         .arg("--enable-priority-and-fairness=false")
-        .arg("--profiling=false");
+        .arg("--profiling=false")
+        // API aggregation (Ferry's console API), set up as kubeadm does.
+        .arg(format!(
+            "--requestheader-client-ca-file={}",
+            pki.front_proxy_ca.display()
+        ))
+        .arg(format!(
+            "--requestheader-allowed-names={}",
+            pki::FRONT_PROXY_CN
+        ))
+        .arg("--requestheader-username-headers=X-Remote-User")
+        .arg("--requestheader-group-headers=X-Remote-Group")
+        .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+        .arg(format!(
+            "--proxy-client-cert-file={}",
+            pki.front_proxy_cert.display()
+        ))
+        .arg(format!(
+            "--proxy-client-key-file={}",
+            pki.front_proxy_key.display()
+        ));
     Ok(api_cmd)
 }
 

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cluster;
 mod commands;
+pub mod console_route;
 mod control_plane;
 pub mod e2e_support;
 pub mod fault_matrix;

@@ -21,7 +21,16 @@ pub struct Pki {
     /// the apiserver.
     pub proxy_cert_pem: String,
     pub proxy_key_pem: String,
+    /// The front proxy (API aggregation): the CA extension API servers trust for the
+    /// user headers, and the client certificate (CN [`FRONT_PROXY_CN`]) the apiserver
+    /// shows them.
+    pub front_proxy_ca: PathBuf,
+    pub front_proxy_cert: PathBuf,
+    pub front_proxy_key: PathBuf,
 }
+
+/// The CN of the apiserver's front-proxy client certificate (as kubeadm names it).
+pub const FRONT_PROXY_CN: &str = "front-proxy-client";
 
 /// Creates a CA, a serving certificate for 127.0.0.1 and localhost, one for the fault
 /// proxies, and a ServiceAccount signing key pair (ECDSA P-256) in `dir`.
@@ -52,6 +61,20 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
         .push(DnType::CommonName, "ferry-api-fault-proxy");
     let proxy = params.signed_by(&proxy_key, &ca)?;
 
+    let mut front_ca_params = CertificateParams::new(Vec::<String>::new())?;
+    front_ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    front_ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ferry-test-front-proxy-ca");
+    let front_ca = CertifiedIssuer::self_signed(front_ca_params, KeyPair::generate()?)?;
+    let front_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, FRONT_PROXY_CN);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let front = params.signed_by(&front_key, &front_ca)?;
+
     let sa = KeyPair::generate()?;
 
     let pki = Pki {
@@ -63,7 +86,13 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
         ca_pem: ca.pem(),
         proxy_cert_pem: proxy.pem(),
         proxy_key_pem: proxy_key.serialize_pem(),
+        front_proxy_ca: dir.join("front-proxy-ca.crt"),
+        front_proxy_cert: dir.join("front-proxy-client.crt"),
+        front_proxy_key: dir.join("front-proxy-client.key"),
     };
+    std::fs::write(&pki.front_proxy_ca, front_ca.pem())?;
+    std::fs::write(&pki.front_proxy_cert, front.pem())?;
+    std::fs::write(&pki.front_proxy_key, front_key.serialize_pem())?;
     std::fs::write(&pki.ca_cert, &pki.ca_pem)?;
     std::fs::write(&pki.serving_cert, serving.pem())?;
     std::fs::write(&pki.serving_key, serving_key.serialize_pem())?;

@@ -9,6 +9,7 @@
 //! status tells the same story as a managed migration's.
 
 pub mod client;
+pub mod console;
 pub mod driver;
 pub mod server;
 pub mod wire;

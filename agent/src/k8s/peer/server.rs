@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use ferry_agent::fault;
 use ferry_crds::{ControlMode, MigrationPhase, VirtualMachineMigration};
@@ -27,7 +27,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::wire::{self, FINISH_PATH, MAX_REQUEST_BYTES, PREPARE_PATH, PeerRequest, PeerStep};
+use super::wire::{
+    self, CONSOLE_ROUTE, FINISH_PATH, MAX_REQUEST_BYTES, PREPARE_PATH, PeerRequest, PeerStep,
+};
 use crate::k8s::Agent;
 use crate::k8s::phase::{self, Inputs};
 use crate::k8s::tasks::Task;
@@ -35,9 +37,10 @@ use crate::k8s::tasks::Task;
 /// A TLS handshake must end within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The node the caller's verified certificate names.
+/// The subject (CN) of the caller's verified certificate: a node, or the operator's
+/// console proxy ([`super::console`]).
 #[derive(Clone, Debug)]
-struct Caller(String);
+pub struct Caller(pub String);
 
 /// Serves the peer API on `listener` until the process ends. The TLS configuration is
 /// built for each connection from the node's current certificate (it is renewed).
@@ -45,6 +48,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
     let app = Router::new()
         .route(PREPARE_PATH, post(prepare))
         .route(FINISH_PATH, post(finish))
+        .route(CONSOLE_ROUTE, get(super::console::open))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(agent.clone());
     loop {
@@ -95,6 +99,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
             let service = TowerToHyperService::new(app.layer(Extension(Caller(caller))));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
                 .await
             {
                 warn!(%from, error = %e, "peer API: connection");

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub const PREPARE_PATH: &str = "/v1/prepare";
 /// The path of the Finish call.
 pub const FINISH_PATH: &str = "/v1/finish";
+/// The route of a VM's console, for the operator's console proxy only
+/// ([`ferry_crds::console::agent_path`] fills it in).
+pub const CONSOLE_ROUTE: &str = "/v1/console/{namespace}/{vm}";
 /// The largest request body the server reads: a domain definition (64 KiB) and two
 /// cookies (16 KiB each), with room for JSON escaping.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
