@@ -2,12 +2,13 @@
 //! of the current kubeconfig (`KUBECONFIG`, or `~/.kube/config`) as the user.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferry_cli::objects::{self, Compression, MigrateArgs};
-use ferry_cli::{evac, render};
+use ferry_cli::{console, evac, render};
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use ferry_operator::evacuate::{EVACUATION_LABEL, label_value};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +18,7 @@ use kube::api::{ListParams, Patch, PatchParams, ValidationDirective};
 use kube::{Api, Client, ResourceExt};
 use serde_json::Value;
 
-/// Live-migrate, evacuate, save and restore Ferry guests.
+/// Live-migrate, evacuate, save and restore Ferry guests, and open their VNC consoles.
 #[derive(Parser, Debug)]
 #[command(name = "kubectl ferry", version)]
 struct Cli {
@@ -85,6 +86,17 @@ enum Command {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Serve a VM's VNC console on a local port, through the API server (RBAC: `get` on
+    /// virtualmachines/console in subresources.ferry.dev). Runs until Ctrl-C.
+    Console {
+        vm: String,
+        /// The local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: IpAddr,
+        /// The local port (0: any free one; the line printed names it).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +118,8 @@ enum Error {
     Unsupported { field: &'static str },
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Console(#[from] console::ConsoleError),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -204,6 +218,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             .await
             .map_err(|e| unsupported("VirtualMachine spec.restoreFrom", Error::Kube(e)))?;
             println!("virtualmachine.ferry.dev/{vm} restores from {from}");
+        }
+        Command::Console { vm, address, port } => {
+            let listener = console::bind(SocketAddr::new(address, port)).await?;
+            console::serve(client, listener, &ns, &vm).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
