@@ -71,16 +71,19 @@ test-agent: ## The agent data plane against real QEMU.
 # outside the storage roots was opened or created (tests/tests/hostile.rs).
 # The hostile-input suite: specs (tests/tests/hostile.rs), forged Lease and nodeName writes
 # with real node-bound tokens (identity.rs, identity_vm.rs), hostile state files
-# (save_restore.rs). `make test` runs these here only, not in its workspace run.
+# (save_restore.rs), consoles only for the users the apiserver authorises (console.rs).
+# `make test` runs these here only, not in its workspace run.
 HOSTILE_API = an_agent_writes_only_its_own_leases a_disk_lock_is_taken_only_in_the_stamped_hand_over
 HOSTILE_VM = nodename_moves_only_to_the_recorded_target_in_finish
 HOSTILE_FILES = save_on_one_node_and_restore_on_the_other
-HOSTILE_SKIP = --skip hostile_specs_are_refused $(foreach t,$(HOSTILE_API) $(HOSTILE_VM) $(HOSTILE_FILES),--skip $(t))
-test-hostile: tools bins ## Tenants' hostile input: host paths outside the roots, symlinks, FIFOs, devices, qcow2 backing files, target XML, another tenant's guest or image, forged Lease and nodeName writes, forged and bomb state files: each refused, one line per case.
+HOSTILE_CONSOLE = only_a_user_the_cluster_authorises_reaches_a_console_and_it_follows_the_guest
+HOSTILE_SKIP = --skip hostile_specs_are_refused $(foreach t,$(HOSTILE_API) $(HOSTILE_VM) $(HOSTILE_FILES) $(HOSTILE_CONSOLE),--skip $(t))
+test-hostile: tools bins ## Tenants' hostile input: host paths outside the roots, symlinks, FIFOs, devices, qcow2 backing files, target XML, another tenant's guest or image, forged Lease and nodeName writes, forged and bomb state files, consoles for users without the right: each refused, one line per case.
 	$(CARGO) test -p ferry-tests --test hostile -- --nocapture
 	$(CARGO) test -p ferry-tests --test identity -- --nocapture --exact $(HOSTILE_API)
 	$(CARGO) test -p ferry-tests --test identity_vm -- --nocapture --exact $(HOSTILE_VM)
 	$(CARGO) test -p ferry-tests --test save_restore -- --nocapture --exact $(HOSTILE_FILES)
+	$(CARGO) test -p ferry-tests --test console -- --nocapture --exact $(HOSTILE_CONSOLE)
 
 test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, the hostile-input suite, then the end-to-end migrations peer-to-peer.
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2 $(HOSTILE_SKIP)
