@@ -8,7 +8,7 @@ HELM := $(TOOLS_BIN)/helm
 # Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-faults soak build bins images up down demo bench clean
+.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-real test-faults soak build bins images up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -86,16 +86,25 @@ test-hostile: tools bins ## Tenants' hostile input: host paths outside the roots
 	$(CARGO) test -p ferry-tests --test console -- --nocapture --exact $(HOSTILE_CONSOLE)
 
 test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, the hostile-input suite, then the end-to-end migrations peer-to-peer.
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2 $(HOSTILE_SKIP)
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2 $(HOSTILE_SKIP) $(REAL_SKIP)
 	$(MAKE) test-hostile
 	$(MAKE) test-e2e-p2p
 
+# Ferry on real kubelet nodes (tests/tests/real.rs): needs tools-real and images.
+REAL_TESTS = ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agents
+REAL_SKIP = $(foreach t,$(REAL_TESTS),--skip $(t))
+test-real: tools tools-real bins images ## Ferry as deployed, on real nodes (kubelet, containerd, kube-proxy each; the images imported; the chart with helm): Pods Ready, a TLS migration, agents restarted, deleted and upgraded while the guest runs.
+	$(CARGO) test -p ferry-tests --test real -- --nocapture --test-threads=1
+
 NODES ?= 2
-up: tools bins ## A local Ferry left running (control plane, chart, operator, $(NODES) agents); `make down` stops it.
+# REAL=1: real nodes, Ferry as the chart's Pods from `make images` (needs tools-real).
+REAL ?=
+UP_DEPS = tools bins $(if $(REAL),tools-real images)
+up: $(UP_DEPS) ## A local Ferry left running (control plane, chart, operator, $(NODES) agents; REAL=1: real kubelet nodes and the chart's Pods); `make down` stops it.
 	@mkdir -p .ferry
 	@if [ -f .ferry/up.pid ] && kill -0 $$(cat .ferry/up.pid) 2>/dev/null; then echo "already up (make down first)"; exit 1; fi
-	@nohup $(BIN)/ferry-up --nodes $(NODES) --dir $(CURDIR)/.ferry/cluster > .ferry/up.log 2>&1 & echo $$! > .ferry/up.pid
-	@for i in $$(seq 1 600); do \
+	@nohup $(BIN)/ferry-up --nodes $(NODES) --dir $(CURDIR)/.ferry/cluster $(if $(REAL),--real --images $(CURDIR)/target/images) > .ferry/up.log 2>&1 & echo $$! > .ferry/up.pid
+	@for i in $$(seq 1 3000); do \
 	  grep -q '^ready' .ferry/up.log 2>/dev/null && break; \
 	  kill -0 $$(cat .ferry/up.pid) 2>/dev/null || { cat .ferry/up.log; rm -f .ferry/up.pid; exit 1; }; \
 	  sleep 0.2; done

@@ -14,8 +14,12 @@
 //!
 //! Both layouts: cgroup v2 (one unified hierarchy: `memory.max`, `cpu.weight`) and v1
 //! (a hierarchy per controller: `memory/…/memory.limit_in_bytes`,
-//! `cpu/…/cpu.shares`; the hybrid layout counts as v1). What to write is decided by
-//! [`limits`] and [`Layout::writes`], pure functions.
+//! `cpu/…/cpu.shares`; the hybrid layout counts as v1). In v1 the guest gets its cgroup
+//! in every hierarchy, not only memory and cpu: runc finds a container's processes to
+//! kill in one of the others (e.g. `devices`, `freezer`, `pids`), so a QEMU left in the
+//! agent container's cgroup of any hierarchy dies with the container. A new cpuset
+//! cgroup gets its parent's CPUs and memory nodes (it admits no process before). What
+//! to write is decided by [`limits`] and [`Layout::writes`], pure functions.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -51,8 +55,14 @@ pub enum CgroupError {
 pub enum Layout {
     /// One unified hierarchy at this path.
     V2(PathBuf),
-    /// The memory and cpu hierarchies.
-    V1 { memory: PathBuf, cpu: PathBuf },
+    /// The memory and cpu hierarchies, and every other one (each once, whatever
+    /// symbolic links name it; named ones such as `systemd` and the hybrid layout's
+    /// `unified` included).
+    V1 {
+        memory: PathBuf,
+        cpu: PathBuf,
+        others: Vec<PathBuf>,
+    },
 }
 
 /// What a guest's cgroup limits: memory in bytes, CPU as a relative weight.
@@ -85,21 +95,62 @@ impl Layout {
                 .find(|p| p.join("cgroup.procs").is_file())
         };
         match (hierarchy(&["memory"]), hierarchy(&["cpu", "cpu,cpuacct"])) {
-            (Some(memory), Some(cpu)) => Ok(Layout::V1 { memory, cpu }),
+            (Some(memory), Some(cpu)) => {
+                let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+                let mut seen = vec![real(&memory), real(&cpu)];
+                let mut others = Vec::new();
+                let mut entries: Vec<PathBuf> = std::fs::read_dir(root)
+                    .map_err(|source| CgroupError::Io {
+                        path: root.to_path_buf(),
+                        what: "listing the hierarchies",
+                        source,
+                    })?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.join("cgroup.procs").is_file())
+                    .collect();
+                entries.sort();
+                for p in entries {
+                    let r = real(&p);
+                    if !seen.contains(&r) {
+                        seen.push(r);
+                        others.push(p);
+                    }
+                }
+                Ok(Layout::V1 {
+                    memory,
+                    cpu,
+                    others,
+                })
+            }
             _ => Err(CgroupError::NoHierarchy {
                 root: root.to_path_buf(),
             }),
         }
     }
 
-    /// The guest's cgroup directories: `<hierarchy>/<parent>/<key>` in each.
-    pub fn dirs(&self, parent: &str, key: &str) -> Vec<PathBuf> {
+    /// The hierarchies a guest has a cgroup in (v1: memory, cpu, then the others).
+    fn hierarchies(&self) -> Vec<&Path> {
         match self {
-            Layout::V2(root) => vec![root.join(parent).join(key)],
-            Layout::V1 { memory, cpu } => {
-                vec![memory.join(parent).join(key), cpu.join(parent).join(key)]
-            }
+            Layout::V2(root) => vec![root.as_path()],
+            Layout::V1 {
+                memory,
+                cpu,
+                others,
+            } => [memory.as_path(), cpu.as_path()]
+                .into_iter()
+                .chain(others.iter().map(PathBuf::as_path))
+                .collect(),
         }
+    }
+
+    /// The guest's cgroup directories: `<hierarchy>/<parent>/<key>` in each (v1: memory
+    /// first, cpu second).
+    pub fn dirs(&self, parent: &str, key: &str) -> Vec<PathBuf> {
+        self.hierarchies()
+            .into_iter()
+            .map(|h| h.join(parent).join(key))
+            .collect()
     }
 
     /// The files to write, in order, for a guest with `limits` in the cgroups `dirs`
@@ -126,12 +177,12 @@ impl Layout {
         }
     }
 
-    /// The parents to create first, with the controllers a v2 parent must delegate.
-    fn parents(&self, parent: &str) -> Vec<PathBuf> {
-        match self {
-            Layout::V2(root) => vec![root.join(parent)],
-            Layout::V1 { memory, cpu } => vec![memory.join(parent), cpu.join(parent)],
-        }
+    /// The parents to create first (each hierarchy's root and the parent's path in it).
+    fn parents(&self, parent: &str) -> Vec<(PathBuf, PathBuf)> {
+        self.hierarchies()
+            .into_iter()
+            .map(|h| (h.to_path_buf(), h.join(parent)))
+            .collect()
     }
 }
 
@@ -175,8 +226,9 @@ impl GuestCgroups {
             let path = path.to_path_buf();
             move |source| CgroupError::Io { path, what, source }
         };
-        for parent in self.layout.parents(&self.parent) {
+        for (hierarchy, parent) in self.layout.parents(&self.parent) {
             std::fs::create_dir_all(&parent).map_err(io_err(&parent, "creating"))?;
+            inherit_cpuset(&hierarchy, &parent).map_err(io_err(&parent, "copying cpuset"))?;
             if let Layout::V2(_) = self.layout {
                 // Children of a v2 cgroup get a controller only if the parent enables it.
                 let control = parent.join("cgroup.subtree_control");
@@ -191,6 +243,9 @@ impl GuestCgroups {
                     return Err(io_err(dir, "creating")(e));
                 }
                 _ => {}
+            }
+            if let Some(parent) = dir.parent() {
+                inherit_cpuset(parent, dir).map_err(io_err(dir, "copying cpuset"))?;
             }
         }
         for (dir, file, value) in self.layout.writes(&dirs, limits(domain, self.overhead_mib)) {
@@ -225,6 +280,32 @@ impl GuestCgroups {
         }
         Ok(())
     }
+}
+
+/// In a cpuset hierarchy, gives every cgroup from below `top` down to `dir` that has
+/// no CPUs or memory nodes yet its parent's. Elsewhere nothing.
+fn inherit_cpuset(top: &Path, dir: &Path) -> io::Result<()> {
+    if !top.join("cpuset.cpus").is_file() {
+        return Ok(());
+    }
+    let mut chain = Vec::new();
+    let mut d = dir;
+    while d != top && d.starts_with(top) {
+        chain.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    for d in chain.iter().rev() {
+        let parent = d.parent().unwrap_or(top);
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            if std::fs::read_to_string(d.join(f))?.trim().is_empty() {
+                std::fs::write(d.join(f), std::fs::read_to_string(parent.join(f))?.trim())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Placement {
@@ -268,6 +349,7 @@ mod tests {
         let layout = Layout::V1 {
             memory: "/h/memory".into(),
             cpu: "/h/cpu,cpuacct".into(),
+            others: vec!["/h/pids".into()],
         };
         let dirs = layout.dirs("ferry.slice", "default.demo-0123");
         assert_eq!(
@@ -275,6 +357,7 @@ mod tests {
             vec![
                 PathBuf::from("/h/memory/ferry.slice/default.demo-0123"),
                 PathBuf::from("/h/cpu,cpuacct/ferry.slice/default.demo-0123"),
+                PathBuf::from("/h/pids/ferry.slice/default.demo-0123"),
             ]
         );
         let w = layout.writes(&dirs, limits(&domain(1 << 20, 4), 512));
@@ -298,21 +381,54 @@ mod tests {
     }
 
     #[test]
+    fn a_new_cpuset_cgroup_gets_its_parents_cpus_and_memory_nodes() {
+        let top = tempfile::tempdir().unwrap();
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            std::fs::write(top.path().join(f), "0-1\n").unwrap();
+        }
+        let dir = top.path().join("ferry.slice/guest");
+        std::fs::create_dir_all(&dir).unwrap();
+        for d in [top.path().join("ferry.slice"), dir.clone()] {
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                std::fs::write(d.join(f), "").unwrap();
+            }
+        }
+        inherit_cpuset(top.path(), &dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpuset.cpus")).unwrap(),
+            "0-1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(top.path().join("ferry.slice/cpuset.mems")).unwrap(),
+            "0-1"
+        );
+        // Not a cpuset hierarchy: nothing is written.
+        let plain = tempfile::tempdir().unwrap();
+        inherit_cpuset(plain.path(), &plain.path().join("x")).unwrap();
+    }
+
+    #[test]
     fn detects_each_layout_and_refuses_neither() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             Layout::detect(dir.path()),
             Err(CgroupError::NoHierarchy { .. })
         ));
-        for h in ["memory", "cpu,cpuacct"] {
+        for h in ["memory", "cpu,cpuacct", "devices", "pids"] {
             std::fs::create_dir(dir.path().join(h)).unwrap();
             std::fs::write(dir.path().join(h).join("cgroup.procs"), "").unwrap();
         }
+        // Symbolic links to a hierarchy name it once; a directory without cgroup.procs
+        // is none.
+        std::os::unix::fs::symlink("cpu,cpuacct", dir.path().join("cpu")).unwrap();
+        std::os::unix::fs::symlink("cpu,cpuacct", dir.path().join("cpuacct")).unwrap();
+        std::fs::create_dir(dir.path().join("empty")).unwrap();
         assert_eq!(
             Layout::detect(dir.path()).unwrap(),
             Layout::V1 {
                 memory: dir.path().join("memory"),
-                cpu: dir.path().join("cpu,cpuacct"),
+                cpu: dir.path().join("cpu"),
+                others: vec![dir.path().join("devices"), dir.path().join("pids")],
             }
         );
         std::fs::write(dir.path().join("cgroup.controllers"), "memory cpu").unwrap();

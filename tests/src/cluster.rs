@@ -724,7 +724,7 @@ async fn service_account_token(admin: &kube::Client, sa: &str) -> Result<String,
 /// Writes the test guest image to [`EXAMPLE_DISK`], where examples/virtualmachine.yaml
 /// expects it, unless it is there already, and creates the shared storage roots with
 /// namespace `default`'s directories (the administrator's part on a real cluster).
-fn install_example_disk() -> Result<(), HarnessError> {
+pub fn install_example_disk() -> Result<(), HarnessError> {
     std::fs::create_dir_all(IMAGES_ROOT)?;
     std::fs::create_dir_all(Path::new(SAVES_ROOT).join("default"))?;
     let path = Path::new(EXAMPLE_DISK);

@@ -51,6 +51,27 @@ impl HarnessError {
     }
 }
 
+/// How the apiserver is set up: for simulated nodes (the default: loopback, RBAC only)
+/// or for real kubelet nodes ([`crate::real`]).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Set for real nodes: the apiserver listens and advertises there (the host's end of
+    /// the nodes' bridge), keeps the `kubernetes` Service's endpoints, authorizes
+    /// kubelets (Node, RBAC, NodeRestriction) and reaches them by their InternalIP.
+    pub real: Option<RealApi>,
+}
+
+/// The apiserver's settings for real nodes.
+#[derive(Clone, Debug)]
+pub struct RealApi {
+    pub address: std::net::Ipv4Addr,
+    /// More static tokens: (token, user, groups), e.g. the kubelets' and kube-proxy's.
+    pub tokens: Vec<(String, String, String)>,
+}
+
+/// The `kubernetes` Service's ClusterIP: the first address of the service range.
+pub const KUBERNETES_SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 1);
+
 /// A running etcd and kube-apiserver, stopped when dropped.
 ///
 /// Authentication: a static admin token (group `system:masters`) and ServiceAccount
@@ -74,6 +95,7 @@ pub struct ControlPlane {
     pki: pki::Pki,
     etcd_url: String,
     api_port: u16,
+    options: Options,
     dir: Dir,
 }
 
@@ -107,28 +129,42 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver in a new temporary directory and waits until the
     /// apiserver's /readyz answers ok.
     pub async fn start() -> Result<Self, HarnessError> {
-        let dir = tempfile::Builder::new().prefix("ferry-cp-").tempdir()?;
-        Self::start_in(Dir::Temp(dir)).await
+        Self::start_with(None, Options::default()).await
     }
 
     /// Like [`ControlPlane::start`], in `dir` (emptied first), which is kept afterwards.
     pub async fn start_in_dir(dir: &Path) -> Result<Self, HarnessError> {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)?;
-        }
-        std::fs::create_dir_all(dir)?;
-        Self::start_in(Dir::Kept(dir.to_path_buf())).await
+        Self::start_with(Some(dir), Options::default()).await
     }
 
-    async fn start_in(dir: Dir) -> Result<Self, HarnessError> {
+    /// Starts it as `options` say, in `dir` (kept) or a temporary directory.
+    pub async fn start_with(dir: Option<&Path>, options: Options) -> Result<Self, HarnessError> {
+        let dir = match dir {
+            Some(dir) => {
+                if dir.exists() {
+                    std::fs::remove_dir_all(dir)?;
+                }
+                std::fs::create_dir_all(dir)?;
+                Dir::Kept(dir.to_path_buf())
+            }
+            None => Dir::Temp(tempfile::Builder::new().prefix("ferry-cp-").tempdir()?),
+        };
+        Self::start_in(dir, options).await
+    }
+
+    async fn start_in(dir: Dir, options: Options) -> Result<Self, HarnessError> {
         let root = dir.path().to_path_buf();
-        let pki = pki::create(&root).map_err(|e| HarnessError::Pki(e.to_string()))?;
+        let extra_ips: Vec<std::net::IpAddr> = match &options.real {
+            Some(r) => vec![r.address.into(), KUBERNETES_SERVICE_IP.into()],
+            None => Vec::new(),
+        };
+        let pki = pki::create(&root, &extra_ips).map_err(|e| HarnessError::Pki(e.to_string()))?;
         // A port found free can be taken before etcd or kube-apiserver binds it (the
         // kernel hands out the same range to outgoing connections, e.g. of other tests'
         // QEMUs and agents): then start again on other ports.
         let mut attempt = 1;
         loop {
-            match Self::launch(&root, &pki).await {
+            match Self::launch(&root, &pki, &options).await {
                 Err(e) if attempt < 3 && e.port_taken() => {
                     attempt += 1;
                     let _ = std::fs::remove_dir_all(root.join("etcd"));
@@ -138,12 +174,13 @@ impl ControlPlane {
                     return Ok(ControlPlane {
                         apiserver: Some(l.apiserver),
                         etcd: l.etcd,
-                        url: format!("https://127.0.0.1:{}", l.api_port),
+                        url: format!("https://{}:{}", host(&options), l.api_port),
                         kubeconfig: l.kubeconfig,
                         admin_token: l.admin_token,
                         pki,
                         etcd_url: l.etcd_url,
                         api_port: l.api_port,
+                        options,
                         dir,
                     });
                 }
@@ -152,7 +189,11 @@ impl ControlPlane {
     }
 
     /// Starts etcd and kube-apiserver on free ports in `root`.
-    async fn launch(root: &Path, pki: &pki::Pki) -> Result<Launched, HarnessError> {
+    async fn launch(
+        root: &Path,
+        pki: &pki::Pki,
+        options: &Options,
+    ) -> Result<Launched, HarnessError> {
         let etcd_bin = existing_tool("etcd")?;
         let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -172,12 +213,13 @@ impl ControlPlane {
         wait_for_port(&mut etcd, "etcd", client_port, &etcd_log).await?;
 
         let admin_token = format!("admin-{}", std::process::id());
-        std::fs::write(
-            root.join("tokens.csv"),
-            format!("{admin_token},ferry-admin,ferry-admin,system:masters\n"),
-        )?;
-        let url = format!("https://127.0.0.1:{api_port}");
-        let api_cmd = apiserver_command(root, pki, &etcd_url, api_port)?;
+        let mut tokens = format!("{admin_token},ferry-admin,ferry-admin,system:masters\n");
+        for (token, user, groups) in options.real.iter().flat_map(|r| &r.tokens) {
+            tokens.push_str(&format!("{token},{user},{user},\"{groups}\"\n"));
+        }
+        std::fs::write(root.join("tokens.csv"), tokens)?;
+        let url = format!("https://{}:{api_port}", host(options));
+        let api_cmd = apiserver_command(root, pki, &etcd_url, api_port, options)?;
         let api_log = root.join("kube-apiserver.log");
         let mut apiserver = spawn_logged("kube-apiserver", api_cmd, &api_log)?;
 
@@ -209,7 +251,13 @@ impl ControlPlane {
             return Ok(());
         }
         let root = self.dir.path().to_path_buf();
-        let cmd = apiserver_command(&root, &self.pki, &self.etcd_url, self.api_port)?;
+        let cmd = apiserver_command(
+            &root,
+            &self.pki,
+            &self.etcd_url,
+            self.api_port,
+            &self.options,
+        )?;
         let log = root.join("kube-apiserver.log");
         let out = std::fs::OpenOptions::new()
             .append(true)
@@ -245,6 +293,11 @@ impl ControlPlane {
             &self.pki.proxy_key_pem,
         )
         .map_err(|e| HarnessError::Setup(format!("the API fault proxy: {e}")))
+    }
+
+    /// The test PKI (certificate and key paths).
+    pub fn pki(&self) -> &pki::Pki {
+        &self.pki
     }
 
     /// The directory holding the control plane's files (logs, kubeconfig, PKI).
@@ -325,16 +378,27 @@ impl ControlPlane {
 
 /// kube-apiserver's command line: on 127.0.0.1:`port`, over `etcd_url`, with the PKI
 /// and the admin token file in `root`.
+/// The address the apiserver listens on.
+fn host(options: &Options) -> std::net::Ipv4Addr {
+    options
+        .real
+        .as_ref()
+        .map_or(std::net::Ipv4Addr::LOCALHOST, |r| r.address)
+}
+
 fn apiserver_command(
     root: &Path,
     pki: &pki::Pki,
     etcd_url: &str,
     port: u16,
+    options: &Options,
 ) -> Result<Command, HarnessError> {
     let mut api_cmd = Command::new(existing_tool("kube-apiserver")?);
+    let address = host(options);
     api_cmd
         .arg(format!("--etcd-servers={etcd_url}"))
-        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .arg(format!("--bind-address={address}"))
+        .arg(format!("--advertise-address={address}"))
         .arg(format!("--secure-port={port}"))
         .arg(format!("--cert-dir={}", root.join("certs").display()))
         .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
@@ -346,7 +410,11 @@ fn apiserver_command(
             "--token-auth-file={}",
             root.join("tokens.csv").display()
         ))
-        .arg("--authorization-mode=RBAC")
+        .arg(if options.real.is_some() {
+            "--authorization-mode=Node,RBAC"
+        } else {
+            "--authorization-mode=RBAC"
+        })
         .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
         .arg(format!(
             "--service-account-key-file={}",
@@ -358,8 +426,6 @@ fn apiserver_command(
         ))
         .arg("--api-audiences=https://kubernetes.default.svc.cluster.local")
         .arg("--service-cluster-ip-range=10.96.0.0/24")
-        // No Service endpoints to reconcile on a loopback address.
-        .arg("--endpoint-reconciler-type=none")
         // As on real clusters: the agent DaemonSet is privileged (see the chart).
         .arg("--allow-privileged=true")
         .arg("--enable-priority-and-fairness=false")
@@ -384,6 +450,26 @@ fn apiserver_command(
             "--proxy-client-key-file={}",
             pki.front_proxy_key.display()
         ));
+    if options.real.is_some() {
+        // Real nodes: the kubelets are authorized as nodes and reached by the address
+        // they register (never through DNS), pods reach the apiserver through the
+        // `kubernetes` Service, and the aggregator dials the console API's Pod.
+        api_cmd
+            .arg("--enable-admission-plugins=NodeRestriction")
+            .arg("--kubelet-preferred-address-types=InternalIP")
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                pki.kubelet_client_cert.display()
+            ))
+            .arg(format!(
+                "--kubelet-client-key={}",
+                pki.kubelet_client_key.display()
+            ))
+            .arg("--enable-aggregator-routing=true");
+    } else {
+        // No Service endpoints to reconcile on a loopback address.
+        api_cmd.arg("--endpoint-reconciler-type=none");
+    }
     Ok(api_cmd)
 }
 

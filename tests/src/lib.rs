@@ -24,6 +24,7 @@ mod pki;
 pub mod policy_check;
 pub mod ports;
 mod process;
+pub mod real;
 pub mod relay;
 mod tools;
 

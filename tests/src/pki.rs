@@ -27,14 +27,23 @@ pub struct Pki {
     pub front_proxy_ca: PathBuf,
     pub front_proxy_cert: PathBuf,
     pub front_proxy_key: PathBuf,
+    /// The apiserver's client certificate for the kubelets (CN
+    /// `kube-apiserver-kubelet-client`, group `system:masters`): logs, exec, port-forward.
+    pub kubelet_client_cert: PathBuf,
+    pub kubelet_client_key: PathBuf,
 }
 
 /// The CN of the apiserver's front-proxy client certificate (as kubeadm names it).
 pub const FRONT_PROXY_CN: &str = "front-proxy-client";
 
-/// Creates a CA, a serving certificate for 127.0.0.1 and localhost, one for the fault
-/// proxies, and a ServiceAccount signing key pair (ECDSA P-256) in `dir`.
-pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync>> {
+/// Creates a CA, a serving certificate for 127.0.0.1, localhost and `extra_ips` (the
+/// real nodes' view of the apiserver: its bridge address and the `kubernetes`
+/// Service's ClusterIP), one for the fault proxies, the front proxy's, the kubelet
+/// client's, and a ServiceAccount signing key pair (ECDSA P-256) in `dir`.
+pub fn create(
+    dir: &Path,
+    extra_ips: &[std::net::IpAddr],
+) -> Result<Pki, Box<dyn std::error::Error + Send + Sync>> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -43,11 +52,13 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
 
     let serving_key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![
+    let mut names = vec![
         "127.0.0.1".to_string(),
         "localhost".to_string(),
         "kubernetes.default.svc".to_string(),
-    ])?;
+    ];
+    names.extend(extra_ips.iter().map(|ip| ip.to_string()));
+    let mut params = CertificateParams::new(names)?;
     params
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -75,6 +86,17 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let front = params.signed_by(&front_key, &front_ca)?;
 
+    let kubelet_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let kubelet_client = params.signed_by(&kubelet_key, &ca)?;
+
     let sa = KeyPair::generate()?;
 
     let pki = Pki {
@@ -89,7 +111,11 @@ pub fn create(dir: &Path) -> Result<Pki, Box<dyn std::error::Error + Send + Sync
         front_proxy_ca: dir.join("front-proxy-ca.crt"),
         front_proxy_cert: dir.join("front-proxy-client.crt"),
         front_proxy_key: dir.join("front-proxy-client.key"),
+        kubelet_client_cert: dir.join("kubelet-client.crt"),
+        kubelet_client_key: dir.join("kubelet-client.key"),
     };
+    std::fs::write(&pki.kubelet_client_cert, kubelet_client.pem())?;
+    std::fs::write(&pki.kubelet_client_key, kubelet_key.serialize_pem())?;
     std::fs::write(&pki.front_proxy_ca, front_ca.pem())?;
     std::fs::write(&pki.front_proxy_cert, front.pem())?;
     std::fs::write(&pki.front_proxy_key, front_key.serialize_pem())?;

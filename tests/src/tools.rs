@@ -15,10 +15,15 @@ pub fn repo_root() -> PathBuf {
 /// They live in `$FERRY_TOOLS/bin`, by default `~/.cache/ferry/tools/bin`, the same
 /// place tests/tools/build.sh writes them.
 pub fn tool(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("FERRY_TOOLS") {
+    tools_dir().join("bin").join(name)
+}
+
+/// `$FERRY_TOOLS`, by default `~/.cache/ferry/tools` (also the CNI plugins, `cni/bin`,
+/// and the pause image, `images/`, of the real nodes).
+pub fn tools_dir() -> PathBuf {
+    match std::env::var_os("FERRY_TOOLS") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
             .join(".cache/ferry/tools"),
-    };
-    dir.join("bin").join(name)
+    }
 }

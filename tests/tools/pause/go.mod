@@ -1,0 +1,3 @@
+module ferry.dev/tools/pause
+
+go 1.26.0
