@@ -8,13 +8,16 @@ HELM := $(TOOLS_BIN)/helm
 # Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
-.PHONY: help tools crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-real test-faults soak build bins images up down demo bench clean
+.PHONY: help tools tools-real crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-real test-faults soak build bins images up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 tools: ## Build kube-apiserver, kubectl, etcd and helm from the Go module proxy (once; cached in $FERRY_TOOLS).
 	tests/tools/build.sh
+
+tools-real: ## Build a real node's kubelet, kube-scheduler, kube-controller-manager, kube-proxy, containerd, ctr, runc shim and CNI plugins from the Go module proxy; runc, iptables, conntrack from Debian (once; cached in $FERRY_TOOLS).
+	tests/tools/build-real.sh
 
 crds: ## Regenerate the chart's CRDs from crds/src.
 	$(CARGO) run -q -p ferry-crds --bin crdgen

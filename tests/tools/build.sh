@@ -50,10 +50,11 @@ GOBIN="$out/bin" go install -trimpath \
   -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
   "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 
-rm -f "$out"/.built-*
+# Only its own stamps: build-real.sh keeps a .built-real-* one beside them.
+rm -f "$out"/.built-kube-*
 touch "$stamp"
 rm -rf "$GOCACHE"
 echo "tools: built in $(( $(date +%s) - start ))s into $out/bin"
 "$out/bin/kube-apiserver" --version
-"$out/bin/etcd" --version | head -1
+"$out/bin/etcd" --version | sed -n 1p  # not head: etcd writes line by line, and head closing early killed it with SIGPIPE under pipefail
 "$out/bin/helm" version --short
