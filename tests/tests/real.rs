@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use ferry_crds::{MigrationPhase, VirtualMachine, VmPhase};
 use ferry_tests::cluster::{guest_dirs, install_example_disk, qemu_pid};
-use ferry_tests::e2e_support::{ONE_AT_A_TIME, assert_stream, eventually, passes, wait_phase};
+use ferry_tests::e2e_support::{
+    LONG, ONE_AT_A_TIME, assert_stream, eventually, migration_yaml, passes, wait_phase,
+};
 use ferry_tests::real::{RealCluster, ferry_images};
 use ferry_tests::repo_root;
 use kube::{Api, Client};
@@ -244,8 +246,61 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     assert_eq!(runs_once_and_counts(&cluster, &vms, "node-b").await, pid);
     println!("rollout restart daemonset/ferry-agent: QEMU pid {pid} still runs, one guest");
 
+    // Again during a migration (back to node-a, slow enough to be in Perform): it ends
+    // by the existing rules, with exactly one guest, where the VM says.
+    let yaml = migration_yaml("demo-back", "node-a", LONG);
+    let (ok, said) = cluster.cp.apply(&yaml).await;
+    assert!(ok, "{said}");
+    wait_phase(
+        &vmms,
+        "demo-back",
+        MigrationPhase::Perform,
+        Duration::from_secs(120),
+    )
+    .await;
+    kubectl(
+        &cluster,
+        &[
+            "-n",
+            "ferry-system",
+            "rollout",
+            "restart",
+            "daemonset/ferry-agent",
+        ],
+    )
+    .await;
+    kubectl(
+        &cluster,
+        &[
+            "-n",
+            "ferry-system",
+            "rollout",
+            "status",
+            "daemonset/ferry-agent",
+            "--timeout=300s",
+        ],
+    )
+    .await;
+    let ended = eventually("demo-back to end", Duration::from_secs(300), || async {
+        let p = vmms.get("demo-back").await.ok()?.status?.phase?;
+        p.is_terminal().then_some(p)
+    })
+    .await;
+    let node = vms
+        .get("demo")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+        .node_name
+        .unwrap_or_default();
+    let pid = runs_once_and_counts(&cluster, &vms, &node).await;
+    println!(
+        "rollout restart during Perform: the migration ended {ended:?}; one guest, on {node} (QEMU pid {pid})"
+    );
+
     // The agent Pod of the guest's node deleted at once: the guest is untouched.
-    let pod = agent_pod(&cluster, "node-b").await;
+    let pod = agent_pod(&cluster, &node).await;
     kubectl(
         &cluster,
         &[
@@ -271,7 +326,7 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
         ],
     )
     .await;
-    assert_eq!(runs_once_and_counts(&cluster, &vms, "node-b").await, pid);
+    assert_eq!(runs_once_and_counts(&cluster, &vms, &node).await, pid);
     println!("agent Pod {pod} deleted with --grace-period=0 --force: QEMU pid {pid} still runs");
 
     // helm upgrade to a new image tag (the same images under another tag).
@@ -313,7 +368,7 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     )
     .await;
     assert!(image.trim().ends_with(":0.1.0-upgrade"), "{image}");
-    assert_eq!(runs_once_and_counts(&cluster, &vms, "node-b").await, pid);
+    assert_eq!(runs_once_and_counts(&cluster, &vms, &node).await, pid);
     println!(
         "helm upgrade to {}: QEMU pid {pid} still runs",
         image.trim()

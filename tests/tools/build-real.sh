@@ -47,6 +47,8 @@ built() {
   for b in "${kube_bins[@]}" "${containerd_bins[@]}"; do [ -x "$out/bin/$b" ] || return 1; done
   for b in "${cni_bins[@]}"; do [ -x "$out/cni/bin/$b" ] || return 1; done
 }
+# The real nodes' sandbox image (no registry to pull registry.k8s.io/pause from).
+FERRY_TOOLS="$out" "$here/pause-image.sh"
 if [ -f "$stamp" ] && built; then
   echo "tools-real: up to date in $out/bin and $out/cni/bin"
   exit 0

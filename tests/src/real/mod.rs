@@ -49,6 +49,8 @@ pub struct RealCluster {
     controller_manager: ChildGuard,
     pub cp: ControlPlane,
     _net: net::Network,
+    /// The host's mount points for the nodes' private paths that did not exist before.
+    created: Vec<&'static str>,
 }
 
 impl RealCluster {
@@ -75,6 +77,10 @@ impl RealCluster {
                 });
             }
         }
+        let created: Vec<&'static str> = node::PRIVATE
+            .into_iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
         let network = net::Network::up(names)?;
         let tokens: Vec<(String, String, String)> = names
             .iter()
@@ -161,6 +167,7 @@ impl RealCluster {
             controller_manager,
             cp,
             _net: network,
+            created,
         };
         cluster.wait_nodes_ready(Duration::from_secs(180)).await?;
         Ok(cluster)
@@ -298,8 +305,14 @@ impl Drop for RealCluster {
             })
             .collect();
         self.nodes.clear();
-        for p in parents.iter().chain(std::iter::once(&"/ferry-real".to_string())) {
+        for p in parents
+            .iter()
+            .chain(std::iter::once(&"/ferry-real".to_string()))
+        {
             node::remove_empty_cgroup(p);
+        }
+        for p in &self.created {
+            let _ = std::fs::remove_dir(p);
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::process::ChildGuard;
 use crate::tools as tool;
 
 /// The paths of a kubelet node that are the node directory's, not the host's.
-const PRIVATE: [&str; 10] = [
+pub(crate) const PRIVATE: [&str; 10] = [
     // containerd's Pod network namespaces (files on the host's /run tmpfs otherwise).
     "/run/netns",
     "/var/lib/kubelet",
