@@ -88,10 +88,11 @@ test-hostile: tools bins ## Tenants' hostile input: host paths outside the roots
 	$(CARGO) test -p ferry-tests --test save_restore -- --nocapture --exact $(HOSTILE_FILES)
 	$(CARGO) test -p ferry-tests --test console -- --nocapture --exact $(HOSTILE_CONSOLE)
 
-test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, the hostile-input suite, then the end-to-end migrations peer-to-peer.
+test: lint bins ## Everything: lint, unit tests, the agent against QEMU, the chart and end-to-end migrations against kube-apiserver, the hostile-input suite, the end-to-end migrations peer-to-peer, then Ferry's Pods on real kubelet nodes.
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2 $(HOSTILE_SKIP) $(REAL_SKIP)
 	$(MAKE) test-hostile
 	$(MAKE) test-e2e-p2p
+	$(MAKE) test-real
 
 # Ferry on real kubelet nodes (tests/tests/real.rs): needs tools-real and images.
 REAL_TESTS = ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agents

@@ -9,7 +9,8 @@
 //! Pod force-deleted, and `helm upgrade` to a new image tag, each while the guest runs:
 //! the same QEMU process keeps running, exactly one guest.
 //!
-//! `make test-real` (needs `make tools-real` and `make images`); not in `make test`.
+//! `make test-real` (needs `make tools-real` and `make images`), the last step of `make test`;
+//! the workspace run of `make test` skips it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -111,6 +112,21 @@ async fn agent_pod(cluster: &RealCluster, node: &str) -> String {
     .to_string()
 }
 
+/// The first bytes the guest's console sends through the console API, if it opens.
+async fn console_greeting(client: &Client, ns: &str, vm: &str) -> Option<String> {
+    use futures::StreamExt;
+    let request = http::Request::get(ferry_crds::console::path(ns, vm))
+        .body(vec![])
+        .unwrap();
+    let mut ws = client.connect(request).await.ok()?.into_stream();
+    let read = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(m)))) = read else {
+        return None;
+    };
+    let (channel, data) = ferry_crds::console::unframe(&m)?;
+    (channel == ferry_crds::console::DATA_OUT).then(|| String::from_utf8_lossy(data).into_owned())
+}
+
 #[tokio::test]
 async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agents() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -166,6 +182,13 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     .await;
     let pid = runs_once_and_counts(&cluster, &vms, "node-a").await;
     println!("demo runs on node-a: QEMU pid {pid}");
+    // The console through the chart's APIService and Service, as on any cluster: the
+    // apiserver's aggregator reaches the operator's Pod, which reaches the agent.
+    let greeting = eventually("the console API", Duration::from_secs(120), || async {
+        console_greeting(&client, "default", "demo").await
+    })
+    .await;
+    println!("console of default/demo through the apiserver: {greeting:?}");
     // Both agents have their node certificates (TLS on the stream) before the migration.
     for node in ["node-a", "node-b"] {
         let pod = agent_pod(&cluster, node).await;
