@@ -56,6 +56,11 @@ reasons! {
     NoTarget,
     /// A limit on migrations at once is reached.
     LimitReached,
+    /// The guest's reservation on the target (a placeholder Pod with its memory and
+    /// CPU) waits for the scheduler.
+    Reserving,
+    /// The scheduler has no room on the target for the guest's memory and CPU.
+    InsufficientResources,
 
     // The phases, as the agents report them.
     /// Begin checked the guest can migrate and took the migration lock.

@@ -11,6 +11,8 @@
 //! - [`signer`] (pure) and [`certs`] (I/O): the cluster CA and the node certificates
 //!   for TLS on the migration stream, through CertificateSigningRequests.
 //! - [`state_key`]: the cluster's state key, which signs saved-state files.
+//! - [`reservation`] (pure) and [`reservations`] (I/O): placeholder Pods that show the
+//!   scheduler each guest's memory and CPU; a target without room refuses a migration.
 //! - [`console`]: consoles through the apiserver (an aggregated API), authorised by it.
 
 pub mod admission;
@@ -26,6 +28,8 @@ pub mod metrics;
 pub mod nodes;
 pub mod policy;
 pub mod reconcile;
+pub mod reservation;
+pub mod reservations;
 pub mod signer;
 pub mod state_key;
 pub mod transitions;

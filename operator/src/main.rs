@@ -91,6 +91,17 @@ struct Args {
     /// `<service>.<namespace>.svc`.
     #[arg(long, default_value = "ferry-console")]
     console_service: String,
+    /// The image of the guest reservations' placeholder Pods (a pause image). Empty: no
+    /// reservations (the scheduler does not see the guests).
+    #[arg(long, default_value = "")]
+    guest_reservation_image: String,
+    /// MiB a guest's QEMU may use beyond its RAM, as the agents' cgroups allow: part of
+    /// each reservation.
+    #[arg(long, default_value_t = ferry_agent::cgroup::DEFAULT_OVERHEAD_MIB)]
+    guest_memory_overhead_mib: u64,
+    /// The operator's Deployment (in --namespace): the guest reservations' controller.
+    #[arg(long, default_value = "ferry-operator")]
+    guest_reservation_owner: String,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -215,6 +226,32 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     nodes.wait_until_ready().await?;
     let since = k8s_openapi::jiff::Timestamp::now();
 
+    let reservations = if args.guest_reservation_image.is_empty() {
+        None
+    } else {
+        let owner = ferry_operator::reservations::owner(
+            &client,
+            &args.namespace,
+            &args.guest_reservation_owner,
+        )
+        .await?;
+        if owner.is_none() {
+            warn!(deployment = %args.guest_reservation_owner, "no such Deployment: guest reservations have no controller, and kubectl drain will refuse to evict them");
+        }
+        Some(ferry_operator::reservations::Settings {
+            namespace: args.namespace.clone(),
+            image: args.guest_reservation_image.clone(),
+            overhead_mib: args.guest_memory_overhead_mib,
+            owner,
+        })
+    };
+    if let Some(settings) = reservations.clone() {
+        tokio::spawn(ferry_operator::reservations::keep(
+            client.clone(),
+            settings,
+            Duration::from_secs(3),
+        ));
+    }
     let ctx = Arc::new(Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
@@ -243,6 +280,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         leases: leases.clone(),
         vms: vms.clone(),
         nodes: nodes.clone(),
+        reservations,
     });
     let migrations: Api<VirtualMachineMigration> = Api::all(watches.clone());
     let controller = Controller::new(migrations, watcher::Config::default());

@@ -59,6 +59,8 @@ pub struct Context {
     pub admission: tokio::sync::Mutex<()>,
     /// Finished migrations kept per VM; older ones are deleted (`history`).
     pub history_limit: usize,
+    /// Guest reservations (placeholder Pods the scheduler sees), when on.
+    pub reservations: Option<crate::reservations::Settings>,
 }
 
 /// Reconciles one migration.
@@ -210,24 +212,44 @@ impl Reconciler<'_> {
                     .await?;
                 Ok(Action::await_change())
             }
-            Admission::Wait { reason, message } => {
-                let mut conditions = self.conditions();
-                set_condition(
-                    &mut conditions,
-                    ADMITTED,
-                    false,
-                    reason,
-                    &message,
-                    self.m.metadata.generation,
-                    now(),
-                );
-                let patch = patches::pending(conditions, self.m.metadata.generation);
-                self.write(patch, Guard::None).await?;
-                // The VM and the limits are not watched from here: look again soon.
-                Ok(Action::requeue(Duration::from_millis(500)))
-            }
+            Admission::Wait { reason, message } => self.wait(reason, message).await,
             Admission::Admit { source, target } => {
                 let vm = vm.expect("admission admits only an existing VM");
+                if let Some(settings) = &self.ctx.reservations {
+                    let (placed, want) = crate::reservations::reserve(
+                        &self.ctx.client,
+                        settings,
+                        self.m,
+                        &vm,
+                        &target,
+                    )
+                    .await?;
+                    let size = format!("{} MiB and {} vCPU", want.memory_bytes >> 20, want.vcpus);
+                    match placed {
+                        crate::reservation::Placed::Yes => {}
+                        crate::reservation::Placed::NotYet => {
+                            let message = format!(
+                                "reserving {size} for the guest on {target} (Pod {})",
+                                want.pod_name()
+                            );
+                            return self.wait(Reason::Reserving, message).await;
+                        }
+                        crate::reservation::Placed::Refused(why) => {
+                            crate::reservations::release(&self.ctx.client, settings, &want).await?;
+                            let message =
+                                format!("node {target} has no room for the guest ({size}): {why}");
+                            self.end(
+                                MigrationPhase::Failed,
+                                &Why {
+                                    reason: Reason::InsufficientResources,
+                                    message,
+                                },
+                            )
+                            .await?;
+                            return Ok(Action::await_change());
+                        }
+                    }
+                }
                 self.start(&vm, source, Some(target)).await
             }
             Admission::Save { source } => {
@@ -235,6 +257,25 @@ impl Reconciler<'_> {
                 self.start(&vm, source, None).await
             }
         }
+    }
+
+    /// Keeps a migration Pending, saying why (condition Admitted=False).
+    async fn wait(&self, reason: Reason, message: String) -> Result<Action> {
+        let mut conditions = self.conditions();
+        set_condition(
+            &mut conditions,
+            ADMITTED,
+            false,
+            reason,
+            &message,
+            self.m.metadata.generation,
+            now(),
+        );
+        let patch = patches::pending(conditions, self.m.metadata.generation);
+        self.write(patch, Guard::None).await?;
+        // The VM, the limits and the reservation are not watched from here: look again
+        // soon.
+        Ok(Action::requeue(Duration::from_millis(500)))
     }
 
     /// Starts an admitted migration: labels, finalizer, VM held, Begin. `target` is

@@ -178,8 +178,11 @@ impl Cluster {
             Some(dir) => ControlPlane::start_in_dir(dir).await?,
             None => ControlPlane::start().await?,
         };
-        cp.install_chart_with("ferry", NAMESPACE, chart_values)
-            .await?;
+        // Simulated nodes have no kubelet or scheduler to place the guests'
+        // reservation Pods on (tests/tests/real.rs has them).
+        let mut values = vec!["guestReservations.enabled=false"];
+        values.extend_from_slice(chart_values);
+        cp.install_chart_with("ferry", NAMESPACE, &values).await?;
         let admin = cp.admin_client().await?;
         let operator_args = chart_operator_args(&admin).await?;
         let console_port = free_port(Ipv4Addr::LOCALHOST)?;

@@ -633,6 +633,24 @@ async fn operator_drives_migrations_and_cannot_touch_vms_or_secrets() {
             .list(&ListParams::default())
             .await,
     );
+    // The guests' reservations: Pods in Ferry's namespace only.
+    allowed(
+        "list the reservation Pods in its namespace",
+        Api::<Pod>::namespaced(op.clone(), NS)
+            .list(&ListParams::default())
+            .await,
+    );
+    let reservation: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "ferry-guest-x"},
+        "spec": {"containers": [{"name": "reservation", "image": "registry.k8s.io/pause:3.10"}]},
+    }))
+    .unwrap();
+    forbidden(
+        "create Pods outside its namespace",
+        Api::<Pod>::namespaced(op.clone(), VMS)
+            .create(&PostParams::default(), &reservation)
+            .await,
+    );
     forbidden(
         "write Leases outside its namespace",
         Api::<Lease>::namespaced(op.clone(), VMS)

@@ -7,7 +7,9 @@
 //! Shown: the Pods Ready; a VM started and migrated with TLS between the two real nodes,
 //! its guest intact; the agent DaemonSet restarted (`kubectl rollout restart`), an agent
 //! Pod force-deleted, and `helm upgrade` to a new image tag, each while the guest runs:
-//! the same QEMU process keeps running, exactly one guest.
+//! the same QEMU process keeps running, exactly one guest. The guest's reservation (a
+//! placeholder Pod with its memory) is bound to its node, and a migration to a node an
+//! ordinary Pod filled is refused before Begin, with the scheduler's reason.
 //!
 //! `make test-real` (needs `make tools-real` and `make images`), the last step of `make test`;
 //! the workspace run of `make test` skips it.
@@ -18,10 +20,13 @@ use std::time::Duration;
 use ferry_crds::{MigrationPhase, VirtualMachine, VmPhase};
 use ferry_tests::cluster::{guest_dirs, install_example_disk, qemu_pid};
 use ferry_tests::e2e_support::{
-    LONG, ONE_AT_A_TIME, assert_stream, eventually, migration_yaml, passes, wait_phase,
+    LONG, ONE_AT_A_TIME, UNLIMITED, assert_stream, eventually, migration_yaml, passes, wait_phase,
 };
+use ferry_tests::real::config::PAUSE_IMAGE;
 use ferry_tests::real::{RealCluster, ferry_images};
 use ferry_tests::repo_root;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 
 /// QEMU pids of VM `vm`, per node.
@@ -139,7 +144,14 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     install_example_disk().unwrap();
     let parent = format!("agent.guestCgroups.parent={}", cluster.guest_cgroup_value());
     cluster
-        .install_ferry(&archives, &["image.pullPolicy=Never", &parent])
+        .install_ferry(
+            &archives,
+            &[
+                "image.pullPolicy=Never",
+                &parent,
+                &format!("guestReservations.image={PAUSE_IMAGE}"),
+            ],
+        )
         .await
         .unwrap();
     cluster
@@ -396,4 +408,184 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
         "helm upgrade to {}: QEMU pid {pid} still runs",
         image.trim()
     );
+
+    // The scheduler sees the guest: its reservation is bound to its node.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "ferry-system");
+    let reservations = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=guest-reservation"))
+        .await
+        .unwrap()
+        .items;
+    let on: Vec<(String, String)> = reservations
+        .iter()
+        .map(|p| {
+            let spec = p.spec.clone().unwrap_or_default();
+            let memory = spec.containers[0]
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("memory"))
+                .map(|q| q.0.clone())
+                .unwrap_or_default();
+            (spec.node_name.unwrap_or_default(), memory)
+        })
+        .collect();
+    assert_eq!(on.len(), 1, "reservations: {on:?}");
+    assert_eq!(on[0].0, node);
+    assert_eq!(on[0].1, ((256u64 + 512) << 20).to_string());
+    println!(
+        "the guest's reservation: a Pod on {node} requesting {} bytes",
+        on[0].1
+    );
+
+    // kubectl drain of the guest's node: it waits (the reservation may not be evicted)
+    // while the operator evacuates the cordoned node, and completes once the guest left.
+    let drain = cluster
+        .cp
+        .kubectl()
+        .args(["drain", &node, "--ignore-daemonsets", "--timeout=300s"])
+        .output()
+        .await
+        .unwrap();
+    let said = ferry_tests::printed(&drain);
+    let waited = said
+        .lines()
+        .filter(|l| l.contains("disruption budget"))
+        .count();
+    let last = said
+        .lines()
+        .find(|l| l.contains("drained"))
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "kubectl drain {node}: {waited} evictions refused by the guests' budget, then: {last}"
+    );
+    assert!(drain.status.success(), "kubectl drain {node}: {said}");
+    let drained = node.clone();
+    let node = vms
+        .get("demo")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+        .node_name
+        .unwrap_or_default();
+    assert_ne!(node, drained, "the guest left the drained node");
+    let pid = runs_once_and_counts(&cluster, &vms, &node).await;
+    println!("the guest moved to {node} (QEMU pid {pid}); {drained} drained");
+    kubectl(&cluster, &["uncordon", &drained]).await;
+
+    // A migration to a node without room is refused before Begin, with the reason: the
+    // other node filled up by an ordinary Pod.
+    let other = if node == "node-a" { "node-b" } else { "node-a" };
+    let free = free_memory(&client, other).await;
+    let filler: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "filler"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": other},
+            "containers": [{"name": "pause", "image": PAUSE_IMAGE,
+                "resources": {"requests": {"memory": (free - (200 << 20)).to_string()}}}],
+        },
+    }))
+    .unwrap();
+    let default_pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    default_pods
+        .create(&PostParams::default(), &filler)
+        .await
+        .unwrap();
+    kubectl(
+        &cluster,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/filler",
+            "--timeout=120s",
+        ],
+    )
+    .await;
+    let (ok, said) = cluster
+        .cp
+        .apply(&migration_yaml("demo-no-room", other, UNLIMITED))
+        .await;
+    assert!(ok, "{said}");
+    let ended = eventually("demo-no-room to end", Duration::from_secs(120), || async {
+        let s = vmms.get("demo-no-room").await.ok()?.status?;
+        s.phase?.is_terminal().then_some(s)
+    })
+    .await;
+    let refused = ended
+        .conditions
+        .iter()
+        .find(|c| c.reason == "InsufficientResources")
+        .cloned();
+    println!(
+        "migration to {other} without room: {:?}, {:?}; conditions {:?}",
+        ended.phase,
+        refused
+            .as_ref()
+            .map(|c| format!("{}: {}", c.reason, c.message)),
+        ended
+            .conditions
+            .iter()
+            .map(|c| (&c.type_, &c.status, &c.reason))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(ended.phase, Some(MigrationPhase::Failed));
+    let refused = refused.expect("a condition with reason InsufficientResources");
+    assert!(
+        refused.message.contains("Insufficient memory"),
+        "{refused:?}"
+    );
+    assert!(
+        ended
+            .steps
+            .as_ref()
+            .is_none_or(|s| s.get(MigrationPhase::Begin).is_none()),
+        "no Begin"
+    );
+    assert_eq!(runs_once_and_counts(&cluster, &vms, &node).await, pid);
+}
+
+/// Bytes of `node`'s allocatable memory no Pod requests.
+async fn free_memory(client: &Client, node: &str) -> u64 {
+    let n = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .get(node)
+        .await
+        .unwrap();
+    let allocatable = n.status.unwrap().allocatable.unwrap()["memory"].0.clone();
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .unwrap();
+    let requested: u64 = pods
+        .items
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_none_or(|ph| ph != "Succeeded" && ph != "Failed")
+        })
+        .flat_map(|p| p.spec.clone().unwrap_or_default().containers)
+        .filter_map(|c| c.resources?.requests?.get("memory").map(|q| bytes(&q.0)))
+        .sum();
+    bytes(&allocatable) - requested
+}
+
+/// A memory quantity in bytes (plain, or with a binary or decimal suffix).
+fn bytes(q: &str) -> u64 {
+    let units = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("k", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    for (suffix, unit) in units {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<u64>().unwrap() * unit;
+        }
+    }
+    q.parse().unwrap()
 }
