@@ -95,6 +95,25 @@ async fn helm(cluster: &RealCluster, args: &[&str]) -> String {
     said
 }
 
+/// The agents' DaemonSet.
+const AGENTS: &str = "daemonset/ferry-agent";
+
+/// Waits until every agent Pod is the DaemonSet's current one and Ready.
+async fn agents_rolled_out(cluster: &RealCluster) {
+    kubectl(
+        cluster,
+        &[
+            "-n",
+            "ferry-system",
+            "rollout",
+            "status",
+            AGENTS,
+            "--timeout=300s",
+        ],
+    )
+    .await;
+}
+
 /// The agent Pod on `node`.
 async fn agent_pod(cluster: &RealCluster, node: &str) -> String {
     kubectl(
@@ -257,27 +276,10 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     // The agents restarted by a rollout: the guest's QEMU is untouched.
     kubectl(
         &cluster,
-        &[
-            "-n",
-            "ferry-system",
-            "rollout",
-            "restart",
-            "daemonset/ferry-agent",
-        ],
+        &["-n", "ferry-system", "rollout", "restart", AGENTS],
     )
     .await;
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            "ferry-system",
-            "rollout",
-            "status",
-            "daemonset/ferry-agent",
-            "--timeout=300s",
-        ],
-    )
-    .await;
+    agents_rolled_out(&cluster).await;
     assert_eq!(runs_once_and_counts(&cluster, &vms, "node-b").await, pid);
     println!("rollout restart daemonset/ferry-agent: QEMU pid {pid} still runs, one guest");
 
@@ -295,27 +297,10 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     .await;
     kubectl(
         &cluster,
-        &[
-            "-n",
-            "ferry-system",
-            "rollout",
-            "restart",
-            "daemonset/ferry-agent",
-        ],
+        &["-n", "ferry-system", "rollout", "restart", AGENTS],
     )
     .await;
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            "ferry-system",
-            "rollout",
-            "status",
-            "daemonset/ferry-agent",
-            "--timeout=300s",
-        ],
-    )
-    .await;
+    agents_rolled_out(&cluster).await;
     let ended = eventually("demo-back to end", Duration::from_secs(300), || async {
         let p = vmms.get("demo-back").await.ok()?.status?.phase?;
         p.is_terminal().then_some(p)
@@ -349,18 +334,7 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
         ],
     )
     .await;
-    kubectl(
-        &cluster,
-        &[
-            "-n",
-            "ferry-system",
-            "rollout",
-            "status",
-            "daemonset/ferry-agent",
-            "--timeout=300s",
-        ],
-    )
-    .await;
+    agents_rolled_out(&cluster).await;
     assert_eq!(runs_once_and_counts(&cluster, &vms, &node).await, pid);
     println!("agent Pod {pod} deleted with --grace-period=0 --force: QEMU pid {pid} still runs");
 

@@ -69,14 +69,7 @@ async fn main() {
         "Logs: {}/{{operator,agent-<node>,kube-apiserver,etcd}}.log",
         dir.display()
     );
-    println!("ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    println!("stopping");
+    until_stopped().await;
     drop(cluster);
 }
 
@@ -118,6 +111,12 @@ async fn up_real(names: &[&str], dir: &std::path::Path, images: &std::path::Path
         "Logs: {}/{{kube-apiserver,kube-scheduler,kube-controller-manager}}.log, nodes/<node>/{{kubelet,containerd,kube-proxy}}.log; kubectl logs for Ferry's Pods",
         dir.display()
     );
+    until_stopped().await;
+    drop(cluster);
+}
+
+/// Says `ready` (what `make up` waits for), then waits for Ctrl-C or SIGTERM.
+async fn until_stopped() {
     println!("ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
@@ -126,5 +125,4 @@ async fn up_real(names: &[&str], dir: &std::path::Path, images: &std::path::Path
         _ = term.recv() => {}
     }
     println!("stopping");
-    drop(cluster);
 }

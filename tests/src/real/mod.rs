@@ -122,7 +122,7 @@ impl RealCluster {
             ))
             .arg("--controllers=*,-csrsigning")
             .arg("--node-monitor-grace-period=20s");
-        let controller_manager = spawn_logged(&dir, "kube-controller-manager", cm)?;
+        let controller_manager = node::spawn(&dir, "kube-controller-manager", cm)?;
         let mut sched = std::process::Command::new(tool::tool("kube-scheduler"));
         sched
             .arg(format!("--kubeconfig={admin_kubeconfig}"))
@@ -132,7 +132,7 @@ impl RealCluster {
                 "--secure-port={}",
                 free_port(std::net::Ipv4Addr::LOCALHOST)?
             ));
-        let scheduler = spawn_logged(&dir, "kube-scheduler", sched)?;
+        let scheduler = node::spawn(&dir, "kube-scheduler", sched)?;
 
         let prefix = format!(
             "ferry-real/{}",
@@ -335,19 +335,4 @@ fn random_token() -> String {
     (0..32)
         .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
         .collect()
-}
-
-fn spawn_logged(
-    dir: &Path,
-    what: &str,
-    mut cmd: std::process::Command,
-) -> Result<ChildGuard, HarnessError> {
-    let log = std::fs::File::create(dir.join(format!("{what}.log")))?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    ChildGuard::spawn(what, cmd).map_err(|source| HarnessError::Spawn {
-        what: what.into(),
-        source,
-    })
 }

@@ -201,39 +201,25 @@ impl RealNode {
     /// Imports an OCI archive into the node's containerd (namespace `k8s.io`, the
     /// kubelet's).
     pub fn import(&self, archive: &Path) -> Result<(), HarnessError> {
-        let socket = self.dir.join("containerd/containerd.sock");
-        net::run(
-            &tool::tool("ctr").display().to_string(),
-            &[
-                "--address",
-                &socket.display().to_string(),
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                &archive.display().to_string(),
-            ],
-        )
+        self.ctr(&["images", "import", &archive.display().to_string()])
     }
 
     /// Tags image `from` as `to` too in the node's containerd (a "new" image for an
     /// upgrade, without building one).
     pub fn tag(&self, from: &str, to: &str) -> Result<(), HarnessError> {
-        let socket = self.dir.join("containerd/containerd.sock");
-        net::run(
-            &tool::tool("ctr").display().to_string(),
-            &[
-                "--address",
-                &socket.display().to_string(),
-                "-n",
-                "k8s.io",
-                "images",
-                "tag",
-                "--force",
-                from,
-                to,
-            ],
-        )
+        self.ctr(&["images", "tag", "--force", from, to])
+    }
+
+    /// Runs `ctr` against the node's containerd, namespace `k8s.io`.
+    fn ctr(&self, args: &[&str]) -> Result<(), HarnessError> {
+        let socket = self
+            .dir
+            .join("containerd/containerd.sock")
+            .display()
+            .to_string();
+        let mut all = vec!["--address", socket.as_str(), "-n", "k8s.io"];
+        all.extend_from_slice(args);
+        net::run(&tool::tool("ctr").display().to_string(), &all)
     }
 
     /// Ferry's state dir on this node (the agent's /var/lib/ferry).
@@ -315,7 +301,8 @@ fn private_dir(node_dir: &Path, path: &str) -> PathBuf {
         .join(path.trim_start_matches('/').replace('/', "-"))
 }
 
-fn spawn(dir: &Path, what: &str, mut cmd: Command) -> Result<ChildGuard, HarnessError> {
+/// Starts `cmd` with its output in `<dir>/<what>.log`.
+pub(crate) fn spawn(dir: &Path, what: &str, mut cmd: Command) -> Result<ChildGuard, HarnessError> {
     let log = std::fs::File::create(dir.join(format!("{what}.log")))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -22,22 +22,11 @@ use kube::Api;
 use tokio::net::UnixStream;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::server::Caller;
+use super::server::{Caller, Refusal, refuse};
 use crate::k8s::Agent;
 
 /// The `Upgrade` protocol of a console connection on the peer API.
 pub const UPGRADE: &str = "ferry-console";
-
-/// Why a console is refused: the HTTP status and a message naming the problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-fn refuse(status: StatusCode, message: String) -> Refusal {
-    Refusal { status, message }
-}
 
 /// The guest key of `vm`'s guest if it is meant to run on node `me` now, else why not.
 pub fn locate(vm: &VirtualMachine, me: &str) -> Result<String, Refusal> {

@@ -131,7 +131,7 @@ pub struct Refusal {
     pub message: String,
 }
 
-fn refuse(status: StatusCode, message: String) -> Refusal {
+pub(super) fn refuse(status: StatusCode, message: String) -> Refusal {
     Refusal { status, message }
 }
 
