@@ -221,11 +221,28 @@ pub fn pick_target(
     closed_nodes: &BTreeSet<String>,
     vms_per_node: &BTreeMap<String, usize>,
 ) -> Option<String> {
-    live_nodes
+    candidates(source, live_nodes, closed_nodes, vms_per_node)
+        .into_iter()
+        .next()
+}
+
+/// Every live, open node other than `source`, in the order [`pick_target`] prefers
+/// them: with guest reservations, admission tries them in turn until the scheduler
+/// finds room on one.
+pub fn candidates(
+    source: &str,
+    live_nodes: &[String],
+    closed_nodes: &BTreeSet<String>,
+    vms_per_node: &BTreeMap<String, usize>,
+) -> Vec<String> {
+    let mut nodes: Vec<String> = live_nodes
         .iter()
         .filter(|n| *n != source && !closed_nodes.contains(*n))
-        .min_by_key(|n| (vms_per_node.get(*n).copied().unwrap_or(0), (*n).clone()))
         .cloned()
+        .collect();
+    nodes.sort_by_key(|n| (vms_per_node.get(n).copied().unwrap_or(0), n.clone()));
+    nodes.dedup();
+    nodes
 }
 
 #[cfg(test)]
@@ -339,6 +356,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn candidates_are_the_live_open_nodes_least_loaded_first() {
+        let live: Vec<String> = ["node-a", "node-b", "node-c", "node-d"]
+            .map(String::from)
+            .into();
+        let closed = BTreeSet::from(["node-d".to_string()]);
+        let load = BTreeMap::from([("node-b".to_string(), 2), ("node-c".to_string(), 1)]);
+        assert_eq!(
+            candidates("node-a", &live, &closed, &load),
+            ["node-c", "node-b"]
+        );
+        assert_eq!(
+            pick_target("node-a", &live, &closed, &load).as_deref(),
+            Some("node-c")
+        );
     }
 
     #[test]

@@ -215,41 +215,20 @@ impl Reconciler<'_> {
             Admission::Wait { reason, message } => self.wait(reason, message).await,
             Admission::Admit { source, target } => {
                 let vm = vm.expect("admission admits only an existing VM");
-                if let Some(settings) = &self.ctx.reservations {
-                    let (placed, want) = crate::reservations::reserve(
-                        &self.ctx.client,
-                        settings,
-                        self.m,
-                        &vm,
-                        &target,
-                    )
-                    .await?;
-                    let size = format!("{} MiB and {} vCPU", want.memory_bytes >> 20, want.vcpus);
-                    match placed {
-                        crate::reservation::Placed::Yes => {}
-                        crate::reservation::Placed::NotYet => {
-                            let message = format!(
-                                "reserving {size} for the guest on {target} (Pod {})",
-                                want.pod_name()
-                            );
-                            return self.wait(Reason::Reserving, message).await;
-                        }
-                        crate::reservation::Placed::Refused(why) => {
-                            crate::reservations::release(&self.ctx.client, settings, &want).await?;
-                            let message =
-                                format!("node {target} has no room for the guest ({size}): {why}");
-                            self.end(
-                                MigrationPhase::Failed,
-                                &Why {
-                                    reason: Reason::InsufficientResources,
-                                    message,
-                                },
-                            )
-                            .await?;
-                            return Ok(Action::await_change());
-                        }
+                let target = if self.ctx.reservations.is_some() {
+                    // Named: only that node. Picked: each open node in turn, until the
+                    // scheduler finds room on one.
+                    let candidates = match &self.m.spec.target_node {
+                        Some(_) => vec![target],
+                        None => admission::candidates(&source, &live, &closed, &vms_per_node),
+                    };
+                    match self.reserve_target(&vm, &candidates).await? {
+                        Ok(target) => target,
+                        Err(action) => return Ok(action),
                     }
-                }
+                } else {
+                    target
+                };
                 self.start(&vm, source, Some(target)).await
             }
             Admission::Save { source } => {
@@ -257,6 +236,71 @@ impl Reconciler<'_> {
                 self.start(&vm, source, None).await
             }
         }
+    }
+
+    /// Reserves the guest on the first of `candidates` the scheduler has room on: `Ok`
+    /// with that node once its reservation is placed; `Err` with what to do meanwhile
+    /// (wait while the scheduler decides) or after (the migration failed before Begin:
+    /// no candidate has room). Reservations the scheduler refused are kept until the
+    /// decision, so the next look skips their nodes, then released.
+    async fn reserve_target(
+        &self,
+        vm: &VirtualMachine,
+        candidates: &[String],
+    ) -> Result<std::result::Result<String, Action>> {
+        use crate::reservation::Placed;
+        let settings = self.ctx.reservations.as_ref().expect("reservations are on");
+        let client = &self.ctx.client;
+        let mut refused = Vec::new();
+        let mut placed = None;
+        for node in candidates {
+            let (p, want) =
+                crate::reservations::reserve(client, settings, self.m, vm, node).await?;
+            match p {
+                Placed::Yes => {
+                    placed = Some(node.clone());
+                    break;
+                }
+                Placed::NotYet => {
+                    let message = format!(
+                        "reserving {} MiB and {} vCPU for the guest on {node} (Pod {})",
+                        want.memory_bytes >> 20,
+                        want.vcpus,
+                        want.pod_name()
+                    );
+                    return Ok(Err(self.wait(Reason::Reserving, message).await?));
+                }
+                Placed::Refused(why) => refused.push((want, why)),
+            }
+        }
+        for (want, _) in &refused {
+            crate::reservations::release(client, settings, want).await?;
+        }
+        if let Some(node) = placed {
+            return Ok(Ok(node));
+        }
+        let size = refused.first().map_or(String::new(), |(w, _)| {
+            format!(" ({} MiB and {} vCPU)", w.memory_bytes >> 20, w.vcpus)
+        });
+        let message = match refused.as_slice() {
+            [(w, why)] => format!("node {} has no room for the guest{size}: {why}", w.node),
+            _ => {
+                let nodes: Vec<String> = refused
+                    .iter()
+                    .map(|(w, why)| format!("{}: {why}", w.node))
+                    .collect();
+                format!("no node has room for the guest{size}: {}", nodes.join("; "))
+            }
+        };
+        self.end(
+            MigrationPhase::Failed,
+            &Why {
+                reason: Reason::InsufficientResources,
+                message,
+            },
+        )
+        .await?;
+        Ok(Err(Action::await_change()))
     }
 
     /// Keeps a migration Pending, saying why (condition Admitted=False).

@@ -517,6 +517,27 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
             .is_none_or(|s| s.get(MigrationPhase::Begin).is_none()),
         "no Begin"
     );
+    // With no target named, the operator tries each open node; none has room either.
+    let anywhere = "apiVersion: ferry.dev/v1alpha1\nkind: VirtualMachineMigration\n\
+        metadata:\n  name: demo-anywhere\nspec:\n  vmName: demo\n";
+    let (ok, said) = cluster.cp.apply(anywhere).await;
+    assert!(ok, "{said}");
+    let ended = eventually("demo-anywhere to end", Duration::from_secs(120), || async {
+        let s = vmms.get("demo-anywhere").await.ok()?.status?;
+        s.phase?.is_terminal().then_some(s)
+    })
+    .await;
+    let why = ended
+        .conditions
+        .iter()
+        .find(|c| c.reason == "InsufficientResources")
+        .map(|c| c.message.clone());
+    println!(
+        "migration with no target, no room anywhere: {:?}, {why:?}",
+        ended.phase
+    );
+    assert_eq!(ended.phase, Some(MigrationPhase::Failed));
+    assert!(why.is_some_and(|m| m.contains(other) && m.contains("Insufficient memory")));
     assert_eq!(runs_once_and_counts(&cluster, &vms, &node).await, pid);
 }
 
