@@ -161,18 +161,9 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
     let cluster = RealCluster::up(&["node-a", "node-b"], None).await.unwrap();
     let _logs = ferry_tests::e2e_support::LogsOnFailure(cluster.cp.dir().to_path_buf());
     install_example_disk().unwrap();
-    let parent = format!("agent.guestCgroups.parent={}", cluster.guest_cgroup_value());
-    cluster
-        .install_ferry(
-            &archives,
-            &[
-                "image.pullPolicy=Never",
-                &parent,
-                &format!("guestReservations.image={PAUSE_IMAGE}"),
-            ],
-        )
-        .await
-        .unwrap();
+    let values = cluster.chart_values();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    cluster.install_ferry(&archives, &values).await.unwrap();
     cluster
         .wait_ferry_ready(Duration::from_secs(300))
         .await

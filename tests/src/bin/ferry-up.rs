@@ -84,8 +84,10 @@ async fn up_real(names: &[&str], dir: &std::path::Path, images: &std::path::Path
     let cluster = ferry_tests::real::RealCluster::up(names, Some(dir))
         .await
         .unwrap_or_else(|e| fail(&e));
-    let parent = format!("agent.guestCgroups.parent={}", cluster.guest_cgroup_value());
-    let values = ["image.pullPolicy=Never", parent.as_str()];
+    // The example VM's disk, where examples/virtualmachine.yaml expects it.
+    ferry_tests::cluster::install_example_disk().unwrap_or_else(|e| fail(&e));
+    let values = cluster.chart_values();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
     cluster
         .install_ferry(&archives, &values)
         .await
@@ -106,6 +108,8 @@ async fn up_real(names: &[&str], dir: &std::path::Path, images: &std::path::Path
         ferry_tests::tool("kubectl").parent().unwrap().display()
     );
     println!("  kubectl -n ferry-system get pods -o wide");
+    println!("  kubectl apply -f examples/virtualmachine.yaml && kubectl get fvm -w");
+    println!("  kubectl apply -f examples/migration.yaml && kubectl get vmm -w");
     println!();
     println!(
         "Logs: {}/{{kube-apiserver,kube-scheduler,kube-controller-manager}}.log, nodes/<node>/{{kubelet,containerd,kube-proxy}}.log; kubectl logs for Ferry's Pods",

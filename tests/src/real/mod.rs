@@ -215,6 +215,17 @@ impl RealCluster {
         format!("{prefix}/$(NODE_NAME)")
     }
 
+    /// The chart values a local real cluster needs beyond the defaults: the images are
+    /// imported, not pulled; each node's guests get a cgroup parent of their own (the
+    /// nodes share the host's cgroups); the reservations use the nodes' pause image.
+    pub fn chart_values(&self) -> Vec<String> {
+        vec![
+            "image.pullPolicy=Never".to_string(),
+            format!("agent.guestCgroups.parent={}", self.guest_cgroup_value()),
+            format!("guestReservations.image={}", config::PAUSE_IMAGE),
+        ]
+    }
+
     /// Imports the images in `archives` into every node, then installs the chart with
     /// helm, unchanged, with `values` (`key=value`).
     pub async fn install_ferry(
