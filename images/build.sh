@@ -4,7 +4,9 @@
 #
 # For each image in images/<name>/ (image.env: variant, binaries, entrypoint, user;
 # packages: the Debian packages):
-#   1. mmdebstrap builds the root file system from Debian bookworm as a tar (the
+#   1. mmdebstrap builds the root file system from Debian bookworm as a tar, with
+#      bookworm-updates and bookworm-backports as sources (a package is taken from
+#      backports only when its list says NAME/bookworm-backports, as the agent's QEMU) (the
 #      operator: the packages extracted only, no shell; the agent: Debian's minimal
 #      base and the packages installed, without recommends and without docs);
 #   2. a second layer holds the binaries in /usr/local/bin (and, for an image
@@ -67,7 +69,9 @@ for image in "${IMAGES[@]}"; do
       --dpkgopt='path-include=/usr/share/doc/*/copyright' \
       --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' \
-      --format=tar "$SUITE" "$dir/base.tar" "$MIRROR"
+      --format=tar "$SUITE" "$dir/base.tar" \
+      "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" \
+      "deb $MIRROR $SUITE-backports main"
     for bin in $BINARIES; do
       install -m 0755 "$FERRY_BIN_DIR/$bin" "$dir/layer/usr/local/bin/$bin"
     done

@@ -121,6 +121,7 @@ pub mod node;
 pub mod phases;
 pub mod policy;
 pub mod postcopy;
+pub mod qemu;
 pub mod qmp;
 pub mod restore;
 pub mod statefile;

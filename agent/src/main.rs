@@ -130,6 +130,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         info!(root = %args.cgroup_root.display(), parent = %args.guest_cgroup_parent, layout = ?cgroups.layout(), "guests run in cgroups of their own");
         node = node.with_cgroups(cgroups);
     }
+    let qemu = ferry_agent::qemu::probe("qemu-system-x86_64", &node.state_dir)
+        .await
+        .map_err(|e| format!("probing this node's QEMU: {e}"))?;
+    if qemu.is_supported() {
+        info!(version = %qemu.version, package = %qemu.package, capabilities = %qemu.capabilities_line(), "QEMU");
+    } else {
+        let (major, minor) = ferry_agent::qemu::SUPPORTED;
+        warn!(version = %qemu.version, package = %qemu.package, capabilities = %qemu.capabilities_line(),
+            "QEMU {} is older than {major}.{minor}, the release Ferry supports; policies are checked against its capabilities", qemu.version);
+    }
+    let node = node.with_qemu(qemu.clone());
     let sup = Supervisor::new(node);
     let guests = sup.attach_all().await?;
     info!(node = %args.node_name, guests = guests.len(), "re-attached to the guests already running here");
@@ -173,7 +184,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.node_name.clone(),
         Duration::from_secs(args.heartbeat_seconds.max(1)),
         Duration::from_secs(args.lease_seconds.max(2)),
-        peer_endpoint,
+        k8s::heartbeat::Published {
+            peer_endpoint,
+            qemu,
+        },
         ready.clone(),
     ));
     let peer = tokio::spawn(k8s::peer::server::serve(agent.clone(), peer));

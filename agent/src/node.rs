@@ -3,6 +3,7 @@
 //! storage roots the administrator allows host paths beneath.
 
 use crate::cgroup::GuestCgroups;
+use crate::qemu::QemuFeatures;
 use crate::storage::StorageRoots;
 use std::io;
 use std::net::IpAddr;
@@ -29,6 +30,9 @@ pub struct Node {
     /// Where each guest's own cgroup goes (`--guest-cgroup-parent`); `None`: QEMU stays
     /// in the cgroup of the process that starts it (the agent's tests of its library).
     pub cgroups: Option<GuestCgroups>,
+    /// What the node's QEMU offers, probed at start ([`crate::qemu::probe`]); `None`:
+    /// not probed (the library's tests), and policies are not checked against it.
+    pub qemu: Option<QemuFeatures>,
 }
 
 impl Node {
@@ -45,6 +49,7 @@ impl Node {
             state_dir,
             storage: StorageRoots::none(),
             cgroups: None,
+            qemu: None,
         })
     }
 
@@ -57,6 +62,14 @@ impl Node {
     pub fn with_cgroups(self, cgroups: GuestCgroups) -> Node {
         Node {
             cgroups: Some(cgroups),
+            ..self
+        }
+    }
+
+    /// The node whose QEMU offers `qemu`.
+    pub fn with_qemu(self, qemu: QemuFeatures) -> Node {
+        Node {
+            qemu: Some(qemu),
             ..self
         }
     }

@@ -1,7 +1,7 @@
 //! Post-copy recovery. Once a migration has switched to post-copy, the guest's memory is
-//! split between the two QEMUs: a cut stream cannot be rolled back (QEMU 7.2 can neither
-//! cancel a paused post-copy on the source nor resume the source guest) and must be
-//! recovered. Both QEMUs then sit in status `postcopy-paused` until
+//! split between the two QEMUs: a cut stream cannot be rolled back (the pages the target
+//! touched since the switch exist only there, and QEMU neither cancels a paused
+//! post-copy on the source nor resumes the source guest) and must be recovered. Both QEMUs then sit in status `postcopy-paused` until
 //! 1. the target listens again: [`listen_again`] (`migrate-recover {uri}`), and
 //! 2. the source resumes to it: [`resume`] (`migrate {uri, resume: true}`), from Perform,
 //!

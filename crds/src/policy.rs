@@ -66,7 +66,7 @@ pub struct MigrationPolicy {
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Preset {
     /// Shortest total time: 4 parallel connections (multifd), auto-converge, max
-    /// downtime 1000 ms, post-copy Never (QEMU 7.2 cannot switch a multifd stream to
+    /// downtime 1000 ms, post-copy Never (QEMU 10.0 cannot switch a multifd stream to
     /// post-copy), completion timeout 150 s per GiB, progress timeout 60 s.
     Fastest,
     /// The guest's state is never split between two hosts: one connection,

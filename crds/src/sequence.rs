@@ -33,6 +33,11 @@ pub const PHASES: [P; 5] = [P::Begin, P::Prepare, P::Perform, P::Finish, P::Conf
 /// (`<ip>:<port>`). The Lease admission policy lets only that node's agent write it,
 /// and a caller checks the certificate the endpoint shows names the node anyway.
 pub const PEER_ENDPOINT_ANNOTATION: &str = "ferry.dev/peer-endpoint";
+/// The annotation on an agent's heartbeat Lease naming its node's QEMU version.
+pub const QEMU_VERSION_ANNOTATION: &str = "ferry.dev/qemu-version";
+/// The annotation on an agent's heartbeat Lease listing the migration capabilities its
+/// node's QEMU offers (`query-migrate-capabilities`), comma-separated.
+pub const MIGRATION_CAPABILITIES_ANNOTATION: &str = "ferry.dev/migration-capabilities";
 
 /// Why a migration rolls back or ends.
 #[derive(Debug, Clone, PartialEq, Eq)]

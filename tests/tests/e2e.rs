@@ -94,6 +94,28 @@ async fn example_migration_moves_the_guest_and_kubectl_wait_sees_it() {
         lock.spec.unwrap().holder_identity.as_deref(),
         Some("node-b")
     );
+    // Each agent publishes its QEMU (probed at start) on its heartbeat Lease.
+    let probe_dir = tempfile::tempdir().unwrap();
+    let local = ferry_agent::qemu::probe("qemu-system-x86_64", probe_dir.path())
+        .await
+        .unwrap();
+    for node in ["node-a", "node-b"] {
+        let heartbeat = leases
+            .get(&ferry_crds::node_lease_name(node))
+            .await
+            .unwrap();
+        let a = heartbeat.annotations();
+        assert_eq!(
+            a.get(ferry_crds::sequence::QEMU_VERSION_ANNOTATION),
+            Some(&local.version),
+            "{node}"
+        );
+        assert_eq!(
+            a.get(ferry_crds::sequence::MIGRATION_CAPABILITIES_ANNOTATION),
+            Some(&local.capabilities_line()),
+            "{node}"
+        );
+    }
 
     // An Event for each phase change, and the outcome in the operator's metrics.
     let out = cluster

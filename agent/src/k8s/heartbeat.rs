@@ -15,15 +15,46 @@ use tracing::warn;
 /// The label the operator finds heartbeat Leases by; its value is the node name.
 pub const NODE_LABEL: &str = "ferry.dev/node";
 
-/// Renews the heartbeat forever, naming where this agent's peer API listens; `ready`
-/// turns true after the first renewal.
+/// What the heartbeat Lease tells about this agent, as annotations.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Where the peer API listens.
+    pub peer_endpoint: String,
+    /// The node's QEMU: its version and migration capabilities.
+    pub qemu: ferry_agent::qemu::QemuFeatures,
+}
+
+impl Published {
+    fn annotations(&self) -> BTreeMap<String, String> {
+        use ferry_crds::sequence::{
+            MIGRATION_CAPABILITIES_ANNOTATION, PEER_ENDPOINT_ANNOTATION, QEMU_VERSION_ANNOTATION,
+        };
+        BTreeMap::from([
+            (
+                PEER_ENDPOINT_ANNOTATION.to_string(),
+                self.peer_endpoint.clone(),
+            ),
+            (
+                QEMU_VERSION_ANNOTATION.to_string(),
+                self.qemu.version.clone(),
+            ),
+            (
+                MIGRATION_CAPABILITIES_ANNOTATION.to_string(),
+                self.qemu.capabilities_line(),
+            ),
+        ])
+    }
+}
+
+/// Renews the heartbeat forever, publishing `published`; `ready` turns true after the
+/// first renewal.
 pub async fn run(
     client: kube::Client,
     namespace: String,
     node: String,
     every: Duration,
     lasts: Duration,
-    peer_endpoint: String,
+    published: Published,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
@@ -35,10 +66,7 @@ pub async fn run(
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 labels: Some(BTreeMap::from([(NODE_LABEL.to_string(), node.clone())])),
-                annotations: Some(BTreeMap::from([(
-                    ferry_crds::sequence::PEER_ENDPOINT_ANNOTATION.to_string(),
-                    peer_endpoint.clone(),
-                )])),
+                annotations: Some(published.annotations()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {

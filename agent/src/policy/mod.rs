@@ -74,12 +74,22 @@ pub enum PolicyError {
         why: &'static str,
     },
     #[error(
-        "post-copy ({mode:?}) cannot be combined with multifd (parallelConnections {channels}, compression {compression:?}): QEMU 7.2 cannot switch a multifd stream to post-copy"
+        "post-copy ({mode:?}) cannot be combined with multifd (parallelConnections {channels}, compression {compression:?}): QEMU (up to 10.0) cannot switch a multifd stream to post-copy"
     )]
     PostCopyWithMultifd {
         mode: PostCopyMode,
         channels: u8,
         compression: Compression,
+    },
+    /// The node's QEMU lacks a capability the policy needs ([`crate::qemu`]).
+    #[error(
+        "policy field {field} needs QEMU's migration capability {capability}, which QEMU {version} on node {node} does not offer"
+    )]
+    Unsupported {
+        capability: &'static str,
+        field: &'static str,
+        version: String,
+        node: String,
     },
 }
 
@@ -258,6 +268,22 @@ impl Policy {
             });
         }
         Ok(())
+    }
+
+    /// The QEMU migration capabilities this policy turns on, each with the policy field
+    /// that asks for it (see [`crate::qemu::QemuFeatures::check`]).
+    pub fn needs(&self) -> Vec<(&'static str, &'static str)> {
+        let mut needs = vec![("events", "progress (always)")];
+        if self.multifd() {
+            needs.push(("multifd", "parallelConnections or compression"));
+        }
+        if self.post_copy != PostCopy::Never {
+            needs.push(("postcopy-ram", "postCopy.mode"));
+        }
+        if self.auto_converge {
+            needs.push(("auto-converge", "autoConverge"));
+        }
+        needs
     }
 
     /// Whether the stream uses multifd (several connections, or compression).

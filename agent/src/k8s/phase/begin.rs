@@ -1,5 +1,7 @@
 //! Begin on the source: checks the guest can migrate, takes the migration lock, and
-//! gives the target's definition (`targetDomainXML`) and Begin's cookie.
+//! gives the target's definition (`targetDomainXML`) and Begin's cookie. A live
+//! migration's policy is checked against this node's QEMU first, so one it cannot honour
+//! is refused before the lock is taken.
 
 use ferry_agent::phases::begin;
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
@@ -8,6 +10,9 @@ use super::{Done, Run, StepError};
 
 impl Run<'_> {
     pub(super) async fn begin(&self) -> Result<Done, StepError> {
+        if self.m.spec.to_file.is_none() {
+            self.policy()?;
+        }
         let (_, domain) = self.vm().await?;
         let input = begin::BeginInput {
             vm: &self.key(&domain),

@@ -309,7 +309,12 @@ impl<'a> Run<'a> {
             .status()
             .policy
             .unwrap_or_else(|| self.m.spec.policy.clone());
-        Ok(ferry_agent::policy::resolve(&policy)?)
+        let policy = ferry_agent::policy::resolve(&policy)?;
+        let node = self.agent.sup.node();
+        if let Some(qemu) = &node.qemu {
+            qemu.check(&policy, &node.name)?;
+        }
+        Ok(policy)
     }
 
     /// The source and target nodes.
