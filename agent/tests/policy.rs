@@ -133,6 +133,19 @@ async fn plain_pre_copy_never_finishes_a_hot_guest() {
     assert!(reports.iter().all(|p| p.cpu_throttle_percent == 0));
     assert!(last.eta.is_none(), "no ETA when it does not converge");
     assert!(guest_passes > 10, "the guest kept dirtying memory");
+    // The downtime limit rose pass by pass from the initial one to the policy's maximum
+    // (Safest: 300 ms), and stopped there.
+    let guest = lab.a.require(&lab.vm).await.unwrap();
+    let params: serde_json::Value = guest
+        .qmp
+        .execute("query-migrate-parameters", None)
+        .await
+        .unwrap();
+    assert_eq!(params["downtime-limit"], plain.max_downtime_ms, "{params}");
+    assert_eq!(
+        plain.downtime_limit(1),
+        ferry_agent::policy::INITIAL_DOWNTIME_MS
+    );
     roll_back(&lab, "m-plain").await;
 }
 

@@ -230,6 +230,9 @@ struct Transfer<'a> {
     last_resume: Option<Instant>,
     /// When the guest paused here for the switch-over (QEMU's STOP event).
     stopped_at: Option<u64>,
+    /// The downtime limit last set on QEMU ([`Policy::downtime_limit`]); `None` until
+    /// this Perform set one.
+    downtime_limit: Option<u64>,
 }
 
 impl<'a> Transfer<'a> {
@@ -255,6 +258,7 @@ impl<'a> Transfer<'a> {
             conv: Convergence::default(),
             last_resume: None,
             stopped_at: None,
+            downtime_limit: None,
         }
     }
 
@@ -379,6 +383,7 @@ impl<'a> Transfer<'a> {
             if self.cancel_sent {
                 continue;
             }
+            self.ramp_downtime(&s).await;
             self.decide(&s).await?;
         }
     }
@@ -446,6 +451,36 @@ impl<'a> Transfer<'a> {
                 ..report
             }
         });
+    }
+
+    /// Sets QEMU's downtime limit for the pass of sample `s` when the ramp moved on
+    /// ([`Policy::downtime_limit`]): low at first, higher each pass pre-copy goes on,
+    /// never above the policy's maximum.
+    /// A refusal is logged and tried again at the next sample: the transfer goes on
+    /// under the limit it has, and a QEMU that is gone shows in the next `query-migrate`.
+    async fn ramp_downtime(&mut self, s: &Sample) {
+        let Transfer { cx, qmp, .. } = *self;
+        let (vm, migration) = (cx.vm, cx.migration);
+        let limit = self.input.policy.downtime_limit(s.pass);
+        if s.post_copy || self.downtime_limit == Some(limit) {
+            return;
+        }
+        let set = json!({ "downtime-limit": limit });
+        match qmp.run("migrate-set-parameters", Some(set)).await {
+            Ok(()) => {
+                tracing::debug!(
+                    vm,
+                    migration,
+                    pass = s.pass,
+                    downtime_limit_ms = limit,
+                    "downtime limit set"
+                );
+                self.downtime_limit = Some(limit);
+            }
+            Err(e) => {
+                tracing::warn!(vm, migration, pass = s.pass, downtime_limit_ms = limit, error = %e, "could not set the downtime limit");
+            }
+        }
     }
 
     /// Applies the policy's decision on sample `s`: go on, switch to post-copy, or abort

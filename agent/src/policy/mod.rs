@@ -25,6 +25,12 @@ pub const WINDOW: usize = 3;
 /// Pre-copy does not converge while the dirty rate is at least this share of the
 /// throughput.
 pub const NOT_CONVERGING_RATIO: f64 = 0.9;
+/// The downtime limit a migration starts with (the policy's maximum if that is lower):
+/// QEMU switches over as soon as what is left fits in it, so an easy guest pauses
+/// little. QEMU's own default is 300 ms.
+pub const INITIAL_DOWNTIME_MS: u64 = 50;
+/// Passes over which the limit rises from [`INITIAL_DOWNTIME_MS`] to the maximum.
+pub const DOWNTIME_STEPS: u64 = 5;
 /// Progress means the remaining bytes fell below this share of their lowest value so far.
 const PROGRESS_RATIO: f64 = 0.99;
 
@@ -320,7 +326,8 @@ impl Policy {
     }
 
     /// The parameters that may change while a migration runs (a re-run of Perform
-    /// applies them to the migration it follows).
+    /// applies them to the migration it follows); the downtime limit is the ramp's first
+    /// ([`Policy::downtime_limit`]), which Perform raises pass by pass.
     pub fn live_parameters(&self) -> Map<String, Value> {
         let mut p = Map::new();
         p.insert(
@@ -332,8 +339,20 @@ impl Policy {
             "max-postcopy-bandwidth".into(),
             json!(self.max_bandwidth.unwrap_or(0)),
         );
-        p.insert("downtime-limit".into(), json!(self.max_downtime_ms));
+        p.insert("downtime-limit".into(), json!(self.downtime_limit(1)));
         p
+    }
+
+    /// QEMU's downtime limit during RAM pass `pass` (its dirty-sync-count): the initial
+    /// limit for the first full copy and the pass after it, then one step higher per
+    /// pass that did not end the migration, reaching the policy's maximum after
+    /// [`DOWNTIME_STEPS`] steps and never going above it (OpenStack Nova ramps its
+    /// downtime the same way, in time rather than passes).
+    pub fn downtime_limit(&self, pass: u64) -> u64 {
+        let max = self.max_downtime_ms;
+        let start = INITIAL_DOWNTIME_MS.min(max);
+        let step = pass.saturating_sub(2).min(DOWNTIME_STEPS);
+        start + (max - start) * step / DOWNTIME_STEPS
     }
 
     /// The completion timeout for a guest with `total_bytes` of memory.

@@ -160,7 +160,7 @@ fn settings_per_side() {
     );
     assert_eq!(
         src.parameters_args(),
-        json!({"max-bandwidth": UNLIMITED_BANDWIDTH, "max-postcopy-bandwidth": 0, "downtime-limit": 500})
+        json!({"max-bandwidth": UNLIMITED_BANDWIDTH, "max-postcopy-bandwidth": 0, "downtime-limit": INITIAL_DOWNTIME_MS})
     );
     let dst = p.settings(Side::Target);
     assert_eq!(
@@ -399,4 +399,35 @@ fn the_explanation_says_what_the_policy_will_do() {
     let safest = preset(Preset::Safest);
     let e = explain(&safest, Judgement::Converging, &s);
     assert!(!e.contains("post-copy"), "{e}");
+}
+
+#[test]
+fn the_downtime_limit_starts_low_and_rises_pass_by_pass_to_the_maximum_and_no_further() {
+    let p = Policy::default();
+    assert_eq!(p.max_downtime_ms, 500);
+    let ramp: Vec<u64> = (1..=10).map(|pass| p.downtime_limit(pass)).collect();
+    assert_eq!(ramp, [50, 50, 140, 230, 320, 410, 500, 500, 500, 500]);
+    // A maximum under the initial limit is the limit from the start.
+    let tight = Policy {
+        max_downtime_ms: 20,
+        ..Policy::default()
+    };
+    assert!((0..100).all(|pass| tight.downtime_limit(pass) == 20));
+    // Never above the maximum, however many passes.
+    for max in [1, 49, 50, 51, 300, 1000, 60_000] {
+        let p = Policy {
+            max_downtime_ms: max,
+            ..Policy::default()
+        };
+        let mut last = 0;
+        for pass in 0..1000 {
+            let limit = p.downtime_limit(pass);
+            assert!(
+                limit <= max && limit >= last,
+                "max {max} pass {pass}: {limit}"
+            );
+            last = limit;
+        }
+        assert_eq!(last, max);
+    }
 }

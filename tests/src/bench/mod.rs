@@ -1,6 +1,7 @@
 //! `make bench`: Ferry against raw QEMU driven over QMP, on the same test guest and with
 //! the same migration parameters, in one run. Prints a table and writes JSON.
 
+pub mod apiserver;
 pub mod ferry;
 pub mod raw;
 

@@ -1,6 +1,8 @@
 //! The baseline: two QEMUs on this machine driven directly over QMP, with the same
 //! command line (from the agent's `cmdline`) and the same migration capabilities and
-//! parameters (from the agent's `policy`) that Ferry uses — and nothing else.
+//! parameters (from the agent's `policy`) that Ferry uses — and nothing else. With
+//! [`NodeTls`], the stream is encrypted as Ferry's is: QEMU's own TLS with node
+//! certificates of the operator's profile, loaded by the agent's `tls::apply`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,6 +13,8 @@ use ferry_agent::domain::Domain;
 use ferry_agent::policy::{Policy, Side};
 use ferry_agent::qmp::{MigrationInfo, Qmp, StatusInfo};
 use ferry_agent::statistics::Statistics;
+use ferry_agent::tls::{Credentials, Endpoint};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use std::os::fd::AsRawFd;
 
 use crate::ChildGuard;
@@ -94,6 +98,51 @@ async fn apply(q: &Qmp, policy: &Policy, side: Side) -> Result<(), Error> {
     Ok(())
 }
 
+/// The two addresses the baseline migrates between, and the node each stands for.
+const HOSTS: [(&str, &str); 2] = [("127.0.0.2", "node-a"), ("127.0.0.3", "node-b")];
+
+/// Node certificates for an encrypted baseline: the operator's node profile
+/// (`ferry_runtime::node_cert_params`), signed by a throw-away CA.
+pub struct NodeTls {
+    a: Credentials,
+    b: Credentials,
+}
+
+impl NodeTls {
+    pub fn generate() -> Result<NodeTls, Error> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, "ferry-bench CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let node = |name: &str| -> Result<Credentials, Error> {
+            let key = KeyPair::generate()?;
+            let cert = ferry_runtime::node_cert_params(name)?.signed_by(&key, &issuer)?;
+            Ok(Credentials {
+                ca: ca_pem.clone(),
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+            })
+        };
+        Ok(NodeTls {
+            a: node(HOSTS[0].1)?,
+            b: node(HOSTS[1].1)?,
+        })
+    }
+
+    /// The credentials and node name of the host at `address`.
+    fn of(&self, address: &str) -> (&Credentials, &'static str) {
+        if address == HOSTS[0].0 {
+            (&self.a, HOSTS[0].1)
+        } else {
+            (&self.b, HOSTS[1].1)
+        }
+    }
+}
+
 /// How long the guest's passes are counted to measure its dirty rate.
 const RATE_WINDOW: Duration = Duration::from_secs(4);
 
@@ -113,11 +162,13 @@ pub fn passes(dir: &Path) -> usize {
 /// Boots `domain` in `dir/0`, lets the guest count, measures its dirty rate, then
 /// migrates it back and forth between 127.0.0.2 and 127.0.0.3 once unmeasured (the first
 /// migration out of a freshly booted QEMU is slower, for Ferry too, which the benchmark
-/// also warms up) and `runs` times measured, each time to a new QEMU, as Ferry does.
+/// also warms up) and `runs` times measured, each time to a new QEMU, as Ferry does;
+/// over TLS with `tls`, in plain TCP without.
 pub async fn chain(
     domain: &Domain,
     dir: &Path,
     policy: &Policy,
+    tls: Option<&NodeTls>,
     runs: usize,
     region_mib: u32,
 ) -> Result<Vec<RawRun>, Error> {
@@ -141,8 +192,8 @@ pub async fn chain(
     for i in 0..=runs {
         dir_n += 1;
         let dst_dir = dir.join(dir_n.to_string());
-        let target = if i % 2 == 0 { "127.0.0.3" } else { "127.0.0.2" };
-        let (run, dest) = hop(domain, source, &dst_dir, policy, target).await?;
+        let target = if i % 2 == 0 { HOSTS[1].0 } else { HOSTS[0].0 };
+        let (run, dest) = hop(domain, source, &src_dir, &dst_dir, policy, tls, target).await?;
         source = dest;
         src_dir = dst_dir;
         if i > 0 {
@@ -161,26 +212,53 @@ pub async fn chain(
     Ok(results)
 }
 
-/// Migrates the guest in `source` to a new QEMU in `dst_dir` listening on `target`:
-/// from starting that QEMU to the guest running there and the source gone.
+/// Migrates the guest in `source` (its files in `src_dir`) to a new QEMU in `dst_dir`
+/// listening on `target`: from starting that QEMU to the guest running there and the
+/// source gone.
 async fn hop(
     domain: &Domain,
     mut source: Qemu,
+    src_dir: &Path,
     dst_dir: &Path,
     policy: &Policy,
+    tls: Option<&NodeTls>,
     target: &str,
 ) -> Result<(RawRun, Qemu), Error> {
+    let from = if target == HOSTS[0].0 {
+        HOSTS[1].0
+    } else {
+        HOSTS[0].0
+    };
     let port = std::net::TcpListener::bind((target, 0))?
         .local_addr()?
         .port();
     let t0 = Instant::now();
     let dest = start(domain, dst_dir, true).await?;
     apply(&dest.qmp, policy, Side::Target).await?;
+    if let Some(tls) = tls {
+        let (creds, _) = tls.of(target);
+        let (_, source_node) = tls.of(from);
+        let endpoint = Endpoint::Target {
+            source: source_node,
+        };
+        ferry_agent::tls::apply(&dest.qmp, dst_dir, creds, endpoint).await?;
+    }
     let uri = format!("tcp:{target}:{port}");
     dest.qmp
         .run("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
         .await?;
     apply(&source.qmp, policy, Side::Source).await?;
+    match tls {
+        Some(tls) => {
+            let (creds, _) = tls.of(from);
+            let (_, target_node) = tls.of(target);
+            let endpoint = Endpoint::Source {
+                target: target_node,
+            };
+            ferry_agent::tls::apply(&source.qmp, src_dir, creds, endpoint).await?;
+        }
+        None => ferry_agent::tls::clear(&source.qmp).await?,
+    }
     // Like the agent: wait for QEMU's MIGRATION events, with a slow poll as a fallback,
     // rather than loading the source's monitor with queries.
     let mut events = source.qmp.subscribe();

@@ -3,7 +3,8 @@
 //! Usage: ferry-bench [--runs N] [--json PATH]
 //!
 //! Cases: a 512 MiB test guest rewriting 400 MiB, at a low and at a high dirty rate.
-//! For each, N raw migrations (two QEMUs driven over QMP, the baseline, plain TCP), N
+//! For each, N raw migrations (two QEMUs driven over QMP, the baseline) in plain TCP and
+//! N over TLS (QEMU's TLS with node certificates, as Ferry's default), N
 //! Ferry migrations with TLS on the stream (the default; object created → Succeeded
 //! through the control plane, operator and agents), N Ferry migrations in plain TCP
 //! (`transport.tls: false`) and N Ferry migrations with TLS in peer-to-peer mode
@@ -19,6 +20,7 @@ use ferry_agent::domain::Domain;
 use ferry_agent::testguest::{self, Params};
 use ferry_crds::{ControlMode, MigrationPolicy, VirtualMachine, VirtualMachineMigration};
 use ferry_tests::Cluster;
+use ferry_tests::bench::apiserver::Requests;
 use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians};
 use ferry_tests::bench::raw::{self, Error, RawRun};
 use ferry_tests::bench::{median, ms, peak_rss_kib};
@@ -134,8 +136,10 @@ async fn run(runs: usize) -> Result<Value, Error> {
         )?;
     }
 
-    // The baseline.
+    // The baseline, in plain TCP and over TLS (the same encryption as Ferry's default).
+    let node_tls = raw::NodeTls::generate()?;
     let mut raw_runs: Vec<Vec<RawRun>> = Vec::new();
+    let mut raw_tls_runs: Vec<Vec<RawRun>> = Vec::new();
     for (c, case) in CASES.iter().enumerate() {
         let disk = work.path().join(format!("raw-{}.img", case.name));
         std::fs::write(&disk, testguest::image(case.params)?)?;
@@ -147,23 +151,30 @@ async fn run(runs: usize) -> Result<Value, Error> {
             "-",
         );
         let domain = Domain::parse(&vm.spec.domain_xml)?;
-        let results = raw::chain(
-            &domain,
-            &work.path().join(format!("raw-{}", case.name)),
-            &policy,
-            runs,
-            case.params.region_end_mib - case.params.region_start_mib,
-        )
-        .await?;
-        for (i, r) in results.iter().enumerate() {
-            eprintln!(
-                "raw   {:<4} run {i}: {} ms, downtime {} ms",
-                case.name,
-                ms(r.total),
-                r.downtime_ms
-            );
+        for tls in [None, Some(&node_tls)] {
+            let label = if tls.is_some() { "tls" } else { "plain" };
+            let results = raw::chain(
+                &domain,
+                &work.path().join(format!("raw-{}-{label}", case.name)),
+                &policy,
+                tls,
+                runs,
+                case.params.region_end_mib - case.params.region_start_mib,
+            )
+            .await?;
+            for (i, r) in results.iter().enumerate() {
+                eprintln!(
+                    "raw   {:<4} {label:<5} run {i}: {} ms, downtime {} ms",
+                    case.name,
+                    ms(r.total),
+                    r.downtime_ms
+                );
+            }
+            match tls {
+                Some(_) => raw_tls_runs.push(results),
+                None => raw_runs.push(results),
+            }
         }
-        raw_runs.push(results);
     }
 
     // Ferry, with the chart's limits raised so that 8 migrations really run at once, and
@@ -182,6 +193,16 @@ async fn run(runs: usize) -> Result<Value, Error> {
     )
     .await?;
     let client = cluster.client().await?;
+    // The apiserver's requests at rest (heartbeats, leader election), over a while.
+    let rest_started = std::time::Instant::now();
+    let rest_before = Requests::scrape(&client).await?;
+    tokio::time::sleep(REST_WINDOW).await;
+    let at_rest = PerSecond::of(
+        &Requests::scrape(&client).await?.since(&rest_before),
+        rest_started.elapsed(),
+    );
+    eprintln!("apiserver at rest: {at_rest:?} requests/s");
+    let mut api_counts: Vec<Vec<ApiCount>> = Vec::new();
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     let mut ferry_runs: Vec<Vec<FerryRun>> = Vec::new();
@@ -199,6 +220,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
         let mut results = Vec::new();
         let mut plain = Vec::new();
         let mut p2p = Vec::new();
+        let mut counts = Vec::new();
         // One unmeasured migration first, as for the baseline; then TLS (the default),
         // plain TCP, and peer-to-peer with TLS; the guest goes back and forth throughout.
         for i in 0..=3 * runs {
@@ -206,9 +228,22 @@ async fn run(runs: usize) -> Result<Value, Error> {
             let (tls, mode) = Variant::spec(variant);
             let target = if i % 2 == 0 { "node-b" } else { "node-a" };
             let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, tls, mode);
-            let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
+            let counted_from = std::time::Instant::now();
+            let before = Requests::scrape(&client).await?;
+            let (mut r, _, own) = ferry_side::migrate_all_counted(&vmms, &[m]).await?;
+            // The operator's last writes (the VM released, Events) come just after.
+            tokio::time::sleep(SETTLE).await;
+            let served = Requests::scrape(&client).await?.since(&before);
+            let count = ApiCount::of(&served, own, &at_rest, counted_from.elapsed());
             let r = r.remove(0);
             let Some(variant) = variant else { continue };
+            if variant == Variant::Tls {
+                eprintln!(
+                    "ferry {:<4} run {i}: apiserver requests {count:?}",
+                    case.name
+                );
+                counts.push(count);
+            }
             eprintln!(
                 "ferry {:<4} {variant:?} run {i}: {} ms, overhead {} ms, downtime {} ms",
                 case.name,
@@ -226,6 +261,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
         ferry_runs.push(results);
         plain_runs.push(plain);
         p2p_runs.push(p2p);
+        api_counts.push(counts);
     }
 
     // 1, 4 and 8 at once (the low dirty rate guest).
@@ -279,7 +315,10 @@ async fn run(runs: usize) -> Result<Value, Error> {
     Ok(report(
         runs,
         &policy,
-        &raw_runs,
+        &RawSides {
+            plain: &raw_runs,
+            tls: &raw_tls_runs,
+        },
         &FerrySides {
             tls: &ferry_runs,
             plain: &plain_runs,
@@ -287,7 +326,76 @@ async fn run(runs: usize) -> Result<Value, Error> {
         },
         &concurrency,
         &rss,
+        &ApiFigures {
+            at_rest,
+            per_migration: &api_counts,
+        },
     ))
+}
+
+/// How long the apiserver's requests at rest are counted.
+const REST_WINDOW: Duration = Duration::from_secs(10);
+/// How long after a migration succeeded its requests are still counted.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Requests per second, by kind.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerSecond {
+    reads: f64,
+    writes: f64,
+    watches: f64,
+}
+
+impl PerSecond {
+    fn of(r: &Requests, over: Duration) -> PerSecond {
+        let s = over.as_secs_f64().max(1e-3);
+        PerSecond {
+            reads: r.reads() / s,
+            writes: r.writes() / s,
+            watches: r.watches() / s,
+        }
+    }
+}
+
+/// One migration's apiserver requests: what the apiserver served while it ran, less the
+/// benchmark's own (its creation and polls) and the rate at rest over the same time.
+#[derive(Debug, Clone, Copy, Default)]
+struct ApiCount {
+    reads: f64,
+    writes: f64,
+    watches: f64,
+}
+
+impl ApiCount {
+    fn of(served: &Requests, own: u64, rest: &PerSecond, over: Duration) -> ApiCount {
+        let s = over.as_secs_f64();
+        // The benchmark made one creation (a write) and `own - 1` reads.
+        ApiCount {
+            reads: (served.reads() - own.saturating_sub(1) as f64 - rest.reads * s).max(0.0),
+            writes: (served.writes() - 1.0 - rest.writes * s).max(0.0),
+            watches: (served.watches() - rest.watches * s).max(0.0),
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.reads + self.writes + self.watches
+    }
+}
+
+/// The apiserver's figures for the report.
+struct ApiFigures<'a> {
+    at_rest: PerSecond,
+    /// Per case, the managed TLS runs.
+    per_migration: &'a [Vec<ApiCount>],
+}
+
+/// The median by total of `counts`.
+fn median_count(counts: &[ApiCount]) -> ApiCount {
+    let mut v = counts.to_vec();
+    v.sort_by(|a, b| a.total().total_cmp(&b.total()));
+    v.get(v.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
 }
 
 /// One table row: the first column left-aligned, the rest right-aligned.
@@ -309,6 +417,25 @@ async fn wait_passes(cluster: &Cluster, node: &str, vm: &str, n: usize) -> Resul
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("{vm} did not start counting").into())
+}
+
+/// The raw QEMU runs of each case, plain and over TLS.
+struct RawSides<'a> {
+    plain: &'a [Vec<RawRun>],
+    tls: &'a [Vec<RawRun>],
+}
+
+/// The median total and downtime of raw runs.
+fn raw_medians(runs: &[RawRun]) -> (Duration, Duration) {
+    (
+        median(&runs.iter().map(|r| r.total).collect::<Vec<_>>()),
+        median(
+            &runs
+                .iter()
+                .map(|r| Duration::from_millis(r.downtime_ms))
+                .collect::<Vec<_>>(),
+        ),
+    )
 }
 
 /// The Ferry runs of each case, per variant.
@@ -335,10 +462,11 @@ fn phases_json(p: &[Duration; 5]) -> Value {
 fn report(
     runs: usize,
     policy: &ferry_agent::policy::Policy,
-    raw_runs: &[Vec<RawRun>],
+    raw_sides: &RawSides,
     ferry: &FerrySides,
     concurrency: &[(usize, Vec<FerryRun>, Duration)],
     rss: &[(String, u64)],
+    api: &ApiFigures,
 ) -> Value {
     println!(
         "\nFerry vs raw QEMU over QMP — {MEMORY_MIB} MiB guest rewriting 400 MiB, medians of {runs} runs, policy {policy:?}\n"
@@ -347,8 +475,10 @@ fn report(
         "case",
         "dirty MiB/s",
         "raw ms",
+        "raw tls ms",
         "ferry ms",
         "ratio",
+        "tls ratio",
         "plain ms",
         "plain ratio",
         "p2p ms",
@@ -356,6 +486,7 @@ fn report(
         "qemu raw",
         "qemu ferry",
         "dt raw",
+        "dt raw tls",
         "dt ferry",
         "overhead",
         "Begin",
@@ -366,15 +497,11 @@ fn report(
     ]);
     let mut cases = Vec::new();
     let mut compared = Vec::new();
-    for (c, (case, raw)) in CASES.iter().zip(raw_runs).enumerate() {
+    for (c, (case, raw)) in CASES.iter().zip(raw_sides.plain).enumerate() {
         let (tls, plain, p2p) = (&ferry.tls[c], &ferry.plain[c], &ferry.p2p[c]);
-        let raw_total = median(&raw.iter().map(|r| r.total).collect::<Vec<_>>());
+        let (raw_total, dt_raw) = raw_medians(raw);
+        let (raw_tls_total, dt_raw_tls) = raw_medians(&raw_sides.tls[c]);
         let (m, pl, pp) = (Medians::of(tls), Medians::of(plain), Medians::of(p2p));
-        let dt_raw = median(
-            &raw.iter()
-                .map(|r| Duration::from_millis(r.downtime_ms))
-                .collect::<Vec<_>>(),
-        );
         let dirty = median(
             &raw.iter()
                 .map(|r| Duration::from_millis(r.dirty_rate_bytes_per_second >> 20))
@@ -386,6 +513,7 @@ fn report(
                 .map(|r| Duration::from_millis(r.migration_ms))
                 .collect::<Vec<_>>(),
         );
+        let ratio_raw_tls = ratio(m.total, raw_tls_total);
         let (ratio_tls, ratio_plain, ratio_p2p) = (
             ratio(m.total, raw_total),
             ratio(pl.total, raw_total),
@@ -395,8 +523,10 @@ fn report(
             case.name,
             &dirty.to_string(),
             &ms(raw_total),
+            &ms(raw_tls_total),
             &ms(m.total),
             &format!("{ratio_tls:.2}"),
+            &format!("{ratio_raw_tls:.2}"),
             &ms(pl.total),
             &format!("{ratio_plain:.2}"),
             &ms(pp.total),
@@ -404,6 +534,7 @@ fn report(
             &ms(qemu_raw),
             &ms(m.migration),
             &ms(dt_raw),
+            &ms(dt_raw_tls),
             &ms(m.downtime),
             &ms(m.overhead),
             &ms(m.phases[0]),
@@ -416,8 +547,10 @@ fn report(
         let totals = |runs: &[FerryRun]| runs.iter().map(|r| ms_f(r.total)).collect::<Vec<_>>();
         cases.push(json!({
             "case": case.name, "runs": runs, "dirty_rate_mib_s": dirty,
-            "raw_total_ms": ms_f(raw_total), "ferry_total_ms": ms_f(m.total),
-            "ratio": ratio_tls, "ferry_plain_total_ms": ms_f(pl.total), "plain_ratio": ratio_plain,
+            "raw_total_ms": ms_f(raw_total), "raw_tls_total_ms": ms_f(raw_tls_total),
+            "ferry_total_ms": ms_f(m.total),
+            "ratio": ratio_tls, "ratio_vs_raw_tls": ratio_raw_tls,
+            "raw_tls_downtime_ms": dt_raw_tls.as_millis(), "ferry_plain_total_ms": ms_f(pl.total), "plain_ratio": ratio_plain,
             "ferry_p2p_total_ms": ms_f(pp.total), "p2p_ratio": ratio_p2p,
             "raw_qemu_migration_ms": qemu_raw.as_millis(),
             "ferry_qemu_migration_ms": m.migration.as_millis(), "raw_downtime_ms": dt_raw.as_millis(),
@@ -430,6 +563,7 @@ fn report(
                     "total_vs_managed": ratio(pp.total, m.total),
                     "overhead_vs_managed_ms": ms_f(pp.overhead) - ms_f(m.overhead)},
             "raw_runs_ms": raw.iter().map(|r| ms_f(r.total)).collect::<Vec<_>>(),
+            "raw_tls_runs_ms": raw_sides.tls[c].iter().map(|r| ms_f(r.total)).collect::<Vec<_>>(),
             "ferry_runs_ms": totals(tls),
             "ferry_plain_runs_ms": totals(plain),
             "ferry_p2p_runs_ms": totals(p2p),
@@ -490,6 +624,30 @@ fn report(
                          "median_total_ms": total.as_secs_f64() * 1e3,
                          "median_overhead_ms": overhead.as_secs_f64() * 1e3, "max_downtime_ms": downtime}));
     }
+    let r = api.at_rest;
+    println!(
+        "\napiserver requests at rest: {:.1}/s (reads {:.1}, writes {:.1}, watches {:.1})",
+        r.reads + r.writes + r.watches,
+        r.reads,
+        r.writes,
+        r.watches
+    );
+    let mut api_json = Vec::new();
+    for (case, counts) in CASES.iter().zip(api.per_migration) {
+        let c = median_count(counts);
+        println!(
+            "apiserver requests per migration, {} (managed, TLS; the bench's own and the rate at rest taken off): {:.0} (reads {:.0}, writes {:.0}, watches {:.0})",
+            case.name,
+            c.total(),
+            c.reads,
+            c.writes,
+            c.watches
+        );
+        api_json.push(
+            json!({"case": case.name, "total": c.total(), "reads": c.reads,
+                             "writes": c.writes, "watches": c.watches}),
+        );
+    }
     println!(
         "\npeak RSS: {}",
         rss.iter()
@@ -502,6 +660,8 @@ fn report(
         "policy": format!("{policy:?}"),
         "cases": cases,
         "concurrency": conc,
+        "apiserver": {"at_rest_per_s": {"reads": r.reads, "writes": r.writes, "watches": r.watches},
+                      "per_migration": api_json},
         "peak_rss_kib": rss.iter().map(|(n, k)| (n.clone(), json!(k))).collect::<serde_json::Map<_, _>>(),
     })
 }

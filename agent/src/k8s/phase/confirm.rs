@@ -114,7 +114,8 @@ impl Run<'_> {
                 Reason::SourceRemoved,
                 format!(
                     "the old guest on the source is gone; the guest was paused {ms} ms \
-                     (paused here → resumed on {target})"
+                     (paused here → resumed on {target}){}",
+                    self.downtime_over_policy(ms)
                 ),
             )
             .with(MigrationStatusPatch {
@@ -126,6 +127,27 @@ impl Run<'_> {
                     .with(outputs),
             ),
         }
+    }
+
+    /// What Confirm's message adds when the guest's downtime `ms` exceeded the policy's
+    /// maximum: a failure of the policy, said as such (and logged), though the guest
+    /// runs on the target.
+    fn downtime_over_policy(&self, ms: u64) -> String {
+        let Ok(policy) = self.policy() else {
+            return String::new();
+        };
+        if ms <= policy.max_downtime_ms {
+            return String::new();
+        }
+        warn!(
+            downtime_ms = ms,
+            max_downtime_ms = policy.max_downtime_ms,
+            "the guest's downtime exceeded the policy's maximum"
+        );
+        format!(
+            "; that is over the policy's maximum of {} ms (maxDowntimeMs): the policy failed",
+            policy.max_downtime_ms
+        )
     }
 
     /// The target owns the guest but no Finish cookie reached this Confirm: what its
