@@ -77,14 +77,31 @@ fn the_containerfile_installs_the_package_list() {
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .collect();
         assert!(!names.is_empty(), "{image}: no packages");
-        for name in &names {
-            assert!(
-                name.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b)),
-                "{image}: not a Debian package name: {name:?}"
-            );
-        }
+        let debian_name = |n: &str| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+        };
         let lines = containerfile(image);
+        for entry in &names {
+            // NAME, or NAME/SUITE for a package from another suite (apt's syntax), which
+            // the Containerfile must then add to apt's sources (images/build.sh always does).
+            let (name, suite) = match entry.split_once('/') {
+                Some((n, s)) => (n, Some(s)),
+                None => (*entry, None),
+            };
+            assert!(
+                debian_name(name),
+                "{image}: not a Debian package name: {entry:?}"
+            );
+            if let Some(suite) = suite {
+                assert_eq!(suite, "bookworm-backports", "{image}: {entry:?}");
+                assert!(
+                    lines.iter().any(|l| l.contains("bookworm-backports main")),
+                    "{image}: {entry:?} but the Containerfile does not add {suite} to apt's sources"
+                );
+            }
+        }
         let copy = format!("COPY images/{image}/packages /tmp/packages");
         assert!(
             lines.contains(&copy),
