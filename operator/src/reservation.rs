@@ -19,8 +19,10 @@ use k8s_openapi::api::core::v1::{
     Affinity, Container, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     Pod, PodSpec, ResourceRequirements, Toleration,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 /// Label on every reservation Pod: the VM, `<namespace>.<name>` (as on disk locks).
@@ -146,6 +148,49 @@ pub fn plan(wanted: &BTreeSet<Want>, existing: &[Existing]) -> (Vec<Want>, Vec<S
         .map(|e| e.name.clone())
         .collect();
     (create, delete)
+}
+
+/// The disruption budget of one reservation Pod (`pod`, as created: its name, labels and
+/// uid): `minAvailable: 1` over exactly that Pod, so no eviction (`kubectl drain`) may
+/// take it while it exists; the operator deletes the Pod once the guest has left the
+/// node, and the budget goes with it (the Pod owns it).
+///
+/// One budget per Pod, not one over all of them: a budget with `maxUnavailable` (or a
+/// percentage) counts the Pods its controllers' scale expects, and the reservations'
+/// controller is the operator's Deployment (1 or 2 replicas), so with more reservations
+/// than replicas such a budget would allow evictions; an integer `minAvailable` over a
+/// single Pod counts that Pod only.
+pub fn budget(pod: &Pod) -> Option<PodDisruptionBudget> {
+    let labels = pod.metadata.labels.clone()?;
+    let selector: BTreeMap<String, String> = [COMPONENT.0, VM_LABEL, NODE_LABEL]
+        .iter()
+        .map(|k| Some((k.to_string(), labels.get(*k)?.clone())))
+        .collect::<Option<_>>()?;
+    Some(PodDisruptionBudget {
+        metadata: ObjectMeta {
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            labels: Some(selector.clone()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: pod.metadata.name.clone()?,
+                uid: pod.metadata.uid.clone()?,
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
 }
 
 /// The placeholder Pod of `want`: a pause container with the guest's requests, placed by
@@ -454,5 +499,36 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(placed(&p), Placed::Yes);
+    }
+    #[test]
+    fn each_reservation_gets_a_budget_of_its_own_that_allows_no_eviction() {
+        let w = wanted(
+            &[vm("web", Some(VmPhase::Running), Some("node-a"))],
+            &[],
+            512,
+        )
+        .into_iter()
+        .next()
+        .unwrap();
+        let mut p = pod(&w, "ferry-system", "pause", None, None);
+        // Not created yet: no uid for the budget's owner reference.
+        assert!(budget(&p).is_none());
+        p.metadata.uid = Some("p-1".into());
+        let b = budget(&p).unwrap();
+        assert_eq!(b.metadata.name, p.metadata.name);
+        assert_eq!(b.metadata.namespace.as_deref(), Some("ferry-system"));
+        let spec = b.spec.unwrap();
+        assert_eq!(spec.min_available, Some(IntOrString::Int(1)));
+        assert!(spec.max_unavailable.is_none());
+        let selects = spec.selector.unwrap().match_labels.unwrap();
+        let labels = p.metadata.labels.clone().unwrap();
+        assert_eq!(selects.len(), 3);
+        for (k, v) in &selects {
+            assert_eq!(labels.get(k), Some(v), "{k}");
+        }
+        assert_eq!(selects.get(NODE_LABEL).map(String::as_str), Some("node-a"));
+        let owner = &b.metadata.owner_references.unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "p-1"));
+        assert_eq!(owner.controller, Some(false));
     }
 }

@@ -2,13 +2,16 @@
 //! reservation Pods in Ferry's namespace as [`crate::reservation::wanted`] says
 //! ([`keep`]), and admission reserves a migration's target before Begin ([`reserve`]):
 //! a target whose reservation the scheduler cannot place refuses the migration with
-//! the scheduler's reason, before any downtime.
+//! the scheduler's reason, before any downtime. Each reservation Pod has a
+//! PodDisruptionBudget of its own ([`crate::reservation::budget`]), so no drain evicts
+//! it while its guest is still on the node.
 
 use std::time::Duration;
 
 use ferry_crds::{VirtualMachine, VirtualMachineMigration};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -90,7 +93,8 @@ async fn keep_once(client: &Client, settings: &Settings) -> Result<(), kube::Err
         })
         .filter_map(|m| m.uid())
         .collect();
-    let existing: Vec<Existing> = existing
+    let listed = existing;
+    let existing: Vec<Existing> = listed
         .iter()
         .map(|p| Existing {
             name: p.name_any(),
@@ -102,6 +106,10 @@ async fn keep_once(client: &Client, settings: &Settings) -> Result<(), kube::Err
         .collect();
     let wanted = reservation::wanted(&vms, &migrations, settings.overhead_mib);
     let (create, delete) = reservation::plan(&wanted, &existing);
+    let mut kept: Vec<Pod> = listed
+        .into_iter()
+        .filter(|p| !delete.contains(&p.name_any()))
+        .collect();
     for w in create {
         let pod = reservation::pod(
             &w,
@@ -111,10 +119,24 @@ async fn keep_once(client: &Client, settings: &Settings) -> Result<(), kube::Err
             None,
         );
         match pods.create(&PostParams::default(), &pod).await {
-            Ok(_) => info!(vm = %w.vm, namespace = %w.namespace, node = %w.node, "guest reserved"),
+            Ok(p) => {
+                info!(vm = %w.vm, namespace = %w.namespace, node = %w.node, "guest reserved");
+                kept.push(p);
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e),
         }
+    }
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &settings.namespace);
+    let have: Vec<String> = budgets
+        .list(&ListParams::default().labels(&selector()))
+        .await?
+        .items
+        .iter()
+        .map(|b| b.name_any())
+        .collect();
+    for pod in kept.iter().filter(|p| !have.contains(&p.name_any())) {
+        ensure_budget(&budgets, pod).await?;
     }
     for name in delete {
         match pods.delete(&name, &DeleteParams::default()).await {
@@ -162,7 +184,25 @@ pub async fn reserve(
             }
         }
     };
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &settings.namespace);
+    ensure_budget(&budgets, &pod).await?;
     Ok((reservation::placed(&pod), want))
+}
+
+/// Creates the disruption budget of reservation Pod `pod` if it has none (the Pod owns
+/// it, so it goes when the Pod is deleted).
+async fn ensure_budget(budgets: &Api<PodDisruptionBudget>, pod: &Pod) -> Result<(), kube::Error> {
+    let Some(budget) = reservation::budget(pod) else {
+        return Ok(());
+    };
+    match budgets.create(&PostParams::default(), &budget).await {
+        Ok(_) => {
+            info!(pod = %pod.name_any(), "guest reservation: disruption budget created");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the reservation of a refused migration's target.

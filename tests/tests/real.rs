@@ -402,6 +402,22 @@ async fn ferry_runs_as_the_charts_pods_on_real_nodes_and_guests_outlive_the_agen
         "the guest's reservation: a Pod on {node} requesting {} bytes",
         on[0].1
     );
+    // ... with a disruption budget of its own that allows no eviction.
+    let budgets: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        Api::namespaced(client.clone(), "ferry-system");
+    let pod_name = reservations[0].metadata.name.clone().unwrap_or_default();
+    let budget = eventually(
+        "the reservation's budget",
+        Duration::from_secs(30),
+        || async {
+            let b = budgets.get_opt(&pod_name).await.ok()??;
+            let allowed = b.status.as_ref()?.disruptions_allowed;
+            (b.status.as_ref()?.current_healthy == Some(1)).then_some((b, allowed))
+        },
+    )
+    .await;
+    assert_eq!(budget.1, Some(0), "{:?}", budget.0.status);
+    println!("its disruption budget {pod_name}: minAvailable 1, 0 disruptions allowed");
 
     // kubectl drain of the guest's node: it waits (the reservation may not be evicted)
     // while the operator evacuates the cordoned node, and completes once the guest left.
