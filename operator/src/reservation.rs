@@ -425,16 +425,21 @@ mod tests {
         assert_eq!(delete, [on_a]);
     }
 
-    #[test]
-    fn the_pod_asks_for_the_guests_resources_on_exactly_its_node() {
-        let w = wanted(
+    /// The reservation of a running VM `web` on node-a.
+    fn web_on_a() -> Want {
+        wanted(
             &[vm("web", Some(VmPhase::Running), Some("node-a"))],
             &[],
             512,
         )
         .into_iter()
         .next()
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn the_pod_asks_for_the_guests_resources_on_exactly_its_node() {
+        let w = web_on_a();
         let owner = OwnerReference {
             api_version: "apps/v1".into(),
             kind: "Deployment".into(),
@@ -502,14 +507,7 @@ mod tests {
     }
     #[test]
     fn each_reservation_gets_a_budget_of_its_own_that_allows_no_eviction() {
-        let w = wanted(
-            &[vm("web", Some(VmPhase::Running), Some("node-a"))],
-            &[],
-            512,
-        )
-        .into_iter()
-        .next()
-        .unwrap();
+        let w = web_on_a();
         let mut p = pod(&w, "ferry-system", "pause", None, None);
         // Not created yet: no uid for the budget's owner reference.
         assert!(budget(&p).is_none());
