@@ -267,6 +267,7 @@ async fn hop(
         .run("migrate", Some(serde_json::json!({ "uri": uri })))
         .await?;
     let mut stopped_at = None;
+    let mut downtime_limit = policy.downtime_limit(1);
     let info = loop {
         tokio::select! {
             ev = events.recv() => {
@@ -279,6 +280,13 @@ async fn hop(
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         let info: MigrationInfo = source.qmp.execute("query-migrate", None).await?;
+        // The same downtime ramp as Ferry's Perform (the policy's, pass by pass).
+        let pass = info.ram.as_ref().map_or(1, |r| r.dirty_sync_count);
+        if policy.downtime_limit(pass) != downtime_limit {
+            downtime_limit = policy.downtime_limit(pass);
+            let set = serde_json::json!({ "downtime-limit": downtime_limit });
+            source.qmp.run("migrate-set-parameters", Some(set)).await?;
+        }
         match info.status.as_deref() {
             Some("completed") => break info,
             Some("failed" | "cancelled") => {

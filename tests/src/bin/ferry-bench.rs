@@ -350,9 +350,9 @@ impl PerSecond {
     fn of(r: &Requests, over: Duration) -> PerSecond {
         let s = over.as_secs_f64().max(1e-3);
         PerSecond {
-            reads: r.reads() / s,
-            writes: r.writes() / s,
-            watches: r.watches() / s,
+            reads: (r.reads() / s).max(0.0),
+            writes: (r.writes() / s).max(0.0),
+            watches: (r.watches() / s).max(0.0),
         }
     }
 }
