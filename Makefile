@@ -8,7 +8,7 @@ HELM := $(TOOLS_BIN)/helm
 # Where cargo puts the binaries (it honours CARGO_TARGET_DIR).
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug
 
-.PHONY: help tools tools-real crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-real test-faults soak build bins images up down demo bench clean
+.PHONY: help tools tools-real crds lint fmt test test-unit test-k8s test-agent test-e2e test-hostile test-real test-faults test-faults-tunnelled soak build bins images up down demo bench clean
 
 help: ## This list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ test-k8s: tools ## The chart, CRDs, RBAC, the admission policies and the API fau
 	$(CARGO) test -p ferry-tests --test foundation --test rbac --test identity --test identity_vm --test identity_peer --test api_proxy -- --test-threads=2
 
 test-e2e: tools bins ## Migrations (managed and peer-to-peer), evacuation and the kubectl plugin end to end: control plane, operator, agents, real QEMU.
-	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli
+	$(CARGO) test -p ferry-tests --test e2e --test peer --test evacuate --test cli --test tunnelled
 
 # The end-to-end migrations of tests/tests/e2e.rs and the post-copy tests of tests/tests/faults.rs again,
 # every migration they create peer-to-peer (FERRY_TEST_MODE, tests/src/e2e_support.rs).
@@ -58,6 +58,11 @@ test-e2e-p2p: tools bins ## The end-to-end migrations and the post-copy tests ag
 # each mode.
 test-faults: tools bins ## The full fault matrices: every fault at every phase point (60 rows per control mode) and every API fault (65 rows per mode).
 	$(CARGO) test -p ferry-tests --test faults --test api_faults -- --include-ignored --nocapture
+
+# `make test` runs fault_matrix/mod.rs's TUNNELLED_SUBSET (5 rows); this runs all 60 rows
+# of each mode with the stream tunnelled through the agents.
+test-faults-tunnelled: tools bins ## The full fault matrix (60 rows per control mode) with the stream tunnelled through the agents.
+	FERRY_FAULT_TRANSPORT=Tunnelled $(CARGO) test -p ferry-tests --test faults fault_matrix_full -- --include-ignored --nocapture
 
 soak: tools bins ## 100 back-to-back migrations of one guest, RSS of operator and agents every 10 migrations.
 	$(CARGO) test -p ferry-tests --test soak -- --ignored --nocapture

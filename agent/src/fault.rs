@@ -16,7 +16,8 @@ pub use ferry_runtime::fault::{DIR_VAR, PAUSE_VAR, pause, pause_blocking};
 pub const ADVERTISE_VAR: &str = "FERRY_FAULT_ADVERTISE";
 
 /// The migration URI Prepare advertises: `uri` itself, unless `FERRY_FAULT_ADVERTISE`
-/// names a relay (then the real URI is left for the relay in the fault directory).
+/// names a relay (then the real URI is left for the relay in the fault directory, and
+/// the relay is advertised in the URI's scheme: `tcp:` direct, `tunnel:` tunnelled).
 #[cfg(feature = "fault-hooks")]
 pub fn advertised_uri(uri: &str) -> String {
     let Ok(relay) = std::env::var(ADVERTISE_VAR) else {
@@ -24,7 +25,12 @@ pub fn advertised_uri(uri: &str) -> String {
     };
     let _ = std::fs::write(ferry_runtime::fault::dir().join("migration-target"), uri);
     tracing::warn!(%relay, real = uri, "test fault hook: advertising a relay");
-    format!("tcp:{relay}")
+    let scheme = if uri.starts_with(crate::stream::TUNNEL_SCHEME) {
+        crate::stream::TUNNEL_SCHEME
+    } else {
+        "tcp:"
+    };
+    format!("{scheme}{relay}")
 }
 
 /// `uri` itself (no `fault-hooks` feature).

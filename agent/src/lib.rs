@@ -25,6 +25,8 @@
 //!   [`tls::Credentials`] loaded as `tls-creds-x509` (peer verified) and, on the target,
 //!   an `authz-simple` accepting only the source node's certificate
 //!   ([`tls::apply`], [`tls::clear`]).
+//! - [`stream`]: where the stream goes (direct TCP, or the UNIX sockets of tunnelled
+//!   mode, whose bytes the agents carry), and which URIs may reach QEMU.
 //! - [`cookie::Cookie`]: the `<ferry-migration>` cookie, at most [`cookie::MAX_COOKIE`]
 //!   bytes, strictly decoded against what the receiver knows ([`cookie::Expect`]);
 //!   [`cookie::parts_written_by`] says which phase writes which part.
@@ -60,7 +62,7 @@
 //! | phase | node | call | status fields to write |
 //! | --- | --- | --- | --- |
 //! | Begin | source | [`begin::begin`](phases::begin::begin)`(sup, BeginInput { vm, migration, target_xml })` | [`begin::BeginOutput`](phases::begin::BeginOutput): `domain_xml`, `cookies.begin` |
-//! | Prepare | target | [`prepare::prepare`](phases::prepare::prepare)`(sup, PrepareInput { vm, migration, namespace, domain_xml, begin_cookie, port, policy, tls })` | [`prepare::PrepareOutput`](phases::prepare::PrepareOutput): `migrationURI`, `cookies.prepare` |
+//! | Prepare | target | [`prepare::prepare`](phases::prepare::prepare)`(sup, PrepareInput { vm, migration, namespace, domain_xml, begin_cookie, listen, policy, tls })` | [`prepare::PrepareOutput`](phases::prepare::PrepareOutput): `migrationURI`, `cookies.prepare` |
 //! | Perform | source | [`perform::perform`](phases::perform::perform)`(sup, PerformInput { vm, migration, uri, prepare_cookie, policy, tls, cancel }, on_progress)` | [`perform::PerformOutput`](phases::perform::PerformOutput): `cookies.perform`, `downtimeMs`, `totalTimeMs`, graphics, whether it went post-copy; `progress` from the callback |
 //! | Finish | target | [`finish::finish`](phases::finish::finish)`(sup, FinishInput { vm, migration, perform_cookie, cancelled }, take_ownership)` | [`finish::FinishOutput`](phases::finish::FinishOutput): `cookies.finish` |
 //! | Confirm | source | [`confirm::confirm`](phases::confirm::confirm)`(sup, ConfirmInput { vm, migration, finish_cookie, cancelled })` | [`confirm::Confirmed`](phases::confirm::Confirmed): `downtimeMs` again, the guest's ([`statistics::Statistics::guest_downtime_ms`]), when the target runs it; whether the guest runs here or is lost |
@@ -94,7 +96,7 @@
 //! let policy = ferry_agent::policy::Policy::default(); // the Balanced preset
 //! let p = prepare::prepare(dst, prepare::PrepareInput {
 //!     vm, migration, namespace: "default", domain_xml: &b.domain_xml, begin_cookie: &b.cookie,
-//!     port: None, policy: &policy, tls: None,
+//!     listen: ferry_agent::stream::Listen::Tcp(None), policy: &policy, tls: None,
 //! }).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
 //! let r = perform::perform(src, perform::PerformInput {
@@ -127,6 +129,7 @@ pub mod restore;
 pub mod statefile;
 pub mod statistics;
 pub mod storage;
+pub mod stream;
 pub mod supervisor;
 pub mod testguest;
 pub mod tls;

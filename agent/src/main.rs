@@ -148,20 +148,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ferry_runtime::api::ApiClients::infer(Duration::from_secs(args.api_timeout_seconds))
             .await?;
     let client = clients.requests.clone();
-    let agent = Arc::new(k8s::Agent {
-        client: client.clone(),
-        watches: clients.watches,
-        namespace: args.namespace.clone(),
-        node: args.node_name.clone(),
-        address: args.migration_address,
-        ports: args.migration_ports.clone(),
-        sup,
-        metrics: k8s::metrics::Metrics::default(),
-        tasks: Default::default(),
-        reserved_ports: Default::default(),
-        certs: Default::default(),
-        state_key: Default::default(),
-    });
     // The metrics port first: a peer port left to the system (`--peer-port 0`) can then
     // never be the one the metrics address names.
     let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -177,6 +163,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         })?;
     let peer_endpoint = peer.local_addr()?.to_string();
     info!(endpoint = %peer_endpoint, "peer API listening");
+    let agent = Arc::new(k8s::Agent {
+        client: client.clone(),
+        watches: clients.watches,
+        namespace: args.namespace.clone(),
+        node: args.node_name.clone(),
+        address: args.migration_address,
+        ports: args.migration_ports.clone(),
+        peer_endpoint: peer_endpoint.clone(),
+        sup,
+        metrics: k8s::metrics::Metrics::default(),
+        tasks: Default::default(),
+        reserved_ports: Default::default(),
+        certs: Default::default(),
+        state_key: Default::default(),
+    });
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(k8s::heartbeat::run(
         client,

@@ -14,11 +14,15 @@
 //! target, `tls-creds`, `tls-hostname` on the source; see [`crate::tls`]) set before the
 //! transfer stay in both QEMUs while post-copy is paused (they are removed only after
 //! the migration completed, in Finish, or in a cancelled Confirm), so the recovered
-//! channel is encrypted and its peer checked exactly as the first one was.
+//! channel is encrypted and its peer checked exactly as the first one was. A tunnelled
+//! stream ([`crate::stream`]) is recovered the same way through the agents: the target
+//! listens again on its incoming socket, and the source resumes to its tunnel socket,
+//! whose agent opens a new peer connection for it.
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{Phase, check_vm_name};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
+use crate::stream::{self, Listen};
 use crate::supervisor::Supervisor;
 use serde_json::json;
 use std::time::Duration;
@@ -67,15 +71,16 @@ pub async fn migration_status(sup: &Supervisor, vm: &str) -> Result<Option<Strin
     Ok(info.status)
 }
 
-/// Target: if the incoming migration of `vm` is paused in post-copy, listens again on
-/// this node's address and `port` (`migrate-recover`) and returns the URI the source
-/// resumes to; `None` when it is not paused (nothing to recover).
-#[tracing::instrument(skip_all, fields(vm, migration, port))]
+/// Target: if the incoming migration of `vm` is paused in post-copy, listens again
+/// (`migrate-recover`) as `listen` says — on this node's address and that port
+/// (direct), or on the guest's incoming socket (tunnelled) — and returns QEMU's URI;
+/// `None` when it is not paused (nothing to recover).
+#[tracing::instrument(skip_all, fields(vm, migration))]
 pub async fn listen_again(
     sup: &Supervisor,
     vm: &str,
     migration: &str,
-    port: u16,
+    listen: Listen,
 ) -> Result<Option<String>, PhaseError> {
     let cx = Ctx {
         phase: Phase::Perform,
@@ -92,11 +97,16 @@ pub async fn listen_again(
     if !is_paused(info.status.as_deref()) {
         return Ok(None);
     }
-    let host = match sup.node().address {
-        std::net::IpAddr::V4(a) => a.to_string(),
-        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    let uri = match listen {
+        Listen::Tcp(port) => {
+            let host = match sup.node().address {
+                std::net::IpAddr::V4(a) => a.to_string(),
+                std::net::IpAddr::V6(a) => format!("[{a}]"),
+            };
+            format!("tcp:{host}:{}", port.unwrap_or(0))
+        }
+        Listen::Incoming => stream::unix_uri(&stream::incoming_socket(&guest.dir)),
     };
-    let uri = format!("tcp:{host}:{port}");
     guest
         .qmp
         .run("migrate-recover", Some(json!({ "uri": uri })))

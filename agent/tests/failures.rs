@@ -40,7 +40,7 @@ async fn prepare_fails_when_the_target_port_is_taken() {
     let err = prepare(
         &lab.b,
         PrepareInput {
-            port: Some(port),
+            listen: ferry_agent::stream::Listen::Tcp(Some(port)),
             ..lab.prepare_input("m1", &out, &slow())
         },
     )

@@ -149,10 +149,15 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         // The target listens again, but the path is still down: the source's resumes
         // fail and both stay paused.
         let port = free_port("127.0.0.3");
-        let target = postcopy::listen_again(&lab.b, &lab.vm, m, port)
-            .await
-            .unwrap()
-            .expect("the paused target listens again");
+        let target = postcopy::listen_again(
+            &lab.b,
+            &lab.vm,
+            m,
+            ferry_agent::stream::Listen::Tcp(Some(port)),
+        )
+        .await
+        .unwrap()
+        .expect("the paused target listens again");
         recovery_tx.send_replace(TargetReport {
             listens_at: Some(relay_uri.clone()),
             lost: None,

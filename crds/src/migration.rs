@@ -213,12 +213,14 @@ pub struct SavedState {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Transport {
-    /// Direct: QEMU to QEMU. Tunnelled (through the agents) is not built and is refused.
+    /// Direct: QEMU to QEMU. Tunnelled: through the agents' own connection, so that only
+    /// the agents' peer port need be open between the nodes.
     #[serde(default = "default_transport_mode")]
     pub mode: TransportMode,
     /// TLS on the stream (default true): QEMU encrypts it with the nodes' certificates
     /// from the cluster's migration CA, and the target accepts only the source node's
-    /// certificate. false sends it in plain TCP; turning it off must be explicit.
+    /// certificate. false sends it in plain TCP; turning it off must be explicit, and is
+    /// refused in mode Tunnelled (the agents' connection is always TLS).
     #[serde(default = "default_true")]
     pub tls: bool,
 }
@@ -245,7 +247,9 @@ fn default_true() -> bool {
 pub enum TransportMode {
     /// QEMU on the source connects to QEMU on the target.
     Direct,
-    /// The agents relay the stream between the nodes. Not built: refused at admission.
+    /// The agents carry the stream between the nodes over their peer API (mutual TLS
+    /// with the node certificates), one connection per QEMU channel; neither QEMU
+    /// touches the network.
     Tunnelled,
 }
 

@@ -50,11 +50,15 @@ pub fn admit(m: &VirtualMachineMigration, facts: &Facts) -> Admission {
     let spec = &m.spec;
     let ns = m.metadata.namespace.as_deref().unwrap_or("default");
     // A save has no stream between nodes: `transport` does not apply.
-    if spec.transport.mode == TransportMode::Tunnelled && spec.to_file.is_none() {
+    if spec.transport.mode == TransportMode::Tunnelled
+        && !spec.transport.tls
+        && spec.to_file.is_none()
+    {
         return reject(
             Reason::Invalid,
-            "spec.transport.mode: Tunnelled is not built; use Direct (with transport.tls, \
-             on by default, QEMU encrypts the direct stream and checks both nodes' certificates)"
+            "spec.transport.tls: false does not apply to transport.mode Tunnelled: the agents \
+             always carry a tunnelled stream over their mutually authenticated TLS connection; \
+             leave tls on, or use mode Direct for plain TCP"
                 .into(),
         );
     }
@@ -539,15 +543,25 @@ mod tests {
                 ..
             }
         ));
+        // Tunnelled is always TLS: asking for it in plain TCP is refused, naming both.
         let mut tunnelled = migration("m", "demo", None);
         tunnelled.spec.transport.mode = TransportMode::Tunnelled;
         assert!(matches!(
             decide(&tunnelled, Some(&v), &[]),
+            Admission::Admit { .. }
+        ));
+        tunnelled.spec.transport.tls = false;
+        match decide(&tunnelled, Some(&v), &[]) {
             Admission::Reject {
                 reason: Reason::Invalid,
-                ..
-            }
-        ));
+                message,
+            } => assert!(
+                message.contains("spec.transport.tls: false")
+                    && message.contains("transport.mode Tunnelled"),
+                "{message}"
+            ),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
         // TLS (the default) and plain TCP are both admitted.
         let tls = migration("m", "demo", None);
         assert!(tls.spec.transport.tls);

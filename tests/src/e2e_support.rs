@@ -143,6 +143,20 @@ pub fn plain_migration_yaml(name: &str, target: &str, policy: &str) -> String {
     )
 }
 
+/// [`migration_yaml_in`] tunnelled through the agents (`transport.mode: Tunnelled`, TLS
+/// as by default).
+pub fn tunnelled_migration_yaml(
+    mode: ferry_crds::ControlMode,
+    name: &str,
+    target: &str,
+    policy: &str,
+) -> String {
+    format!(
+        "{}  transport:\n    mode: Tunnelled\n",
+        migration_yaml_in(mode, name, target, policy)
+    )
+}
+
 pub const UNLIMITED: &str = "    maxDowntimeMs: 300\n";
 /// Never converges: the guest dirties its 32 MiB faster than 2 MiB/s sends them.
 pub const NEVER_ENDING: &str = "    bandwidthMiBps: 2\n";

@@ -1,5 +1,7 @@
-//! A TCP relay the fault tests put between the source and the target QEMU, so that they
-//! can cut a live migration stream for real: closing the relay drops every connection.
+//! A TCP relay the fault tests put between the source and the target QEMU (or, in
+//! tunnelled mode, between the source agent's tunnel and the target agent's peer API),
+//! so that they can cut a live migration stream for real: closing the relay drops every
+//! connection.
 //! The target agent advertises the relay (its `FERRY_FAULT_ADVERTISE` test hook, for
 //! the migration URI and for a post-copy recovery URI alike) and writes the URI its QEMU
 //! really listens on to `<fault dir>/migration-target`, which the relay reads for each
@@ -52,7 +54,13 @@ impl Relay {
                 count.fetch_add(1, Ordering::Relaxed);
                 let target =
                     std::fs::read_to_string(fault_dir.join("migration-target")).unwrap_or_default();
-                let target = target.trim().trim_start_matches("tcp:").to_string();
+                // `tcp:<host>:<port>` (direct) or `tunnel:<peer endpoint>` (tunnelled).
+                let target = target.trim();
+                let target = target
+                    .strip_prefix("tcp:")
+                    .or_else(|| target.strip_prefix("tunnel:"))
+                    .unwrap_or(target)
+                    .to_string();
                 let mut stop = stop.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {

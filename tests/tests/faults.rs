@@ -40,11 +40,11 @@ use kube::Api;
 
 /// Runs one row on a fresh cluster and returns its table line; panics (with the reason)
 /// when an invariant breaks.
-async fn run_row(spec: RowSpec) -> String {
+async fn run_row(spec: RowSpec, tunnelled: bool) -> String {
     let (mode, fault, point) = spec;
     let (mut cluster, client) = up().await;
     if let Err(why) = example_vm_started(&cluster, &client).await {
-        keep_logs(&cluster, spec);
+        keep_logs(&cluster, spec, tunnelled);
         panic!("before the fault: {why}");
     }
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
@@ -63,9 +63,14 @@ async fn run_row(spec: RowSpec) -> String {
     hooks.arm(&mut cluster, mode, point, target_env);
 
     let started = Instant::now();
-    apply_yaml(&cluster, &migration_yaml_in(mode, MIGRATION, TARGET, LONG)).await;
+    let yaml = if tunnelled {
+        tunnelled_migration_yaml(mode, MIGRATION, TARGET, LONG)
+    } else {
+        migration_yaml_in(mode, MIGRATION, TARGET, LONG)
+    };
+    apply_yaml(&cluster, &yaml).await;
     if let Err(why) = hooks.paused(&vmms, MIGRATION, point, started).await {
-        keep_logs(&cluster, spec);
+        keep_logs(&cluster, spec, tunnelled);
         panic!("{why}");
     }
 
@@ -85,7 +90,7 @@ async fn run_row(spec: RowSpec) -> String {
     // The logs are kept whether or not the migration ends in time.
     let (phase, _) = wait_terminal(&mut cluster, &vmms, MIGRATION, started, false).await;
     let to_terminal = started.elapsed();
-    keep_logs(&cluster, spec);
+    keep_logs(&cluster, spec, tunnelled);
     let Some(phase) = phase else {
         fault_run::not_terminal(&vmms, MIGRATION).await
     };
@@ -98,7 +103,7 @@ async fn run_row(spec: RowSpec) -> String {
     let keep = KeepLogsOnDrop {
         cluster: &cluster,
         root: logs_root(),
-        name: log_name(spec),
+        name: log_name(spec, tunnelled),
     };
     check_row(
         &cluster,
@@ -120,6 +125,7 @@ async fn run_row(spec: RowSpec) -> String {
         .unwrap_or_else(|| "died (VM Failed)".into());
     table_line(&Row {
         spec,
+        tunnelled,
         phase,
         guest,
         qemus: qemus.len(),
@@ -134,16 +140,17 @@ fn logs_root() -> PathBuf {
 
 /// Copies the row's component logs to `<logs_root>/<fault>-<point>` (managed) or
 /// `.../PeerToPeer-<fault>-<point>`.
-fn keep_logs(cluster: &Cluster, spec: RowSpec) {
-    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec));
+fn keep_logs(cluster: &Cluster, spec: RowSpec, tunnelled: bool) {
+    fault_run::keep_logs(cluster, &logs_root(), &log_name(spec, tunnelled));
 }
 
-fn log_name((mode, fault, point): RowSpec) -> String {
+fn log_name((mode, fault, point): RowSpec, tunnelled: bool) -> String {
     let prefix = match mode {
         ControlMode::Managed => String::new(),
         ControlMode::PeerToPeer => "PeerToPeer-".into(),
     };
-    format!("{prefix}{fault:?}-{}", point.hook())
+    let transport = if tunnelled { "Tunnelled-" } else { "" };
+    format!("{transport}{prefix}{fault:?}-{}", point.hook())
 }
 
 fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
@@ -151,9 +158,22 @@ fn vm_dir(cluster: &Cluster, node: &str) -> PathBuf {
 }
 
 /// Runs `rows` one after another (each on its own cluster), prints the table, and fails
-/// if any row broke an invariant.
+/// if any row broke an invariant. `FERRY_FAULT_TRANSPORT=Tunnelled` runs them with the
+/// stream tunnelled through the agents (`make test-faults-tunnelled`).
 async fn matrix(rows: &[RowSpec]) {
-    fault_run::matrix(TABLE_HEADER, rows, run_row).await;
+    match std::env::var("FERRY_FAULT_TRANSPORT").as_deref() {
+        Ok("Tunnelled") => tunnelled_matrix(rows).await,
+        Ok("Direct") | Err(_) => {
+            fault_run::matrix(TABLE_HEADER, rows, |spec| run_row(spec, false)).await
+        }
+        Ok(other) => panic!("FERRY_FAULT_TRANSPORT={other}: expected Direct or Tunnelled"),
+    }
+}
+
+/// [`matrix`] with the stream tunnelled through the agents.
+async fn tunnelled_matrix(rows: &[RowSpec]) {
+    let rows: Vec<Tunnelled> = rows.iter().copied().map(Tunnelled).collect();
+    fault_run::matrix(TABLE_HEADER, &rows, |t| run_row(t.0, true)).await;
 }
 
 /// How long a post-copy migration whose stream was cut may take to end Succeeded once
@@ -173,6 +193,18 @@ const SLOW_POST_COPY: &str =
 /// target whose counter goes on and which never saw a bad page.
 #[tokio::test]
 async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
+    post_copy_cut_is_recovered(false).await;
+}
+
+/// [`a_cut_post_copy_stream_is_recovered_when_the_path_is_back`] with the stream
+/// tunnelled through the agents (`transport.mode: Tunnelled`): the relay sits between
+/// the source agent's tunnel and the target agent's peer API.
+#[tokio::test]
+async fn a_cut_tunnelled_post_copy_stream_is_recovered_when_the_path_is_back() {
+    post_copy_cut_is_recovered(true).await;
+}
+
+async fn post_copy_cut_is_recovered(tunnelled: bool) {
     let _one = ONE_AT_A_TIME.lock().await;
     let (mut cluster, client) = up().await;
     let vms = example_vm_running(&cluster, &client).await;
@@ -192,8 +224,17 @@ async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
         )
         .unwrap();
     let before = last_pass(&cluster, SOURCE, "demo").unwrap_or(0);
-    let name = "post-copy-cut";
-    apply_yaml(&cluster, &migration_yaml(name, TARGET, SLOW_POST_COPY)).await;
+    let name = if tunnelled {
+        "post-copy-cut-tunnelled"
+    } else {
+        "post-copy-cut"
+    };
+    let yaml = if tunnelled {
+        tunnelled_migration_yaml(test_mode(), name, TARGET, SLOW_POST_COPY)
+    } else {
+        migration_yaml(name, TARGET, SLOW_POST_COPY)
+    };
+    apply_yaml(&cluster, &yaml).await;
     let status = || async { vmms.get(name).await.ok()?.status };
     let mode = || async { status().await?.progress?.mode };
     eventually(
@@ -209,12 +250,14 @@ async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
         || async { (mode().await? == MigrationMode::PostCopyPaused).then_some(()) },
     )
     .await;
-    eventually(
+    let listens = eventually(
         "the target to listen again",
         Duration::from_secs(30),
         || async { status().await?.recovery_uri },
     )
     .await;
+    let scheme = if tunnelled { "tunnel:" } else { "tcp:" };
+    assert!(listens.starts_with(scheme), "recoveryURI {listens}");
     // The path stays down a while: nothing rolls back, nothing ends, both QEMUs stay.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let s = status().await.unwrap();
@@ -250,11 +293,12 @@ async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
         s.conditions
     );
     println!(
-        "post-copy cut and recovered: Succeeded {:.1} s after the path came back (bound {} s)",
+        "post-copy{} cut and recovered: Succeeded {:.1} s after the path came back (bound {} s)",
+        if tunnelled { " (tunnelled)" } else { "" },
         recovered_in.as_secs_f64(),
         RECOVERY_BOUND.as_secs()
     );
-    fault_run::keep_logs(&cluster, &logs_root(), "post-copy-cut");
+    fault_run::keep_logs(&cluster, &logs_root(), name);
 }
 
 /// How long a post-copy migration whose target QEMU died may take to end: the target
@@ -341,6 +385,12 @@ async fn fault_matrix_subset() {
         return matrix(&rows).await;
     }
     matrix(&SUBSET).await;
+}
+
+/// [`TUNNELLED_SUBSET`]: the faults that hit a stream the agents carry.
+#[tokio::test]
+async fn fault_matrix_tunnelled_subset() {
+    tunnelled_matrix(&TUNNELLED_SUBSET).await;
 }
 
 /// All 60 rows in managed mode (`make test-faults`).

@@ -18,11 +18,43 @@ struct WriteLabels {
     result: String,
 }
 
-/// Phases this agent ran, by phase and outcome; its writes of migration statuses.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    /// `source` (the source QEMU's connections carried out) or `target` (carried in).
+    side: String,
+}
+
+/// Phases this agent ran, by phase and outcome; its writes of migration statuses; the
+/// tunnelled streams it carried.
 pub struct Metrics {
     registry: Registry,
     phases: Family<PhaseLabels, Counter>,
     status_writes: Family<WriteLabels, Counter>,
+    tunnel: TunnelCounters,
+}
+
+/// The connections and bytes of tunnelled migration streams, by side; clones count into
+/// the same families.
+#[derive(Clone, Default)]
+pub struct TunnelCounters {
+    connections: Family<TunnelLabels, Counter>,
+    bytes: Family<TunnelLabels, Counter>,
+}
+
+impl TunnelCounters {
+    /// A connection of a tunnelled stream opened on `side`.
+    pub fn opened(&self, side: &str) {
+        self.connections
+            .get_or_create(&TunnelLabels { side: side.into() })
+            .inc();
+    }
+
+    /// `bytes` of a tunnelled stream carried on `side` (both directions).
+    pub fn carried(&self, side: &str, bytes: u64) {
+        self.bytes
+            .get_or_create(&TunnelLabels { side: side.into() })
+            .inc_by(bytes);
+    }
 }
 
 impl Default for Metrics {
@@ -40,10 +72,22 @@ impl Default for Metrics {
             "Writes of migration statuses by this agent, by result (ok, conflict, gone, error)",
             status_writes.clone(),
         );
+        let tunnel = TunnelCounters::default();
+        registry.register(
+            "tunnel_connections",
+            "Connections of tunnelled migration streams this agent carried, by side (source, target)",
+            tunnel.connections.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes of tunnelled migration streams this agent carried, both directions, by side",
+            tunnel.bytes.clone(),
+        );
         Metrics {
             registry,
             phases,
             status_writes,
+            tunnel,
         }
     }
 }
@@ -64,6 +108,11 @@ impl Metrics {
                 outcome: format!("{outcome:?}"),
             })
             .inc();
+    }
+
+    /// The counters of the tunnelled streams.
+    pub fn tunnel(&self) -> TunnelCounters {
+        self.tunnel.clone()
     }
 
     /// The counter of this agent's status writes.

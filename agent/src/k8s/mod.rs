@@ -36,6 +36,9 @@ pub struct Agent {
     pub node: String,
     pub address: IpAddr,
     pub ports: RangeInclusive<u16>,
+    /// Where this agent serves the peer API (`host:port`): published on its heartbeat
+    /// Lease, and the endpoint of a tunnelled migration URI.
+    pub peer_endpoint: String,
     pub sup: Supervisor,
     pub metrics: metrics::Metrics,
     /// The work running now, by migration uid: phases, drivers, target watchers.

@@ -1,8 +1,9 @@
 //! The target's part of post-copy recovery. Between Prepare and Finish the target agent
 //! has no phase to run, but while the source runs Perform it watches its incoming QEMU:
 //! when a cut stream pauses a post-copy migration there, it listens again on a fresh
-//! port (`migrate-recover`, [`ferry_agent::postcopy::listen_again`]) and publishes the
-//! URI as `status.recoveryURI`; the source's Perform resumes to it. Once the migration
+//! port (`migrate-recover`, [`ferry_agent::postcopy::listen_again`]; tunnelled: on its
+//! incoming socket again) and publishes the URI as `status.recoveryURI` (tunnelled: its
+//! peer endpoint, `tunnel:<host>:<port>`); the source's Perform resumes to it. Once the migration
 //! runs again the URI is cleared, so a later pause never sends the source to a port that
 //! may meanwhile belong to another migration.
 
@@ -11,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::domain::Domain;
 use ferry_agent::node::guest_key;
+use ferry_agent::stream::{self, Listen};
 use ferry_agent::{fault, postcopy};
-use ferry_crds::{MigrationMode, MigrationPhase, MigrationStatusPatch, VirtualMachineMigration};
+use ferry_crds::{
+    MigrationMode, MigrationPhase, MigrationStatusPatch, TransportMode, VirtualMachineMigration,
+};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -125,14 +129,31 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
         if !postcopy::should_listen(paused, listened.map(|t| t.elapsed())) {
             continue;
         }
-        let Some(port) = agent.reserve_port() else {
-            warn!("post-copy paused, but no free migration port to listen on");
-            continue;
+        // Direct: a fresh port. Tunnelled: the incoming socket again, reached through
+        // this agent's peer endpoint.
+        let tunnelled = m.spec.transport.mode == TransportMode::Tunnelled;
+        let port = if tunnelled {
+            None
+        } else {
+            let Some(port) = agent.reserve_port() else {
+                warn!("post-copy paused, but no free migration port to listen on");
+                continue;
+            };
+            Some(port)
         };
-        match postcopy::listen_again(&agent.sup, &vm, &id, port.port).await {
+        let listen = match &port {
+            Some(p) => Listen::Tcp(Some(p.port)),
+            None => Listen::Incoming,
+        };
+        match postcopy::listen_again(&agent.sup, &vm, &id, listen).await {
             Ok(Some(uri)) => {
                 drop(port);
                 listened = Some(Instant::now());
+                let uri = if tunnelled {
+                    stream::tunnel_uri(&agent.peer_endpoint)
+                } else {
+                    uri
+                };
                 let uri = fault::advertised_uri(&uri);
                 info!(%uri, "post-copy paused: listening again for the source");
                 let listens = MigrationStatusPatch {

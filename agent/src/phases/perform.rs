@@ -7,12 +7,11 @@
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
-use crate::phases::{
-    MigrationRecord, Phase, TransferState, check_uri, check_vm_name, transfer_state,
-};
+use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{self, Action, Convergence, Judgement, Limit, Policy, Sample, Side, apply};
 use crate::postcopy::TargetReport;
 use crate::qmp::{Event, MigrationInfo, Qmp, QmpError};
+use crate::stream::check_uri;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde_json::json;
@@ -98,7 +97,8 @@ pub fn sample(info: &MigrationInfo) -> Sample {
 pub struct PerformInput<'a> {
     pub vm: &'a str,
     pub migration: &'a str,
-    /// Where the target listens (Prepare's `uri`).
+    /// Where QEMU sends the stream: the target's `tcp:` URI (Prepare's), or this guest's
+    /// tunnel socket (tunnelled, [`crate::stream`]; its agent listens there).
     pub uri: &'a str,
     pub prepare_cookie: &'a str,
     /// The same policy Prepare applied to the target.
@@ -129,7 +129,8 @@ pub async fn perform(
 /// [`perform`], recovering a cut post-copy stream: while QEMU reports `postcopy-paused`,
 /// every [`postcopy::RESUME_EVERY`](crate::postcopy::RESUME_EVERY) it resumes the
 /// migration to the latest URI `recovery` holds (where the target listens again, see
-/// [`crate::postcopy`]), until the path is back and the migration goes on. If `recovery`
+/// [`crate::postcopy`]; a tunnelled one to its tunnel socket once the target listens
+/// again, [`crate::stream::resume_uri`]), until the path is back and the migration goes on. If `recovery`
 /// says the target lost its QEMU after the switch, it fails with
 /// [`ErrorKind::GuestLost`]: nothing can finish the migration, and the guest cannot run
 /// here again.
@@ -153,8 +154,8 @@ pub async fn perform_with_recovery(
         migration,
     };
     check_vm_name(vm).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
-    check_uri(uri).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
     let dir = sup.vm_dir(vm);
+    check_uri(uri, &dir).map_err(|m| cx.err(ErrorKind::Refused(m)))?;
     let mut record = match MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))? {
         Some(r) => r,
         None => {
@@ -179,7 +180,7 @@ pub async fn perform_with_recovery(
     )
     .map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
-    let mut transfer = Transfer::new(cx, &guest.qmp, input, recovery);
+    let mut transfer = Transfer::new(cx, &guest.qmp, &dir, input, recovery);
     transfer.start(&mut record, &dir, &target.host_name).await?;
     let info = transfer.follow(&mut on_progress).await?;
     let stats = transfer.conclude(info, &mut on_progress).await?;
@@ -214,6 +215,8 @@ pub async fn perform_with_recovery(
 struct Transfer<'a> {
     cx: Ctx<'a>,
     qmp: &'a Qmp,
+    /// The guest's state dir.
+    dir: &'a Path,
     input: PerformInput<'a>,
     recovery: watch::Receiver<TargetReport>,
     /// Subscribed before the first `query-migrate`, so no event of this transfer is missed.
@@ -239,12 +242,14 @@ impl<'a> Transfer<'a> {
     fn new(
         cx: Ctx<'a>,
         qmp: &'a Qmp,
+        dir: &'a Path,
         input: PerformInput<'a>,
         recovery: watch::Receiver<TargetReport>,
     ) -> Self {
         Transfer {
             cx,
             qmp,
+            dir,
             input,
             recovery,
             events: qmp.subscribe(),
@@ -404,11 +409,12 @@ impl<'a> Transfer<'a> {
             return Err(cx.err(ErrorKind::GuestLost(why)));
         }
         if crate::postcopy::is_paused(info.status.as_deref()) {
-            let target = self.recovery.borrow().listens_at.clone();
+            let listens_at = self.recovery.borrow().listens_at.clone();
+            let target = crate::stream::resume_uri(self.input.uri, listens_at.as_deref(), self.dir);
             let due = self
                 .last_resume
                 .is_none_or(|t| t.elapsed() >= crate::postcopy::RESUME_EVERY);
-            if let Some(target) = target.filter(|t| due && check_uri(t).is_ok()) {
+            if let Some(target) = target.filter(|_| due) {
                 self.last_resume = Some(Instant::now());
                 match crate::postcopy::resume(qmp, &target).await {
                     Ok(()) => {

@@ -2,7 +2,8 @@
 //! `-incoming defer` from the target definition, applies the target side of the migration
 //! [`Policy`] (events, multifd channels and compression, post-copy) and, with `tls`, the
 //! node's certificate with only the source node's certificate accepted
-//! ([`tls`](crate::tls)), and listens with `migrate-incoming` on this node's address. Any
+//! ([`tls`](crate::tls)), and listens with `migrate-incoming`: on this node's address
+//! (direct), or on the guest's incoming socket (tunnelled, [`crate::stream`]). Any
 //! failure removes the new QEMU.
 
 use crate::cookie::{Cookie, Expect};
@@ -12,6 +13,7 @@ use crate::phases::{MigrationRecord, Phase, check_vm_name};
 use crate::policy::{Policy, Side};
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::storage::Owner;
+use crate::stream::{self, Listen};
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde_json::json;
@@ -36,8 +38,8 @@ pub struct PrepareInput<'a> {
     /// Begin's `domain_xml`: the definition the target starts.
     pub domain_xml: &'a str,
     pub begin_cookie: &'a str,
-    /// The listening port (`None`: any free port).
-    pub port: Option<u16>,
+    /// Where the incoming QEMU listens.
+    pub listen: Listen,
     /// The migration's policy (the one Perform will use).
     pub policy: &'a Policy,
     /// This node's credentials when the stream is encrypted, `None` for plain TCP.
@@ -45,9 +47,9 @@ pub struct PrepareInput<'a> {
 }
 
 /// Runs Prepare with Begin's definition and cookie, for a migration under `policy` (the
-/// one Perform will use). `port` picks the listening port (`None`: any free port).
-/// `tls`: this node's credentials when the stream is encrypted (Perform must get the
-/// source node's then), `None` for plain TCP.
+/// one Perform will use), listening as `listen` says. `tls`: this node's credentials
+/// when QEMU encrypts the stream (Perform must get the source node's then), `None` for
+/// plain TCP or a tunnelled stream (the agents encrypt it).
 #[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn prepare(
     sup: &Supervisor,
@@ -59,7 +61,7 @@ pub async fn prepare(
         namespace,
         domain_xml,
         begin_cookie,
-        port,
+        listen,
         policy,
         tls,
     } = input;
@@ -118,7 +120,7 @@ pub async fn prepare(
         namespace,
         definition: TARGET_DEFINITION,
     };
-    match start_incoming(sup, vm, &domain, owner, port, policy, tls).await {
+    match start_incoming(sup, vm, &domain, owner, listen, policy, tls).await {
         Ok(out) => {
             let mut rec = MigrationRecord::new(migration);
             rec.prepare = Some(out.clone());
@@ -150,7 +152,7 @@ async fn start_incoming(
     vm: &str,
     domain: &Domain,
     owner: Owner<'_>,
-    port: Option<u16>,
+    listen: Listen,
     policy: &Policy,
     tls: Option<(&Credentials, Endpoint<'_>)>,
 ) -> Result<PrepareOutput, ErrorKind> {
@@ -160,25 +162,38 @@ async fn start_incoming(
     if let Some((creds, endpoint)) = tls {
         crate::tls::apply(&guest.qmp, &guest.dir, creds, endpoint).await?;
     }
-    let host = host_for_uri(node.address);
-    let listen = format!("tcp:{host}:{}", port.unwrap_or(0));
-    guest
-        .qmp
-        .run("migrate-incoming", Some(json!({ "uri": listen })))
-        .await?;
-    let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
-    let port = info
-        .socket_address
-        .unwrap_or_default()
-        .into_iter()
-        .find_map(|a| a.port)
-        .ok_or_else(|| ErrorKind::Refused("QEMU reports no listening address".into()))?;
+    let uri = match listen {
+        Listen::Tcp(port) => {
+            let host = host_for_uri(node.address);
+            let listen = format!("tcp:{host}:{}", port.unwrap_or(0));
+            guest
+                .qmp
+                .run("migrate-incoming", Some(json!({ "uri": listen })))
+                .await?;
+            let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+            let port = info
+                .socket_address
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|a| a.port)
+                .ok_or_else(|| ErrorKind::Refused("QEMU reports no listening address".into()))?;
+            format!("tcp:{host}:{port}")
+        }
+        Listen::Incoming => {
+            let uri = stream::unix_uri(&stream::incoming_socket(&guest.dir));
+            guest
+                .qmp
+                .run("migrate-incoming", Some(json!({ "uri": uri })))
+                .await?;
+            uri
+        }
+    };
     // No graphics in the cookie: the console is a UNIX socket in the state dir, which
     // no client outside the node reaches to relocate to (console clients follow the
     // guest through the VM's status.graphics).
     let cookie = Cookie::new(&domain.name, domain.uuid, &node.name, node.host_uuid);
     Ok(PrepareOutput {
-        uri: format!("tcp:{host}:{port}"),
+        uri,
         cookie: cookie.encode(Phase::Prepare)?,
     })
 }

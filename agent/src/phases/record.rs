@@ -98,7 +98,8 @@ pub struct BeginOutput {
 /// What Prepare hands to Perform.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareOutput {
-    /// Where the source sends the stream: `tcp:<target address>:<port>`.
+    /// Where the incoming QEMU listens: `tcp:<target address>:<port>`, or
+    /// `unix:<incoming socket>` (tunnelled; the source reaches it through the agents).
     pub uri: String,
     /// The Prepare cookie (target identity, graphics of the new QEMU).
     pub cookie: String,

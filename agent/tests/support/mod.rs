@@ -135,7 +135,7 @@ impl Lab {
             namespace: NAMESPACE,
             domain_xml: &out.domain_xml,
             begin_cookie: &out.cookie,
-            port: None,
+            listen: ferry_agent::stream::Listen::Tcp(None),
             policy,
             tls: self.tls_b(),
         }

@@ -90,6 +90,21 @@ pub const SUBSET: [RowSpec; 19] = [
     (PeerToPeer, Fault::CutStream, Point::PerformEarly),
 ];
 
+/// The rows `make test` runs again with the stream tunnelled through the agents
+/// (`transport.mode: Tunnelled`): each agent killed while it carries the stream, the
+/// carried stream cut, in each control mode.
+pub const TUNNELLED_SUBSET: [RowSpec; 5] = [
+    (Managed, Fault::KillSourceAgent, Point::PerformEarly),
+    (Managed, Fault::KillTargetAgent, Point::PerformLate),
+    (Managed, Fault::CutStream, Point::PerformEarly),
+    (PeerToPeer, Fault::KillSourceAgent, Point::PerformLate),
+    (PeerToPeer, Fault::CutStream, Point::PerformLate),
+];
+
+/// A row run with the stream tunnelled through the agents.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tunnelled(pub RowSpec);
+
 /// Which process pauses at a point.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pauser {
@@ -183,21 +198,32 @@ pub fn picked(pick: &str) -> Vec<RowSpec> {
 /// One row of the table, once it ran.
 pub struct Row {
     pub spec: RowSpec,
+    /// Whether the stream went through the agents (`transport.mode: Tunnelled`).
+    pub tunnelled: bool,
     pub phase: MigrationPhase,
     pub guest: String,
     pub qemus: usize,
     pub to_terminal: Duration,
 }
 
-pub const TABLE_HEADER: &str = "| mode       | fault            | point          | phase      | guest runs on    | QEMUs | to terminal |\n\
-     |------------|------------------|----------------|------------|------------------|-------|-------------|";
+pub const TABLE_HEADER: &str = "| mode                  | fault            | point          | phase      | guest runs on    | QEMUs | to terminal |\n\
+     |-----------------------|------------------|----------------|------------|------------------|-------|-------------|";
+
+/// A row's mode column: the control mode, and the transport when it is tunnelled.
+fn mode_column(mode: ControlMode, tunnelled: bool) -> String {
+    if tunnelled {
+        format!("{mode:?}, tunnelled")
+    } else {
+        format!("{mode:?}")
+    }
+}
 
 /// The row's line in the table.
 pub fn table_line(r: &Row) -> String {
     let (mode, fault, point) = r.spec;
     format!(
-        "| {:<10} | {:<16} | {:<14} | {:<10} | {:<16} | {:>5} | {:>7.1} s |",
-        format!("{mode:?}"),
+        "| {:<21} | {:<16} | {:<14} | {:<10} | {:<16} | {:>5} | {:>7.1} s |",
+        mode_column(mode, r.tunnelled),
         format!("{fault:?}"),
         point.hook(),
         format!("{:?}", r.phase),
@@ -214,14 +240,28 @@ impl crate::fault_run::RowLabel for RowSpec {
 
     /// The table line of a row that broke an invariant.
     fn failed_line(&self, why: &str) -> String {
-        let (mode, fault, point) = *self;
-        format!(
-            "| {:<10} | {:<16} | {:<14} | FAILED: {why}",
-            format!("{mode:?}"),
-            format!("{fault:?}"),
-            point.hook()
-        )
+        failed_line(*self, false, why)
     }
+}
+
+impl crate::fault_run::RowLabel for Tunnelled {
+    /// `Tunnelled/` and the row's name.
+    fn name(&self) -> String {
+        format!("Tunnelled/{}", row_name(self.0))
+    }
+
+    fn failed_line(&self, why: &str) -> String {
+        failed_line(self.0, true, why)
+    }
+}
+
+fn failed_line((mode, fault, point): RowSpec, tunnelled: bool, why: &str) -> String {
+    format!(
+        "| {:<21} | {:<16} | {:<14} | FAILED: {why}",
+        mode_column(mode, tunnelled),
+        format!("{fault:?}"),
+        point.hook()
+    )
 }
 
 #[cfg(test)]

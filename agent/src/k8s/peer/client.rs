@@ -13,12 +13,13 @@ use kube::Api;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::wire::{self, PeerRequest, PeerStep};
 
 /// Connecting, the TLS handshake and the answer's headers must each come within this;
 /// the phase itself may take longer (the answer's body waits for it).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer read: a cookie and a message.
 const MAX_ANSWER_BYTES: usize = 128 * 1024;
 
@@ -142,15 +143,13 @@ pub async fn ask_finish_again(
     .map_err(|e| e.to_string())
 }
 
-/// POSTs `request` to `path` of `node`'s agent at `endpoint`, which must show a
+/// A mutually authenticated connection to `node`'s agent at `endpoint`: it must show a
 /// certificate of the migration CA naming `node`; this node shows its own.
-pub async fn call(
+pub async fn connect(
     creds: &Credentials,
     node: &str,
     endpoint: &str,
-    path: &str,
-    request: &PeerRequest,
-) -> Result<PeerStep, CallError> {
+) -> Result<TlsStream<TcpStream>, CallError> {
     let connector = TlsConnector::from(Arc::new(wire::client_config(creds)?));
     let name = ServerName::try_from(node.to_string()).map_err(|e| CallError::BadAnswer {
         node: node.to_string(),
@@ -168,14 +167,26 @@ pub async fn call(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
         .await
         .map_err(|_| timeout())?
         .map_err(|source| CallError::Handshake {
             node: node.to_string(),
             endpoint: endpoint.to_string(),
             source,
-        })?;
+        })
+}
+
+/// POSTs `request` to `path` of `node`'s agent at `endpoint`, which must show a
+/// certificate of the migration CA naming `node`; this node shows its own.
+pub async fn call(
+    creds: &Credentials,
+    node: &str,
+    endpoint: &str,
+    path: &str,
+    request: &PeerRequest,
+) -> Result<PeerStep, CallError> {
+    let tls = connect(creds, node, endpoint).await?;
     let http = |source| CallError::Http {
         node: node.to_string(),
         source,

@@ -12,4 +12,5 @@ pub mod client;
 pub mod console;
 pub mod driver;
 pub mod server;
+pub mod tunnel;
 pub mod wire;

@@ -1,5 +1,6 @@
 //! The target's side of the peer API: Prepare and Finish of a peer-to-peer migration,
-//! asked by its source agent over mutual TLS.
+//! asked by its source agent over mutual TLS (and, routed here too, the connections of a
+//! tunnelled stream, [`super::tunnel`], and consoles, [`super::console`]).
 //!
 //! Every call is checked against the migration as the API server has it: it must be a
 //! peer-to-peer migration (the uid the caller names) whose target is this node, whose
@@ -29,6 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::wire::{
     self, CONSOLE_ROUTE, FINISH_PATH, MAX_REQUEST_BYTES, PREPARE_PATH, PeerRequest, PeerStep,
+    TUNNEL_ROUTE,
 };
 use crate::k8s::Agent;
 use crate::k8s::phase::{self, Inputs};
@@ -49,6 +51,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
         .route(PREPARE_PATH, post(prepare))
         .route(FINISH_PATH, post(finish))
         .route(CONSOLE_ROUTE, get(super::console::open))
+        .route(TUNNEL_ROUTE, get(super::tunnel::carry_in))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(agent.clone());
     loop {
@@ -145,34 +148,11 @@ pub fn admit(
 ) -> Result<(), Refusal> {
     let name = format!("{}/{}", request.namespace, request.name);
     let status = m.status.clone().unwrap_or_default();
-    let source = status.source_node.as_deref().unwrap_or("");
-    let target = status.target_node.as_deref().unwrap_or("");
-    if caller != source {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            format!("node {caller} is not the source ({source}) of migration {name}"),
-        ));
-    }
-    if m.uid().as_deref() != Some(request.uid.as_str()) {
-        return Err(refuse(
-            StatusCode::CONFLICT,
-            format!(
-                "migration {name} has uid {}, not {}",
-                m.uid().unwrap_or_default(),
-                request.uid
-            ),
-        ));
-    }
+    check_parties(m, &name, &request.uid, me, caller)?;
     if m.spec.mode != ControlMode::PeerToPeer {
         return Err(refuse(
             StatusCode::CONFLICT,
             format!("migration {name} is not peer-to-peer: its phases come through its status"),
-        ));
-    }
-    if target != me {
-        return Err(refuse(
-            StatusCode::CONFLICT,
-            format!("migration {name} targets {target}, not {me}"),
         ));
     }
     // Finish is asked again during Confirm by a source that has no result of it yet.
@@ -182,6 +162,42 @@ pub fn admit(
         return Err(refuse(
             StatusCode::CONFLICT,
             format!("migration {name} is in {:?}, not {phase:?}", status.phase),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `caller` is the source of `m` (named `name`), `uid` is its uid and this node
+/// (`me`) its target.
+pub(super) fn check_parties(
+    m: &VirtualMachineMigration,
+    name: &str,
+    uid: &str,
+    me: &str,
+    caller: &str,
+) -> Result<(), Refusal> {
+    let status = m.status.clone().unwrap_or_default();
+    let source = status.source_node.as_deref().unwrap_or("");
+    let target = status.target_node.as_deref().unwrap_or("");
+    if caller != source {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("node {caller} is not the source ({source}) of migration {name}"),
+        ));
+    }
+    if m.uid().as_deref() != Some(uid) {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "migration {name} has uid {}, not {uid}",
+                m.uid().unwrap_or_default(),
+            ),
+        ));
+    }
+    if target != me {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            format!("migration {name} targets {target}, not {me}"),
         ));
     }
     Ok(())

@@ -18,6 +18,11 @@ pub const FINISH_PATH: &str = "/v1/finish";
 /// The route of a VM's console, for the operator's console proxy only
 /// ([`ferry_crds::console::agent_path`] fills it in).
 pub const CONSOLE_ROUTE: &str = "/v1/console/{namespace}/{vm}";
+/// The route of one connection of a tunnelled migration stream, for the migration's
+/// source node only ([`tunnel_path`] fills it in).
+pub const TUNNEL_ROUTE: &str = "/v1/tunnel/{namespace}/{migration}/{uid}";
+/// The `Upgrade` protocol of a tunnel connection.
+pub const TUNNEL_UPGRADE: &str = "ferry-tunnel";
 /// The largest request body the server reads: a domain definition (64 KiB) and two
 /// cookies (16 KiB each), with room for JSON escaping.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
@@ -62,6 +67,11 @@ impl PeerRequest {
             perform_cookie: cookies.perform,
         }
     }
+}
+
+/// The path of a tunnel connection for the migration `namespace/name` of uid `uid`.
+pub fn tunnel_path(namespace: &str, name: &str, uid: &str) -> String {
+    format!("/v1/tunnel/{namespace}/{name}/{uid}")
 }
 
 /// The target's step, as the source records it in `status.steps` (plus the phase's

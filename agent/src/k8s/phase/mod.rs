@@ -17,9 +17,9 @@ use ferry_agent::error::{ErrorKind, PhaseError};
 use ferry_agent::node::guest_key;
 use ferry_agent::policy::ApplyError;
 use ferry_crds::{
-    Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, VirtualMachine,
-    VirtualMachineMigration, VirtualMachineMigrationStatus, VirtualMachineStatusPatch, VmPhase,
-    set_condition,
+    Cookies, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome, TransportMode,
+    VirtualMachine, VirtualMachineMigration, VirtualMachineMigrationStatus,
+    VirtualMachineStatusPatch, VmPhase, set_condition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,6 +31,7 @@ use tracing::warn;
 use super::Agent;
 use super::locks::DiskLocks;
 use super::ownership::{Claim, OwnershipError};
+use super::peer::tunnel::TunnelError;
 use super::status::StatusWriter;
 
 mod begin;
@@ -113,11 +114,13 @@ pub enum StepError {
     },
     #[error("no free migration port in the configured range")]
     NoPort,
-    #[error(
-        "spec.transport.tls is on but node {node} has no migration certificate yet ({why}); \
-         set transport.tls: false to migrate in plain TCP"
-    )]
-    NoCertificate { node: String, why: String },
+    #[error("node {node} has no migration certificate yet ({why}); {needs}")]
+    NoCertificate {
+        node: String,
+        why: String,
+        /// What needs it, and the way out if there is one.
+        needs: &'static str,
+    },
     #[error(transparent)]
     NoStateKey(#[from] crate::k8s::state_key::NoStateKey),
     #[error(transparent)]
@@ -138,6 +141,8 @@ pub enum StepError {
     AwaitingTarget { target: String, why: String },
     #[error(transparent)]
     Supervisor(#[from] ferry_agent::supervisor::SupervisorError),
+    #[error(transparent)]
+    Tunnel(#[from] crate::k8s::peer::tunnel::TunnelError),
     #[error("writing the status of VirtualMachine {vm}: {source}")]
     VmStatus { vm: String, source: kube::Error },
     /// `phase` is not one an agent runs.
@@ -170,6 +175,8 @@ impl StepError {
             StepError::Locks(_) => Reason::ApiError,
             StepError::AwaitingTarget { .. } => Reason::AwaitingTarget,
             StepError::Supervisor(_) => Reason::QemuFailed,
+            StepError::Tunnel(TunnelError::NotTunnelled(_)) => Reason::MissingInput,
+            StepError::Tunnel(TunnelError::Listen { .. }) => Reason::TransferFailed,
             StepError::NotAPhase(_) => Reason::Invalid,
         }
     }
@@ -375,20 +382,44 @@ impl<'a> Run<'a> {
         Ok((object, domain, recorded))
     }
 
-    /// This node's credentials when the migration's stream is TLS (`spec.transport.tls`);
-    /// an error, not plain TCP, when the node has no certificate yet.
+    /// This node's credentials when QEMU encrypts the migration's stream (direct mode
+    /// with `spec.transport.tls`); an error, not plain TCP, when the node has no
+    /// certificate yet. `None` in tunnelled mode: the agents encrypt it.
     fn tls(&self) -> Result<Option<ferry_agent::tls::Credentials>, StepError> {
-        if !self.m.spec.transport.tls {
+        if !self.m.spec.transport.tls || self.tunnelled() {
             return Ok(None);
         }
+        self.node_credentials().map(Some)
+    }
+
+    /// This node's current certificate, or why it has none.
+    fn node_credentials(&self) -> Result<ferry_agent::tls::Credentials, StepError> {
         self.agent
             .certs
             .current()
-            .map(Some)
             .ok_or_else(|| StepError::NoCertificate {
                 node: self.agent.node.clone(),
                 why: self.agent.certs.why_none(),
+                needs: if self.tunnelled() {
+                    "transport.mode Tunnelled needs it: the agents' connection is always TLS"
+                } else {
+                    "spec.transport.tls is on; set transport.tls: false to migrate in plain TCP"
+                },
             })
+    }
+
+    /// Whether the stream goes through the agents (`spec.transport.mode: Tunnelled`).
+    fn tunnelled(&self) -> bool {
+        self.m.spec.transport.mode == TransportMode::Tunnelled
+    }
+
+    /// How a step message says how the stream travels, and who the peer must be.
+    fn stream_words(&self, qemu_tls: bool, peer: &str) -> String {
+        if self.tunnelled() {
+            format!("tunnelled through the agents, TLS, peer certificate {peer} verified")
+        } else {
+            tls_words(qemu_tls, peer)
+        }
     }
 
     /// The writer of this migration's status.

@@ -1,7 +1,8 @@
 //! Perform on the source: sends the guest's state to the target's URI under the policy,
 //! reporting progress into the status at most once a second from a task of its own, and
 //! following the target's recovery URI after a cut in post-copy; gives Perform's cookie
-//! and the transfer's figures.
+//! and the transfer's figures. A tunnelled stream goes through this agent's
+//! [`Tunnel`].
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,9 @@ use ferry_crds::{
 use kube::ResourceExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Done, Run, StepError, tls_words};
+use super::{Done, Run, StepError};
+use crate::k8s::peer::tunnel::{Route, Tunnel};
+use crate::k8s::peer::wire::tunnel_path;
 
 impl Run<'_> {
     pub(super) async fn perform(&self, cancel: &CancellationToken) -> Result<Done, StepError> {
@@ -38,6 +41,7 @@ impl Run<'_> {
             .ok_or(StepError::MissingInput("Prepare left no cookie"))?;
         let params = self.policy()?;
         let tls = self.tls()?;
+        let key = self.key(&domain);
         // Progress goes to the status at most once a second, from its own task.
         let (tx, writer) = self.progress_writer();
         let mut last = Instant::now() - Duration::from_secs(1);
@@ -64,10 +68,32 @@ impl Run<'_> {
             &self.m.uid().unwrap_or_default(),
             target_report(&self.status()),
         );
+        // Tunnelled: QEMU goes to the tunnel socket, held open while Perform runs (and
+        // the connections it carried after that, until their ends close them).
+        let tunnel = if self.tunnelled() {
+            let (_, target) = self.claim();
+            let m = self.m;
+            let route = Route {
+                creds: self.node_credentials()?,
+                target,
+                path: tunnel_path(
+                    &m.namespace().unwrap_or_default(),
+                    &m.name_any(),
+                    &m.uid().unwrap_or_default(),
+                ),
+                uri: uri.to_string(),
+                reports: recovery.clone(),
+                counters: self.agent.metrics.tunnel(),
+            };
+            Some(Tunnel::open(&self.agent.sup.vm_dir(&key), route)?)
+        } else {
+            None
+        };
+        let qemu_uri = tunnel.as_ref().map(Tunnel::uri);
         let input = perform::PerformInput {
-            vm: &self.key(&domain),
+            vm: &key,
             migration: &self.id,
-            uri,
+            uri: qemu_uri.as_deref().unwrap_or(uri),
             prepare_cookie: cookie,
             policy: &params,
             tls: tls.as_ref(),
@@ -75,6 +101,7 @@ impl Run<'_> {
         };
         let result =
             perform::perform_with_recovery(&self.agent.sup, input, recovery, on_progress).await;
+        drop(tunnel);
         drop(tx);
         let _ = writer.await;
         let out = result?;
@@ -106,7 +133,7 @@ impl Run<'_> {
         let message = format!(
             "sent {} MiB ({}) in {} ms; guest downtime {} ms; {}, vCPU throttle up to {} %",
             out.transferred_bytes >> 20,
-            tls_words(tls.is_some(), &self.claim().1),
+            self.stream_words(tls.is_some(), &self.claim().1),
             out.total_time_ms,
             out.downtime_ms,
             if out.post_copy {

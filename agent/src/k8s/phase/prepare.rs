@@ -1,6 +1,7 @@
 //! Prepare on the target: checks Begin's definition against what the VM's owner wrote,
-//! starts the incoming QEMU from it and Begin's cookie on a reserved port, and gives the
-//! migration URI and Prepare's cookie.
+//! starts the incoming QEMU from it and Begin's cookie on a reserved port (tunnelled: on
+//! its socket in the guest's state dir, the URI then naming this agent's peer endpoint),
+//! and gives the migration URI and Prepare's cookie.
 //!
 //! The target trusts only what it can check. Begin's definition comes from the source
 //! node (through the status, or the source agent's call in peer-to-peer mode), so it
@@ -14,9 +15,10 @@ use ferry_agent::abi::{self, Expected};
 use ferry_agent::domain::Domain;
 use ferry_agent::fault;
 use ferry_agent::phases::prepare;
+use ferry_agent::stream::{self, Listen};
 use ferry_crds::{MigrationPhase, MigrationStatusPatch, Reason};
 
-use super::{Done, Run, StepError, tls_words};
+use super::{Done, Run, StepError};
 
 impl Run<'_> {
     pub(super) async fn prepare(&self) -> Result<Done, StepError> {
@@ -38,27 +40,46 @@ impl Run<'_> {
             vm: self.m.spec.vm_name.clone(),
             source,
         })?);
-        // Held until Prepare returns: by then the incoming QEMU listens on it.
-        let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
         let policy = self.policy()?;
-        let tls = self.tls()?;
         let namespace = self.m.metadata.namespace.as_deref().unwrap_or_default();
+        let tunnelled = self.tunnelled();
+        // Direct: QEMU listens on a reserved port, held until Prepare returns (by then
+        // the incoming QEMU listens on it) and encrypts with the node's certificate.
+        // Tunnelled: QEMU listens on its socket in the state dir, in the clear; the
+        // agents' own connection encrypts (the node's certificate is checked here all
+        // the same: without it no tunnel can be accepted).
+        let (port, tls) = if tunnelled {
+            self.node_credentials()?;
+            (None, None)
+        } else {
+            let port = self.agent.reserve_port().ok_or(StepError::NoPort)?;
+            (Some(port), self.tls()?)
+        };
+        let listen = match &port {
+            Some(p) => Listen::Tcp(Some(p.port)),
+            None => Listen::Incoming,
+        };
         let input = prepare::PrepareInput {
             vm: &key,
             migration: &self.id,
             namespace,
             domain_xml: xml,
             begin_cookie: cookie,
-            port: Some(port.port),
+            listen,
             policy: &policy,
             tls: tls.as_ref(),
         };
         let out = prepare::prepare(&self.agent.sup, input).await?;
-        let uri = fault::advertised_uri(&out.uri);
+        drop(port);
+        let uri = if tunnelled {
+            fault::advertised_uri(&stream::tunnel_uri(&self.agent.peer_endpoint))
+        } else {
+            fault::advertised_uri(&out.uri)
+        };
         let (source, _) = self.claim();
         let message = format!(
             "target QEMU waiting on {uri} ({})",
-            tls_words(tls.is_some(), &source)
+            self.stream_words(tls.is_some(), &source)
         );
         let outputs = MigrationStatusPatch {
             migration_uri: Some(uri),
