@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_crds::{ControlMode, MigrationPhase, VirtualMachine, VirtualMachineMigration, VmPhase};
+use ferry_crds::{
+    ControlMode, MigrationPhase, Transport, TransportMode, VirtualMachine, VirtualMachineMigration,
+    VmPhase,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
@@ -66,22 +69,72 @@ pub async fn start_vm(vms: &Api<VirtualMachine>, vm: &VirtualMachine) -> Result<
     }
 }
 
-/// The migration object for `vm` to `target`: TLS on the stream (the API's default), or
-/// plain TCP with `tls` false; phases driven in `mode` (the operator, or the source
-/// agent calling the target's peer API).
+/// The migration object for `vm` to `target` with the stream as `transport` says, its
+/// phases driven in `mode` (the operator, or the source agent calling the target's peer
+/// API).
 pub fn migration(
     name: &str,
     vm: &str,
     target: &str,
-    tls: bool,
+    transport: &Transport,
     mode: ControlMode,
 ) -> VirtualMachineMigration {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
         "metadata": {"name": name},
-        "spec": {"vmName": vm, "targetNode": target, "transport": {"tls": tls}, "mode": mode}
+        "spec": {"vmName": vm, "targetNode": target, "transport": transport, "mode": mode}
     }))
     .expect("a valid VirtualMachineMigration")
+}
+
+/// What a Ferry migration of a case measures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Variant {
+    /// Managed, TLS on the stream (the API's defaults: QEMU's TLS, direct).
+    Tls,
+    /// Managed, plain TCP.
+    Plain,
+    /// Peer-to-peer, TLS on the stream.
+    PeerToPeer,
+    /// Managed, the stream tunnelled through the agents (their TLS).
+    Tunnelled,
+}
+
+impl Variant {
+    /// In the order a case runs them.
+    pub const ALL: [Variant; 4] = [
+        Variant::Tls,
+        Variant::Plain,
+        Variant::PeerToPeer,
+        Variant::Tunnelled,
+    ];
+
+    /// Migration `i` of a case: 0 is the unmeasured warm-up, then `runs` of each
+    /// variant in turn ([`Variant::ALL`]); `None` past the last.
+    pub fn of(i: usize, runs: usize) -> Option<Variant> {
+        if i == 0 {
+            return None;
+        }
+        Variant::ALL.get((i - 1) / runs.max(1)).copied()
+    }
+
+    /// The transport and control mode of a variant's migrations (the warm-up's: the
+    /// API's defaults).
+    pub fn spec(v: Option<Variant>) -> (Transport, ControlMode) {
+        let tls = Transport::default();
+        match v {
+            None | Some(Variant::Tls) => (tls, ControlMode::Managed),
+            Some(Variant::Plain) => (Transport { tls: false, ..tls }, ControlMode::Managed),
+            Some(Variant::PeerToPeer) => (tls, ControlMode::PeerToPeer),
+            Some(Variant::Tunnelled) => (
+                Transport {
+                    mode: TransportMode::Tunnelled,
+                    ..tls
+                },
+                ControlMode::Managed,
+            ),
+        }
+    }
 }
 
 /// The medians of a set of Ferry runs.
@@ -191,4 +244,41 @@ pub async fn migrate_all_counted(
         started.elapsed(),
         own_requests,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_variant_gets_runs_migrations_after_one_warm_up() {
+        let runs = 3;
+        let n = Variant::ALL.len() * runs;
+        let variants: Vec<Option<Variant>> = (0..=n).map(|i| Variant::of(i, runs)).collect();
+        assert_eq!(variants[0], None);
+        assert_eq!(Variant::of(n + 1, runs), None);
+        for v in Variant::ALL {
+            assert_eq!(
+                variants.iter().filter(|x| **x == Some(v)).count(),
+                runs,
+                "{v:?}"
+            );
+        }
+        let (transport, mode) = Variant::spec(Some(Variant::PeerToPeer));
+        assert_eq!((transport.tls, mode), (true, ControlMode::PeerToPeer));
+        let (transport, _) = Variant::spec(Some(Variant::Plain));
+        assert_eq!(
+            (transport.tls, transport.mode),
+            (false, TransportMode::Direct)
+        );
+        let (transport, mode) = Variant::spec(Some(Variant::Tunnelled));
+        assert_eq!(
+            (transport.tls, transport.mode, mode),
+            (true, TransportMode::Tunnelled, ControlMode::Managed)
+        );
+        assert_eq!(
+            Variant::spec(None),
+            (Transport::default(), ControlMode::Managed)
+        );
+    }
 }

@@ -7,9 +7,10 @@
 //! N over TLS (QEMU's TLS with node certificates, as Ferry's default), N
 //! Ferry migrations with TLS on the stream (the default; object created → Succeeded
 //! through the control plane, operator and agents), N Ferry migrations in plain TCP
-//! (`transport.tls: false`) and N Ferry migrations with TLS in peer-to-peer mode
-//! (`mode: PeerToPeer`: the source agent drives the phases, calling the target agent);
-//! then 1, 4 and 8 Ferry migrations at once (managed, TLS); then the peak RSS of the
+//! (`transport.tls: false`), N Ferry migrations with TLS in peer-to-peer mode
+//! (`mode: PeerToPeer`: the source agent drives the phases, calling the target agent)
+//! and N tunnelled through the agents (`transport.mode: Tunnelled`, compared with raw
+//! QEMU over TLS: the same encryption strength, done by the agents); then 1, 4 and 8 Ferry migrations at once (managed, TLS); then the peak RSS of the
 //! operator and the agents. Medians are printed as tables (the second compares managed
 //! with peer-to-peer) and written as JSON.
 
@@ -21,7 +22,7 @@ use ferry_agent::testguest::{self, Params};
 use ferry_crds::{ControlMode, MigrationPolicy, VirtualMachine, VirtualMachineMigration};
 use ferry_tests::Cluster;
 use ferry_tests::bench::apiserver::Requests;
-use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians};
+use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians, Variant};
 use ferry_tests::bench::raw::{self, Error, RawRun};
 use ferry_tests::bench::{median, ms, peak_rss_kib};
 use ferry_tests::cluster::Heartbeat;
@@ -55,39 +56,6 @@ const CASES: [Case; 2] = [
         },
     },
 ];
-
-/// What a Ferry migration of a case measures.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Variant {
-    /// Managed, TLS on the stream (the API's defaults).
-    Tls,
-    /// Managed, plain TCP.
-    Plain,
-    /// Peer-to-peer, TLS on the stream.
-    PeerToPeer,
-}
-
-impl Variant {
-    /// Migration `i` of a case: 0 is the unmeasured warm-up, then `runs` of each
-    /// variant in turn.
-    fn of(i: usize, runs: usize) -> Option<Variant> {
-        match i {
-            0 => None,
-            i if i <= runs => Some(Variant::Tls),
-            i if i <= 2 * runs => Some(Variant::Plain),
-            i if i <= 3 * runs => Some(Variant::PeerToPeer),
-            _ => None,
-        }
-    }
-
-    fn spec(v: Option<Variant>) -> (bool, ControlMode) {
-        match v {
-            None | Some(Variant::Tls) => (true, ControlMode::Managed),
-            Some(Variant::Plain) => (false, ControlMode::Managed),
-            Some(Variant::PeerToPeer) => (true, ControlMode::PeerToPeer),
-        }
-    }
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -208,6 +176,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
     let mut ferry_runs: Vec<Vec<FerryRun>> = Vec::new();
     let mut plain_runs: Vec<Vec<FerryRun>> = Vec::new();
     let mut p2p_runs: Vec<Vec<FerryRun>> = Vec::new();
+    let mut tunnelled_runs: Vec<Vec<FerryRun>> = Vec::new();
     for (c, case) in CASES.iter().enumerate() {
         let name = format!("bench-{}", case.name);
         let disk = images.join(format!("{name}.img")).display().to_string();
@@ -220,14 +189,16 @@ async fn run(runs: usize) -> Result<Value, Error> {
         let mut results = Vec::new();
         let mut plain = Vec::new();
         let mut p2p = Vec::new();
+        let mut tunnelled = Vec::new();
         let mut counts = Vec::new();
         // One unmeasured migration first, as for the baseline; then TLS (the default),
-        // plain TCP, and peer-to-peer with TLS; the guest goes back and forth throughout.
-        for i in 0..=3 * runs {
+        // plain TCP, peer-to-peer with TLS, and tunnelled; the guest goes back and forth
+        // throughout.
+        for i in 0..=Variant::ALL.len() * runs {
             let variant = Variant::of(i, runs);
-            let (tls, mode) = Variant::spec(variant);
+            let (transport, mode) = Variant::spec(variant);
             let target = if i % 2 == 0 { "node-b" } else { "node-a" };
-            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, tls, mode);
+            let m = ferry_side::migration(&format!("{name}-{i}"), &name, target, &transport, mode);
             let counted_from = std::time::Instant::now();
             let before = Requests::scrape(&client).await?;
             let (mut r, _, own) = ferry_side::migrate_all_counted(&vmms, &[m]).await?;
@@ -255,12 +226,14 @@ async fn run(runs: usize) -> Result<Value, Error> {
                 Variant::Tls => results.push(r),
                 Variant::Plain => plain.push(r),
                 Variant::PeerToPeer => p2p.push(r),
+                Variant::Tunnelled => tunnelled.push(r),
             }
         }
         vms.delete(&name, &Default::default()).await?;
         ferry_runs.push(results);
         plain_runs.push(plain);
         p2p_runs.push(p2p);
+        tunnelled_runs.push(tunnelled);
         api_counts.push(counts);
     }
 
@@ -295,7 +268,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
                     &format!("conc-{k}-{i}"),
                     &format!("conc-{i}"),
                     to,
-                    true,
+                    &Default::default(),
                     ControlMode::Managed,
                 )
             })
@@ -323,6 +296,7 @@ async fn run(runs: usize) -> Result<Value, Error> {
             tls: &ferry_runs,
             plain: &plain_runs,
             p2p: &p2p_runs,
+            tunnelled: &tunnelled_runs,
         },
         &concurrency,
         &rss,
@@ -443,6 +417,7 @@ struct FerrySides<'a> {
     tls: &'a [Vec<FerryRun>],
     plain: &'a [Vec<FerryRun>],
     p2p: &'a [Vec<FerryRun>],
+    tunnelled: &'a [Vec<FerryRun>],
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {
@@ -483,6 +458,8 @@ fn report(
         "plain ratio",
         "p2p ms",
         "p2p ratio",
+        "tunnel ms",
+        "tun/raw tls",
         "qemu raw",
         "qemu ferry",
         "dt raw",
@@ -502,6 +479,9 @@ fn report(
         let (raw_total, dt_raw) = raw_medians(raw);
         let (raw_tls_total, dt_raw_tls) = raw_medians(&raw_sides.tls[c]);
         let (m, pl, pp) = (Medians::of(tls), Medians::of(plain), Medians::of(p2p));
+        let tunnelled = &ferry.tunnelled[c];
+        let tn = Medians::of(tunnelled);
+        let ratio_tunnel_raw_tls = ratio(tn.total, raw_tls_total);
         let dirty = median(
             &raw.iter()
                 .map(|r| Duration::from_millis(r.dirty_rate_bytes_per_second >> 20))
@@ -531,6 +511,8 @@ fn report(
             &format!("{ratio_plain:.2}"),
             &ms(pp.total),
             &format!("{ratio_p2p:.2}"),
+            &ms(tn.total),
+            &format!("{ratio_tunnel_raw_tls:.2}"),
             &ms(qemu_raw),
             &ms(m.migration),
             &ms(dt_raw),
@@ -567,6 +549,12 @@ fn report(
             "ferry_runs_ms": totals(tls),
             "ferry_plain_runs_ms": totals(plain),
             "ferry_p2p_runs_ms": totals(p2p),
+            "tunnelled": {"total_ms": ms_f(tn.total), "vs_raw_tls": ratio_tunnel_raw_tls,
+                          "vs_raw": ratio(tn.total, raw_total),
+                          "control_plane_overhead_ms": ms_f(tn.overhead),
+                          "downtime_ms": tn.downtime.as_millis(),
+                          "qemu_migration_ms": tn.migration.as_millis(),
+                          "runs_ms": totals(tunnelled)},
         }));
     }
     println!("\nmanaged vs peer-to-peer, both TLS (overhead: creation → Perform start)\n");
@@ -664,32 +652,4 @@ fn report(
                       "per_migration": api_json},
         "peak_rss_kib": rss.iter().map(|(n, k)| (n.clone(), json!(k))).collect::<serde_json::Map<_, _>>(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_variant_gets_runs_migrations_after_one_warm_up() {
-        let runs = 3;
-        let variants: Vec<Option<Variant>> = (0..=3 * runs).map(|i| Variant::of(i, runs)).collect();
-        assert_eq!(variants[0], None);
-        for v in [Variant::Tls, Variant::Plain, Variant::PeerToPeer] {
-            assert_eq!(
-                variants.iter().filter(|x| **x == Some(v)).count(),
-                runs,
-                "{v:?}"
-            );
-        }
-        assert_eq!(
-            Variant::spec(Some(Variant::PeerToPeer)),
-            (true, ControlMode::PeerToPeer)
-        );
-        assert_eq!(
-            Variant::spec(Some(Variant::Plain)),
-            (false, ControlMode::Managed)
-        );
-        assert_eq!(Variant::spec(None), (true, ControlMode::Managed));
-    }
 }
