@@ -214,7 +214,13 @@ mod tests {
         QemuFeatures::new(version, "test", caps.iter().map(|c| c.to_string()))
     }
 
-    const ALL: &[&str] = &["events", "auto-converge", "postcopy-ram", "multifd"];
+    const ALL: &[&str] = &[
+        "events",
+        "auto-converge",
+        "postcopy-ram",
+        "postcopy-preempt",
+        "multifd",
+    ];
 
     #[test]
     fn the_supported_release_and_later_ones_are_supported() {
@@ -234,6 +240,17 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "policy field postCopy.mode needs QEMU's migration capability postcopy-ram, which QEMU 10.0.2 on node node-a does not offer"
+        );
+        // Post-copy needs its preempt channel too.
+        let err = qemu(
+            (10, 0, 2),
+            &["events", "auto-converge", "multifd", "postcopy-ram"],
+        )
+        .check(&balanced, "node-a")
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("capability postcopy-preempt"),
+            "{err}"
         );
         let never = Policy {
             post_copy: PostCopy::Never,
@@ -255,7 +272,7 @@ mod tests {
     fn the_capabilities_line_is_sorted_and_comma_separated() {
         assert_eq!(
             qemu((10, 0, 2), ALL).capabilities_line(),
-            "auto-converge,events,multifd,postcopy-ram"
+            "auto-converge,events,multifd,postcopy-preempt,postcopy-ram"
         );
     }
 }

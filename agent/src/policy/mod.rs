@@ -285,6 +285,7 @@ impl Policy {
         }
         if self.post_copy != PostCopy::Never {
             needs.push(("postcopy-ram", "postCopy.mode"));
+            needs.push(("postcopy-preempt", "postCopy.mode"));
         }
         if self.auto_converge {
             needs.push(("auto-converge", "autoConverge"));
@@ -302,10 +303,14 @@ impl Policy {
     pub fn settings(&self, side: Side) -> Settings {
         let multifd = self.multifd();
         let post_copy = self.post_copy != PostCopy::Never;
+        // Post-copy with a channel of its own for the pages the target faults on, so
+        // they do not queue behind the background stream (libvirt's
+        // VIR_MIGRATE_POSTCOPY_PREEMPT); both sides must have it.
         let mut capabilities = vec![
             ("events", true),
             ("multifd", multifd),
             ("postcopy-ram", post_copy),
+            ("postcopy-preempt", post_copy),
         ];
         let mut parameters = Map::new();
         if multifd {

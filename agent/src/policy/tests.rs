@@ -155,6 +155,7 @@ fn settings_per_side() {
             ("events", true),
             ("multifd", false),
             ("postcopy-ram", true),
+            ("postcopy-preempt", true),
             ("auto-converge", true)
         ]
     );
@@ -165,7 +166,12 @@ fn settings_per_side() {
     let dst = p.settings(Side::Target);
     assert_eq!(
         caps(&dst),
-        vec![("events", true), ("multifd", false), ("postcopy-ram", true)]
+        vec![
+            ("events", true),
+            ("multifd", false),
+            ("postcopy-ram", true),
+            ("postcopy-preempt", true)
+        ]
     );
     assert_eq!(dst.parameters_args(), json!({}));
 
@@ -182,6 +188,7 @@ fn settings_per_side() {
         let s = p.settings(side);
         assert!(s.capabilities.contains(&("multifd", true)));
         assert!(s.capabilities.contains(&("postcopy-ram", false)));
+        assert!(s.capabilities.contains(&("postcopy-preempt", false)));
         assert_eq!(s.parameters["multifd-channels"], json!(4));
         assert_eq!(s.parameters["multifd-compression"], json!("zstd"));
     }
