@@ -8,9 +8,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Extension, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ferry_agent::cmdline::vnc_socket;
 use ferry_agent::domain::Domain;
@@ -22,7 +21,7 @@ use kube::Api;
 use tokio::net::UnixStream;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::server::{Caller, Refusal, refuse};
+use super::server::{Caller, Refusal, check_upgrade, refuse, switching_protocols};
 use crate::k8s::Agent;
 
 /// The `Upgrade` protocol of a console connection on the peer API.
@@ -69,15 +68,8 @@ pub async fn open(
                 ),
             ));
         }
-        let wants_upgrade = request
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(UPGRADE.as_bytes()));
-        if !wants_upgrade {
-            return refused(refuse(
-                StatusCode::BAD_REQUEST,
-                format!("a console needs 'Upgrade: {UPGRADE}'"),
-            ));
+        if let Err(r) = check_upgrade(&request, UPGRADE, "a console") {
+            return refused(r);
         }
         let vms: Api<VirtualMachine> = Api::namespaced(agent.client.clone(), &namespace);
         let vm = match vms.get_opt(&name).await {
@@ -137,12 +129,7 @@ pub async fn open(
             }
             .in_current_span(),
         );
-        Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, UPGRADE)
-            .body(Body::empty())
-            .expect("a valid response")
+        switching_protocols(UPGRADE)
     }
     .instrument(span)
     .await

@@ -138,6 +138,38 @@ pub(super) fn refuse(status: StatusCode, message: String) -> Refusal {
     Refusal { status, message }
 }
 
+/// Refuses `request` unless it asks to be upgraded to `protocol` (for `what`, e.g. "a
+/// console").
+pub(super) fn check_upgrade(
+    request: &axum::extract::Request,
+    protocol: &str,
+    what: &str,
+) -> Result<(), Refusal> {
+    let asks = request
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()));
+    if asks {
+        Ok(())
+    } else {
+        Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{what} needs 'Upgrade: {protocol}'"),
+        ))
+    }
+}
+
+/// The answer that hands the connection over to `protocol`.
+pub(super) fn switching_protocols(protocol: &str) -> Response {
+    use axum::http::header;
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, protocol)
+        .body(axum::body::Body::empty())
+        .expect("a valid response")
+}
+
 /// Whether `caller` may have this node (`me`) run `phase` of `m` for `request`.
 pub fn admit(
     m: &VirtualMachineMigration,
@@ -377,6 +409,36 @@ mod tests {
         let ended = migration("PeerToPeer", "Succeeded");
         let r = admit(&ended, &request("u1"), finish, "node-b", "node-a");
         assert_eq!(r.unwrap_err().status, StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn an_upgrade_is_only_to_the_protocol_named() {
+        let with = |value: Option<&str>| {
+            let mut r = axum::http::Request::get("/v1/tunnel/ns/m/u1");
+            if let Some(v) = value {
+                r = r.header(axum::http::header::UPGRADE, v);
+            }
+            r.body(axum::body::Body::empty()).unwrap()
+        };
+        assert_eq!(
+            check_upgrade(&with(Some("ferry-tunnel")), "ferry-tunnel", "a tunnel"),
+            Ok(())
+        );
+        assert_eq!(
+            check_upgrade(&with(Some("Ferry-Tunnel")), "ferry-tunnel", "a tunnel"),
+            Ok(())
+        );
+        for other in [None, Some("ferry-console"), Some("websocket")] {
+            let r = check_upgrade(&with(other), "ferry-tunnel", "a tunnel").unwrap_err();
+            assert_eq!(r.status, StatusCode::BAD_REQUEST);
+            assert_eq!(r.message, "a tunnel needs 'Upgrade: ferry-tunnel'");
+        }
+        let answer = switching_protocols("ferry-tunnel");
+        assert_eq!(answer.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            answer.headers()[axum::http::header::UPGRADE],
+            "ferry-tunnel"
+        );
     }
 
     #[test]

@@ -22,7 +22,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Extension, Path as RoutePath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +42,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::client::{self, CONNECT_TIMEOUT, CallError};
-use super::server::{Caller, Refusal, check_parties, refuse};
+use super::server::{Caller, Refusal, check_parties, check_upgrade, refuse, switching_protocols};
 use super::wire::TUNNEL_UPGRADE;
 use crate::k8s::Agent;
 use crate::k8s::metrics::TunnelCounters;
@@ -286,15 +285,8 @@ pub async fn carry_in(
 ) -> Response {
     let span = info_span!("tunnel", migration = %name, namespace = %namespace, caller = %caller.0);
     async move {
-        let wants_upgrade = request
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(TUNNEL_UPGRADE.as_bytes()));
-        if !wants_upgrade {
-            return refused(refuse(
-                StatusCode::BAD_REQUEST,
-                format!("a tunnel needs 'Upgrade: {TUNNEL_UPGRADE}'"),
-            ));
+        if let Err(r) = check_upgrade(&request, TUNNEL_UPGRADE, "a tunnel") {
+            return refused(r);
         }
         let api: Api<VirtualMachineMigration> = Api::namespaced(agent.client.clone(), &namespace);
         let m = match api.get_opt(&name).await {
@@ -354,12 +346,7 @@ pub async fn carry_in(
             }
             .instrument(info_span!("tunnel-in", vm = %vm)),
         );
-        Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, TUNNEL_UPGRADE)
-            .body(Body::empty())
-            .expect("a valid response")
+        switching_protocols(TUNNEL_UPGRADE)
     }
     .instrument(span)
     .await
