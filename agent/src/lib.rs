@@ -105,7 +105,7 @@
 //! }, |_| {}).await?;
 //! let f = finish::finish(dst, finish::FinishInput {
 //!     vm, migration, perform_cookie: Some(&r.cookie), cancelled: false,
-//! }, async { Ok(()) }).await?;
+//! }, || async { Ok(()) }).await?;
 //! confirm::confirm(src, confirm::ConfirmInput {
 //!     vm, migration, finish_cookie: f.cookie.as_deref(), cancelled: false,
 //! }).await?;

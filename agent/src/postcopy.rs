@@ -1,31 +1,42 @@
-//! Post-copy recovery. Once a migration has switched to post-copy, the guest's memory is
-//! split between the two QEMUs: a cut stream cannot be rolled back (the pages the target
-//! touched since the switch exist only there, and QEMU neither cancels a paused
-//! post-copy on the source nor resumes the source guest) and must be recovered. Both QEMUs then sit in status `postcopy-paused` until
+//! The post-copy tail and its recovery. Perform ends at the switch to post-copy; the
+//! target's Finish then commits and resumes the guest while the rest of its memory
+//! follows, and the source's Confirm waits for the outgoing migration to complete
+//! ([`complete`]) before it removes its QEMU (docs/protocol.md, "Post-copy").
+//!
+//! After the switch the guest's memory is split between the two QEMUs: a cut stream
+//! cannot be rolled back (the pages the target touched since the switch exist only
+//! there, and QEMU neither cancels a paused post-copy on the source nor resumes the
+//! source guest) and must be recovered. Both QEMUs then sit in status `postcopy-paused`
+//! (the guest, running on the target, waits on each page it lacks) until
 //! 1. the target listens again: [`listen_again`] (`migrate-recover {uri}`), and
-//! 2. the source resumes to it: [`resume`] (`migrate {uri, resume: true}`), from Perform,
+//! 2. the source resumes to it: [`resume`] (`migrate {uri, resume: true}`), from
+//!    [`complete`],
 //!
 //! after which both go `postcopy-recover` → `postcopy-active` → `completed`. A resume that
-//! cannot connect (the path is still down) leaves the source paused: Perform tries again
-//! every [`RESUME_EVERY`]. No capability is needed beyond `postcopy-ram`, which both
-//! sides already have for any migration that can switch to post-copy.
+//! cannot connect (the path is still down) leaves the source paused: [`complete`] tries
+//! again every [`RESUME_EVERY`]. No capability is needed beyond `postcopy-ram`, which
+//! both sides already have for any migration that can switch to post-copy.
 //!
 //! Transport security: the TLS objects and parameters (`tls-creds`, `tls-authz` on the
 //! target, `tls-creds`, `tls-hostname` on the source; see [`crate::tls`]) set before the
-//! transfer stay in both QEMUs while post-copy is paused (they are removed only after
-//! the migration completed, in Finish, or in a cancelled Confirm), so the recovered
+//! transfer stay in both QEMUs until the stream is over (on the target: its agent's
+//! watcher removes them once the incoming migration completed; the source's QEMU goes
+//! in Confirm), so the recovered
 //! channel is encrypted and its peer checked exactly as the first one was. A tunnelled
 //! stream ([`crate::stream`]) is recovered the same way through the agents: the target
 //! listens again on its incoming socket, and the source resumes to its tunnel socket,
 //! whose agent opens a new peer connection for it.
 
 use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::phases::perform::TransferProgress;
 use crate::phases::{Phase, check_vm_name};
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use crate::stream::{self, Listen};
 use crate::supervisor::Supervisor;
 use serde_json::json;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// QEMU's status of a post-copy migration whose stream broke.
 pub const PAUSED: &str = "postcopy-paused";
@@ -50,6 +61,109 @@ pub struct TargetReport {
 /// has not ended: neither side can give the guest back to the source any more.
 pub fn in_post_copy(status: Option<&str>) -> bool {
     status.is_some_and(|s| s.starts_with("postcopy"))
+}
+
+/// What a progress report says while a cut stream pauses a post-copy migration.
+pub const PAUSED_WORDS: &str = "post-copy paused: the stream was cut; the guest's memory is split between the two nodes, so the migration waits for the path and resumes (it cannot roll back)";
+
+/// How often [`complete`] looks at the outgoing migration.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Where a source's post-copy tail resumes to after a cut, and what the target says.
+#[derive(Debug)]
+pub struct Resumption<'a> {
+    /// The URI Perform sent QEMU to: the target's `tcp:` URI, or the guest's tunnel
+    /// socket (tunnelled; its agent must listen there again, [`crate::stream`]).
+    pub uri: &'a str,
+    /// The guest's state dir.
+    pub dir: &'a Path,
+    /// What the target reports (`status.recoveryURI`, `status.targetLost`).
+    pub reports: watch::Receiver<TargetReport>,
+}
+
+/// How the post-copy tail of an outgoing migration ended.
+#[derive(Debug, Clone)]
+pub enum Tail {
+    /// Every page reached the target: `query-migrate`'s final figures.
+    Completed(MigrationInfo),
+    /// The migration can never complete (the target lost its QEMU, or QEMU ended the
+    /// migration otherwise): why. The guest is lost.
+    Lost(String),
+}
+
+/// Source: follows an outgoing migration that switched to post-copy until it completes,
+/// calling `on_progress` about four times a second. While a cut stream pauses it, every
+/// [`RESUME_EVERY`] it resumes to where the target listens again (`resume.reports`);
+/// the target reporting its QEMU lost ends it ([`Tail::Lost`]). Nothing here cancels:
+/// after the switch only completion or loss is left.
+#[tracing::instrument(skip_all, fields(vm, migration))]
+pub async fn complete(
+    qmp: &Qmp,
+    vm: &str,
+    migration: &str,
+    resume_to: Resumption<'_>,
+    mut on_progress: impl FnMut(&TransferProgress),
+) -> Result<Tail, QmpError> {
+    let mut last_resume: Option<Instant> = None;
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tick.tick().await;
+        let info: MigrationInfo = qmp.execute("query-migrate", None).await?;
+        let status = info.status.as_deref();
+        if status == Some("completed") {
+            on_progress(&TransferProgress::from_info(&info));
+            tracing::info!(
+                vm,
+                migration,
+                "post-copy complete: every page is on the target"
+            );
+            return Ok(Tail::Completed(info));
+        }
+        if !in_post_copy(status) {
+            let why = format!(
+                "the outgoing migration ended {} after the switch to post-copy{}",
+                status.unwrap_or("none"),
+                info.error_desc
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            return Ok(Tail::Lost(why));
+        }
+        if let Some(why) = resume_to.reports.borrow().lost.clone() {
+            tracing::error!(vm, migration, %why, "the target lost the guest during post-copy");
+            return Ok(Tail::Lost(why));
+        }
+        let report = TransferProgress::from_info(&info);
+        if report.paused {
+            on_progress(&TransferProgress {
+                convergence: PAUSED_WORDS.into(),
+                ..report
+            });
+            let listens_at = resume_to.reports.borrow().listens_at.clone();
+            let target = stream::resume_uri(resume_to.uri, listens_at.as_deref(), resume_to.dir);
+            let due = last_resume.is_none_or(|t| t.elapsed() >= RESUME_EVERY);
+            if let Some(target) = target.filter(|_| due) {
+                last_resume = Some(Instant::now());
+                match resume(qmp, &target).await {
+                    Ok(()) => {
+                        tracing::info!(vm, migration, uri = %target, "post-copy paused: resuming to the target")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm, migration, uri = %target, error = %e, "post-copy paused: resume refused; trying again")
+                    }
+                }
+            }
+        } else {
+            on_progress(&TransferProgress {
+                converging: Some(true),
+                convergence:
+                    "post-copy: the guest runs on the target while the rest of its memory follows"
+                        .into(),
+                ..report
+            });
+        }
+    }
 }
 
 /// Whether `status` (of `query-migrate`) is a paused post-copy.

@@ -118,7 +118,7 @@ async fn finish_fails_when_ownership_cannot_be_taken() {
     let err = finish(
         &lab.b,
         lab.finish_input("m4", Some(&perf.cookie), false),
-        async { Err("VM status.nodeName was changed by someone else".into()) },
+        || async { Err("VM status.nodeName was changed by someone else".into()) },
     )
     .await
     .unwrap_err();
@@ -144,7 +144,7 @@ async fn a_target_qemu_lost_after_the_commit_but_before_cont_never_ran_the_guest
     let err = finish(
         &lab.b,
         lab.finish_input("m5", Some(&perf.cookie), false),
-        async {
+        || async {
             // The ownership write landed; the QEMU is killed before Finish can resume it.
             kill(target_pid);
             Ok(())
@@ -177,7 +177,7 @@ async fn a_committed_finish_goes_forward_even_when_cancelled() {
     let out = finish(
         &lab.b,
         lab.finish_input("m6", Some(&perf.cookie), true),
-        async { panic!("a committed Finish does not commit again") },
+        || async { panic!("a committed Finish does not commit again") },
     )
     .await
     .unwrap();

@@ -51,10 +51,13 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
     let fin = finish(
         &lab.b,
         lab.finish_input(m, Some(&perf.cookie), false),
-        async move {
-            // The hook runs before the target's vCPUs resume.
-            flag.store(true, Ordering::SeqCst);
-            Ok(())
+        || {
+            let flag = flag.clone();
+            async move {
+                // The hook runs before the target's vCPUs resume.
+                flag.store(true, Ordering::SeqCst);
+                Ok(())
+            }
         },
     )
     .await
@@ -70,7 +73,7 @@ async fn migrate_and_check(lab: &Lab, target_xml: Option<&str>, params: Policy) 
     let again = finish(
         &lab.b,
         lab.finish_input(m, Some(&perf.cookie), false),
-        async { Err("the hook must not run again".into()) },
+        || async { Err("the hook must not run again".into()) },
     )
     .await
     .unwrap();

@@ -1,16 +1,19 @@
-//! Post-copy recovery against real QEMU: the stream, through a relay, is cut while the
-//! migration is in post-copy; both QEMUs pause; a resume while the path is still down
-//! leaves them paused; once the path is back the target listens again
-//! (`postcopy::listen_again`) and the source resumes to it (`perform_with_recovery`),
-//! and the guest arrives whole. And the case no recovery helps: the target's QEMU dies
-//! after the switch.
+//! Post-copy as libvirt does it, against real QEMU: Perform ends at the switch, Finish
+//! resumes the guest on the target while its last pages follow, and Confirm waits for
+//! them. The stream, through a relay, is cut during that tail; both QEMUs pause; a
+//! resume while the path is still down leaves them paused; once the path is back the
+//! target listens again (`postcopy::listen_again`) and the source resumes to it
+//! (`confirm_with`), and the guest arrives whole. And the cases no recovery helps: the
+//! target's QEMU dies after the switch.
 
 mod support;
 
-use ferry_agent::phases::confirm::Confirmed;
-use ferry_agent::phases::perform::{PerformInput, TransferProgress, perform_with_recovery};
+use ferry_agent::error::PhaseError;
+use ferry_agent::phases::confirm::{ConfirmInput, Confirmed, confirm_with};
+use ferry_agent::phases::perform::{PerformInput, PerformOutput, TransferProgress, perform};
+use ferry_agent::phases::prepare::PrepareOutput;
 use ferry_agent::policy::{Policy, PostCopy, resolve};
-use ferry_agent::postcopy::{self, TargetReport};
+use ferry_agent::postcopy::{self, Resumption, TargetReport};
 use ferry_agent::qmp::MigrationInfo;
 use ferry_agent::supervisor::Supervisor;
 use ferry_crds::MigrationPolicy;
@@ -110,9 +113,9 @@ fn slow_post_copy() -> Policy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
+async fn a_cut_post_copy_stream_is_recovered_while_the_guest_runs_on_the_target() {
     // A guest dirtying 48 MiB; 4 MiB/s before and after the switch (1 s in), so the
-    // post-copy phase lasts several seconds. Over TLS, as by default: the recovered
+    // post-copy tail lasts several seconds. Over TLS, as by default: the recovered
     // channel reuses the TLS objects and parameters both QEMUs kept.
     let lab = Lab::new("pc-recover", 128, 49, 2_000_000).with_tls();
     lab.start_source().await;
@@ -120,20 +123,49 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
     let m = "m-pc-recover";
     let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
     let mut relay = Relay::start("127.0.0.4", prep.uri.trim_start_matches("tcp:")).await;
+    let cancel = CancellationToken::new();
+    let relay_uri = relay.uri();
+    // Perform ends at the switch; Finish resumes the guest on the target at once.
+    let perf = within(perform_to(&lab, m, &relay_uri, &prep, &policy, &cancel))
+        .await
+        .expect("Perform ends at the switch to post-copy");
+    assert!(perf.post_copy);
+    assert!(
+        postcopy::in_post_copy(Some(&migration_status(&lab.a, &lab.vm).await)),
+        "Perform ended at the switch, before the last pages"
+    );
+    let before = std::fs::read_to_string(lab.serial_a()).unwrap();
+    let fin = within(lab.finish(&lab.b, m, Some(&perf.cookie), false))
+        .await
+        .unwrap();
+    assert!(fin.resumed);
+    assert_eq!(
+        lab.run_status(&lab.b).await,
+        "running",
+        "the guest runs on the target"
+    );
+    assert!(
+        postcopy::in_post_copy(Some(&migration_status(&lab.b, &lab.vm).await)),
+        "while the rest of its memory follows"
+    );
     let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
     let (recovery_tx, recovery_rx) = watch::channel(TargetReport::default());
-    let cancel = CancellationToken::new();
-    let relay_uri = relay.uri();
-    let perform = perform_with_recovery(
-        &lab.a,
-        PerformInput {
-            uri: &relay_uri,
-            ..lab.perform_input(m, &prep, &policy, &cancel)
-        },
-        recovery_rx,
-        move |p| sink.lock().unwrap().push(p.clone()),
-    );
+    let dir = lab.a.vm_dir(&lab.vm);
+    let input = ConfirmInput {
+        vm: &lab.vm,
+        migration: m,
+        finish_cookie: fin.cookie.as_deref(),
+        cancelled: false,
+    };
+    let resume = Resumption {
+        uri: &relay_uri,
+        dir: &dir,
+        reports: recovery_rx,
+    };
+    let confirm = confirm_with(&lab.a, input, Some(resume), move |p| {
+        sink.lock().unwrap().push(p.clone())
+    });
     let driver = async {
         well_into_post_copy(&reports).await;
         relay.cut();
@@ -169,35 +201,58 @@ async fn a_cut_post_copy_stream_is_recovered_and_the_guest_arrives_whole() {
         );
         assert!(
             reports.lock().unwrap().last().is_some_and(|p| p.paused),
-            "Perform reports the pause"
+            "Confirm reports the pause"
         );
         assert_eq!(lab.qemu_pids().len(), 2, "both QEMUs live while paused");
         // The path comes back.
         relay.reopen(target.trim_start_matches("tcp:")).await;
     };
-    let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
-    let perf = res.expect("the recovered migration completes");
-    assert!(perf.post_copy);
-    lab.complete(m, &perf).await;
+    let (res, ()) = within(async { tokio::join!(confirm, driver) }).await;
+    match res.expect("the recovered migration completes") {
+        Confirmed::TargetRuns(Some(stats)) => {
+            assert!(stats.transferred_bytes > 48 << 20, "{stats:?}");
+            let downtime = stats.guest_downtime_ms().expect("both moments");
+            eprintln!("post-copy recovered; the guest paused {downtime} ms at the switch");
+        }
+        other => panic!("expected the target to run the guest, got {other:?}"),
+    }
+    lab.assert_one_guest_on(&lab.b);
+    lab.assert_continues_on_b(&before, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves_no_qemu() {
+async fn a_target_qemu_killed_in_post_copy_loses_the_guest_and_leaves_no_qemu() {
     let lab = Lab::new("pc-lost", 128, 49, 2_000_000);
     lab.start_source().await;
     let policy = slow_post_copy();
     let m = "m-pc-lost";
     let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
+    let cancel = CancellationToken::new();
+    let perf = within(perform_to(&lab, m, &prep.uri, &prep, &policy, &cancel))
+        .await
+        .unwrap();
+    assert!(perf.post_copy);
+    let fin = within(lab.finish(&lab.b, m, Some(&perf.cookie), false))
+        .await
+        .unwrap();
     let reports: Arc<Mutex<Vec<TransferProgress>>> = Arc::default();
     let sink = reports.clone();
     let (report_tx, report_rx) = watch::channel(TargetReport::default());
-    let cancel = CancellationToken::new();
-    let perform = perform_with_recovery(
-        &lab.a,
-        lab.perform_input(m, &prep, &policy, &cancel),
-        report_rx,
-        move |p| sink.lock().unwrap().push(p.clone()),
-    );
+    let dir = lab.a.vm_dir(&lab.vm);
+    let input = ConfirmInput {
+        vm: &lab.vm,
+        migration: m,
+        finish_cookie: fin.cookie.as_deref(),
+        cancelled: false,
+    };
+    let resume = Resumption {
+        uri: &prep.uri,
+        dir: &dir,
+        reports: report_rx,
+    };
+    let confirm = confirm_with(&lab.a, input, Some(resume), move |p| {
+        sink.lock().unwrap().push(p.clone())
+    });
     let driver = async {
         well_into_post_copy(&reports).await;
         let pid = lab.b.running_pid(&lab.vm).expect("the target QEMU runs");
@@ -206,8 +261,7 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        // The source pauses and waits for a recovery that cannot come; a cancel does
-        // not move it either (post-copy).
+        // The source pauses and waits for a recovery that cannot come.
         for _ in 0..100 {
             if migration_status(&lab.a, &lab.vm).await == postcopy::PAUSED {
                 break;
@@ -215,29 +269,18 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(migration_status(&lab.a, &lab.vm).await, postcopy::PAUSED);
-        cancel.cancel();
         tokio::time::sleep(postcopy::RESUME_EVERY).await;
+        assert_eq!(lab.qemu_pids().len(), 1, "the source waits, its QEMU kept");
         // What the target agent writes into status.targetLost.
         report_tx.send_replace(TargetReport {
             listens_at: None,
             lost: Some("the incoming QEMU is gone".into()),
         });
     };
-    let (res, ()) = within(async { tokio::join!(perform, driver) }).await;
-    let err = res.expect_err("Perform cannot complete without the target's QEMU");
-    assert!(
-        err.to_string()
-            .contains("the guest is lost: the incoming QEMU is gone"),
-        "{err}"
-    );
-    // The rollback, as the operator runs it: Finish(cancelled) on the target, then
-    // Confirm(cancelled) on the source, which cannot resume the guest.
-    let fin = lab.finish(&lab.b, m, None, true).await.unwrap();
-    assert!(!fin.resumed);
-    let confirmed = lab.confirm(&lab.a, m, None, true).await.unwrap();
-    match confirmed {
-        Confirmed::GuestLost(why) => assert!(why.contains("postcopy-paused"), "{why}"),
-        other => panic!("expected the guest lost, got {other:?}"),
+    let (res, ()) = within(async { tokio::join!(confirm, driver) }).await;
+    match res.expect("Confirm ends") {
+        Confirmed::TargetLost(why) => assert!(why.contains("the incoming QEMU is gone"), "{why}"),
+        other => panic!("expected the guest lost on the target, got {other:?}"),
     }
     assert_eq!(
         lab.qemu_pids(),
@@ -248,13 +291,62 @@ async fn a_target_qemu_killed_in_post_copy_fails_perform_and_the_rollback_leaves
         !lab.a.vm_dir(&lab.vm).exists(),
         "the source's state dir is gone"
     );
-    assert!(
-        !lab.b.vm_dir(&lab.vm).exists(),
-        "the target's state dir is gone"
-    );
 }
 
-/// Waits until Perform reports post-copy with more than 8 MiB still to send.
+/// A cancel during the switch is ignored, and the rollback after a lost target (its
+/// QEMU killed before Finish) removes what is left: Finish(cancelled) on the target,
+/// Confirm(cancelled) on the source, which cannot resume the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_lost_before_finish_rolls_back_to_no_qemu() {
+    let lab = Lab::new("pc-lost-early", 128, 49, 2_000_000);
+    lab.start_source().await;
+    let policy = slow_post_copy();
+    let m = "m-pc-lost-early";
+    let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
+    let cancel = CancellationToken::new();
+    let perf = within(perform_to(&lab, m, &prep.uri, &prep, &policy, &cancel))
+        .await
+        .unwrap();
+    assert!(perf.post_copy);
+    let pid = lab.b.running_pid(&lab.vm).expect("the target QEMU runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let fin = lab.finish(&lab.b, m, None, true).await.unwrap();
+    assert!(!fin.resumed);
+    let confirmed = lab.confirm(&lab.a, m, None, true).await.unwrap();
+    match confirmed {
+        Confirmed::GuestLost(why) => assert!(why.contains("postcopy"), "{why}"),
+        other => panic!("expected the guest lost, got {other:?}"),
+    }
+    assert_eq!(
+        lab.qemu_pids(),
+        Vec::<i32>::new(),
+        "no QEMU of the VM is left"
+    );
+    assert!(!lab.a.vm_dir(&lab.vm).exists());
+    assert!(!lab.b.vm_dir(&lab.vm).exists());
+}
+
+/// Perform of `m` on node-a, its stream sent to `uri`.
+async fn perform_to(
+    lab: &Lab,
+    m: &str,
+    uri: &str,
+    prep: &PrepareOutput,
+    policy: &Policy,
+    cancel: &CancellationToken,
+) -> Result<PerformOutput, PhaseError> {
+    let input = PerformInput {
+        uri,
+        ..lab.perform_input(m, prep, policy, cancel)
+    };
+    perform(&lab.a, input, |_| {}).await
+}
+
+/// Waits until Confirm reports the post-copy tail with more than 8 MiB still to send.
 async fn well_into_post_copy(reports: &Mutex<Vec<TransferProgress>>) {
     eventually("post-copy", || {
         let r = reports.lock().unwrap();

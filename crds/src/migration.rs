@@ -138,6 +138,23 @@ impl VirtualMachineMigration {
             .is_some_and(MigrationMode::is_post_copy)
     }
 
+    /// Whether the migration's stream may still run: during Perform, and after a switch
+    /// to post-copy through Finish and Confirm (the target runs the guest while the
+    /// last pages follow), unless a rollback started (the guest is then lost, and
+    /// nothing is left to carry).
+    pub fn stream_runs(&self) -> bool {
+        let Some(status) = self.status.as_ref() else {
+            return false;
+        };
+        match status.phase {
+            Some(MigrationPhase::Perform) => true,
+            Some(MigrationPhase::Finish | MigrationPhase::Confirm) => {
+                self.in_post_copy() && !status.cancelled
+            }
+            _ => false,
+        }
+    }
+
     /// The record of `phase`, if it has one.
     pub fn step(&self, phase: MigrationPhase) -> Option<&Step> {
         self.status.as_ref()?.steps.as_ref()?.get(phase)
@@ -564,5 +581,47 @@ impl MigrationMode {
     /// Whether the guest's state has moved to the target (it can no longer roll back).
     pub fn is_post_copy(self) -> bool {
         matches!(self, Self::PostCopy | Self::PostCopyPaused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(
+        phase: MigrationPhase,
+        mode: MigrationMode,
+        cancelled: bool,
+    ) -> VirtualMachineMigration {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "VirtualMachineMigration",
+            "metadata": {"name": "m", "namespace": "default"},
+            "spec": {"vmName": "demo"},
+            "status": {"phase": phase, "cancelled": cancelled, "progress": {
+                "bytesTotal": 1, "bytesTransferred": 1, "bytesRemaining": 0, "mode": mode}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_stream_outlives_perform_only_after_a_switch_to_post_copy() {
+        use MigrationMode::*;
+        use MigrationPhase::*;
+        for mode in [PreCopy, PostCopy, PostCopyPaused] {
+            assert!(migration(Perform, mode, false).stream_runs(), "{mode:?}");
+        }
+        for phase in [Finish, Confirm] {
+            assert!(!migration(phase, PreCopy, false).stream_runs(), "{phase:?}");
+            assert!(migration(phase, PostCopy, false).stream_runs(), "{phase:?}");
+            assert!(migration(phase, PostCopyPaused, false).stream_runs());
+            // A rollback after the switch: the guest is lost, nothing is carried.
+            assert!(!migration(phase, PostCopy, true).stream_runs(), "{phase:?}");
+        }
+        for phase in [Pending, Begin, Prepare, Succeeded, Failed, Cancelled] {
+            assert!(
+                !migration(phase, PostCopy, false).stream_runs(),
+                "{phase:?}"
+            );
+        }
     }
 }

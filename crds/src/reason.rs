@@ -69,6 +69,9 @@ reasons! {
     Listening,
     /// Perform sent the guest's state.
     Transferred,
+    /// Perform switched the migration to post-copy: the guest's devices went to the
+    /// target, which resumes it in Finish while the rest of its memory follows.
+    SwitchedToPostCopy,
     /// Perform saved the guest's state into a file; Confirm stopped the saved guest.
     Saved,
     /// Finish resumed the guest on the target.

@@ -5,9 +5,11 @@
 //! Begin fails → Failed; Prepare fails → Confirm(cancelled); Perform fails →
 //! Finish(cancelled) → Confirm(cancelled); Finish fails → Confirm(cancelled); Confirm
 //! fails → run again. A phase whose agent stopped heart-beating or that ran past its
-//! timeout counts as failed — except a Perform that switched to post-copy: the guest's
-//! state is then split between the nodes and the migration only goes forward (a cut
-//! stream pauses it until the agents recover it; see [`post_copy_pause`]).
+//! timeout counts as failed — except after a switch to post-copy (Perform ends there,
+//! Finish resumes the guest on the target while its last pages follow, Confirm waits
+//! for them): the guest's state is then split between the nodes and the migration only
+//! goes forward (a cut stream pauses it until the agents recover it; see
+//! [`post_copy_pause`]).
 
 use std::time::Duration;
 
@@ -153,9 +155,9 @@ pub fn decide(m: &VirtualMachineMigration, obs: &Observation, timeouts: &Timeout
         let left = limit.map(|l| l.saturating_sub(elapsed)).unwrap_or(POLL);
         return Decision::Wait(left.min(POLL).max(Duration::from_millis(200)));
     };
-    if phase == P::Perform && post_copy {
+    if matches!(phase, P::Perform | P::Finish) && post_copy && !cancelled {
         // A rollback would kill the target QEMU, which holds part of the guest's memory,
-        // and the source QEMU cannot resume it: wait for the source (its QEMU outlives a
+        // and the source QEMU cannot resume it: wait for the agent (its QEMU outlives a
         // lost agent, and a restarted one follows the migration) or for the path.
         return Decision::Wait(POLL);
     }
@@ -207,7 +209,7 @@ pub fn post_copy_pause(
         .iter()
         .find(|c| c.type_ == POST_COPY_PAUSED);
     let was_paused = current.is_some_and(|c| c.status == "True");
-    let paused = status.phase == Some(P::Perform)
+    let paused = m.stream_runs()
         && status.progress.as_ref().and_then(|p| p.mode) == Some(MigrationMode::PostCopyPaused);
     let source = status.source_node.as_deref().unwrap_or_default();
     let target = status.target_node.as_deref().unwrap_or_default();

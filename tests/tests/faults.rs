@@ -186,11 +186,13 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(90);
 const SLOW_POST_COPY: &str =
     "    bandwidthMiBps: 2\n    postCopy:\n      mode: AfterSeconds\n      afterSeconds: 2\n";
 
-/// The stream is cut while the migration is in post-copy: the guest's memory is split
-/// between the nodes, so nothing may roll back. Both QEMUs pause and stay; the migration
-/// waits (not terminal, condition PostCopyPaused); once the path is back the agents
-/// recover it and it ends Succeeded within [`RECOVERY_BOUND`], with one guest on the
-/// target whose counter goes on and which never saw a bad page.
+/// The stream is cut while the migration is in post-copy: Perform ended at the switch,
+/// and the guest runs on the target (it owns the VM since Finish) while its last pages
+/// follow. Its memory is split between the nodes, so nothing may roll back. Both QEMUs
+/// pause and stay; the migration waits in Confirm (not terminal, condition
+/// PostCopyPaused); once the path is back the agents recover it and it ends Succeeded
+/// within [`RECOVERY_BOUND`], with one guest on the target whose counter goes on and
+/// which never saw a bad page, and a guest downtime of the switch alone.
 #[tokio::test]
 async fn a_cut_post_copy_stream_is_recovered_when_the_path_is_back() {
     post_copy_cut_is_recovered(false).await;
@@ -229,6 +231,12 @@ async fn post_copy_cut_is_recovered(tunnelled: bool) {
     } else {
         "post-copy-cut"
     };
+    // The components' logs are kept whatever the checks below find.
+    let _keep = KeepLogsOnDrop {
+        cluster: &cluster,
+        root: logs_root(),
+        name: name.into(),
+    };
     let yaml = if tunnelled {
         tunnelled_migration_yaml(test_mode(), name, TARGET, SLOW_POST_COPY)
     } else {
@@ -261,8 +269,20 @@ async fn post_copy_cut_is_recovered(tunnelled: bool) {
     // The path stays down a while: nothing rolls back, nothing ends, both QEMUs stay.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let s = status().await.unwrap();
-    assert_eq!(s.phase, Some(MigrationPhase::Perform), "{s:#?}");
+    assert!(
+        matches!(
+            s.phase,
+            Some(MigrationPhase::Finish | MigrationPhase::Confirm)
+        ),
+        "Perform ends at the switch; the tail is Confirm's: {s:#?}"
+    );
     assert!(!s.cancelled, "a paused post-copy must not roll back");
+    let vm = vms.get("demo").await.unwrap().status.unwrap_or_default();
+    assert_eq!(
+        vm.node_name.as_deref(),
+        Some(TARGET),
+        "the target took the guest at the switch"
+    );
     assert_eq!(
         s.progress.and_then(|p| p.mode),
         Some(MigrationMode::PostCopyPaused)
@@ -292,27 +312,32 @@ async fn post_copy_cut_is_recovered(tunnelled: bool) {
         "{:?}",
         s.conditions
     );
+    // The guest paused for the switch alone, not for the post-copy tail: that lasted
+    // longer than the 6 s the path stayed down, while the guest ran on the target.
+    let downtime = s.downtime_ms.unwrap_or_default();
+    assert!(
+        (1..6_000).contains(&downtime),
+        "guest downtime {downtime} ms: the guest was paused through the tail"
+    );
     println!(
-        "post-copy{} cut and recovered: Succeeded {:.1} s after the path came back (bound {} s)",
+        "post-copy{} cut and recovered: Succeeded {:.1} s after the path came back (bound {} s); guest downtime {downtime} ms",
         if tunnelled { " (tunnelled)" } else { "" },
         recovered_in.as_secs_f64(),
         RECOVERY_BOUND.as_secs()
     );
-    fault_run::keep_logs(&cluster, &logs_root(), name);
 }
 
 /// How long a post-copy migration whose target QEMU died may take to end: the target
-/// agent looks at its QEMU every 0.5 s, then the source's Perform fails and the rollback
-/// runs Finish and Confirm.
+/// agent looks at its QEMU every 0.5 s and reports it, then the source's Confirm ends.
 const LOST_BOUND: Duration = Duration::from_secs(60);
 
-/// The target's QEMU dies after the switch to post-copy. It held the guest's state since
-/// the switch and QEMU cannot resume the guest on the source, so the guest is lost: no
-/// recovery can help, and nothing may wait for one. The target agent says so
-/// (`status.targetLost`), the source's Perform fails, and the rollback removes the
-/// source's QEMU: the migration ends Failed within [`LOST_BOUND`], the VM is marked
-/// Failed (GuestLost), and no QEMU, state dir or disk lock is left (the matrix's row
-/// checks).
+/// The target's QEMU dies after the switch to post-copy, while it runs the guest and
+/// the last pages follow (Confirm). It held the guest's state since the switch and QEMU
+/// cannot resume the guest on the source, so the guest is lost: no recovery can help,
+/// and nothing may wait for one. The target agent says so (`status.targetLost`) and
+/// marks the VM, its own since Finish, Failed (GuestLost); the source's Confirm removes
+/// its stale QEMU: the migration ends Failed within [`LOST_BOUND`], and no QEMU, state
+/// dir or disk lock is left (the matrix's row checks).
 #[tokio::test]
 async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_lost() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -322,9 +347,14 @@ async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_los
     apply_yaml(&cluster, &migration_yaml(MIGRATION, TARGET, SLOW_POST_COPY)).await;
     let status = || async { vmms.get(MIGRATION).await.ok()?.status };
     eventually(
-        "the switch to post-copy",
+        "the post-copy tail (Confirm)",
         Duration::from_secs(120),
-        || async { (status().await?.progress?.mode? == MigrationMode::PostCopy).then_some(()) },
+        || async {
+            let s = status().await?;
+            let tail = s.phase == Some(MigrationPhase::Confirm)
+                && s.progress?.mode? == MigrationMode::PostCopy;
+            tail.then_some(())
+        },
     )
     .await;
     let pid = cluster.qemu_pids("demo")[TARGET];

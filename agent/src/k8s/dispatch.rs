@@ -126,7 +126,8 @@ fn dispatch(agent: &Arc<Agent>, m: VirtualMachineMigration) {
             .tasks
             .cancel(&uid, |t| t == Task::Phase(MigrationPhase::Perform));
     }
-    // A running Perform learns where the target listens again after a cut.
+    // A running Perform (or Confirm, waiting for a post-copy tail) learns where the
+    // target listens again after a cut.
     agent.tasks.report(&uid, &phase::target_report(&status));
     recovery::dispatch(agent, &m);
     if m.spec.mode == ControlMode::PeerToPeer {

@@ -1,11 +1,15 @@
-//! The target's part of post-copy recovery. Between Prepare and Finish the target agent
-//! has no phase to run, but while the source runs Perform it watches its incoming QEMU:
-//! when a cut stream pauses a post-copy migration there, it listens again on a fresh
-//! port (`migrate-recover`, [`ferry_agent::postcopy::listen_again`]; tunnelled: on its
-//! incoming socket again) and publishes the URI as `status.recoveryURI` (tunnelled: its
-//! peer endpoint, `tunnel:<host>:<port>`); the source's Perform resumes to it. Once the migration
-//! runs again the URI is cleared, so a later pause never sends the source to a port that
-//! may meanwhile belong to another migration.
+//! The target's part of post-copy recovery. While the stream may run (the source's
+//! Perform, and after a switch to post-copy Finish and Confirm, while the guest runs
+//! here and its last pages follow: [`VirtualMachineMigration::stream_runs`]) the target
+//! agent watches its incoming QEMU: when a cut stream pauses a post-copy migration
+//! there, it listens again on a fresh port (`migrate-recover`,
+//! [`ferry_agent::postcopy::listen_again`]; tunnelled: on its incoming socket again) and
+//! publishes the URI as `status.recoveryURI` (tunnelled: its peer endpoint,
+//! `tunnel:<host>:<port>`); the source (Perform, or Confirm's wait for the tail) resumes
+//! to it. Once the migration runs again the URI is cleared, so a later pause never sends
+//! the source to a port that may meanwhile belong to another migration. Once the
+//! incoming post-copy migration completed it removes the stream's TLS objects from the
+//! guest; if its QEMU is gone after the switch it reports the guest lost.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,36 +25,38 @@ use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::Agent;
 use super::status::StatusWriter;
 use super::tasks::Task;
+use super::{Agent, phase};
 
-/// How often the target looks at its incoming QEMU during Perform.
+/// How often the target looks at its incoming QEMU while the stream may run.
 const POLL: Duration = Duration::from_millis(500);
 
 /// Whether this node should watch `m`'s incoming QEMU now: it is the target and the
-/// source is performing.
+/// stream may run.
 pub fn watches_incoming(m: &VirtualMachineMigration, node: &str) -> bool {
     let Some(status) = &m.status else {
         return false;
     };
-    status.phase == Some(MigrationPhase::Perform) && status.target_node.as_deref() == Some(node)
+    m.stream_runs() && status.target_node.as_deref() == Some(node)
 }
 
-/// Whether a watcher must stop: the migration moved past Perform. (An event showing an
+/// Whether a watcher must stop: the migration moved past its stream (past Perform
+/// without a switch to post-copy, a rollback, or its end). (An event showing an
 /// earlier phase may be stale: the two watches deliver versions out of order.)
-fn past_perform(m: &VirtualMachineMigration) -> bool {
+fn stream_over(m: &VirtualMachineMigration) -> bool {
     use MigrationPhase::*;
-    matches!(
-        m.status.as_ref().and_then(|s| s.phase),
-        Some(Finish | Confirm | Succeeded | Failed | Cancelled)
-    )
+    match m.status.as_ref().and_then(|s| s.phase) {
+        Some(Succeeded | Failed | Cancelled) => true,
+        Some(Finish | Confirm) => !m.stream_runs(),
+        _ => false,
+    }
 }
 
 /// Starts or stops the watcher of `m`'s incoming QEMU.
 pub fn dispatch(agent: &Arc<Agent>, m: &VirtualMachineMigration) {
     let uid = m.uid().unwrap_or_default();
-    if past_perform(m) {
+    if stream_over(m) {
         agent.tasks.stop(&uid, Task::TargetWatch);
         return;
     }
@@ -93,6 +99,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
     // URI is published.
     let mut listened: Option<Instant> = None;
     let mut published = status.recovery_uri.is_some();
+    let mut post_copy_seen = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -104,6 +111,10 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
                 && let Some(why) = lost(&now, &agent.node, &m.spec.vm_name)
             {
                 warn!(%why, "the incoming QEMU is gone after the switch to post-copy");
+                // A guest this node took in Finish is this node's to mark lost.
+                if let Err(e) = phase::mark_lost_here(agent, &now, &vm, &why).await {
+                    warn!(error = %e, "could not mark the VM lost");
+                }
                 let lost = MigrationStatusPatch {
                     target_lost: Some(why),
                     ..Default::default()
@@ -114,6 +125,17 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
             }
             continue;
         };
+        post_copy_seen |= postcopy::in_post_copy(state.as_deref());
+        if state.as_deref() == Some("completed") && (post_copy_seen || m.in_post_copy()) {
+            // Every page is here: the stream is over, and so are its TLS objects.
+            if let Ok(guest) = agent.sup.require(&vm).await
+                && let Err(e) = ferry_agent::tls::clear(&guest.qmp).await
+            {
+                warn!(error = %e, "could not remove the TLS objects");
+            }
+            tracing::debug!("post-copy complete here");
+            return;
+        }
         let paused = postcopy::is_paused(state.as_deref());
         if !paused {
             listened = None;
@@ -171,7 +193,7 @@ async fn watch(agent: &Agent, m: &VirtualMachineMigration, cancel: &Cancellation
 /// Why `m` can never complete, when this node's incoming QEMU of `vm` is gone: the
 /// source reports post-copy (`progress.mode`), so that QEMU held the guest's state since
 /// the switch. `None` before the switch (the source's stream fails and Perform rolls
-/// back as for any lost target) or once the migration left Perform.
+/// back as for any lost target) or once the stream is over.
 pub fn lost(m: &VirtualMachineMigration, node: &str, vm: &str) -> Option<String> {
     let status = m.status.as_ref()?;
     let post_copy = status
@@ -234,18 +256,18 @@ mod tests {
             lost(&with_mode(MigrationPhase::Perform, None), "node-b", "demo"),
             None
         );
-        assert_eq!(
-            lost(
-                &with_mode(MigrationPhase::Finish, Some(PostCopy)),
-                "node-b",
-                "demo"
-            ),
-            None
-        );
+        // After the switch Finish and Confirm carry the tail: the target still reports.
+        for phase in [MigrationPhase::Finish, MigrationPhase::Confirm] {
+            assert!(lost(&with_mode(phase, Some(PostCopy)), "node-b", "demo").is_some());
+            assert_eq!(
+                lost(&with_mode(phase, Some(PreCopy)), "node-b", "demo"),
+                None
+            );
+        }
     }
 
     #[test]
-    fn only_the_target_watches_and_only_during_perform() {
+    fn only_the_target_watches_and_only_while_the_stream_may_run() {
         use MigrationPhase::*;
         assert!(watches_incoming(&migration(Perform), "node-b"));
         assert!(!watches_incoming(&migration(Perform), "node-a"));
@@ -253,10 +275,22 @@ mod tests {
             assert!(!watches_incoming(&migration(phase), "node-b"), "{phase:?}");
         }
         for phase in [Finish, Confirm, Succeeded, Failed, Cancelled] {
-            assert!(past_perform(&migration(phase)), "{phase:?}");
+            assert!(stream_over(&migration(phase)), "{phase:?}");
         }
         for phase in [Pending, Begin, Prepare, Perform] {
-            assert!(!past_perform(&migration(phase)), "{phase:?}");
+            assert!(!stream_over(&migration(phase)), "{phase:?}");
+        }
+        // After a switch to post-copy the target watches on through Finish and Confirm.
+        for phase in [Finish, Confirm] {
+            let mut m = migration(phase);
+            m.status.as_mut().unwrap().progress = Some(ferry_crds::Progress {
+                mode: Some(MigrationMode::PostCopy),
+                ..Default::default()
+            });
+            assert!(watches_incoming(&m, "node-b"), "{phase:?}");
+            assert!(!stream_over(&m), "{phase:?}");
+            m.status.as_mut().unwrap().cancelled = true;
+            assert!(stream_over(&m), "{phase:?}: rolled back");
         }
     }
 }

@@ -104,30 +104,36 @@ impl Tasks {
         }
     }
 
-    /// What the target reports, from `initial` on, to the running Perform of `uid`, for
-    /// as long as it runs.
-    pub fn listen(&self, uid: &str, initial: TargetReport) -> watch::Receiver<TargetReport> {
+    /// What the target reports, from `initial` on, to the running `phase` of `uid` (one
+    /// of [`HEARS_THE_TARGET`]), for as long as it runs.
+    pub fn listen(
+        &self,
+        uid: &str,
+        phase: MigrationPhase,
+        initial: TargetReport,
+    ) -> watch::Receiver<TargetReport> {
         let (tx, rx) = watch::channel(initial);
-        let key = (uid.to_string(), Task::Phase(MigrationPhase::Perform));
+        let key = (uid.to_string(), Task::Phase(phase));
         if let Some(entry) = self.table().get_mut(&key) {
             entry.reports = Some(tx);
         }
         rx
     }
 
-    /// Passes `report` to the running Perform of `uid`, if it listens and the report is
-    /// news.
+    /// Passes `report` to the running phases of `uid` that listen, if it is news.
     pub fn report(&self, uid: &str, report: &TargetReport) {
         let table = self.table();
-        let key = (uid.to_string(), Task::Phase(MigrationPhase::Perform));
-        if let Some(tx) = table.get(&key).and_then(|e| e.reports.as_ref()) {
-            tx.send_if_modified(|current| {
-                let changed = current != report;
-                if changed {
-                    *current = report.clone();
-                }
-                changed
-            });
+        for phase in HEARS_THE_TARGET {
+            let key = (uid.to_string(), Task::Phase(phase));
+            if let Some(tx) = table.get(&key).and_then(|e| e.reports.as_ref()) {
+                tx.send_if_modified(|current| {
+                    let changed = current != report;
+                    if changed {
+                        *current = report.clone();
+                    }
+                    changed
+                });
+            }
         }
     }
 }
@@ -141,6 +147,11 @@ impl Drop for Running {
         }
     }
 }
+
+/// The phases the source runs while the stream may need recovering: Perform, and
+/// Confirm, which waits for a post-copy migration's last pages.
+pub const HEARS_THE_TARGET: [MigrationPhase; 2] =
+    [MigrationPhase::Perform, MigrationPhase::Confirm];
 
 #[cfg(test)]
 mod tests {
@@ -186,7 +197,7 @@ mod tests {
         let perform = tasks
             .start("u", Task::Phase(MigrationPhase::Perform))
             .unwrap();
-        let mut rx = tasks.listen("u", TargetReport::default());
+        let mut rx = tasks.listen("u", MigrationPhase::Perform, TargetReport::default());
         let report = TargetReport {
             listens_at: Some("tcp:127.0.0.3:4445".into()),
             lost: None,
@@ -198,5 +209,13 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         drop(perform);
         assert!(rx.has_changed().is_err(), "the Perform is over");
+        // Confirm, waiting for a post-copy tail, hears the target too.
+        let confirm = tasks
+            .start("u", Task::Phase(MigrationPhase::Confirm))
+            .unwrap();
+        let mut rx = tasks.listen("u", MigrationPhase::Confirm, TargetReport::default());
+        tasks.report("u", &report);
+        assert_eq!(*rx.borrow_and_update(), report);
+        drop(confirm);
     }
 }

@@ -1,4 +1,6 @@
-//! Confirm (source): if the target took over, stops the old QEMU and removes its state;
+//! Confirm (source): if the target took over, waits for a post-copy migration's last
+//! pages to reach it ([`postcopy::complete`], recovering a cut stream), then stops the
+//! old QEMU and removes its state;
 //! if the migration was cancelled, makes sure no migration runs any more and resumes
 //! the source guest if Begin found it running — unless the outgoing migration had
 //! switched to post-copy, which QEMU cannot take back: then the guest is lost and its
@@ -6,9 +8,11 @@
 
 use crate::cookie::{Cookie, Expect, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
+use crate::phases::perform::TransferProgress;
 use crate::phases::{
     MigrationRecord, Phase, TransferState, check_vm_name, should_resume_source, transfer_state,
 };
+use crate::postcopy::{self, Resumption, Tail, TargetReport};
 use crate::qmp::{MigrationInfo, StatusInfo};
 use crate::supervisor::{StopMode, Supervisor};
 use std::time::Duration;
@@ -27,6 +31,9 @@ pub enum Confirmed {
     /// cannot resume it here ("Migration is not finalized yet"). This QEMU was removed;
     /// the reason says what the outgoing migration was in.
     GuestLost(String),
+    /// The target took the guest after the switch to post-copy and lost its QEMU before
+    /// every page reached it: the guest is lost, and its stale QEMU here was removed.
+    TargetLost(String),
 }
 
 /// What Confirm needs.
@@ -41,12 +48,25 @@ pub struct ConfirmInput<'a> {
     pub cancelled: bool,
 }
 
-/// Runs Confirm. `finish_cookie` is required when not `cancelled`.
+/// Runs Confirm. `finish_cookie` is required when not `cancelled`. A post-copy tail is
+/// waited for without recovery: see [`confirm_with`].
+pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confirmed, PhaseError> {
+    confirm_with(sup, input, None, |_| {}).await
+}
+
+/// [`confirm`], recovering a post-copy tail cut on its way as `resume` says (where the
+/// source QEMU resumes to, and the target's reports), reporting its progress to
+/// `on_progress`.
 #[tracing::instrument(
     skip_all,
     fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
 )]
-pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confirmed, PhaseError> {
+pub async fn confirm_with(
+    sup: &Supervisor,
+    input: ConfirmInput<'_>,
+    resume: Option<Resumption<'_>>,
+    on_progress: impl FnMut(&TransferProgress),
+) -> Result<Confirmed, PhaseError> {
     let ConfirmInput {
         vm,
         migration,
@@ -87,12 +107,33 @@ pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confir
                 )));
             }
         }
+        let mut statistics = target.statistics;
+        match post_copy_tail(sup, &cx, resume, on_progress).await? {
+            None => {}
+            Some(Tail::Completed(info)) => {
+                // The figures of the whole transfer, with the pause and resume moments.
+                let all = Statistics::from_info(&info);
+                statistics = statistics.map(|s| Statistics {
+                    total_time_ms: all.total_time_ms,
+                    downtime_ms: all.downtime_ms.max(s.downtime_ms),
+                    transferred_bytes: all.transferred_bytes,
+                    total_bytes: all.total_bytes,
+                    passes: all.passes,
+                    ..s
+                });
+            }
+            Some(Tail::Lost(why)) => {
+                tracing::error!(vm, migration, %why, "removing the source QEMU: the guest is lost on the target");
+                sup.destroy(vm).await.map_err(|e| cx.err(e))?;
+                return Ok(Confirmed::TargetLost(why));
+            }
+        }
         sup.stop(vm, StopMode::Quit(Duration::from_secs(10)))
             .await
             .map_err(|e| cx.err(e))?;
         sup.destroy(vm).await.map_err(|e| cx.err(e))?;
         tracing::info!(vm, migration, "Confirm done: source QEMU removed");
-        return Ok(Confirmed::TargetRuns(target.statistics));
+        return Ok(Confirmed::TargetRuns(statistics));
     }
     let record = MigrationRecord::load_for(&dir, migration).map_err(|e| cx.err(e))?;
     // A save to a file that is rolled back: the temporary file an attempt that died
@@ -154,4 +195,44 @@ pub async fn confirm(sup: &Supervisor, input: ConfirmInput<'_>) -> Result<Confir
         "Confirm(cancelled) done: guest runs on the source"
     );
     Ok(Confirmed::SourceRuns)
+}
+
+/// After a switch to post-copy the target runs the guest while the last pages still
+/// come from here: waits for the outgoing migration to complete (recovering a cut
+/// stream as `resume` says). `None` when there is no tail to wait for (a pre-copy
+/// migration, or no QEMU any more: an earlier run stopped it).
+async fn post_copy_tail(
+    sup: &Supervisor,
+    cx: &Ctx<'_>,
+    resume: Option<Resumption<'_>>,
+    on_progress: impl FnMut(&TransferProgress),
+) -> Result<Option<Tail>, PhaseError> {
+    let (vm, migration) = (cx.vm, cx.migration);
+    let Some(guest) = sup.attach(vm).await.map_err(|e| cx.err(e))? else {
+        return Ok(None);
+    };
+    let info: MigrationInfo = guest
+        .qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(|e| cx.err(e))?;
+    if !postcopy::in_post_copy(info.status.as_deref()) {
+        return Ok(None);
+    }
+    tracing::info!(
+        vm,
+        migration,
+        "post-copy: the guest runs on the target; waiting for its last pages to reach it"
+    );
+    let dir = sup.vm_dir(vm);
+    let (_none, reports) = tokio::sync::watch::channel(TargetReport::default());
+    let resume = resume.unwrap_or(Resumption {
+        uri: "",
+        dir: &dir,
+        reports,
+    });
+    let tail = postcopy::complete(&guest.qmp, vm, migration, resume, on_progress)
+        .await
+        .map_err(|e| cx.err(e))?;
+    Ok(Some(tail))
 }

@@ -4,6 +4,12 @@
 //! the new QEMU and removes its state; after it Finish only goes forward — it never
 //! removes the incoming QEMU — and retries `cont` until the guest runs here
 //! (docs/protocol.md, "The commit point").
+//!
+//! After a switch to post-copy the guest's devices are here while the rest of its memory
+//! still follows from the source, as in libvirt: Finish commits and resumes it then, and
+//! the pages it touches first come ahead of the background stream (postcopy-preempt).
+//! There is no way back from the switch, so Finish neither waits with a deadline nor
+//! aborts while the incoming QEMU lives: it tries the commit again until it lands.
 
 use crate::cookie::{Cookie, Expect, LockState, Statistics};
 use crate::error::{BoxError, Ctx, ErrorKind, PhaseError};
@@ -29,20 +35,22 @@ pub struct FinishInput<'a> {
     pub cancelled: bool,
 }
 
-/// Runs Finish. `commit` is awaited once the guest arrived, before `cont`: it does
+/// Runs Finish. `commit` is called once the guest arrived, before `cont`: it does
 /// everything that can fail before the guest may run here, then takes ownership. Its
-/// `Err` must mean this node certainly does not own the guest (the incoming QEMU is
-/// then killed); an ownership write whose answer was lost is the caller's to settle.
+/// `Err` must mean this node certainly does not own the guest (before a switch to
+/// post-copy the incoming QEMU is then killed; after one `commit` is called again);
+/// an ownership write whose answer was lost is the caller's to settle.
 #[tracing::instrument(
     skip_all,
     fields(vm = input.vm, migration = input.migration, cancelled = input.cancelled)
 )]
-pub async fn finish<F>(
+pub async fn finish<C, F>(
     sup: &Supervisor,
     input: FinishInput<'_>,
-    commit: F,
+    mut commit: C,
 ) -> Result<FinishOutput, PhaseError>
 where
+    C: FnMut() -> F,
     F: Future<Output = Result<(), BoxError>>,
 {
     let FinishInput {
@@ -76,7 +84,7 @@ where
     // may have sent it (this run has not).
     let cont_sent = rec.committed;
     if !rec.committed {
-        if let Err(kind) = commit_here(sup, &cx, commit).await {
+        if let Err(kind) = commit_here(sup, &cx, &mut commit).await {
             let err = cx.err(kind);
             abort(sup, &cx).await?;
             return Err(err);
@@ -113,6 +121,8 @@ const ARRIVAL_WAIT: Duration = Duration::from_secs(30);
 
 /// How soon a `cont` that failed on a QEMU still running is sent again.
 const CONT_RETRY: Duration = Duration::from_millis(200);
+/// How soon a commit that failed after the switch to post-copy is tried again.
+const COMMIT_RETRY: Duration = Duration::from_secs(1);
 /// How long a NeverRan Finish waits for the exiting incoming QEMU to be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(15);
 
@@ -146,23 +156,43 @@ fn source_cookie(
     )?)
 }
 
-/// Waits for the guest to finish loading, then runs `commit`. Every error here comes
-/// before the commit point.
-async fn commit_here<F>(sup: &Supervisor, cx: &Ctx<'_>, commit: F) -> Result<(), ErrorKind>
+/// Waits for the guest to finish loading (after a switch to post-copy: for its devices),
+/// then runs `commit`. Every error here comes before the commit point. After a switch
+/// the incoming QEMU holds the only current copy of part of the guest's memory, so as
+/// long as it lives nothing here gives up: the wait has no deadline, and a failed QMP
+/// look or commit is tried again.
+async fn commit_here<C, F>(sup: &Supervisor, cx: &Ctx<'_>, commit: &mut C) -> Result<(), ErrorKind>
 where
+    C: FnMut() -> F,
     F: Future<Output = Result<(), BoxError>>,
 {
-    let guest = sup.require(cx.vm).await?;
+    let (vm, migration) = (cx.vm, cx.migration);
     // The source saw the stream complete a moment before this QEMU finishes loading it.
     let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+    let mut post_copy = false;
+    let alive = || sup.running_pid(vm).is_some();
     loop {
-        let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
-        let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
-        match arrival(&status.status, info.status.as_deref()) {
+        let look = async {
+            let guest = sup.require(vm).await?;
+            let status: StatusInfo = guest.qmp.execute("query-status", None).await?;
+            let info: MigrationInfo = guest.qmp.execute("query-migrate", None).await?;
+            Ok::<_, ErrorKind>((status.status, info.status))
+        };
+        let (run, incoming) = match look.await {
+            Ok(seen) => seen,
+            Err(e) if post_copy && alive() => {
+                tracing::warn!(vm, migration, error = %e, "post-copy: cannot look at the incoming QEMU; trying again");
+                tokio::time::sleep(CONT_RETRY).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        post_copy |= crate::postcopy::in_post_copy(incoming.as_deref());
+        match arrival(&run, incoming.as_deref()) {
             // A guest already running here was resumed by an earlier run whose record
             // was lost; the commit is idempotent.
             Arrival::Arrived | Arrival::AlreadyResumed => break,
-            Arrival::Arriving if tokio::time::Instant::now() < deadline => {
+            Arrival::Arriving if post_copy || tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Arrival::Arriving => {
@@ -174,10 +204,24 @@ where
             Arrival::NotArrived(why) => return Err(ErrorKind::NotArrived(why)),
         }
     }
-    commit.await.map_err(ErrorKind::Ownership)?;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match commit().await {
+            Ok(()) => break,
+            Err(e) if post_copy && alive() => {
+                if attempt == 1 || attempt.is_multiple_of(20) {
+                    tracing::warn!(vm, migration, attempt, error = %e, "post-copy: the commit failed; trying again (there is no way back after the switch)");
+                }
+                tokio::time::sleep(COMMIT_RETRY).await;
+            }
+            Err(e) => return Err(ErrorKind::Ownership(e)),
+        }
+    }
     tracing::info!(
-        vm = cx.vm,
-        migration = cx.migration,
+        vm,
+        migration,
+        post_copy,
         "committed: the guest is this node's; resuming"
     );
     Ok(())
@@ -247,8 +291,14 @@ async fn resume_here(
     }
 }
 
-/// The stream is over: the guest keeps no TLS objects of this migration.
+/// The stream is over: the guest keeps no TLS objects of this migration. After a switch
+/// to post-copy the rest of the memory still comes (and may need recovering), so they
+/// stay until it is over (the agent's watcher of the incoming QEMU removes them then).
 async fn clear_tls(guest: &crate::supervisor::Guest, cx: &Ctx<'_>) {
+    let incoming: Result<MigrationInfo, _> = guest.qmp.execute("query-migrate", None).await;
+    if incoming.is_ok_and(|i| crate::postcopy::in_post_copy(i.status.as_deref())) {
+        return;
+    }
     if let Err(e) = crate::tls::clear(&guest.qmp).await {
         tracing::warn!(vm = cx.vm, migration = cx.migration, error = %e, "could not remove the TLS objects");
     }

@@ -91,7 +91,8 @@ pub fn may_begin(
 /// What the target guest's state says in Finish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Arrival {
-    /// The stream arrived whole and the vCPUs wait for `cont`.
+    /// The stream arrived whole (or, after a switch to post-copy, the devices did) and
+    /// the vCPUs wait for `cont`.
     Arrived,
     /// A previous Finish already resumed the guest.
     AlreadyResumed,
@@ -102,6 +103,19 @@ pub enum Arrival {
 
 /// Judges the target guest from `query-status` and `query-migrate`.
 pub fn arrival(run_status: &str, migration_status: Option<&str>) -> Arrival {
+    if crate::postcopy::in_post_copy(migration_status) {
+        // After the switch to post-copy the devices are here once QEMU left `inmigrate`
+        // (the source's "run" command); the rest of the memory follows while it runs.
+        return match run_status {
+            "paused" => Arrival::Arrived,
+            "running" => Arrival::AlreadyResumed,
+            "inmigrate" => Arrival::Arriving,
+            s => Arrival::NotArrived(format!(
+                "incoming migration is {}, guest is '{s}'",
+                migration_status.unwrap_or_default()
+            )),
+        };
+    }
     match (transfer_state(migration_status), run_status) {
         (TransferState::Completed, "paused" | "postmigrate") => Arrival::Arrived,
         (TransferState::Completed, "running") => Arrival::AlreadyResumed,
@@ -185,6 +199,28 @@ mod tests {
             arrival("paused", Some("failed")),
             Arrival::NotArrived(_)
         ));
+    }
+
+    #[test]
+    fn after_the_switch_to_post_copy_the_guest_arrives_with_its_devices() {
+        for status in ["postcopy-active", "postcopy-paused", "postcopy-recover"] {
+            assert_eq!(
+                arrival("paused", Some(status)),
+                Arrival::Arrived,
+                "{status}"
+            );
+            assert_eq!(
+                arrival("running", Some(status)),
+                Arrival::AlreadyResumed,
+                "{status}"
+            );
+            // The devices are still on their way: QEMU has not had the "run" command.
+            assert_eq!(arrival("inmigrate", Some(status)), Arrival::Arriving);
+            assert!(matches!(
+                arrival("shutdown", Some(status)),
+                Arrival::NotArrived(_)
+            ));
+        }
     }
 
     #[test]

@@ -2,23 +2,24 @@
 //! to the URI Prepare returned with `migrate`, reports progress while it runs, applies
 //! the policy's decisions on the way ([`policy::decide`]: switch to post-copy, abort on a
 //! timeout), can be cancelled (`migrate_cancel`, only before post-copy), and returns a
-//! cookie with the statistics. A re-run finds a running or finished migration and
+//! cookie with the statistics. It ends when the pre-copy migration completed, or at the
+//! switch to post-copy, as libvirt's does: Finish then resumes the guest on the target
+//! while the rest of its memory follows, and Confirm waits for that tail
+//! ([`crate::postcopy::complete`]). A re-run finds a running or finished migration and
 //! follows it. With node credentials the stream is TLS ([`crate::tls`]).
 
 use crate::cookie::{Cookie, Expect, GraphicsInfo, Statistics};
 use crate::error::{Ctx, ErrorKind, PhaseError};
 use crate::phases::{MigrationRecord, Phase, TransferState, check_vm_name, transfer_state};
 use crate::policy::{self, Action, Convergence, Judgement, Limit, Policy, Sample, Side, apply};
-use crate::postcopy::TargetReport;
 use crate::qmp::{Event, MigrationInfo, Qmp, QmpError};
 use crate::stream::check_uri;
 use crate::supervisor::Supervisor;
 use crate::tls::{Credentials, Endpoint};
 use serde_json::json;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use super::record::PerformOutput;
@@ -110,35 +111,17 @@ pub struct PerformInput<'a> {
 
 /// Runs Perform: migrates `vm` to `uri` (from Prepare) under `policy` (the same policy
 /// Prepare applied to the target), calling `on_progress` about four times a second,
-/// until it completes, fails, a limit of the policy aborts it, or `cancel` fires (a
-/// cancel after the switch to post-copy is ignored: the guest's state is on the target
-/// and the migration must finish). `tls`: this node's credentials when the stream is
-/// encrypted (the target's certificate must name the node that wrote Prepare's cookie),
-/// `None` for plain TCP; the TLS objects are removed from the source QEMU once the
-/// migration completed. A post-copy stream cut here stays paused: see
-/// [`perform_with_recovery`].
+/// until it completes, switches to post-copy, fails, a limit of the policy aborts it,
+/// or `cancel` fires (a cancel is not sent once the switch to post-copy was asked for:
+/// the guest's state goes to the target and the migration must finish). `tls`: this
+/// node's credentials when the stream is encrypted (the target's certificate must name
+/// the node that wrote Prepare's cookie), `None` for plain TCP; the TLS objects are
+/// removed from the source QEMU once a pre-copy migration completed (after a switch to
+/// post-copy the stream goes on, and they stay for its recovery).
+#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
 pub async fn perform(
     sup: &Supervisor,
     input: PerformInput<'_>,
-    on_progress: impl FnMut(&TransferProgress),
-) -> Result<PerformOutput, PhaseError> {
-    let (_never, recovery) = watch::channel(TargetReport::default());
-    perform_with_recovery(sup, input, recovery, on_progress).await
-}
-
-/// [`perform`], recovering a cut post-copy stream: while QEMU reports `postcopy-paused`,
-/// every [`postcopy::RESUME_EVERY`](crate::postcopy::RESUME_EVERY) it resumes the
-/// migration to the latest URI `recovery` holds (where the target listens again, see
-/// [`crate::postcopy`]; a tunnelled one to its tunnel socket once the target listens
-/// again, [`crate::stream::resume_uri`]), until the path is back and the migration goes on. If `recovery`
-/// says the target lost its QEMU after the switch, it fails with
-/// [`ErrorKind::GuestLost`]: nothing can finish the migration, and the guest cannot run
-/// here again.
-#[tracing::instrument(skip_all, fields(vm = input.vm, migration = input.migration))]
-pub async fn perform_with_recovery(
-    sup: &Supervisor,
-    input: PerformInput<'_>,
-    recovery: watch::Receiver<TargetReport>,
     mut on_progress: impl FnMut(&TransferProgress),
 ) -> Result<PerformOutput, PhaseError> {
     let PerformInput {
@@ -180,7 +163,7 @@ pub async fn perform_with_recovery(
     )
     .map_err(|e| cx.err(e))?;
     let guest = sup.require(vm).await.map_err(|e| cx.err(e))?;
-    let mut transfer = Transfer::new(cx, &guest.qmp, &dir, input, recovery);
+    let mut transfer = Transfer::new(cx, &guest.qmp, input);
     transfer.start(&mut record, &dir, &target.host_name).await?;
     let info = transfer.follow(&mut on_progress).await?;
     let stats = transfer.conclude(info, &mut on_progress).await?;
@@ -215,22 +198,16 @@ pub async fn perform_with_recovery(
 struct Transfer<'a> {
     cx: Ctx<'a>,
     qmp: &'a Qmp,
-    /// The guest's state dir.
-    dir: &'a Path,
     input: PerformInput<'a>,
-    recovery: watch::Receiver<TargetReport>,
     /// Subscribed before the first `query-migrate`, so no event of this transfer is missed.
     events: broadcast::Receiver<Event>,
     cancel_sent: bool,
     cancel_ignored: bool,
     in_post_copy: bool,
     post_copy_sent: bool,
-    /// QEMU time of the switch to post-copy.
-    switched_at: Option<Duration>,
     aborted: Option<Limit>,
     max_throttle: u64,
     conv: Convergence,
-    last_resume: Option<Instant>,
     /// When the guest paused here for the switch-over (QEMU's STOP event).
     stopped_at: Option<u64>,
     /// The downtime limit last set on QEMU ([`Policy::downtime_limit`]); `None` until
@@ -239,29 +216,19 @@ struct Transfer<'a> {
 }
 
 impl<'a> Transfer<'a> {
-    fn new(
-        cx: Ctx<'a>,
-        qmp: &'a Qmp,
-        dir: &'a Path,
-        input: PerformInput<'a>,
-        recovery: watch::Receiver<TargetReport>,
-    ) -> Self {
+    fn new(cx: Ctx<'a>, qmp: &'a Qmp, input: PerformInput<'a>) -> Self {
         Transfer {
             cx,
             qmp,
-            dir,
             input,
-            recovery,
             events: qmp.subscribe(),
             cancel_sent: false,
             cancel_ignored: false,
             in_post_copy: false,
             post_copy_sent: false,
-            switched_at: None,
             aborted: None,
             max_throttle: 0,
             conv: Convergence::default(),
-            last_resume: None,
             stopped_at: None,
             downtime_limit: None,
         }
@@ -326,9 +293,8 @@ impl<'a> Transfer<'a> {
     }
 
     /// The progress/policy loop: on every event or poll, looks at `query-migrate`,
-    /// waits out a cut post-copy stream ([`Self::recover_post_copy`]), reports progress
-    /// and applies the policy's decision, until the transfer ends; returns its last
-    /// `query-migrate`.
+    /// reports progress and applies the policy's decision, until the transfer ends or
+    /// switched to post-copy; returns its last `query-migrate`.
     async fn follow(
         &mut self,
         on_progress: &mut impl FnMut(&TransferProgress),
@@ -340,8 +306,8 @@ impl<'a> Transfer<'a> {
         loop {
             tokio::select! {
                 _ = cancel.cancelled(), if !self.cancel_sent && !self.cancel_ignored => {
-                    if self.in_post_copy {
-                        tracing::warn!(vm, migration, "cancel ignored: the migration is in post-copy and must finish");
+                    if self.in_post_copy || self.post_copy_sent {
+                        tracing::warn!(vm, migration, "cancel ignored: the migration switches to post-copy and must finish");
                         self.cancel_ignored = true;
                         continue;
                     }
@@ -377,56 +343,21 @@ impl<'a> Transfer<'a> {
                 _ => return Ok(info),
             }
             let s = sample(&info);
-            self.recover_post_copy(&info).await?;
             self.in_post_copy |= s.post_copy;
-            if s.post_copy && self.switched_at.is_none() {
-                self.switched_at = Some(s.elapsed);
-            }
             self.max_throttle = self.max_throttle.max(s.cpu_throttle_percent);
             self.conv.observe(&s);
             self.report(&info, &s, on_progress);
+            if s.post_copy {
+                // The switch is done: the source paused the guest and sent its devices.
+                // Finish resumes it on the target while the rest of its memory follows.
+                return Ok(info);
+            }
             if self.cancel_sent {
                 continue;
             }
             self.ramp_downtime(&s).await;
             self.decide(&s).await?;
         }
-    }
-
-    /// The post-copy recovery wait. After the switch the guest cannot come back here: if
-    /// the target reports its QEMU lost, Perform fails ([`ErrorKind::GuestLost`]); while
-    /// the stream is cut (`postcopy-paused`), it resumes to where the target listens again,
-    /// at most every [`RESUME_EVERY`](crate::postcopy::RESUME_EVERY).
-    async fn recover_post_copy(&mut self, info: &MigrationInfo) -> Result<(), PhaseError> {
-        let Transfer { cx, qmp, .. } = *self;
-        let (vm, migration) = (cx.vm, cx.migration);
-        if crate::postcopy::in_post_copy(info.status.as_deref())
-            && let Some(why) = self.recovery.borrow().lost.clone()
-        {
-            // Nothing can take the stream back, and QEMU cannot resume the guest here:
-            // Perform fails, and a cancelled Confirm removes this QEMU.
-            tracing::error!(vm, migration, %why, "the target lost the guest during post-copy");
-            return Err(cx.err(ErrorKind::GuestLost(why)));
-        }
-        if crate::postcopy::is_paused(info.status.as_deref()) {
-            let listens_at = self.recovery.borrow().listens_at.clone();
-            let target = crate::stream::resume_uri(self.input.uri, listens_at.as_deref(), self.dir);
-            let due = self
-                .last_resume
-                .is_none_or(|t| t.elapsed() >= crate::postcopy::RESUME_EVERY);
-            if let Some(target) = target.filter(|_| due) {
-                self.last_resume = Some(Instant::now());
-                match crate::postcopy::resume(qmp, &target).await {
-                    Ok(()) => {
-                        tracing::info!(vm, migration, uri = %target, "post-copy paused: resuming to the target")
-                    }
-                    Err(e) => {
-                        tracing::warn!(vm, migration, uri = %target, error = %e, "post-copy paused: resume refused; trying again")
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Reports the progress of `info` (sampled as `s`) with the policy's judgement.
@@ -446,7 +377,7 @@ impl<'a> Transfer<'a> {
         on_progress(&if report.paused {
             TransferProgress {
                 converging: judgement.converging(),
-                convergence: "post-copy paused: the stream was cut; the guest's memory is split between the two nodes, so the migration waits for the path and resumes (it cannot roll back)".into(),
+                convergence: crate::postcopy::PAUSED_WORDS.into(),
                 ..report
             }
         } else {
@@ -502,7 +433,6 @@ impl<'a> Transfer<'a> {
                     .await
                     .map_err(|e| cx.err(e))?;
                 self.post_copy_sent = true;
-                self.switched_at = Some(s.elapsed);
             }
             Action::StartPostCopy(_) => {}
             Action::Abort(limit) => {
@@ -517,9 +447,9 @@ impl<'a> Transfer<'a> {
         Ok(())
     }
 
-    /// The result of the ended transfer (`info`, its last `query-migrate`): an error
-    /// unless it completed; else the last progress, the TLS objects removed, and the
-    /// statistics, the downtime counted from the switch to post-copy if there was one.
+    /// The result of the transfer (`info`, its last `query-migrate`): an error unless it
+    /// completed or switched to post-copy; else the last progress, the TLS objects
+    /// removed (after a completion), and the statistics so far.
     async fn conclude(
         &mut self,
         info: MigrationInfo,
@@ -528,8 +458,10 @@ impl<'a> Transfer<'a> {
         let Transfer { cx, qmp, .. } = *self;
         let (vm, migration) = (cx.vm, cx.migration);
         let ended = transfer_state(info.status.as_deref());
+        let switched = crate::postcopy::in_post_copy(info.status.as_deref());
         match ended {
             TransferState::Completed => {}
+            TransferState::InProgress if switched => {}
             // A migration this Perform cancelled may end `failed` rather than `cancelled`:
             // the cancel shuts the socket down under a write in flight ("Unable to write to
             // socket: Bad file descriptor"). It is still the cancel.
@@ -554,17 +486,13 @@ impl<'a> Transfer<'a> {
                 self.stopped_at = ev.unix_ms().or(self.stopped_at);
             }
         }
-        if let Err(e) = crate::tls::clear(qmp).await {
+        if !switched && let Err(e) = crate::tls::clear(qmp).await {
             tracing::warn!(vm, migration, error = %e, "could not remove the TLS objects");
         }
+        // After a switch the guest's downtime ends when Finish resumes it on the target
+        // (the Finish cookie's `resumed_at_ms`), not with the stream.
         let mut stats = Statistics::from_info(&info);
         stats.stopped_at_ms = self.stopped_at;
-        if let Some(at) = self.switched_at {
-            // The incoming QEMU starts with -S: after the switch the guest runs nowhere
-            // until Finish resumes it on the target, so its downtime counts from the switch.
-            let paused = stats.total_time_ms.saturating_sub(at.as_millis() as u64);
-            stats.downtime_ms = stats.downtime_ms.max(paused);
-        }
         Ok(stats)
     }
 }

@@ -234,7 +234,7 @@ impl Lab {
         cancelled: bool,
     ) -> Result<FinishOutput, PhaseError> {
         let input = self.finish_input(m, perform_cookie, cancelled);
-        finish(sup, input, async { Ok(()) }).await
+        finish(sup, input, || async { Ok(()) }).await
     }
 
     /// Confirm of migration `m` of the lab's guest on `sup`.

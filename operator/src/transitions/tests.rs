@@ -343,6 +343,50 @@ fn a_post_copy_perform_never_rolls_back() {
 }
 
 #[test]
+fn a_post_copy_finish_is_waited_for_not_rolled_back() {
+    use ferry_crds::MigrationMode::*;
+    // Finish resumes the guest on the target while its last pages follow: a Finish
+    // that runs long or whose agent is lost, the VM still naming the source, waits.
+    for mode in [PostCopy, PostCopyPaused] {
+        let m = in_post_copy(migration(P::Finish, false, None), mode);
+        assert!(
+            matches!(decide(&m, &obs(601), &T), Decision::Wait(_)),
+            "{mode:?}"
+        );
+        let lost = Observation {
+            target_live: false,
+            ..obs(1)
+        };
+        assert!(
+            matches!(decide(&m, &lost, &T), Decision::Wait(_)),
+            "{mode:?}"
+        );
+    }
+    // Before the switch it rolls back; so does a rollback's own Finish (the guest is
+    // lost then, and nothing waits for it).
+    let pre = in_post_copy(migration(P::Finish, false, None), PreCopy);
+    assert_eq!(
+        entered(decide(&pre, &obs(601), &T)),
+        enter(P::Confirm, true)
+    );
+    let rolled_back = in_post_copy(migration(P::Finish, true, None), PostCopy);
+    assert_eq!(
+        entered(decide(&rolled_back, &obs(601), &T)),
+        enter(P::Confirm, true)
+    );
+}
+
+#[test]
+fn a_pause_during_the_post_copy_tail_is_reported() {
+    use ferry_crds::MigrationMode::*;
+    for phase in [P::Finish, P::Confirm] {
+        let paused = in_post_copy(migration(phase, false, None), PostCopyPaused);
+        let pause = post_copy_pause(&paused, at(10).0, T.post_copy_paused).unwrap();
+        assert!(pause.paused, "{phase:?}");
+    }
+}
+
+#[test]
 fn a_paused_post_copy_is_reported_and_overdue_after_its_bound() {
     use ferry_crds::MigrationMode::*;
     let bound = T.post_copy_paused;

@@ -31,7 +31,7 @@ use ferry_agent::node::guest_key;
 use ferry_agent::postcopy::TargetReport;
 use ferry_agent::stream;
 use ferry_agent::tls::Credentials;
-use ferry_crds::{MigrationPhase, TransportMode, VirtualMachineMigration};
+use ferry_crds::{TransportMode, VirtualMachineMigration};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use kube::{Api, ResourceExt};
@@ -258,10 +258,14 @@ pub fn admit(
         ));
     }
     let status = m.status.clone().unwrap_or_default();
-    if status.phase != Some(MigrationPhase::Perform) {
+    if !m.stream_runs() {
         return Err(refuse(
             StatusCode::CONFLICT,
-            format!("migration {name} is in {:?}, not Perform", status.phase),
+            format!(
+                "migration {name} is in {:?}, where no stream runs (only Perform, and Finish \
+                 and Confirm after a switch to post-copy)",
+                status.phase
+            ),
         ));
     }
     let domain = status
@@ -385,6 +389,23 @@ mod tests {
     }
 
     #[test]
+    fn after_a_switch_to_post_copy_the_tail_may_reconnect_in_finish_and_confirm() {
+        for phase in ["Finish", "Confirm"] {
+            let mut m = migration("Tunnelled", phase);
+            m.status.as_mut().unwrap().progress = Some(ferry_crds::Progress {
+                mode: Some(ferry_crds::MigrationMode::PostCopyPaused),
+                ..Default::default()
+            });
+            assert!(admit(&m, "u1", "node-b", "node-a").is_ok(), "{phase}");
+            m.status.as_mut().unwrap().cancelled = true;
+            assert!(
+                admit(&m, "u1", "node-b", "node-a").is_err(),
+                "{phase}: rolled back"
+            );
+        }
+    }
+
+    #[test]
     fn anyone_else_or_at_another_time_is_refused() {
         let m = migration("Tunnelled", "Perform");
         let r = admit(&m, "u1", "node-b", "node-c").unwrap_err();
@@ -407,13 +428,13 @@ mod tests {
                 migration("Tunnelled", "Prepare"),
                 "u1",
                 "node-b",
-                "not Perform",
+                "where no stream runs",
             ),
             (
                 migration("Tunnelled", "Finish"),
                 "u1",
                 "node-b",
-                "not Perform",
+                "where no stream runs",
             ),
         ] {
             let r = admit(&m, uid, me, "node-a").unwrap_err();

@@ -1,18 +1,28 @@
-//! The source's Confirm: once the target reported the guest running there, removes the
-//! old guest here and reports the guest's downtime; after a rollback, fences the target
+//! The source's Confirm: once the target reported the guest running there, waits for
+//! the last pages of a post-copy migration to reach it (reporting their progress, and
+//! recovering a cut stream), removes the old guest here and reports the guest's
+//! downtime; after a rollback, fences the target
 //! out, takes the disk locks back and resumes the guest here, or says it is lost (the
 //! source's QEMU died, or the target's died after the switch to post-copy). The copy
 //! here is removed only when the target resumed the guest or lost it after running it
 //! (docs/protocol.md, "The commit point").
 
+use std::time::{Duration, Instant};
+
 use ferry_agent::phases::confirm::{self, Confirmed};
-use ferry_crds::{ControlMode, MigrationPhase, MigrationStatusPatch, Reason, StepOutcome};
+use ferry_agent::phases::perform::TransferProgress;
+use ferry_agent::postcopy::Resumption;
+use ferry_crds::{
+    ControlMode, MigrationMode, MigrationPhase, MigrationStatusPatch, Progress, Reason, StepOutcome,
+};
 use kube::ResourceExt;
 use tracing::{info, warn};
 
+use super::perform::progress_of;
 use super::{Done, Run, StepError, disks};
 use crate::k8s::ownership::Owner;
 use crate::k8s::peer::client;
+use crate::k8s::peer::tunnel::Tunnel;
 
 /// What the target said of its Finish, as far as this Confirm knows.
 enum TargetSaid {
@@ -78,13 +88,43 @@ impl Run<'_> {
             },
             (_, cookie) => cookie,
         };
+        let key = self.key(&domain);
         let input = confirm::ConfirmInput {
-            vm: &self.key(&domain),
+            vm: &key,
             migration: &self.id,
             finish_cookie: finish_cookie.as_deref(),
             cancelled,
         };
-        let statistics = match confirm::confirm(&self.agent.sup, input).await? {
+        // After a switch to post-copy the last pages still go from here: a cut stream
+        // resumes to where the target listens again (tunnelled: through this agent).
+        let post_copy = !cancelled && self.m.in_post_copy();
+        let uri = self.inputs.migration_uri.clone().unwrap_or_default();
+        let tunnel = if post_copy {
+            self.tunnel(&uri, &key)?
+        } else {
+            None
+        };
+        let qemu_uri = tunnel.as_ref().map(Tunnel::uri).unwrap_or(uri);
+        let dir = self.agent.sup.vm_dir(&key);
+        let resume = Resumption {
+            uri: &qemu_uri,
+            dir: &dir,
+            reports: self.target_reports(),
+        };
+        let (tx, writer) = self.progress_writer();
+        let mut last = Instant::now() - Duration::from_secs(1);
+        let on_progress = |p: &TransferProgress| {
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                let _ = tx.try_send(progress_of(p));
+            }
+        };
+        let confirmed =
+            confirm::confirm_with(&self.agent.sup, input, Some(resume), on_progress).await;
+        drop(tunnel);
+        drop(tx);
+        let _ = writer.await;
+        let statistics = match confirmed? {
             Confirmed::TargetRuns(statistics) => statistics,
             Confirmed::SourceRuns => {
                 // A Finish that handed the disk locks over and then could not commit
@@ -105,8 +145,34 @@ impl Run<'_> {
                     format!("rolled back, but the guest is lost: {why}; its QEMU here was removed"),
                 ));
             }
+            Confirmed::TargetLost(why) => {
+                // The VM is the target's since Finish: its agent marks it lost.
+                warn!(%why, "the guest is lost on the target after the switch to post-copy");
+                let _ = self.disk_locks().release(&source).await;
+                return Ok(Done::new(
+                    Reason::GuestLost,
+                    format!(
+                        "the guest is lost on {target} after the switch to post-copy: {why}; \
+                         its stale QEMU on the source was removed"
+                    ),
+                ));
+            }
         };
         let _ = self.disk_locks().release(&source).await;
+        if post_copy && let Some(s) = &statistics {
+            // The tail is over: the whole transfer's figures.
+            outputs.total_time_ms = Some(s.total_time_ms as i64);
+            outputs.progress = Some(Progress {
+                bytes_total: s.transferred_bytes as i64,
+                bytes_transferred: s.transferred_bytes as i64,
+                bytes_remaining: 0,
+                percent: Some("100%".into()),
+                mode: Some(MigrationMode::PostCopy),
+                eta_seconds: Some(0),
+                convergence: Some("post-copy complete: every page is on the target".into()),
+                ..self.status().progress.unwrap_or_default()
+            });
+        }
         // QEMU's downtime (written in Perform) ends with the stream; the guest's
         // ends when the target resumed it.
         match statistics.as_ref().and_then(|s| s.guest_downtime_ms()) {

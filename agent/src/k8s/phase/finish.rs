@@ -31,7 +31,8 @@ impl Run<'_> {
             .target_domain_xml
             .clone()
             .unwrap_or_else(|| vm.spec.domain_xml.clone());
-        let commit = async {
+        // Called again after a failure only when the guest cannot go back (post-copy).
+        let commit = || async {
             self.hand_over(&disks, &source, &target).await?;
             claim.commit(&definition).await?;
             Ok::<(), BoxError>(())
@@ -64,7 +65,15 @@ impl Run<'_> {
                 return Err(e.into());
             }
         };
-        let done = if out.resumed {
+        let done = if out.resumed && self.m.in_post_copy() {
+            info!("the guest runs here; the rest of its memory follows (post-copy)");
+            Done::new(
+                Reason::Resumed,
+                format!(
+                    "the guest runs on {target}; the rest of its memory follows from {source} (post-copy)"
+                ),
+            )
+        } else if out.resumed {
             info!("the guest runs here");
             Done::new(Reason::Resumed, format!("the guest runs on {target}"))
         } else {

@@ -257,6 +257,26 @@ pub async fn execute(
         .into()
 }
 
+/// The target, after the switch to post-copy, found its incoming QEMU gone: if it took
+/// the guest in Finish (the VM names this node), marks the VM Failed (`GuestLost`, with
+/// `why`), releases its disk locks and removes what is left of the guest here (its
+/// state dir `key`); else the source's rollback does. Whether it did.
+pub async fn mark_lost_here(
+    agent: &Agent,
+    m: &VirtualMachineMigration,
+    key: &str,
+    why: &str,
+) -> Result<bool, StepError> {
+    let run = Run::new(agent, m, MigrationPhase::Finish, Inputs::default());
+    let (vm, _) = run.vm().await?;
+    if vm.status.as_ref().and_then(|s| s.node_name.as_deref()) != Some(agent.node.as_str()) {
+        return Ok(false);
+    }
+    run.mark_vm_lost(why).await?;
+    agent.sup.destroy(key).await?;
+    Ok(true)
+}
+
 /// One phase of one migration, with what it reads.
 pub(crate) struct Run<'a> {
     agent: &'a Agent,

@@ -1,8 +1,8 @@
 //! Perform on the source: sends the guest's state to the target's URI under the policy,
-//! reporting progress into the status at most once a second from a task of its own, and
-//! following the target's recovery URI after a cut in post-copy; gives Perform's cookie
-//! and the transfer's figures. A tunnelled stream goes through this agent's
-//! [`Tunnel`].
+//! reporting progress into the status at most once a second from a task of its own,
+//! until the transfer completed or switched to post-copy (Confirm then follows the
+//! tail); gives Perform's cookie and the transfer's figures. A tunnelled stream goes
+//! through this agent's [`Tunnel`].
 
 use std::time::{Duration, Instant};
 
@@ -62,33 +62,9 @@ impl Run<'_> {
                 }
             }
         };
-        // Where the target listens again if a cut pauses the post-copy (the dispatcher
-        // passes on every new status.recoveryURI).
-        let recovery = self.agent.tasks.listen(
-            &self.m.uid().unwrap_or_default(),
-            target_report(&self.status()),
-        );
         // Tunnelled: QEMU goes to the tunnel socket, held open while Perform runs (and
         // the connections it carried after that, until their ends close them).
-        let tunnel = if self.tunnelled() {
-            let (_, target) = self.claim();
-            let m = self.m;
-            let route = Route {
-                creds: self.node_credentials()?,
-                target,
-                path: tunnel_path(
-                    &m.namespace().unwrap_or_default(),
-                    &m.name_any(),
-                    &m.uid().unwrap_or_default(),
-                ),
-                uri: uri.to_string(),
-                reports: recovery.clone(),
-                counters: self.agent.metrics.tunnel(),
-            };
-            Some(Tunnel::open(&self.agent.sup.vm_dir(&key), route)?)
-        } else {
-            None
-        };
+        let tunnel = self.tunnel(uri, &key)?;
         let qemu_uri = tunnel.as_ref().map(Tunnel::uri);
         let input = perform::PerformInput {
             vm: &key,
@@ -99,8 +75,7 @@ impl Run<'_> {
             tls: tls.as_ref(),
             cancel,
         };
-        let result =
-            perform::perform_with_recovery(&self.agent.sup, input, recovery, on_progress).await;
+        let result = perform::perform(&self.agent.sup, input, on_progress).await;
         drop(tunnel);
         drop(tx);
         let _ = writer.await;
@@ -110,16 +85,28 @@ impl Run<'_> {
         } else {
             MigrationMode::PreCopy
         };
-        // The last progress written, completed: what the status shows after Perform.
-        let progress = Progress {
-            bytes_total: out.transferred_bytes as i64,
-            bytes_transferred: out.transferred_bytes as i64,
-            bytes_remaining: 0,
-            percent: Some("100%".into()),
-            mode: Some(mode),
-            eta_seconds: Some(0),
-            cpu_throttle_percent: Some(out.max_cpu_throttle_percent as i64),
-            ..last_sent.unwrap_or_default()
+        // The last progress written, completed: what the status shows after Perform
+        // (after a switch to post-copy, Confirm reports the tail from there).
+        let progress = if out.post_copy {
+            Progress {
+                mode: Some(mode),
+                cpu_throttle_percent: Some(out.max_cpu_throttle_percent as i64),
+                convergence: Some(
+                    "switched to post-copy: the guest resumes on the target while the rest of its memory follows".into(),
+                ),
+                ..last_sent.unwrap_or_default()
+            }
+        } else {
+            Progress {
+                bytes_total: out.transferred_bytes as i64,
+                bytes_transferred: out.transferred_bytes as i64,
+                bytes_remaining: 0,
+                percent: Some("100%".into()),
+                mode: Some(mode),
+                eta_seconds: Some(0),
+                cpu_throttle_percent: Some(out.max_cpu_throttle_percent as i64),
+                ..last_sent.unwrap_or_default()
+            }
         };
         // Console clients follow the guest through the VM's status.graphics, which the
         // target's agent reports once it owns the guest.
@@ -130,20 +117,59 @@ impl Run<'_> {
             ..Default::default()
         }
         .with_cookie(MigrationPhase::Perform, Some(out.cookie));
+        let stream = self.stream_words(tls.is_some(), &self.claim().1);
+        if out.post_copy {
+            let message = format!(
+                "switched to post-copy after {} MiB ({stream}) in {} ms, vCPU throttle up to {} %: \
+                 the guest resumes on the target in Finish while the rest of its memory follows",
+                out.transferred_bytes >> 20,
+                out.total_time_ms,
+                out.max_cpu_throttle_percent
+            );
+            return Ok(Done::new(Reason::SwitchedToPostCopy, message).with(outputs));
+        }
         let message = format!(
-            "sent {} MiB ({}) in {} ms; guest downtime {} ms; {}, vCPU throttle up to {} %",
+            "sent {} MiB ({stream}) in {} ms; guest downtime {} ms; pre-copy, vCPU throttle up to {} %",
             out.transferred_bytes >> 20,
-            self.stream_words(tls.is_some(), &self.claim().1),
             out.total_time_ms,
             out.downtime_ms,
-            if out.post_copy {
-                "switched to post-copy"
-            } else {
-                "pre-copy"
-            },
             out.max_cpu_throttle_percent
         );
         Ok(Done::new(Reason::Transferred, message).with(outputs))
+    }
+
+    /// Tunnelled (`transport.mode: Tunnelled`): this guest's tunnel socket, whose
+    /// connections this agent carries to the target agent for `uri` (`tunnel:<endpoint>`,
+    /// a recovery one after a cut, as the target reports it). `None` for a direct stream.
+    pub(super) fn tunnel(&self, uri: &str, key: &str) -> Result<Option<Tunnel>, StepError> {
+        if !self.tunnelled() {
+            return Ok(None);
+        }
+        let (_, target) = self.claim();
+        let m = self.m;
+        let route = Route {
+            creds: self.node_credentials()?,
+            target,
+            path: tunnel_path(
+                &m.namespace().unwrap_or_default(),
+                &m.name_any(),
+                &m.uid().unwrap_or_default(),
+            ),
+            uri: uri.to_string(),
+            reports: self.target_reports(),
+            counters: self.agent.metrics.tunnel(),
+        };
+        Ok(Some(Tunnel::open(&self.agent.sup.vm_dir(key), route)?))
+    }
+
+    /// What the target says while the stream may run (where it listens again after a
+    /// cut, whether it lost its QEMU): the dispatcher passes on every new status.
+    pub(super) fn target_reports(&self) -> tokio::sync::watch::Receiver<TargetReport> {
+        self.agent.tasks.listen(
+            &self.m.uid().unwrap_or_default(),
+            self.phase,
+            target_report(&self.status()),
+        )
     }
 
     /// A task that writes each progress it receives into `status.progress`, off the
