@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use ferry_crds::{
-    ControlMode, MigrationPhase, Transport, TransportMode, VirtualMachine, VirtualMachineMigration,
-    VmPhase,
+    ControlMode, MigrationPhase, MigrationPolicy, Reason, Transport, TransportMode, VirtualMachine,
+    VirtualMachineMigration, VmPhase,
 };
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
@@ -28,6 +28,8 @@ pub struct FerryRun {
     /// QEMU's own account of the transfer (status.totalTimeMs).
     pub migration_ms: u64,
     pub bytes: u64,
+    /// Whether Perform switched the migration to post-copy.
+    pub post_copy: bool,
 }
 
 use ferry_crds::sequence::PHASES;
@@ -85,6 +87,15 @@ pub fn migration(
         "spec": {"vmName": vm, "targetNode": target, "transport": transport, "mode": mode}
     }))
     .expect("a valid VirtualMachineMigration")
+}
+
+/// `m` with `policy` as its `spec.policy`.
+pub fn with_policy(
+    mut m: VirtualMachineMigration,
+    policy: MigrationPolicy,
+) -> VirtualMachineMigration {
+    m.spec.policy = policy;
+    m
 }
 
 /// What a Ferry migration of a case measures.
@@ -223,6 +234,9 @@ pub async fn migrate_all_counted(
                             .progress
                             .map(|p| p.bytes_transferred.max(0) as u64)
                             .unwrap_or_default(),
+                        post_copy: steps
+                            .get(MigrationPhase::Perform)
+                            .is_some_and(|s| s.reason == Some(Reason::SwitchedToPostCopy)),
                     });
                 }
                 Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => {

@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod ferry;
+pub mod postcopy;
 pub mod raw;
 
 use std::time::Duration;

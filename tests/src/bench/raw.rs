@@ -2,7 +2,10 @@
 //! command line (from the agent's `cmdline`) and the same migration capabilities and
 //! parameters (from the agent's `policy`) that Ferry uses — and nothing else. With
 //! [`NodeTls`], the stream is encrypted as Ferry's is: QEMU's own TLS with node
-//! certificates of the operator's profile, loaded by the agent's `tls::apply`.
+//! certificates of the operator's profile, loaded by the agent's `tls::apply`. The
+//! policy's decisions are the agent's too (`policy::decide`: the downtime ramp, the
+//! switch to post-copy, an abort on a limit); after a switch the target is resumed at
+//! once, as Finish does, while the last pages follow.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use ferry_agent::cmdline::{DiskFd, HostPaths, inherit_fds, qemu_args, qemu_binary};
 use ferry_agent::domain::Domain;
-use ferry_agent::policy::{Policy, Side};
+use ferry_agent::phases::perform::sample;
+use ferry_agent::policy::{self, Action, Convergence, Policy, Side};
 use ferry_agent::qmp::{MigrationInfo, Qmp, StatusInfo};
 use ferry_agent::statistics::Statistics;
 use ferry_agent::tls::{Credentials, Endpoint};
@@ -30,6 +34,8 @@ pub struct RawRun {
     /// (QEMU's own figure if an event was missed), as Ferry reports it.
     pub downtime_ms: u64,
     pub dirty_rate_bytes_per_second: u64,
+    /// Whether the policy switched the migration to post-copy.
+    pub post_copy: bool,
 }
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -268,6 +274,8 @@ async fn hop(
         .await?;
     let mut stopped_at = None;
     let mut downtime_limit = policy.downtime_limit(1);
+    let mut conv = Convergence::default();
+    let mut post_copy_sent = false;
     let info = loop {
         tokio::select! {
             ev = events.recv() => {
@@ -280,13 +288,6 @@ async fn hop(
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         let info: MigrationInfo = source.qmp.execute("query-migrate", None).await?;
-        // The same downtime ramp as Ferry's Perform (the policy's, pass by pass).
-        let pass = info.ram.as_ref().map_or(1, |r| r.dirty_sync_count);
-        if policy.downtime_limit(pass) != downtime_limit {
-            downtime_limit = policy.downtime_limit(pass);
-            let set = serde_json::json!({ "downtime-limit": downtime_limit });
-            source.qmp.run("migrate-set-parameters", Some(set)).await?;
-        }
         match info.status.as_deref() {
             Some("completed") => break info,
             Some("failed" | "cancelled") => {
@@ -296,8 +297,35 @@ async fn hop(
             }
             _ => {}
         }
+        let s = sample(&info);
+        if s.post_copy {
+            // The switch is done: the target resumes the guest now, as Finish does.
+            break info;
+        }
+        conv.observe(&s);
+        // The same downtime ramp as Ferry's Perform (the policy's, pass by pass).
+        if policy.downtime_limit(s.pass) != downtime_limit {
+            downtime_limit = policy.downtime_limit(s.pass);
+            let set = serde_json::json!({ "downtime-limit": downtime_limit });
+            source.qmp.run("migrate-set-parameters", Some(set)).await?;
+        }
+        // And the same decisions.
+        match policy::decide(policy, &conv, &s) {
+            Action::Continue => {}
+            Action::StartPostCopy(_) if !post_copy_sent => {
+                source.qmp.run("migrate-start-postcopy", None).await?;
+                post_copy_sent = true;
+            }
+            Action::StartPostCopy(_) => {}
+            Action::Abort(limit) => {
+                source.qmp.run("migrate_cancel", None).await?;
+                return Err(format!("raw migration aborted by the policy: {limit}").into());
+            }
+        }
     };
-    // The target resumes the guest once the stream is in, as Finish does.
+    let post_copy = info.status.as_deref() != Some("completed");
+    // The target resumes the guest once the stream is in (after a switch to post-copy:
+    // its devices), as Finish does.
     loop {
         let status: StatusInfo = dest.qmp.execute("query-status", None).await?;
         if status.status != "inmigrate" {
@@ -307,6 +335,27 @@ async fn hop(
     }
     let mut dest_events = dest.qmp.subscribe();
     dest.qmp.run("cont", None).await?;
+    // After a switch the last pages follow: the migration ends when they are in, as
+    // Confirm waits for them.
+    let info = if post_copy {
+        loop {
+            let info: MigrationInfo = source.qmp.execute("query-migrate", None).await?;
+            match info.status.as_deref() {
+                Some("completed") => break info,
+                Some(s) if s.starts_with("postcopy") => {}
+                other => {
+                    return Err(format!(
+                        "raw post-copy migration {other:?}: {:?}",
+                        info.error_desc
+                    )
+                    .into());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    } else {
+        info
+    };
     let mut stats = Statistics::from_info(&info);
     stats.stopped_at_ms = stopped_at;
     while let Ok(ev) = events.try_recv() {
@@ -326,6 +375,7 @@ async fn hop(
         migration_ms: info.total_time.unwrap_or_default(),
         downtime_ms: stats.guest_downtime_ms().unwrap_or(stats.downtime_ms),
         dirty_rate_bytes_per_second: 0,
+        post_copy,
     };
     Ok((run, dest))
 }

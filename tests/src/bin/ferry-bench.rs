@@ -10,7 +10,10 @@
 //! (`transport.tls: false`), N Ferry migrations with TLS in peer-to-peer mode
 //! (`mode: PeerToPeer`: the source agent drives the phases, calling the target agent)
 //! and N tunnelled through the agents (`transport.mode: Tunnelled`, compared with raw
-//! QEMU over TLS: the same encryption strength, done by the agents); then 1, 4 and 8 Ferry migrations at once (managed, TLS); then the peak RSS of the
+//! QEMU over TLS: the same encryption strength, done by the agents); then the post-copy
+//! case (the high-dirty guest under a policy without auto-converge that allows
+//! post-copy: raw QEMU over TLS and Ferry, each switching when the policy decides,
+//! `bench/postcopy.rs`); then 1, 4 and 8 Ferry migrations at once (managed, TLS); then the peak RSS of the
 //! operator and the agents. Medians are printed as tables (the second compares managed
 //! with peer-to-peer) and written as JSON.
 
@@ -23,6 +26,7 @@ use ferry_crds::{ControlMode, MigrationPolicy, VirtualMachine, VirtualMachineMig
 use ferry_tests::Cluster;
 use ferry_tests::bench::apiserver::Requests;
 use ferry_tests::bench::ferry::{self as ferry_side, FerryRun, Medians, Variant};
+use ferry_tests::bench::postcopy;
 use ferry_tests::bench::raw::{self, Error, RawRun};
 use ferry_tests::bench::{median, ms, peak_rss_kib};
 use ferry_tests::cluster::Heartbeat;
@@ -145,6 +149,40 @@ async fn run(runs: usize) -> Result<Value, Error> {
         }
     }
 
+    // The post-copy case's baseline: the high-dirty guest over TLS, same policy.
+    let pc_policy = ferry_agent::policy::resolve(&postcopy::spec())?;
+    let mut pc = postcopy::Case::default();
+    {
+        let case = &CASES[1];
+        let disk = work.path().join("raw-pc.img");
+        std::fs::write(&disk, testguest::image(case.params)?)?;
+        let vm = ferry_side::vm(
+            "raw-pc",
+            &uuid(2),
+            MEMORY_MIB,
+            &disk.display().to_string(),
+            "-",
+        );
+        let domain = Domain::parse(&vm.spec.domain_xml)?;
+        pc.raw_tls = raw::chain(
+            &domain,
+            &work.path().join("raw-pc-tls"),
+            &pc_policy,
+            Some(&node_tls),
+            runs,
+            case.params.region_end_mib - case.params.region_start_mib,
+        )
+        .await?;
+        for (i, r) in pc.raw_tls.iter().enumerate() {
+            eprintln!(
+                "raw   pc   tls   run {i}: {} ms, downtime {} ms, post-copy {}",
+                ms(r.total),
+                r.downtime_ms,
+                r.post_copy
+            );
+        }
+    }
+
     // Ferry, with the chart's limits raised so that 8 migrations really run at once, and
     // the agents' own heartbeat (not the tests' 5 s Lease). Its files stay in
     // target/bench-cluster (the components' logs), replaced by the next run.
@@ -237,6 +275,44 @@ async fn run(runs: usize) -> Result<Value, Error> {
         api_counts.push(counts);
     }
 
+    // The post-copy case through Ferry: managed, TLS, the case's policy; one unmeasured
+    // migration first.
+    {
+        let name = "bench-pc";
+        let disk = images.join("bench-pc.img");
+        std::fs::write(&disk, testguest::image(CASES[1].params)?)?;
+        let disk = disk.display().to_string();
+        ferry_side::start_vm(
+            &vms,
+            &ferry_side::vm(name, &uuid(12), MEMORY_MIB, &disk, "node-a"),
+        )
+        .await?;
+        wait_passes(&cluster, "node-a", name, 2).await?;
+        for i in 0..=runs {
+            let target = if i % 2 == 0 { "node-b" } else { "node-a" };
+            let m = ferry_side::migration(
+                &format!("{name}-{i}"),
+                name,
+                target,
+                &Default::default(),
+                ControlMode::Managed,
+            );
+            let m = ferry_side::with_policy(m, postcopy::spec());
+            let (mut r, _) = ferry_side::migrate_all(&vmms, &[m]).await?;
+            let r = r.remove(0);
+            eprintln!(
+                "ferry pc   run {i}: {} ms, downtime {} ms, post-copy {}",
+                ms(r.total),
+                r.downtime_ms,
+                r.post_copy
+            );
+            if i > 0 {
+                pc.ferry.push(r);
+            }
+        }
+        vms.delete(name, &Default::default()).await?;
+    }
+
     // 1, 4 and 8 at once (the low dirty rate guest).
     let mut concurrency = Vec::new();
     let mut at = ["node-a"; 8];
@@ -285,7 +361,8 @@ async fn run(runs: usize) -> Result<Value, Error> {
     cluster.kill_operator();
     drop(cluster);
 
-    Ok(report(
+    let pc_report = postcopy::report(&pc, pc_policy.max_downtime_ms);
+    let mut report = report(
         runs,
         &policy,
         &RawSides {
@@ -304,7 +381,9 @@ async fn run(runs: usize) -> Result<Value, Error> {
             at_rest,
             per_migration: &api_counts,
         },
-    ))
+    );
+    report["post_copy"] = pc_report;
+    Ok(report)
 }
 
 /// How long the apiserver's requests at rest are counted.
