@@ -222,16 +222,8 @@ async fn a_cut_post_copy_stream_is_recovered_while_the_guest_runs_on_the_target(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_qemu_killed_in_post_copy_loses_the_guest_and_leaves_no_qemu() {
-    let lab = Lab::new("pc-lost", 128, 49, 2_000_000);
-    lab.start_source().await;
-    let policy = slow_post_copy();
+    let (lab, prep, perf) = switched("pc-lost").await;
     let m = "m-pc-lost";
-    let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
-    let cancel = CancellationToken::new();
-    let perf = within(perform_to(&lab, m, &prep.uri, &prep, &policy, &cancel))
-        .await
-        .unwrap();
-    assert!(perf.post_copy);
     let fin = within(lab.finish(&lab.b, m, Some(&perf.cookie), false))
         .await
         .unwrap();
@@ -293,21 +285,13 @@ async fn a_target_qemu_killed_in_post_copy_loses_the_guest_and_leaves_no_qemu() 
     );
 }
 
-/// A cancel during the switch is ignored, and the rollback after a lost target (its
-/// QEMU killed before Finish) removes what is left: Finish(cancelled) on the target,
-/// Confirm(cancelled) on the source, which cannot resume the guest.
+/// The rollback after a target lost before Finish (its QEMU killed right after the
+/// switch) removes what is left: Finish(cancelled) on the target, Confirm(cancelled) on
+/// the source, which cannot resume the guest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_lost_before_finish_rolls_back_to_no_qemu() {
-    let lab = Lab::new("pc-lost-early", 128, 49, 2_000_000);
-    lab.start_source().await;
-    let policy = slow_post_copy();
+    let (lab, _, _) = switched("pc-lost-early").await;
     let m = "m-pc-lost-early";
-    let prep = lab.begin_and_prepare(m, &policy).await.unwrap();
-    let cancel = CancellationToken::new();
-    let perf = within(perform_to(&lab, m, &prep.uri, &prep, &policy, &cancel))
-        .await
-        .unwrap();
-    assert!(perf.post_copy);
     let pid = lab.b.running_pid(&lab.vm).expect("the target QEMU runs");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -328,6 +312,22 @@ async fn a_target_lost_before_finish_rolls_back_to_no_qemu() {
     );
     assert!(!lab.a.vm_dir(&lab.vm).exists());
     assert!(!lab.b.vm_dir(&lab.vm).exists());
+}
+
+/// A lab whose guest `vm` (dirtying 48 MiB) migration `m-<vm>` switched to post-copy
+/// under [`slow_post_copy`]: Perform has ended at the switch, Finish is next.
+async fn switched(vm: &str) -> (Lab, PrepareOutput, PerformOutput) {
+    let lab = Lab::new(vm, 128, 49, 2_000_000);
+    lab.start_source().await;
+    let policy = slow_post_copy();
+    let m = format!("m-{vm}");
+    let prep = lab.begin_and_prepare(&m, &policy).await.unwrap();
+    let cancel = CancellationToken::new();
+    let perf = within(perform_to(&lab, &m, &prep.uri, &prep, &policy, &cancel))
+        .await
+        .unwrap();
+    assert!(perf.post_copy, "Perform ended at the switch");
+    (lab, prep, perf)
 }
 
 /// Perform of `m` on node-a, its stream sent to `uri`.

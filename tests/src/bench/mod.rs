@@ -5,6 +5,7 @@ pub mod apiserver;
 pub mod ferry;
 pub mod postcopy;
 pub mod raw;
+pub mod report;
 
 use std::time::Duration;
 
