@@ -126,7 +126,8 @@ struct CapabilityState {
 pub async fn probe(binary: &str, scratch: &Path) -> Result<QemuFeatures, ProbeError> {
     let socket = scratch.join("qemu-probe.qmp");
     let _ = std::fs::remove_file(&socket);
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args([
             "-machine",
             "none",
@@ -139,12 +140,19 @@ pub async fn probe(binary: &str, scratch: &Path) -> Result<QemuFeatures, ProbeEr
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ProbeError::Spawn {
-            binary: binary.into(),
-            source,
-        })?;
+        .kill_on_drop(true);
+    // Unlike a guest's QEMU, the probe must not outlive an agent killed while it asks.
+    // SAFETY: the closure only makes the prctl system call, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command.spawn().map_err(|source| ProbeError::Spawn {
+        binary: binary.into(),
+        source,
+    })?;
     let result = ask(binary, &socket, &mut child).await;
     if tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
