@@ -341,17 +341,7 @@ async fn agents_restarted_during_the_post_copy_tail_let_it_complete() {
     let name = "post-copy-tail-restarts";
     apply_yaml(&cluster, &migration_yaml(name, TARGET, SLOW_POST_COPY)).await;
     let status = || async { vmms.get(name).await.ok()?.status };
-    eventually(
-        "the post-copy tail (Confirm)",
-        Duration::from_secs(120),
-        || async {
-            let s = status().await?;
-            let tail = s.phase == Some(MigrationPhase::Confirm)
-                && s.progress?.mode? == MigrationMode::PostCopy;
-            tail.then_some(())
-        },
-    )
-    .await;
+    post_copy_tail(&vmms, name).await;
     for node in [SOURCE, TARGET] {
         cluster.kill_agent(node);
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -376,6 +366,21 @@ async fn agents_restarted_during_the_post_copy_tail_let_it_complete() {
     );
 }
 
+/// Waits until migration `name` is in its post-copy tail: Confirm, after the switch.
+async fn post_copy_tail(vmms: &Api<VirtualMachineMigration>, name: &str) {
+    eventually(
+        "the post-copy tail (Confirm)",
+        Duration::from_secs(120),
+        || async {
+            let s = vmms.get(name).await.ok()?.status?;
+            let tail = s.phase == Some(MigrationPhase::Confirm)
+                && s.progress?.mode? == MigrationMode::PostCopy;
+            tail.then_some(())
+        },
+    )
+    .await;
+}
+
 /// How long a post-copy migration whose target QEMU died may take to end: the target
 /// agent looks at its QEMU every 0.5 s and reports it, then the source's Confirm ends.
 const LOST_BOUND: Duration = Duration::from_secs(60);
@@ -395,17 +400,7 @@ async fn a_target_qemu_killed_in_post_copy_ends_failed_and_reports_the_guest_los
     let vmms: Api<VirtualMachineMigration> = Api::namespaced(client.clone(), "default");
     apply_yaml(&cluster, &migration_yaml(MIGRATION, TARGET, SLOW_POST_COPY)).await;
     let status = || async { vmms.get(MIGRATION).await.ok()?.status };
-    eventually(
-        "the post-copy tail (Confirm)",
-        Duration::from_secs(120),
-        || async {
-            let s = status().await?;
-            let tail = s.phase == Some(MigrationPhase::Confirm)
-                && s.progress?.mode? == MigrationMode::PostCopy;
-            tail.then_some(())
-        },
-    )
-    .await;
+    post_copy_tail(&vmms, MIGRATION).await;
     let pid = cluster.qemu_pids("demo")[TARGET];
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
